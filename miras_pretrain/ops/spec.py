@@ -1,0 +1,209 @@
+"""The Miras design grid as a validated dataclass.
+
+A Miras memory is four choices (see ``../shared/miras-notes.md``):
+
+* ``memory``     -- ``linear`` (M(W, x) = W x) or ``mlp`` (M(x) = x + LN(W1 gelu(W2 x))).
+* ``bias``       -- the inner loss: ``dot``, ``l2``, ``lp`` or ``huber``.
+* ``retention``  -- the forgetting regulariser: ``none``, ``decay``, ``lq`` or ``kl``.
+* ``learner``    -- ``gd`` or ``momentum``.
+
+Every combination is valid. The recurrent *state* is a dict of tensors per head. For each
+weight matrix (``"W"`` for linear memory; ``"W1"`` and ``"W2"`` for MLP memory) the state holds
+the retention's *free variable* ``X``, from which the weights are derived:
+
+* ``none`` / ``decay``: ``X`` is the weight itself, ``W = X``.
+* ``lq`` (Moneta):      ``X`` is the accumulator ``A``, ``W = A / (||A||_q + eps)^(q-2)``.
+* ``kl`` (Memora):      ``X`` is the logit matrix ``Z``, ``W = c * softmax(Z, dim=-1)``.
+
+With ``learner="momentum"`` the state also holds ``"S_<name>"`` (same shape as ``X``).
+
+Shapes (``B`` batch or documents, ``H`` heads, ``dk``/``dv`` key/value head dims, ``d`` the MLP
+memory's head dim (``dk == dv == d``), ``e`` the expansion):
+
+* linear: ``W``  ``[B, H, dv, dk]``
+* mlp:    ``W1`` ``[B, H, d, e*d]`` and ``W2`` ``[B, H, e*d, d]`` (``M(x) = x + LN(W1 gelu(W2 x))``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+MEMORIES = ("linear", "mlp")
+BIASES = ("dot", "l2", "lp", "huber")
+RETENTIONS = ("none", "decay", "lq", "kl")
+LEARNERS = ("gd", "momentum")
+
+# Smoothing of |x| ~ sqrt(x^2 + eps) used by the l_p and Huber gradients (notes, section 2).
+SMOOTH_ABS_EPS = 1e-6
+# Layer-norm epsilon inside the MLP memory (notes, section 1).
+MEMORY_LN_EPS = 1e-5
+
+
+def _choice(field: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(
+            f"MirasSpec.{field}={value!r} is not valid: choose one of {', '.join(options)}"
+        )
+
+
+@dataclass(frozen=True)
+class MirasSpec:
+    """One point of the Miras grid plus its hyper-parameters.
+
+    Attributes:
+        memory: ``"linear"`` or ``"mlp"``.
+        bias: ``"dot"``, ``"l2"``, ``"lp"`` or ``"huber"``.
+        retention: ``"none"``, ``"decay"``, ``"lq"`` or ``"kl"``.
+        learner: ``"gd"`` or ``"momentum"``.
+        p: exponent of the l_p attentional bias (``bias="lp"``), > 1.
+        q: exponent of the l_q retention (``retention="lq"``), >= 2.
+        expansion: hidden width factor ``e`` of the MLP memory.
+        c: scale of Memora's softmax weights (``retention="kl"``), > 0.
+        lq_eps: the ``eps`` in ``A / (||A||_q + eps)^(q-2)``.
+    """
+
+    memory: str = "linear"
+    bias: str = "l2"
+    retention: str = "decay"
+    learner: str = "gd"
+    p: float = 3.0
+    q: float = 4.0
+    expansion: int = 4
+    c: float = 1.0
+    lq_eps: float = 1e-6
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        # The paper's new models.
+        "moneta": dict(memory="mlp", bias="lp", retention="lq", learner="gd", p=3.0, q=4.0),
+        "yaad": dict(memory="mlp", bias="huber", retention="decay", learner="gd"),
+        "memora": dict(memory="mlp", bias="l2", retention="kl", learner="gd"),
+        # Baselines that are points of the same grid.
+        "titans": dict(memory="mlp", bias="l2", retention="decay", learner="momentum"),
+        "ttt_mlp": dict(memory="mlp", bias="l2", retention="none", learner="gd"),
+        "deltanet": dict(memory="linear", bias="l2", retention="none", learner="gd"),
+        "gated_delta": dict(memory="linear", bias="l2", retention="decay", learner="gd"),
+        "linear_attn": dict(memory="linear", bias="dot", retention="none", learner="gd"),
+        "gla": dict(memory="linear", bias="dot", retention="decay", learner="gd"),
+    }
+
+    def __post_init__(self) -> None:
+        _choice("memory", self.memory, MEMORIES)
+        _choice("bias", self.bias, BIASES)
+        _choice("retention", self.retention, RETENTIONS)
+        _choice("learner", self.learner, LEARNERS)
+        if not (self.p > 1.0 and math.isfinite(self.p)):
+            raise ValueError(f"MirasSpec.p={self.p} is not valid: the l_p bias needs a finite p > 1")
+        if not (self.q >= 2.0 and math.isfinite(self.q)):
+            raise ValueError(f"MirasSpec.q={self.q} is not valid: the l_q retention needs a finite q >= 2")
+        if int(self.expansion) != self.expansion or self.expansion < 1:
+            raise ValueError(
+                f"MirasSpec.expansion={self.expansion} is not valid: use a positive integer (paper: 4)"
+            )
+        if not self.c > 0:
+            raise ValueError(f"MirasSpec.c={self.c} is not valid: Memora's scale c must be > 0")
+        if not self.lq_eps > 0:
+            raise ValueError(f"MirasSpec.lq_eps={self.lq_eps} is not valid: use a small positive number")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "MirasSpec":
+        """The spec of a named model (``moneta``, ``yaad``, ``memora``, ``titans``, ``ttt_mlp``,
+        ``deltanet``, ``gated_delta``, ``linear_attn``, ``gla``), with optional field overrides."""
+        if name not in cls.PRESETS:
+            raise ValueError(
+                f"unknown Miras preset {name!r}: choose one of {', '.join(sorted(cls.PRESETS))}"
+            )
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MirasSpec":
+        """Build a spec from a plain dict (a config section); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"preset"})
+        if unknown:
+            raise ValueError(
+                f"unknown MirasSpec field(s) {unknown}: valid fields are {sorted(known)} (or 'preset')"
+            )
+        data = dict(data)
+        name = data.pop("preset", None)
+        return cls.preset(name, **data) if name else cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ----- what the rule needs -------------------------------------------------------------
+    @property
+    def needs_alpha(self) -> bool:
+        """Retention ``none`` has no forgetting gate; every other retention decays by alpha."""
+        return self.retention != "none"
+
+    @property
+    def needs_delta(self) -> bool:
+        return self.bias == "huber"
+
+    @property
+    def needs_mu(self) -> bool:
+        return self.learner == "momentum"
+
+    @property
+    def is_affine(self) -> bool:
+        """True when the chunk update is affine in the state: linear memory, dot/l2 bias,
+        none/decay retention (gd or momentum). Sequence parallelism can then combine states by
+        an all-gather instead of passing them rank to rank."""
+        return (
+            self.memory == "linear"
+            and self.bias in ("dot", "l2")
+            and self.retention in ("none", "decay")
+        )
+
+    def weight_names(self) -> tuple[str, ...]:
+        return ("W",) if self.memory == "linear" else ("W1", "W2")
+
+    def state_keys(self) -> tuple[str, ...]:
+        names = self.weight_names()
+        if self.learner == "momentum":
+            return names + tuple(f"S_{n}" for n in names)
+        return names
+
+    def weight_shapes(self, dk: int, dv: int) -> dict[str, tuple[int, int]]:
+        """Per-head shape of every weight matrix (and so of its free variable)."""
+        if self.memory == "linear":
+            return {"W": (dv, dk)}
+        if dk != dv:
+            raise ValueError(
+                f"memory='mlp' needs equal key and value head dims (got dk={dk}, dv={dv}): "
+                "the residual x + LN(...) maps a head vector to one of the same size"
+            )
+        hidden = int(self.expansion) * dk
+        return {"W1": (dk, hidden), "W2": (hidden, dk)}
+
+    def materialize(self, x: torch.Tensor) -> torch.Tensor:
+        """Weights from the retention's free variable ``x`` (``[..., rows, cols]``).
+
+        ``none``/``decay``: identity. ``lq``: ``x / (||x||_q + eps)^(q-2)`` with the q-norm over
+        the last two dims. ``kl``: ``c * softmax(x, dim=-1)`` (over the input dimension).
+        """
+        if self.retention == "lq":
+            if self.q == 2.0:
+                return x
+            norm = x.abs().pow(self.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / self.q)
+            return x / (norm + self.lq_eps).pow(self.q - 2.0)
+        if self.retention == "kl":
+            return self.c * torch.softmax(x, dim=-1)
+        return x
+
+    def free_variable_from_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`materialize` where one exists (``kl``: ``log(W / c)``, needs W > 0;
+        ``none``/``decay``: identity). ``lq`` is not invertible in closed form for q > 2, so its
+        state is always the accumulator itself."""
+        if self.retention == "kl":
+            if bool((w <= 0).any()):
+                raise ValueError("retention='kl' needs strictly positive initial weights (W = c*softmax(Z))")
+            return torch.log(w / self.c)
+        if self.retention == "lq" and self.q != 2.0:
+            raise ValueError("retention='lq' state is the accumulator A; pass A, not the weights")
+        return w
