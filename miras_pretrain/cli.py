@@ -13,6 +13,9 @@ import sys
 
 # subcommand module paths, in the order they appear in --help
 COMMAND_MODULES: list[str] = [
+    "miras_pretrain.data.cli",
+    "miras_pretrain.train.cli",
+    "miras_pretrain.launch.cli",
 ]
 
 

@@ -190,11 +190,17 @@ class MirasSpec:
         if self.retention == "lq":
             if self.q == 2.0:
                 return x
-            norm = x.abs().pow(self.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / self.q)
-            return x / (norm + self.lq_eps).pow(self.q - 2.0)
+            return x * self.lq_scale(x)
         if self.retention == "kl":
             return self.c * torch.softmax(x, dim=-1)
         return x
+
+    def lq_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Moneta's normalisation factor ``(||x||_q + eps)^(2-q)`` (``[..., 1, 1]``) so that
+        ``materialize(x) = x * lq_scale(x)``. ``vector_norm`` is one fused op and its gradient
+        stays finite at x = 0 (``|x|^q`` summed then raised to ``1/q`` would give 0 * inf)."""
+        norm = torch.linalg.vector_norm(x, ord=self.q, dim=(-2, -1), keepdim=True)
+        return (norm + self.lq_eps).pow(2.0 - self.q)
 
     def free_variable_from_weights(self, w: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`materialize` where one exists (``kl``: ``log(W / c)``, needs W > 0;

@@ -1,0 +1,110 @@
+"""``@triton.jit`` helpers used inside the Miras kernels (all math in fp32).
+
+Why a helper for ``tl.dot``: the Triton interpreter silently returns garbage for bf16 ``tl.dot``
+operands, and a GPU build rejects dot dimensions below 16. Every kernel calls :func:`dot32`
+instead of ``tl.dot``; it upcasts both operands to fp32 (on a GPU fp32 dots run as TF32).
+``tests/test_kernels_linear.py`` checks that no kernel source calls ``tl.dot`` directly and that
+every ``tt.dot`` in the compiled TTIR has fp32 operands and dims >= 16.
+
+Bias codes (``BIAS`` constexpr): 0 dot, 1 l2, 2 lp, 3 huber (see :data:`BIAS_CODES`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BIAS_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}
+
+
+@triton.jit
+def dot32(a, b):
+    """``a @ b`` with both tiles upcast to fp32 (see module docstring)."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32))
+
+
+@triton.jit
+def chunk_cumsum(x, BT: tl.constexpr):
+    """Inclusive cumulative sum of a ``[BT]`` tile along the chunk.
+
+    A masked ``[BT, BT]`` reduction rather than ``tl.cumsum``: BT <= 64, so it is cheap, and it
+    has identical semantics in the interpreter and on every GPU backend.
+    """
+    o = tl.arange(0, BT)
+    return tl.sum(tl.where(o[:, None] >= o[None, :], x[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def chunk_rev_cumsum(x, BT: tl.constexpr):
+    """Reverse inclusive cumulative sum ``out[t] = sum_{s >= t} x[s]`` of a ``[BT]`` tile (the
+    adjoint of :func:`chunk_cumsum`)."""
+    o = tl.arange(0, BT)
+    return tl.sum(tl.where(o[None, :] >= o[:, None], x[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def decay_matrix(cum, BT: tl.constexpr):
+    """``D[t, i] = exp(cum[t] - cum[i])`` for ``i <= t`` else 0 (``cum`` = cumulative log gate,
+    non-increasing, so every kept exponent is <= 0 and cannot overflow)."""
+    o = tl.arange(0, BT)
+    return tl.where(o[:, None] >= o[None, :], tl.exp(cum[:, None] - cum[None, :]), 0.0)
+
+
+@triton.jit
+def pick(x, idx, BT: tl.constexpr):
+    """``x[idx]`` of a ``[BT]`` tile as a scalar (``idx`` may be a runtime value)."""
+    o = tl.arange(0, BT)
+    return tl.sum(tl.where(o == idx, x, 0.0), axis=0)
+
+
+@triton.jit
+def pick_row(x, idx, BT: tl.constexpr):
+    """Row ``idx`` of a ``[BT, N]`` tile as a ``[N]`` tile."""
+    o = tl.arange(0, BT)
+    return tl.sum(tl.where((o == idx)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def bias_map(e, v, delta, p, BIAS: tl.constexpr, EPS: tl.constexpr):
+    """``u = dl/dM`` per token from the residual ``e = W k - v`` (``[BT, BV]``).
+
+    dot: ``-v``; l2: ``e``; lp: ``p e (e^2+eps)^((p-2)/2)``; huber: ``e`` where the row's
+    ``||e||_2 <= delta`` else ``delta e (e^2+eps)^(-1/2)``. Huber needs the whole value row in
+    the tile (the caller launches with ``BV >= dv``).
+    """
+    if BIAS == 0:
+        u = -v
+    elif BIAS == 1:
+        u = e
+    elif BIAS == 2:
+        s = e * e + EPS
+        u = p * e * tl.exp((p - 2.0) * 0.5 * tl.log(s))
+    else:
+        n = tl.sqrt(tl.sum(e * e, axis=1))
+        s = e * e + EPS
+        u = tl.where((n <= delta)[:, None], e, delta[:, None] * e * tl.rsqrt(s))
+    return u
+
+
+@triton.jit
+def bias_map_grad(e, du, delta, p, BIAS: tl.constexpr, EPS: tl.constexpr):
+    """Adjoint of :func:`bias_map` for l2/lp/huber: returns ``(de, ddelta)``; ``ddelta`` is a
+    ``[BT]`` tile (zero unless huber). The huber branch test is piecewise constant, so only the
+    taken branch is differentiated."""
+    if BIAS == 1:
+        de = du
+        dd = tl.sum(du * 0.0, axis=1)
+    elif BIAS == 2:
+        s = e * e + EPS
+        # d/de [p e s^((p-2)/2)] = p s^((p-4)/2) ((p-1) e^2 + eps)
+        de = du * p * tl.exp((p - 4.0) * 0.5 * tl.log(s)) * ((p - 1.0) * e * e + EPS)
+        dd = tl.sum(du * 0.0, axis=1)
+    else:
+        n = tl.sqrt(tl.sum(e * e, axis=1))
+        small = n <= delta
+        s = e * e + EPS
+        r = tl.rsqrt(s)
+        # l1 branch: d/de [delta e s^(-1/2)] = delta eps s^(-3/2)
+        de = tl.where(small[:, None], du, du * delta[:, None] * EPS * r * r * r)
+        dd = tl.where(small, 0.0, tl.sum(du * e * r, axis=1))
+    return de, dd

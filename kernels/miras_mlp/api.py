@@ -1,0 +1,235 @@
+"""Host side of the MLP-memory Triton kernels: input checks, the autograd Function, the public
+``chunk_miras_mlp`` entry and ``supports`` (the dispatcher's fallback test)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .chunk import BIAS_CODES, _mlp_bwd_kernel, _mlp_fwd_kernel
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_EXPANSIONS = (1, 2, 4)
+SUPPORTED_CHUNKS = (16, 32, 64)
+SUPPORTED_RETENTIONS = ("none", "decay")
+# No software pipelining: the hidden-block loops are compute bound and every pipeline stage would
+# buffer weight tiles in shared memory and keep extra registers live (spills on sm_80/sm_90).
+NUM_STAGES = 1
+
+
+def hidden_block(d: int, e: int, chunk: int) -> int:
+    """Tile of the hidden dimension ``e*d`` kept on chip at once. Smaller for wide heads and big
+    chunks so the ``[C, BH]`` tiles of the backward fit in registers (checked by the AOT report)."""
+    hidden = d * e
+    bh = 32 if (d >= 64 or chunk >= 64) else 64
+    if d >= 128 and chunk >= 64:
+        bh = 16
+    return max(16, min(bh, hidden))
+
+
+def num_warps_for(d: int, chunk: int) -> int:
+    return 8 if d * chunk >= 64 * 64 else 4
+
+
+def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
+             chunk_size: int = 64, initial_state=None, **_) -> tuple[bool, str]:
+    """Whether :func:`chunk_miras_mlp` covers this call; ``(False, reason)`` tells the dispatcher
+    to fall back to the PyTorch chunked path (the reason names what is missing)."""
+    if spec.memory != "mlp":
+        return False, f"kernels.miras_mlp handles memory='mlp' only (got {spec.memory!r})"
+    if spec.retention not in SUPPORTED_RETENTIONS:
+        return False, (f"retention={spec.retention!r} has no MLP Triton kernel yet "
+                       f"(covered: {', '.join(SUPPORTED_RETENTIONS)}); use the chunked backend")
+    if q.dim() != 4:
+        return False, f"q must be [B, T, H, D] (got {tuple(q.shape)})"
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        return False, f"head dim {d} not in {SUPPORTED_HEAD_DIMS}"
+    if int(spec.expansion) not in SUPPORTED_EXPANSIONS:
+        return False, f"expansion {spec.expansion} not in {SUPPORTED_EXPANSIONS}"
+    if d * int(spec.expansion) < 16:
+        return False, "hidden width e*d must be >= 16 (tl.dot dims)"
+    if chunk_size not in SUPPORTED_CHUNKS:
+        return False, f"chunk_size {chunk_size} not in {SUPPORTED_CHUNKS}"
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False, f"dtype {q.dtype} not supported by the kernels (float32/bfloat16/float16)"
+    if initial_state is None:
+        return False, "memory='mlp' needs initial_state (the model's learned initial weights)"
+    return True, ""
+
+
+def _gate(x: torch.Tensor | None, like: torch.Tensor, fill: float) -> torch.Tensor:
+    if x is None:
+        return torch.full(like.shape[:3], fill, dtype=torch.float32, device=like.device)
+    return x.float()
+
+
+class _ChunkMirasMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, chunk, bias, p, momentum):
+        B, T, H, D = q.shape
+        E = W1.shape[-1]
+        N = cu.numel() - 1
+        J = nt_total + N
+        dev = q.device
+        qf, kf, vf = (x.reshape(B * T, H, D).contiguous() for x in (q, k, v))
+        gates = [x.reshape(B * T, H).contiguous() for x in (la, eta, dlt, lmu)]
+        idx0 = (coff[:-1].long() + torch.arange(N, device=dev))
+        idx1 = (coff[1:].long() + torch.arange(N, device=dev))
+        st1 = torch.empty(J, H, D, E, dtype=torch.float32, device=dev)
+        st2 = torch.empty(J, H, E, D, dtype=torch.float32, device=dev)
+        st1[idx0] = W1
+        st2[idx0] = W2
+        if momentum:
+            ss1 = torch.empty_like(st1)
+            ss2 = torch.empty_like(st2)
+            ss1[idx0] = S1
+            ss2[idx0] = S2
+        else:
+            ss1, ss2 = st1, st2  # never read (MOMENTUM=False)
+        y = torch.empty_like(qf)
+        BH = hidden_block(D, E // D, chunk)
+        _mlp_fwd_kernel[(N * H,)](
+            qf, kf, vf, *gates, y, st1, st2, ss1, ss2, cu, coff, float(p),
+            H=H, D=D, E=E, BT=chunk, BH=BH, BIAS=bias, MOMENTUM=momentum,
+            num_warps=num_warps_for(D, chunk), num_stages=NUM_STAGES,
+        )
+        ctx.save_for_backward(qf, kf, vf, *gates, st1, st2, ss1, ss2, cu, coff, idx0, idx1)
+        ctx.meta = (B, T, H, D, E, chunk, bias, p, momentum, q.dtype, N)
+        outs = [y.view(B, T, H, D), st1[idx1], st2[idx1]]
+        if momentum:
+            outs += [ss1[idx1], ss2[idx1]]
+        else:
+            outs += [torch.zeros(0, device=dev), torch.zeros(0, device=dev)]
+        ctx.mark_non_differentiable(*outs[3:]) if not momentum else None
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, dy, dW1, dW2, dS1, dS2):
+        qf, kf, vf, la, eta, dlt, lmu, st1, st2, ss1, ss2, cu, coff, idx0, idx1 = ctx.saved_tensors
+        B, T, H, D, E, chunk, bias, p, momentum, dtype, N = ctx.meta
+        dev = qf.device
+        dst1 = torch.zeros_like(st1)
+        dst2 = torch.zeros_like(st2)
+        if dW1 is not None:
+            dst1[idx1] = dW1.float()
+        if dW2 is not None:
+            dst2[idx1] = dW2.float()
+        if momentum:
+            dss1 = torch.zeros_like(ss1)
+            dss2 = torch.zeros_like(ss2)
+            if dS1 is not None:
+                dss1[idx1] = dS1.float()
+            if dS2 is not None:
+                dss2[idx1] = dS2.float()
+        else:
+            dss1, dss2 = dst1, dst2
+        dyf = dy.reshape(B * T, H, D).contiguous()
+        dq = torch.zeros(B * T, H, D, dtype=torch.float32, device=dev)
+        dk = torch.zeros_like(dq)
+        dv = torch.zeros_like(dq)
+        dla, deta, ddlt, dlmu = (torch.zeros(B * T, H, dtype=torch.float32, device=dev) for _ in range(4))
+        scr = torch.empty(N * H, chunk, E, dtype=torch.float32, device=dev)
+        BH = hidden_block(D, E // D, chunk)
+        _mlp_bwd_kernel[(N * H,)](
+            qf, kf, vf, la, eta, dlt, lmu, dyf, dq, dk, dv, dla, deta, ddlt, dlmu,
+            st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, float(p),
+            H=H, D=D, E=E, BT=chunk, BH=BH, BIAS=bias, MOMENTUM=momentum,
+            num_warps=num_warps_for(D, chunk), num_stages=NUM_STAGES,
+        )
+        sh = (B, T, H, D)
+        gsh = (B, T, H)
+        grads = [dq.view(sh).to(dtype), dk.view(sh).to(dtype), dv.view(sh).to(dtype),
+                 dla.view(gsh), deta.view(gsh), ddlt.view(gsh), dlmu.view(gsh),
+                 dst1[idx0], dst2[idx0]]
+        grads += [dss1[idx0], dss2[idx0]] if momentum else [None, None]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor | None,
+                    eta: torch.Tensor, *, spec, chunk_size: int = 64, delta: torch.Tensor | None = None,
+                    mu: torch.Tensor | None = None, initial_state: dict[str, torch.Tensor],
+                    output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None):
+    """Chunk-parallel MLP-memory Miras layer (Triton forward and backward).
+
+    Args:
+        q, k, v: ``[B, T, H, D]`` (fp32/bf16/fp16). alpha, eta, delta, mu: ``[B, T, H]``
+            (alpha may be None for retention ``none``; delta for ``huber``; mu for momentum).
+        spec: :class:`miras_pretrain.ops.spec.MirasSpec` with ``memory="mlp"``.
+        initial_state: ``{"W1": [N|1, H, D, E] or [H, D, E], "W2": [.., E, D]}`` (+ ``S_W1``,
+            ``S_W2`` for momentum); ``N`` = B, or the number of documents with ``cu_seqlens``.
+            Gradients flow to it (broadcast dims are summed by autograd).
+        cu_seqlens: ``[N+1]`` int with ``B == 1``: the state resets at each document start.
+    Returns:
+        ``(y [B, T, H, D] in q's dtype, final_state)`` where ``final_state`` is a dict of
+        ``[N, H, ..]`` fp32 tensors when ``output_final_state`` else ``None``.
+    """
+    ok, why = supports(spec, q, k, v, chunk_size=chunk_size, initial_state=initial_state)
+    if not ok:
+        raise ValueError(f"chunk_miras_mlp: {why}")
+    B, T, H, D = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share the shape [B, T, H, D] (got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})")
+    E = D * int(spec.expansion)
+    dev = q.device
+    if spec.retention == "none":
+        la = torch.zeros(B, T, H, dtype=torch.float32, device=dev)
+    else:
+        if alpha is None:
+            raise ValueError(f"retention={spec.retention!r} needs alpha [B, T, H]")
+        la = torch.log(alpha.float())
+    if spec.needs_delta and delta is None:
+        raise ValueError("bias='huber' needs delta [B, T, H]")
+    if spec.needs_mu and mu is None:
+        raise ValueError("learner='momentum' needs mu [B, T, H]")
+    dlt = _gate(delta if spec.needs_delta else None, q, 1.0)
+    lmu = torch.log(mu.float()) if spec.needs_mu else _gate(None, q, 0.0)
+    eta = eta.float()
+    if cu_seqlens is None:
+        N = B
+        cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * T
+    else:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs B == 1 (got B={B}): pack the documents along T")
+        cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
+        N = cu.numel() - 1
+        if int(cu[0]) != 0 or int(cu[-1]) != T or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={T}")
+    lens = (cu[1:] - cu[:-1]).long()
+    counts = (lens + chunk_size - 1) // chunk_size
+    coff64 = torch.zeros(N + 1, dtype=torch.int64, device=dev)
+    coff64[1:] = torch.cumsum(counts, 0)
+    nt_total = int(coff64[-1])
+    coff = coff64.to(torch.int32)
+
+    def _state(name: str, shape: tuple[int, int]) -> torch.Tensor:
+        if name not in initial_state:
+            raise ValueError(f"initial_state lacks {name!r}: memory='mlp' needs keys {spec.state_keys()}")
+        x = initial_state[name]
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.shape[-2:] != shape or x.shape[1] != H or x.shape[0] not in (1, N):
+            raise ValueError(f"initial_state[{name!r}] must be [{N}, {H}, {shape[0]}, {shape[1]}] or [{H}, ...] (got {tuple(initial_state[name].shape)})")
+        return x.float().expand(N, H, *shape)
+
+    W1 = _state("W1", (D, E))
+    W2 = _state("W2", (E, D))
+    momentum = spec.learner == "momentum"
+    if momentum:
+        S1, S2 = _state("S_W1", (D, E)), _state("S_W2", (E, D))
+    else:
+        S1 = S2 = None
+    y, W1T, W2T, S1T, S2T = _ChunkMirasMLP.apply(
+        q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, int(chunk_size),
+        BIAS_CODES[spec.bias], float(spec.p), momentum)
+    final = None
+    if output_final_state:
+        final = {"W1": W1T, "W2": W2T}
+        if momentum:
+            final.update({"S_W1": S1T, "S_W2": S2T})
+    return y, final
+
+
+__all__ = ["chunk_miras_mlp", "supports", "hidden_block", "num_warps_for"]
+_ = math

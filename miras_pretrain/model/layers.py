@@ -1,0 +1,87 @@
+"""Small building blocks: RMSNorm, SwiGLU MLP, rotary embeddings, document positions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miras_pretrain.parallel import layers as tpl
+from miras_pretrain.parallel import state
+
+
+class RMSNorm(nn.Module):
+    """x [..., D] -> x / rms(x) * weight, computed in fp32. The weight is replicated under TP."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def head_rms_norm(y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm. y [B, T, H, d], weight [H, d] -> [B, T, H, d] (fp32 inside)."""
+    yf = y.float()
+    out = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return out.to(y.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel.
+    x [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, d_model: int, hidden: int, *, init_std: float, out_std: float) -> None:
+        super().__init__()
+        self.gate = tpl.column_linear(d_model, hidden, init_std=init_std)
+        self.up = tpl.column_linear(d_model, hidden, init_std=init_std)
+        self.down = tpl.row_linear(hidden, d_model, init_std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, _ = self.gate(x)
+        u, _ = self.up(x)
+        y, _ = self.down(F.silu(g) * u)
+        return y
+
+
+def local_heads(n_heads: int) -> int:
+    tp = state.tensor_parallel_world_size()
+    if n_heads % tp:
+        raise ValueError(f"n_heads={n_heads} is not divisible by the tensor parallel size {tp}")
+    return n_heads // tp
+
+
+def doc_positions(cu_seqlens: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Position of every token inside its document, [T] long (0..T-1 without cu_seqlens)."""
+    t = torch.arange(seq_len, device=device)
+    if cu_seqlens is None:
+        return t
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    doc = torch.searchsorted(cu[1:], t, right=True).clamp_max(cu.numel() - 2)
+    return t - cu[doc]
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (packed documents), got batch {batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor [N+1] of document boundaries")
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the sequence length {seq_len}")
+
+
+def rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE. x [B, T, H, d] (d even), pos [T] long -> [B, T, H, d]."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = pos.float()[:, None] * inv_freq[None, :]  # [T, d/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None, :]
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None, :]
+    xf = x.float()
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+    rot = torch.cat([-x2, x1], -1)
+    return (xf * cos + rot * sin).to(x.dtype)

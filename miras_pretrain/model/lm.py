@@ -1,0 +1,178 @@
+"""The language model: embedding, N pre-norm blocks, final norm + output head.
+
+The three stage-able pieces (:class:`TokenEmbedding`, :class:`Block`, :class:`LMHead`) are the
+same modules in the single-process / TP model (:class:`MirasLM`) and in the DeepSpeed pipeline
+(``miras_pretrain.parallel.pipeline``), so there is one copy of the model code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from miras_pretrain.parallel import layers as tpl
+from miras_pretrain.parallel import state
+
+from .attention import Attention
+from .config import ModelConfig
+from .layers import RMSNorm, SwiGLU, check_cu_seqlens
+from .miras_mixer import MirasMixer
+
+
+def residual_out_std(cfg: ModelConfig) -> float:
+    """Init std of projections that write into the residual stream (o_proj, MLP down):
+    init_std / sqrt(2 * n_layers), GPT-2 style, so the residual's variance stays O(1) in depth."""
+    return cfg.init_std / math.sqrt(2.0 * cfg.n_layers)
+
+
+def check_tp_divisibility(cfg: ModelConfig) -> None:
+    tp = state.tensor_parallel_world_size()
+    for key, value in (("n_heads", cfg.n_heads), ("vocab_size", cfg.vocab_size), ("ffn_hidden", cfg.ffn_width)):
+        if value % tp:
+            raise ValueError(
+                f"ModelConfig.{key}={value} is not divisible by the tensor parallel size {tp}: "
+                "choose a multiple of it"
+            )
+
+
+class TokenEmbedding(nn.Module):
+    """input_ids [B, T] long -> [B, T, D] (vocab-parallel under TP)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.word = tpl.vocab_embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word(input_ids)
+
+
+class Block(nn.Module):
+    """h + mixer(norm(h)), then h + SwiGLU(norm(h)). h [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.kind = cfg.layer_kinds()[layer_idx]
+        out_std = residual_out_std(cfg)
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if self.kind == "miras":
+            self.mixer: nn.Module = MirasMixer(cfg, out_std=out_std)
+        else:
+            self.mixer = Attention(cfg, sliding=self.kind == "sliding_attention", out_std=out_std)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_width, init_std=cfg.init_std, out_std=out_std)
+
+    def _forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.mixer(self.norm1(h), cu_seqlens)
+        return h + self.mlp(self.norm2(h))
+
+    def forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # recompute the block in backward: keeps one [B, T, D] activation per block
+            return checkpoint(self._forward, h, cu_seqlens, use_reentrant=False)
+        return self._forward(h, cu_seqlens)
+
+
+class LMHead(nn.Module):
+    """Final RMSNorm + output projection. h [B, T, D] -> logits [B, T, V / tp].
+
+    With ``tie_embeddings`` the projection has no weight of its own: the embedding's weight is
+    passed to :meth:`forward`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.tied = cfg.tie_embeddings
+        if not self.tied:
+            self.proj = tpl.column_linear(cfg.d_model, cfg.vocab_size, init_std=cfg.init_std)
+
+    def forward(self, h: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm(h)
+        if self.tied:
+            if tied_weight is None:
+                raise ValueError("tie_embeddings=True: pass the embedding weight to LMHead.forward")
+            # copy the (replicated) input to the TP region so its grad is all-reduced, as
+            # ColumnParallelLinear does
+            if state.is_initialized():
+                from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+                h = copy_to_tensor_model_parallel_region(h)
+            return torch.nn.functional.linear(h, tied_weight)
+        return self.proj(h)[0]
+
+
+def collect_memory_stats(model: nn.Module) -> dict[str, float]:
+    """Per-Miras-layer stats of the last forward, combined over TP ranks (call on every rank):
+    ``layer{i}/init_{W}_norm`` (Frobenius norm of the learned initial memory weights, all heads)
+    and ``layer{i}/{gate}_mean`` (mean gate value over batch, time and heads)."""
+    keys, values, ops = [], [], []
+    for module in model.modules():
+        if isinstance(module, Block) and isinstance(module.mixer, MirasMixer):
+            for name, (val, op) in module.mixer.local_stats().items():
+                keys.append(f"layer{module.layer_idx}/{name}")
+                values.append(val.detach().float().reshape(()))
+                ops.append(op)
+    if not keys:
+        return {}
+    vec = torch.stack(values)
+    means = torch.tensor([op == "mean" for op in ops])
+    tpl.tp_all_reduce_(vec)
+    vec = torch.where(means, vec / state.tensor_parallel_world_size(), vec)
+    out = {}
+    for key, val in zip(keys, vec.tolist()):
+        if key.endswith("_sqnorm"):
+            out[key[: -len("_sqnorm")] + "_norm"] = math.sqrt(val)
+        else:
+            out[key] = val
+    return out
+
+
+class MirasLM(nn.Module):
+    """Decoder LM. ``forward(input_ids [B, T], labels=None, cu_seqlens=None)``.
+
+    Returns logits [B, T, V / tp] when ``labels`` is None, else the mean cross entropy over
+    tokens with ``labels != -100``. ``labels`` are the targets *aligned with* ``input_ids``
+    (``labels[:, t]`` is the token that should follow ``input_ids[:, t]``; the data loader
+    shifts), Megatron's convention. ``cu_seqlens`` [N+1] (B == 1): packed documents; nothing
+    (memory state, conv, attention) crosses a document boundary.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        check_tp_divisibility(cfg)
+        self.cfg = cfg
+        self.embed = TokenEmbedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.head = LMHead(cfg)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, input_ids.shape[0], input_ids.shape[1])
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, cu_seqlens)
+        logits = self.head(h, self.embed.word.weight if self.cfg.tie_embeddings else None)
+        if labels is None:
+            return logits
+        return tpl.lm_cross_entropy(logits, labels)
+
+    def memory_stats(self) -> dict[str, float]:
+        return collect_memory_stats(self)
+
+
+def build_model(cfg: ModelConfig | dict) -> MirasLM:
+    """Build the model for the current process: under TP (megatron groups initialised) every
+    rank holds its shard; otherwise the full model with plain torch layers."""
+    if isinstance(cfg, dict):
+        cfg = ModelConfig.from_dict(cfg)
+    return MirasLM(cfg)

@@ -1,0 +1,176 @@
+"""The Miras token mixer (miras-notes section 4).
+
+x [B, T, D] -> q, k, v (column-parallel projections) -> causal depthwise conv (kernel
+``conv_size``) + SiLU on each -> l2-normalised q, k -> per-head gates from a low-rank projection
+-> ``miras_memory`` (learned initial weights for the MLP memory) -> per-head RMSNorm -> output
+gate silu(W_g x) -> output projection (row-parallel). Heads are split over TP ranks; everything
+per head (conv channels, gates, initial memory, output norm) is split with them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miras_pretrain.ops import miras_memory
+from miras_pretrain.parallel import layers as tpl
+
+from .config import ModelConfig
+from .layers import doc_positions, head_rms_norm, local_heads
+
+# Gate activations and the bias each starts from (per gate, same for every head):
+# alpha = sigmoid -> 0.99 (slow forgetting at init), eta = sigmoid * eta_max -> eta_max / 2,
+# delta = softplus -> 1.0, mu = sigmoid -> 0.9 (Titans-like momentum).
+GATE_INIT_BIAS = {
+    "alpha": math.log(0.99 / 0.01),
+    "eta": 0.0,
+    "delta": math.log(math.e - 1.0),
+    "mu": math.log(0.9 / 0.1),
+}
+
+
+def causal_depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal depthwise conv1d that never mixes documents.
+
+    x [B, T, C], weight [C, K] (``weight[:, K-1]`` multiplies the current token, as
+    ``nn.Conv1d`` with K-1 left padding), pos [T] position of each token in its document (None:
+    one document) -> [B, T, C]. Written as K shifted multiply-adds so the document mask is a
+    plain ``pos >= shift`` test.
+    """
+    t, k = x.shape[1], weight.shape[1]
+    out = x * weight[:, k - 1]
+    for shift in range(1, min(k, t)):
+        prev = F.pad(x[:, : t - shift], (0, 0, shift, 0))
+        if pos is not None:
+            prev = prev * (pos >= shift).to(x.dtype)[None, :, None]
+        out = out + prev * weight[:, k - 1 - shift]
+    return out
+
+
+def init_memory_free_variable(spec, shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """Initial free variable X of one MLP-memory weight, full shape [H, r, c].
+
+    The weights start small and random (``W ~ N(0, std)``), so ``M(x) = x + LN(W1 gelu(W2 x))``
+    begins close to the identity plus a small term. For ``lq`` X is the accumulator A with
+    ``W = A / ||A||_q^(q-2)``; since ``||W||_q = ||A||_q^(3-q)`` we set ``A = W * ||A||_q^(q-2)``
+    (q = 3 is scale-free: A = W). For ``kl`` X are logits Z of ``W = c softmax(Z)``; small
+    random Z gives near-uniform positive rows.
+    """
+    w = torch.randn(shape) * std
+    if spec.retention == "lq" and spec.q not in (2.0, 3.0):
+        norm_w = w.abs().pow(spec.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / spec.q)
+        norm_a = norm_w.pow(1.0 / (3.0 - spec.q))
+        return w * norm_a.pow(spec.q - 2.0)
+    return w
+
+
+class MirasMixer(nn.Module):
+    """Multi-head Miras memory mixer. x [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, cfg: ModelConfig, *, out_std: float) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spec = cfg.spec
+        self.n_heads = cfg.n_heads
+        self.n_local = local_heads(cfg.n_heads)
+        self.head_dim = dh = cfg.head_dim
+        d, std = cfg.d_model, cfg.init_std
+        inner = cfg.n_heads * dh
+        self.q_proj = tpl.column_linear(d, inner, init_std=std)
+        self.k_proj = tpl.column_linear(d, inner, init_std=std)
+        self.v_proj = tpl.column_linear(d, inner, init_std=std)
+        self.g_proj = tpl.column_linear(d, inner, init_std=std)  # output gate
+        self.o_proj = tpl.row_linear(inner, d, init_std=out_std)
+        # depthwise conv weights [channels, K]; nn.Conv1d's default init U(-1/sqrt(K), 1/sqrt(K))
+        bound = 1.0 / math.sqrt(cfg.conv_size)
+        self.q_conv = self._sharded(torch.empty(inner, cfg.conv_size).uniform_(-bound, bound))
+        self.k_conv = self._sharded(torch.empty(inner, cfg.conv_size).uniform_(-bound, bound))
+        self.v_conv = self._sharded(torch.empty(inner, cfg.conv_size).uniform_(-bound, bound))
+        # gates: low-rank down (replicated under TP) then per-head up (column-parallel, head-major
+        # [H, n_gates] outputs so a TP rank's slice holds exactly its heads' gates)
+        self.gate_names = ["eta"]
+        if self.spec.needs_alpha:
+            self.gate_names.insert(0, "alpha")
+        if self.spec.needs_delta:
+            self.gate_names.append("delta")
+        if self.spec.needs_mu:
+            self.gate_names.append("mu")
+        n_g = len(self.gate_names)
+        self.gate_down = nn.Linear(d, cfg.gate_rank, bias=False, device="meta").to_empty(device="cpu")
+        with torch.no_grad():
+            nn.init.normal_(self.gate_down.weight, std=std)
+        self.gate_up = tpl.column_linear(cfg.gate_rank, cfg.n_heads * n_g, init_std=std, bias=True)
+        with torch.no_grad():
+            self.gate_up.bias.copy_(
+                torch.tensor([GATE_INIT_BIAS[g] for g in self.gate_names]).repeat(self.n_local)
+            )
+        self.out_norm = self._sharded(torch.ones(cfg.n_heads, dh))
+        # learned initial memory (MLP memory only): free variable per head [H, r, c]
+        self.mem_init = nn.ParameterDict()
+        if self.spec.memory == "mlp":
+            for name, (r, c) in self.spec.weight_shapes(dh, dh).items():
+                full = init_memory_free_variable(self.spec, (cfg.n_heads, r, c), std)
+                self.mem_init[name] = self._sharded(full)
+        self._stats: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _sharded(full: torch.Tensor) -> nn.Parameter:
+        """Parameter holding this TP rank's heads (dim 0) of ``full``."""
+        p = nn.Parameter(tpl.shard_rows(full, 0).contiguous())
+        tpl.mark_tensor_parallel(p, 0)
+        return p
+
+    def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x [B, T, D] -> {name: [B, T, H_local]} in fp32."""
+        b, t, _ = x.shape
+        raw = self.gate_up(self.gate_down(x))[0].float().view(b, t, self.n_local, -1)
+        out = {}
+        for i, name in enumerate(self.gate_names):
+            z = raw[..., i]
+            if name == "eta":
+                out[name] = torch.sigmoid(z) * self.cfg.eta_max
+            elif name == "delta":
+                out[name] = F.softplus(z)
+            else:  # alpha, mu
+                out[name] = torch.sigmoid(z)
+        return out
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, dh = self.n_local, self.head_dim
+        pos = None if cu_seqlens is None else doc_positions(cu_seqlens, t, x.device)
+
+        def branch(proj, conv_w):
+            z = causal_depthwise_conv(proj(x)[0], conv_w.to(x.dtype), pos)
+            return F.silu(z).view(b, t, h, dh)
+
+        q = F.normalize(branch(self.q_proj, self.q_conv), dim=-1)
+        k = F.normalize(branch(self.k_proj, self.k_conv), dim=-1)
+        v = branch(self.v_proj, self.v_conv)
+        g = self.gates(x)
+        init = {n: p for n, p in self.mem_init.items()} if len(self.mem_init) else None
+        y, _ = miras_memory(
+            q, k, v, g.get("alpha"), g["eta"], spec=self.spec, chunk_size=self.cfg.chunk_size,
+            delta=g.get("delta"), mu=g.get("mu"), initial_state=init, cu_seqlens=cu_seqlens,
+            backend=self.cfg.backend,
+        )
+        y = head_rms_norm(y, self.out_norm, self.cfg.norm_eps)
+        y = y * F.silu(self.g_proj(x)[0]).view(b, t, h, dh)
+        self._stats = {name: gate.detach().mean() for name, gate in g.items()}
+        return self.o_proj(y.reshape(b, t, h * dh))[0]
+
+    @torch.no_grad()
+    def local_stats(self) -> dict[str, tuple[torch.Tensor, str]]:
+        """Per-rank statistics and how to combine them over TP ("sum" of squares or "mean")."""
+        out: dict[str, tuple[torch.Tensor, str]] = {}
+        for name, p in self.mem_init.items():
+            w = self.spec.materialize(p.float())
+            out[f"init_{name}_sqnorm"] = (w.pow(2).sum(), "sum")
+        for name, val in self._stats.items():
+            out[f"{name}_mean"] = (val.float(), "mean")
+        return out

@@ -1,0 +1,236 @@
+"""Chunk-parallel form of the Miras memory: the semantics of ``recurrent`` at the same chunk
+size, with every token of a chunk handled by a few batched matmuls.
+
+Inside a chunk (tokens t0 < t <= t0 + C, state X0 = X_{t0} and S0 = S_{t0} before it) the
+inner gradients are all taken at the frozen weights W0 = materialize(X0), so each is an outer
+product g_i = a_i b_iᵀ known up front (``rules.grad_factors``). The free variable is then affine
+in those outer products:
+
+    X_t = cX_t * X0 + cS_t * S0 - sum_{i <= t} G_ti * a_i b_iᵀ
+
+with, in log space (L = cumsum log alpha, Mu = cumsum log mu, both restarted at the chunk
+start; D_ts = exp(L_t - L_s) and E_si = exp(Mu_s - Mu_i), masked to i <= s <= t):
+
+    gd:        G = D * eta_i,            cX_t = exp(L_t),  cS = 0
+    momentum:  G = (D @ E) * eta_i,      cX_t = exp(L_t),  cS_t = sum_s D_ts exp(Mu_s)
+               S_end = exp(Mu_end) S0 - sum_i E_end,i eta_i a_i b_iᵀ
+
+A per-channel alpha (linear memory) gives D, G, cX, cS an extra trailing key-channel dim.
+
+Reads: for retentions whose materialize is the identity (``none``, ``decay``) W_t x_t is the
+GLA-like masked product ``cX_t W0 x_t + cS_t S0 x_t - ((x bᵀ) * G) a``, applied layer by layer
+for the MLP memory. ``lq`` and ``kl`` weights are nonlinear in X, so X_t is materialised for the
+tokens of ONE chunk (``[B, H, C, r, c]``), normalised and read; that block is recomputed in
+backward (activation checkpointing) so memory stays O(T * D) plus one chunk's block and the
+per-chunk states. The loop over chunks is sequential Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .inputs import State, prepare_inputs, run_documents
+from .rules import Factors, grad_factors, matvec, read_memory
+from .spec import MirasSpec
+
+
+@dataclass
+class _Coefs:
+    """Coefficients of one chunk (see module docstring). Shapes with c = chunk length and K the
+    optional per-channel dim: G [B, H, c, c(, K)], cX [B, H, c(, K)] or None (= 1), cS like cX
+    or None (no momentum), sG [B, H, c] and sX [B, H] (momentum state at chunk end)."""
+
+    channel: bool
+    G: torch.Tensor
+    cX: torch.Tensor | None
+    cS: torch.Tensor | None
+    sG: torch.Tensor | None
+    sX: torch.Tensor | None
+
+
+def _masked_decay(L: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """exp(L_t - L_i) for i <= t, else 0; L: [B, H, c] -> [B, H, c, c] or [B, H, c, K] ->
+    [B, H, c, c, K]. The mask is applied before exp so no entry can overflow."""
+    if L.dim() == 4:
+        diff = L.unsqueeze(3) - L.unsqueeze(2)
+        return torch.exp(torch.where(mask.unsqueeze(-1), diff, float("-inf")))
+    diff = L.unsqueeze(-1) - L.unsqueeze(-2)
+    return torch.exp(torch.where(mask, diff, float("-inf")))
+
+
+def _coefficients(
+    la: torch.Tensor | None, eta: torch.Tensor, lmu: torch.Tensor | None, mask: torch.Tensor
+) -> _Coefs:
+    channel = la is not None and la.dim() == 4
+    if la is None:  # retention 'none': alpha = 1
+        D = mask.to(eta.dtype)
+        cX = None
+    else:
+        L = la.cumsum(dim=2)
+        D = _masked_decay(L, mask)
+        cX = torch.exp(L)
+    eta_i = eta[:, :, None, :, None] if channel else eta[:, :, None, :]
+    if lmu is None:
+        return _Coefs(channel, D * eta_i, cX, None, None, None)
+    Mu = lmu.cumsum(dim=2)
+    E = _masked_decay(Mu, mask)
+    eM = torch.exp(Mu)
+    if channel:
+        G = torch.einsum("bhtsk,bhsi->bhtik", D, E)
+        cS = torch.einsum("bhtsk,bhs->bhtk", D, eM)
+    else:
+        G = D @ E
+        cS = (D @ eM.unsqueeze(-1)).squeeze(-1)
+    return _Coefs(channel, G * eta_i, cX, cS, E[..., -1, :] * eta, eM[..., -1])
+
+
+def _apply_affine(x: torch.Tensor, X0: torch.Tensor, S0: torch.Tensor | None, co: _Coefs,
+                  a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W_t x_t for every token of the chunk when W = X: x [B, H, c, cols] -> [B, H, c, rows]."""
+    if co.channel:
+        out = (x * co.cX) @ X0.transpose(-1, -2)
+        if S0 is not None:
+            out = out + (x * co.cS) @ S0.transpose(-1, -2)
+        scores = torch.einsum("bhtik,bhik,bhtk->bhti", co.G, b, x)
+        return out - scores @ a
+    out = x @ X0.transpose(-1, -2)
+    if co.cX is not None:
+        out = out * co.cX.unsqueeze(-1)
+    if S0 is not None:
+        out = out + co.cS.unsqueeze(-1) * (x @ S0.transpose(-1, -2))
+    return out - ((x @ b.transpose(-1, -2)) * co.G) @ a
+
+
+def _state_end(X0: torch.Tensor, S0: torch.Tensor | None, co: _Coefs, a: torch.Tensor,
+               b: torch.Tensor) -> torch.Tensor:
+    """X at the last token of the chunk: [B, H, rows, cols]."""
+    if co.channel:
+        out = X0 * co.cX[:, :, -1, None, :]
+        if S0 is not None:
+            out = out + S0 * co.cS[:, :, -1, None, :]
+        return out - a.transpose(-1, -2) @ (co.G[:, :, -1] * b)
+    out = X0 if co.cX is None else X0 * co.cX[:, :, -1, None, None]
+    if S0 is not None:
+        out = out + S0 * co.cS[:, :, -1, None, None]
+    return out - (a * co.G[:, :, -1, :, None]).transpose(-1, -2) @ b
+
+
+def _momentum_end(S0: torch.Tensor, co: _Coefs, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return S0 * co.sX[:, :, None, None] - (a * co.sG.unsqueeze(-1)).transpose(-1, -2) @ b
+
+
+def _states_in_chunk(X0: torch.Tensor, S0: torch.Tensor | None, co: _Coefs, a: torch.Tensor,
+                     b: torch.Tensor) -> torch.Tensor:
+    """X_t for every token of the chunk: [B, H, c, rows, cols] (one chunk only, transient)."""
+    if co.channel:
+        out = X0.unsqueeze(2) * co.cX.unsqueeze(3)
+        if S0 is not None:
+            out = out + S0.unsqueeze(2) * co.cS.unsqueeze(3)
+        return out - torch.einsum("bhtik,bhir,bhik->bhtrk", co.G, a, b)
+    out = X0.unsqueeze(2) if co.cX is None else X0.unsqueeze(2) * co.cX[..., None, None]
+    if S0 is not None:
+        out = out + S0.unsqueeze(2) * co.cS[..., None, None]
+    return out - torch.einsum("bhti,bhir,bhic->bhtrc", co.G, a, b)
+
+
+def _lq_scales(spec: MirasSpec, X: State, S: State, co: _Coefs, factors: Factors) -> dict[str, torch.Tensor]:
+    """Moneta's per-token factor (||X_t||_q + eps)^(2-q) for every weight: name -> [B, H, c, 1]."""
+    return {n: spec.lq_scale(_states_in_chunk(X[n], S.get(n), co, *factors[n])).squeeze(-1) for n in X}
+
+
+def _read_softmax(spec: MirasSpec, q: torch.Tensor, X: State, S: State, co: _Coefs,
+                  factors: Factors) -> torch.Tensor:
+    """Memora's read with per-token weights c * softmax(X_t) (the scale c applied to the
+    [c, rows] products instead of the [c, rows, cols] weights)."""
+    probs = {n: torch.softmax(_states_in_chunk(X[n], S.get(n), co, *factors[n]), dim=-1) for n in X}
+    return read_memory(spec, lambda n, x: spec.c * matvec(probs[n], x), q)
+
+
+def chunked_core(
+    spec: MirasSpec,
+    chunk_size: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor | None,
+    eta: torch.Tensor,
+    delta: torch.Tensor | None,
+    mu: torch.Tensor | None,
+    state: State,
+) -> tuple[torch.Tensor, State]:
+    """Chunk loop over one dense batch (head-major, see ``inputs.Core``)."""
+    T = q.shape[2]
+    names = spec.weight_names()
+    momentum = spec.learner == "momentum"
+    # W = X exactly for these retentions, so reads need no per-token materialisation.
+    affine = spec.retention in ("none", "decay") or (spec.retention == "lq" and spec.q == 2.0)
+    la = None if alpha is None else torch.log(alpha)
+    lmu = torch.log(mu) if momentum else None
+    X = {n: state[n] for n in names}
+    S = {n: state["S_" + n] for n in names} if momentum else {}
+    masks: dict[int, torch.Tensor] = {}
+    ys = []
+    for s in range(0, T, chunk_size):
+        c = min(chunk_size, T - s)
+        tok = slice(s, s + c)
+        if c not in masks:
+            masks[c] = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        qc, kc, vc = q[:, :, tok], k[:, :, tok], v[:, :, tok]
+        frozen = {n: spec.materialize(X[n]) for n in names}
+        factors = grad_factors(spec, frozen, kc, vc, None if delta is None else delta[:, :, tok])
+        co = _coefficients(
+            None if la is None else la[:, :, tok], eta[:, :, tok],
+            None if lmu is None else lmu[:, :, tok], masks[c],
+        )
+        if spec.retention == "kl":
+            ys.append(checkpoint(
+                _read_softmax, spec, qc, X, S, co, factors, use_reentrant=False, preserve_rng_state=False,
+            ))
+        elif affine:
+            ys.append(read_memory(
+                spec, lambda n, x: _apply_affine(x, X[n], S.get(n), co, *factors[n]), qc
+            ))
+        else:
+            # lq: W_t = X_t * scale_t with a scalar scale per token, so W_t x = scale_t * (X_t x)
+            # reuses the affine read; only the q-norms need the per-token X_t block.
+            scales = checkpoint(
+                _lq_scales, spec, X, S, co, factors, use_reentrant=False, preserve_rng_state=False,
+            )
+            ys.append(read_memory(
+                spec, lambda n, x: scales[n] * _apply_affine(x, X[n], S.get(n), co, *factors[n]), qc
+            ))
+        newX = {n: _state_end(X[n], S.get(n), co, *factors[n]) for n in names}
+        if momentum:
+            S = {n: _momentum_end(S[n], co, *factors[n]) for n in names}
+        X = newX
+    y = torch.cat(ys, dim=2) if ys else v.new_zeros(v.shape)
+    final = dict(X)
+    final.update({"S_" + n: t for n, t in S.items()})
+    return y, final
+
+
+def miras_memory_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor | None,
+    eta: torch.Tensor,
+    *,
+    spec: MirasSpec,
+    chunk_size: int = 64,
+    delta: torch.Tensor | None = None,
+    mu: torch.Tensor | None = None,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State | None]:
+    """Chunk-parallel backend; same arguments and returns as :func:`miras_pretrain.ops.miras_memory`."""
+    inp = prepare_inputs(
+        q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
+        initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )
+    return run_documents(inp, chunked_core)

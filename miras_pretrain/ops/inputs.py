@@ -1,0 +1,248 @@
+"""Input validation and layout for the Miras memory operator, shared by the torch backends.
+
+``prepare_inputs`` checks every argument of :func:`miras_pretrain.ops.miras_memory` (one-line
+``ValueError`` naming the field and the fix), casts to the compute dtype (at least float32, so
+bf16/fp16 inputs accumulate their state in fp32) and moves tensors to the head-major layout
+``[B, H, T, ...]`` the backends work in. ``run_documents`` runs a backend's dense core once per
+batch (or once per document for varlen input) and assembles the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .spec import MirasSpec
+
+State = dict[str, torch.Tensor]
+# core(spec, chunk_size, q, k, v, alpha, eta, delta, mu, state) -> (y, final state); all
+# tensors head-major: q/k [B, H, T, dk], v [B, H, T, dv], gates [B, H, T] (alpha may be
+# [B, H, T, dk]), state values [B, H, r, c].
+Core = Callable[..., tuple[torch.Tensor, State]]
+
+
+@dataclass
+class MemoryInputs:
+    """Validated, head-major, compute-dtype inputs (see module docstring)."""
+
+    spec: MirasSpec
+    chunk_size: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    alpha: torch.Tensor | None
+    eta: torch.Tensor
+    delta: torch.Tensor | None
+    mu: torch.Tensor | None
+    initial_state: State  # missing entries are created as zeros per document
+    bounds: list[tuple[int, int]] | None  # document [start, end) for varlen, else None
+    output_final_state: bool
+    out_dtype: torch.dtype
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_tensor(name: str, t, dims: str, ndim: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {dims} (got {type(t).__name__})")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {dims} (got {_shape(t)})")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor (got {t.dtype}): cast it with .float()")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}: move all inputs to one device")
+
+
+def _check_gate(name: str, t, B: int, T: int, H: int, device, why: str) -> None:
+    if t is None:
+        raise ValueError(f"{name} is required {why}: pass a [B, T, H] tensor")
+    _check_tensor(name, t, "[B, T, H]", t.dim() if isinstance(t, torch.Tensor) else 3, device)
+    if tuple(t.shape) != (B, T, H):
+        raise ValueError(f"{name} must have shape [B, T, H] = [{B}, {T}, {H}] (got {_shape(t)})")
+
+
+def _head_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, ...] -> contiguous [B, H, T, ...] in the compute dtype."""
+    return t.to(dtype).transpose(1, 2).contiguous()
+
+
+def prepare_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor | None,
+    eta: torch.Tensor,
+    *,
+    spec: MirasSpec,
+    chunk_size: int = 64,
+    delta: torch.Tensor | None = None,
+    mu: torch.Tensor | None = None,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> MemoryInputs:
+    """Validate the arguments of ``miras_memory`` and bring them into the backends' layout."""
+    if not isinstance(spec, MirasSpec):
+        raise ValueError(
+            f"spec must be a MirasSpec (got {type(spec).__name__}): use MirasSpec.preset(name) or MirasSpec(...)"
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} is not valid: use an integer >= 1 (e.g. 64)")
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"q must be a torch.Tensor of shape [B, T, H, dk] (got {type(q).__name__})")
+    device = q.device
+    _check_tensor("q", q, "[B, T, H, dk]", 4, device)
+    _check_tensor("k", k, "[B, T, H, dk]", 4, device)
+    _check_tensor("v", v, "[B, T, H, dv]", 4, device)
+    B, T, H, dk = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {_shape(q)} (got {_shape(k)})")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have shape [B, T, H, dv] = [{B}, {T}, {H}, dv] (got {_shape(v)})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype (got {q.dtype}, {k.dtype}, {v.dtype}): cast them")
+    dv = v.shape[-1]
+    if spec.memory == "mlp" and dk != dv:
+        raise ValueError(
+            f"v's head dim dv={dv} must equal dk={dk} for memory='mlp' (M(x) = x + LN(...) keeps the size)"
+        )
+
+    # --- gates ------------------------------------------------------------------------------
+    _check_gate("eta", eta, B, T, H, device, "(the inner learning rate)")
+    if spec.needs_alpha:
+        if alpha is None:
+            raise ValueError(
+                f"alpha is required for retention={spec.retention!r}: pass a [B, T, H] tensor in (0, 1]"
+            )
+        _check_tensor("alpha", alpha, "[B, T, H] or [B, T, H, dk]", alpha.dim() if isinstance(alpha, torch.Tensor) else 3, device)
+        if alpha.dim() == 4:
+            if spec.memory != "linear":
+                raise ValueError(
+                    f"alpha of shape {_shape(alpha)} is per-channel, which only memory='linear' supports: "
+                    "pass [B, T, H] for memory='mlp'"
+                )
+            if tuple(alpha.shape) != (B, T, H, dk):
+                raise ValueError(f"alpha must have shape [B, T, H] or [B, T, H, dk] = [{B}, {T}, {H}, {dk}] (got {_shape(alpha)})")
+        elif tuple(alpha.shape) != (B, T, H):
+            raise ValueError(f"alpha must have shape [B, T, H] = [{B}, {T}, {H}] (or [B, T, H, dk] for memory='linear') (got {_shape(alpha)})")
+    else:
+        alpha = None  # retention 'none' has alpha = 1 by definition; a passed gate is ignored
+    if spec.needs_delta:
+        _check_gate("delta", delta, B, T, H, device, "for bias='huber' (the Huber threshold)")
+    else:
+        delta = None
+    if spec.needs_mu:
+        _check_gate("mu", mu, B, T, H, device, "for learner='momentum' (the momentum gate)")
+    else:
+        mu = None
+
+    # --- documents ----------------------------------------------------------------------------
+    bounds = None
+    n_states = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of document offsets (0, ..., T)")
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs batch size B == 1 (got B={B}): pack the documents into one row")
+        offs = [int(x) for x in cu_seqlens.tolist()]
+        if offs[0] != 0 or offs[-1] != T or any(b < a for a, b in zip(offs, offs[1:])):
+            raise ValueError(
+                f"cu_seqlens must start at 0, end at T={T} and be non-decreasing (got {offs[:4]}...{offs[-2:]})"
+            )
+        bounds = list(zip(offs[:-1], offs[1:]))
+        n_states = len(bounds)
+
+    # --- initial state --------------------------------------------------------------------------
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    shapes = spec.weight_shapes(dk, dv)
+    state: State = {}
+    if initial_state is None:
+        if spec.memory == "mlp":
+            raise ValueError(
+                "initial_state is required for memory='mlp': pass {'W1': [H, d, e*d], 'W2': [H, e*d, d]} "
+                "(the model owns the learned initial weights)"
+            )
+    else:
+        if not isinstance(initial_state, Mapping):
+            raise ValueError(f"initial_state must be a dict with keys {spec.state_keys()} (got {type(initial_state).__name__})")
+        unknown = sorted(set(initial_state) - set(spec.state_keys()))
+        if unknown:
+            raise ValueError(f"initial_state has unknown key(s) {unknown}: valid keys are {list(spec.state_keys())}")
+        for name in spec.weight_names():
+            if name not in initial_state:
+                raise ValueError(f"initial_state is missing key {name!r}: it needs {list(spec.weight_names())}")
+        lead = "N" if bounds is not None else "B"
+        for key, t in initial_state.items():
+            r, c = shapes[key.removeprefix("S_")]
+            want = f"[{lead}, H, {r}, {c}] or [H, {r}, {c}] = [{n_states}, {H}, {r}, {c}]"
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"initial_state[{key!r}] must be a floating-point tensor {want}")
+            if t.device != device:
+                raise ValueError(f"initial_state[{key!r}] is on {t.device} but q is on {device}: move it")
+            if tuple(t.shape) == (H, r, c):
+                t = t.unsqueeze(0).expand(n_states, H, r, c)
+            elif tuple(t.shape) != (n_states, H, r, c):
+                raise ValueError(f"initial_state[{key!r}] must have shape {want} (got {_shape(t)})")
+            state[key] = t.to(cdt)
+
+    return MemoryInputs(
+        spec=spec,
+        chunk_size=chunk_size,
+        q=_head_major(q, cdt),
+        k=_head_major(k, cdt),
+        v=_head_major(v, cdt),
+        alpha=None if alpha is None else _head_major(alpha, cdt),
+        eta=_head_major(eta, cdt),
+        delta=None if delta is None else _head_major(delta, cdt),
+        mu=None if mu is None else _head_major(mu, cdt),
+        initial_state=state,
+        bounds=bounds,
+        output_final_state=bool(output_final_state),
+        out_dtype=q.dtype,
+    )
+
+
+def _full_state(inp: MemoryInputs, rows: slice, n: int) -> State:
+    """The initial state of a batch slice, with zeros for what the caller left out."""
+    dk, dv = inp.q.shape[-1], inp.v.shape[-1]
+    H = inp.q.shape[1]
+    shapes = inp.spec.weight_shapes(dk, dv)
+    out: State = {}
+    for key in inp.spec.state_keys():
+        if key in inp.initial_state:
+            out[key] = inp.initial_state[key][rows]
+        else:
+            r, c = shapes[key.removeprefix("S_")]
+            out[key] = inp.q.new_zeros(n, H, r, c)
+    return out
+
+
+def run_documents(inp: MemoryInputs, core: Core) -> tuple[torch.Tensor, State | None]:
+    """Run ``core`` over the batch (or each document: its state and chunk grid restart at the
+    document start) and return y ``[B, T, H, dv]`` in the input dtype and the final state."""
+    gates = (inp.alpha, inp.eta, inp.delta, inp.mu)
+
+    def call(tsl: slice, rows: slice, n: int):
+        cut = lambda t: None if t is None else t[rows, :, tsl]  # noqa: E731
+        return core(
+            inp.spec, inp.chunk_size, cut(inp.q), cut(inp.k), cut(inp.v), *(cut(g) for g in gates),
+            _full_state(inp, rows, n),
+        )
+
+    if inp.bounds is None:
+        y, final = call(slice(None), slice(None), inp.q.shape[0])
+    else:
+        ys, finals = [], []
+        for j, (s, e) in enumerate(inp.bounds):
+            yj, fj = call(slice(s, e), slice(j, j + 1), 1)
+            ys.append(yj)
+            finals.append(fj)
+        y = torch.cat(ys, dim=2)
+        final = {key: torch.cat([f[key] for f in finals], dim=0) for key in inp.spec.state_keys()}
+    y = y.transpose(1, 2).to(inp.out_dtype)
+    return y, (final if inp.output_final_state else None)

@@ -1,0 +1,95 @@
+"""The plain token loop: THE definition of the Miras memory semantics for any chunk size C.
+
+For each document the tokens are split into chunks of C starting at the document start (the last
+chunk may be partial). At a chunk start the weights are frozen, ``W_{t0} = materialize(X_{t0})``;
+every token i of the chunk then takes its inner gradient at ``W_{t0}`` (mini-batch GD, notes
+section 3) and updates the retention's free variable:
+
+    gd:        X_i = alpha_i * X_{i-1} - eta_i * g_i
+    momentum:  S_i = mu_i * S_{i-1} - eta_i * g_i ;   X_i = alpha_i * X_{i-1} + S_i
+
+(alpha = 1 for retention ``none``; a per-channel alpha ``[dk]`` scales the key/column dim of a
+linear memory), then reads after the write: ``y_i = M(materialize(X_i), q_i)``. At C = 1 this is
+exactly section 2 of the notes for every preset. Slow (one Python step per token): use it as the
+reference and for tiny inputs; ``chunked`` computes the same thing chunk-parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .inputs import State, prepare_inputs, run_documents
+from .rules import grad_factors, matvec, read_memory
+from .spec import MirasSpec
+
+
+def recurrent_core(
+    spec: MirasSpec,
+    chunk_size: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor | None,
+    eta: torch.Tensor,
+    delta: torch.Tensor | None,
+    mu: torch.Tensor | None,
+    state: State,
+) -> tuple[torch.Tensor, State]:
+    """Token loop over one dense batch (head-major, see ``inputs.Core``)."""
+    T = q.shape[2]
+    names = spec.weight_names()
+    momentum = spec.learner == "momentum"
+    X = {n: state[n] for n in names}
+    S = {n: state["S_" + n] for n in names} if momentum else {}
+    ys = []
+    frozen: dict[str, torch.Tensor] = {}
+    for t in range(T):
+        if t % chunk_size == 0:
+            frozen = {n: spec.materialize(X[n]) for n in names}
+        tok = slice(t, t + 1)
+        factors = grad_factors(spec, frozen, k[:, :, tok], v[:, :, tok], None if delta is None else delta[:, :, tok])
+        eta_t = eta[:, :, t, None, None]
+        for n, (a, b) in factors.items():
+            g = a.transpose(-1, -2) @ b  # [B, H, r, c] outer product of this token
+            if alpha is None:
+                kept = X[n]
+            elif alpha.dim() == 4:  # per-channel decay along the key (column) dim
+                kept = alpha[:, :, t, None, :] * X[n]
+            else:
+                kept = alpha[:, :, t, None, None] * X[n]
+            if momentum:
+                S[n] = mu[:, :, t, None, None] * S[n] - eta_t * g
+                X[n] = kept + S[n]
+            else:
+                X[n] = kept - eta_t * g
+        weights = {n: spec.materialize(X[n]).unsqueeze(2) for n in names}
+        ys.append(read_memory(spec, lambda n, x: matvec(weights[n], x), q[:, :, tok]))
+    y = torch.cat(ys, dim=2) if ys else v.new_zeros(v.shape)
+    final = dict(X)
+    final.update({"S_" + n: s for n, s in S.items()})
+    return y, final
+
+
+def miras_memory_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor | None,
+    eta: torch.Tensor,
+    *,
+    spec: MirasSpec,
+    chunk_size: int = 64,
+    delta: torch.Tensor | None = None,
+    mu: torch.Tensor | None = None,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State | None]:
+    """Reference backend; same arguments and returns as :func:`miras_pretrain.ops.miras_memory`."""
+    inp = prepare_inputs(
+        q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
+        initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )
+    return run_documents(inp, recurrent_core)

@@ -1,0 +1,107 @@
+"""Process-group setup: torchrun / deepspeed launcher / SLURM env, or a lone process.
+
+A single process started without a launcher gets a 1-process group on a free local port, so
+the same DeepSpeed code path runs everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fill_env_for_single_process() -> None:
+    # SLURM without torchrun: map SLURM's variables to torch's
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ \
+            and int(os.environ["SLURM_NTASKS"]) > 1:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise ValueError("SLURM launch without torchrun needs MASTER_ADDR and MASTER_PORT in the environment")
+        return
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device = 'cuda' but no CUDA device is visible: use 'auto' or 'cpu'")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device, timeout_s: int = 1800) -> None:
+    """Initialise torch.distributed + DeepSpeed comm (gloo on CPU, nccl on CUDA). Idempotent."""
+    _fill_env_for_single_process()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        # DeepSpeed JIT-builds a shared-memory collective op on every CPU init (~22 s on a
+        # fresh machine) that gloo never needs (platform notes): skip the build.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device.type == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(value: float) -> float:
+    """Max of a scalar over all ranks (used for flags every rank must agree on)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_mean(value: float, group=None) -> float:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return float(t.item()) / dist.get_world_size(group)
+
+
+def destroy() -> None:
+    """Barrier then destroy: a rare ZeRO-3 teardown abort was seen without the barrier."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

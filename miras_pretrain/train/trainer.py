@@ -1,0 +1,436 @@
+"""The training loop: DeepSpeed engine, metrics, validation, checkpoints, signals, non-finite steps.
+
+One call of :func:`train` is one job: it initialises the process group (torchrun, the deepspeed
+launcher, SLURM, or a lone process), builds the model (or its pipeline stages) and the engine,
+optionally resumes from the newest complete checkpoint, runs up to ``train.max_steps`` optimizer
+steps and returns an exit code (see :mod:`miras_pretrain.train.signals`).
+
+Step accounting: ``step`` counts optimizer steps *attempted*, including those skipped for a
+non-finite loss or gradient (DeepSpeed discards such an update and does not advance the lr
+schedule, as with fp16 overflow). Checkpoint tags, logs and ``max_steps`` all use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from miras_pretrain.train import dist as mdist
+from miras_pretrain.train.checkpoint import CheckpointManager, find_latest, read_meta
+from miras_pretrain.train.config import RunConfig, dump_config, resolve_data_config, resolve_model_config
+from miras_pretrain.train import data_bridge
+from miras_pretrain.train.engine import build_engine, resolve_precision
+from miras_pretrain.train.metrics import device_peak_flops, memory_gib, mfu
+from miras_pretrain.train.rng import get_rng_state, seed_all, set_rng_state
+from miras_pretrain.train.signals import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, StopFlag
+from miras_pretrain.train.tracking import MetricsLogger
+
+
+class NonFiniteAbort(RuntimeError):
+    """Raised after ``train.max_consecutive_skips`` skipped steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) job reports back."""
+
+    exit_code: int
+    step: int
+    out_dir: Path
+    checkpoint: Optional[Path] = None
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    skipped_steps: int = 0
+    wandb_dir: Optional[str] = None
+    message: str = ""
+
+
+@dataclass
+class _Layout:
+    tp: int
+    pp: int
+    dp: int
+    dp_rank: int
+    world: int
+
+
+def _setup_parallel(cfg: RunConfig, device: torch.device) -> _Layout:
+    t = cfg.train
+    if t.tensor_parallel > 1 or t.pipeline_parallel > 1:
+        from miras_pretrain.parallel import state as pstate
+
+        mdist._fill_env_for_single_process()
+        pstate.initialize_parallel(t.tensor_parallel, t.pipeline_parallel, seed=cfg.run.seed)
+        return _Layout(t.tensor_parallel, t.pipeline_parallel, pstate.data_parallel_world_size(),
+                       pstate.data_parallel_rank(), mdist.world_size())
+    mdist.init_distributed(device)
+    return _Layout(1, 1, mdist.world_size(), mdist.rank(), mdist.world_size())
+
+
+def _teardown(layout: _Layout) -> None:
+    if layout.tp > 1 or layout.pp > 1:
+        from miras_pretrain.parallel import state as pstate
+
+        pstate.destroy_parallel()
+    else:
+        mdist.destroy()
+
+
+def _build_model(model_cfg, layout: _Layout, cfg: RunConfig):
+    """Plain model, or DeepSpeed pipeline stages when pipeline_parallel > 1."""
+    if layout.pp > 1:
+        from miras_pretrain.model import build_pipeline_module
+
+        return build_pipeline_module(model_cfg)
+    from miras_pretrain.model import build_model
+
+    return build_model(model_cfg)
+
+
+def _grad_norm(engine) -> float:
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return float("nan")
+    return float(g.item() if hasattr(g, "item") else g)
+
+
+class Trainer:
+    """Holds the engine, loaders and counters of one job. Use :func:`train`."""
+
+    def __init__(self, cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.quiet = quiet
+        self.step = 0
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.tokens_seen = 0
+        self.val_history: list[tuple[int, float]] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        from miras_pretrain.train.dist import pick_device
+
+        # validate model and data sections before any process-group work
+        self.model_cfg = resolve_model_config(cfg)
+        if cfg.train.activation_checkpointing and not self.model_cfg.activation_checkpointing:
+            self.model_cfg = dataclasses.replace(self.model_cfg, activation_checkpointing=True)
+        self.data_cfg = data_bridge.resolve(cfg)
+        self.seq_len = data_bridge.seq_len_of(self.data_cfg)
+        self.device = pick_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.layout = _setup_parallel(cfg, self.device)
+        self.rank = mdist.rank()
+        self.is_main = self.rank == 0
+        seed_all(cfg.run.seed)
+
+        model = _build_model(self.model_cfg, self.layout, cfg)
+        mpu = None
+        if self.layout.tp > 1 or self.layout.pp > 1:
+            from miras_pretrain.parallel.mpu import MegatronMPU
+
+            mpu = MegatronMPU()
+        self.engine, self.ds_config = build_engine(
+            model, cfg, self.device, mpu=mpu, zero3_persistence_threshold=cfg.train.zero3_persistence_threshold
+        )
+        self.pipeline = self.layout.pp > 1
+        # after the engine: every rank now starts from the same weights; seed the data order
+        # and any sampling per data-parallel rank
+        seed_all(cfg.run.seed + 1000 * self.layout.dp_rank + 1)
+        self.train_loader = data_bridge.build_train_loader(
+            self.data_cfg, micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.layout.dp_rank,
+            dp_size=self.layout.dp, seed=cfg.run.seed,
+        )
+        self.val_loader = data_bridge.build_val_loader(
+            self.data_cfg, micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.layout.dp_rank,
+            dp_size=self.layout.dp, seed=cfg.run.seed,
+        )
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        self.flops_per_token = self._flops_per_token()
+        self.peak_total = device_peak_flops(self.device, cfg.log.peak_flops) * self.layout.world
+        if self.is_main:
+            cfg.out_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, cfg.out_dir / "config.yaml")
+            (cfg.out_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
+        if self.resume:
+            self._resume()
+        self.train_iter = iter(self.train_loader)
+
+    def _flops_per_token(self) -> float:
+        from miras_pretrain.model import flops_per_token
+
+        return float(flops_per_token(self.model_cfg, self.seq_len))
+
+    def _layout_meta(self) -> dict[str, Any]:
+        return {"world_size": self.layout.world, "tp": self.layout.tp, "pp": self.layout.pp,
+                "dp": self.layout.dp, "zero_stage": self.cfg.train.zero_stage}
+
+    def _resume(self) -> None:
+        root = self.cfg.checkpoint_dir
+        if self.resume == "auto":
+            ckpt_dir = find_latest(root)
+            if ckpt_dir is None:
+                if self.is_main and not self.quiet:
+                    print(f"resume auto: no complete checkpoint under {root}; starting from step 0", flush=True)
+                return
+        else:
+            ckpt_dir = Path(self.resume)
+            if not (ckpt_dir / "meta.json").is_file():
+                raise FileNotFoundError(
+                    f"--resume {self.resume}: not a complete checkpoint directory (no meta.json); "
+                    "use --resume auto or a step_* directory"
+                )
+        meta = read_meta(ckpt_dir)
+        mine = self._layout_meta()
+        for key in ("world_size", "tp", "pp", "zero_stage"):
+            if meta.get(key) != mine[key]:
+                raise ValueError(
+                    f"checkpoint {ckpt_dir} was written with {key}={meta.get(key)} but this run has "
+                    f"{key}={mine[key]}: resume with the same layout (or consolidate it with tools/consolidate.py)"
+                )
+        state = self.ckpt.load(self.engine, ckpt_dir)
+        self.step = int(state["step"])
+        self.skipped_total = int(state["skipped_total"])
+        self.consecutive_skips = int(state["consecutive_skips"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.val_history = [tuple(v) for v in state.get("val_history", [])]
+        self.train_loader.load_state_dict(state["train_loader"])
+        set_rng_state(state["rng"])
+        if self.is_main and not self.quiet:
+            print(f"resumed from {ckpt_dir} at step {self.step}", flush=True)
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        try:
+            batch = next(self.train_iter)
+        except StopIteration:  # a new epoch over the training split
+            self.train_iter = iter(self.train_loader)
+            batch = next(self.train_iter)
+        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = {}
+        if batch.get("cu_seqlens") is not None:
+            kwargs["cu_seqlens"] = batch["cu_seqlens"]
+        return self.engine(batch["input_ids"], labels=batch["labels"], **kwargs)
+
+    def _pipe_iter(self, n: int, source) -> Iterator:
+        for _ in range(n):
+            b = source()
+            yield (b["input_ids"], b["labels"])
+
+    def train_step(self) -> tuple[float, bool, float]:
+        """One optimizer step (grad_accum micro-batches). Returns (mean loss, applied, grad norm)."""
+        ga = self.cfg.train.grad_accum_steps
+        inject_nan = (self.step + 1) in self.cfg.debug.nan_loss_steps
+        if self.pipeline:
+            loss = self.engine.train_batch(data_iter=self._pipe_iter(ga, self._next_batch))
+            loss_val = float(loss.item())
+        else:
+            total = 0.0
+            for _ in range(ga):
+                batch = self._next_batch()
+                loss = self._forward_loss(batch)
+                if inject_nan:
+                    loss = loss * float("nan")
+                self.engine.backward(loss)
+                self.engine.step()
+                total += float(loss.detach().float().item())
+            loss_val = total / ga
+        applied = bool(self.engine.was_step_applied())
+        gnorm = _grad_norm(self.engine)
+        # agree across ranks: a non-finite loss anywhere means the (synchronised) update was
+        # discarded everywhere; the local loss alone would disagree between ranks
+        bad = mdist.all_reduce_max(0.0 if (applied and math.isfinite(loss_val)) else 1.0) > 0
+        loss_mean = mdist.all_reduce_mean(loss_val, group=self._dp_group()) if not self.pipeline else loss_val
+        return loss_mean, not bad, gnorm
+
+    def _dp_group(self):
+        if self.layout.tp > 1 or self.layout.pp > 1:
+            from miras_pretrain.parallel import state as pstate
+
+            return pstate._ps().get_data_parallel_group()
+        return None
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over ``eval.batches`` micro-batches per data-parallel rank."""
+        n = self.cfg.eval.batches
+        self.engine.eval()
+        it = iter(self.val_loader)
+        losses = []
+
+        def nxt():
+            b = next(it)
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+        try:
+            if self.pipeline:
+                for _ in range(n):
+                    try:
+                        losses.append(float(self.engine.eval_batch(self._pipe_iter(
+                            self.cfg.train.grad_accum_steps, nxt)).item()))
+                    except StopIteration:
+                        break
+            else:
+                for _ in range(n):
+                    try:
+                        batch = nxt()
+                    except StopIteration:
+                        break
+                    losses.append(float(self._forward_loss(batch).float().item()))
+        finally:
+            self.engine.train()
+        if not losses:
+            raise ValueError("the validation split yielded no batch: make data.val split larger or micro_batch_size smaller")
+        local = sum(losses) / len(losses)
+        return mdist.all_reduce_mean(local, group=self._dp_group()) if not self.pipeline else local
+
+    def _memory_stats(self) -> dict[str, float]:
+        module = self.engine.module
+        fn = getattr(module, "memory_stats", None)
+        if fn is None or not self.cfg.log.memory_stats:
+            return {}
+        return {f"memory/{k}": float(v) for k, v in fn().items()}
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "skipped_total": self.skipped_total,
+            "consecutive_skips": self.consecutive_skips,
+            "tokens_seen": self.tokens_seen,
+            "val_history": self.val_history,
+            "train_loader": self.train_loader.state_dict(),
+            "rng": get_rng_state(),
+        }
+        meta = {**self._layout_meta(), "tokens_seen": self.tokens_seen, "run_name": self.cfg.run.name,
+                "val_history": self.val_history, "model": self.model_cfg.to_dict()}
+        return self.ckpt.save(self.engine, self.step, state, meta)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        t = cfg.train
+        logger = MetricsLogger(cfg, enabled=self.is_main)
+        stop = StopFlag().install()
+        bar = None
+        if self.is_main and cfg.log.progress_bar and not self.quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.step, desc=cfg.run.name, unit="step",
+                       dynamic_ncols=True, smoothing=0.1)
+        say = (bar.write if bar is not None else print) if (self.is_main and not self.quiet) else (lambda *_: None)
+        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.layout.dp * self.seq_len
+        last_ckpt: Optional[Path] = None
+        exit_code = EXIT_OK
+        message = ""
+        window_losses: list[float] = []
+        window_t0 = time.perf_counter()
+        window_steps = 0
+        try:
+            if cfg.eval.at_start and self.step == 0 and not self.val_history:
+                v = self.evaluate()
+                self.val_history.append((0, v))
+                logger.log(0, {"val/loss": v, "val/ppl": math.exp(min(v, 50.0))})
+                say(f"step 0: val loss {v:.4f}  ppl {math.exp(min(v, 50.0)):.2f}")
+            while self.step < t.max_steps:
+                loss, applied, gnorm = self.train_step()
+                self.step += 1
+                window_steps += 1
+                self.tokens_seen += tokens_per_step
+                if applied:
+                    self.consecutive_skips = 0
+                    window_losses.append(loss)
+                else:
+                    self.skipped_total += 1
+                    self.consecutive_skips += 1
+                    say(f"step {self.step}: non-finite loss/gradient (loss={loss}, grad norm={gnorm}); "
+                        f"update skipped ({self.consecutive_skips} in a row, {self.skipped_total} total)")
+                    logger.log(self.step, {"train/skipped_steps": self.skipped_total, "train/nonfinite": 1})
+                    if self.consecutive_skips >= t.max_consecutive_skips:
+                        raise NonFiniteAbort(
+                            f"aborting at step {self.step}: {self.consecutive_skips} consecutive steps had a "
+                            f"non-finite loss or gradient (train.max_consecutive_skips={t.max_consecutive_skips}); "
+                            "lower train.lr, check the data, or resume from the last checkpoint"
+                        )
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.log.interval == 0 or self.step == t.max_steps:
+                    dt = max(time.perf_counter() - window_t0, 1e-9)
+                    tok_s = tokens_per_step * window_steps / dt
+                    mean_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
+                    row = {
+                        "train/loss": mean_loss,
+                        "train/ppl": math.exp(min(mean_loss, 50.0)) if math.isfinite(mean_loss) else float("nan"),
+                        "train/lr": float(self.engine.get_lr()[0]),
+                        "train/grad_norm": gnorm,
+                        "train/tokens_per_s": tok_s,
+                        "train/mfu": mfu(self.flops_per_token, tok_s, self.peak_total),
+                        "train/tokens_seen": self.tokens_seen,
+                        "train/skipped_steps": self.skipped_total,
+                        **memory_gib(self.device),
+                        **self._memory_stats(),
+                    }
+                    logger.log(self.step, row)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{row['train/lr']:.2e}",
+                                        tok_s=f"{tok_s:.0f}", refresh=False)
+                    window_losses, window_steps, window_t0 = [], 0, time.perf_counter()
+                final = self.step == t.max_steps
+                if (cfg.eval.interval and self.step % cfg.eval.interval == 0) or final:
+                    v = self.evaluate()
+                    self.val_history.append((self.step, v))
+                    logger.log(self.step, {"val/loss": v, "val/ppl": math.exp(min(v, 50.0))})
+                    say(f"step {self.step}: val loss {v:.4f}  ppl {math.exp(min(v, 50.0)):.2f}")
+                if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or (
+                        final and cfg.checkpoint.save_at_end):
+                    last_ckpt = self.save()
+                if cfg.debug.sleep_per_step:
+                    time.sleep(cfg.debug.sleep_per_step)
+                # every rank must agree before anyone saves: a scheduler signals ranks at
+                # slightly different times
+                if not final and mdist.all_reduce_max(1.0 if stop.received is not None else 0.0) > 0:
+                    if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
+                        last_ckpt = self.save()
+                    message = f"stopped by signal at step {self.step}; checkpoint {last_ckpt}"
+                    say(message)
+                    exit_code = EXIT_REQUEUE
+                    break
+        except NonFiniteAbort as err:
+            message = str(err)
+            exit_code = EXIT_NONFINITE
+            say(message)
+        finally:
+            stop.restore()
+            if bar is not None:
+                bar.close()
+        if self.is_main and self.val_history:
+            logger.summary({"val/first_loss": self.val_history[0][1], "val/last_loss": self.val_history[-1][1]})
+        wandb_dir = logger.wandb_dir
+        logger.finish(exit_code=0 if exit_code in (EXIT_OK, EXIT_REQUEUE) else exit_code)
+        if self.is_main and logger.path is not None and exit_code == EXIT_OK:
+            from miras_pretrain.train.plot import plot_loss_curve
+
+            plot_loss_curve(logger.path, cfg.out_dir / "loss_curve.png", title=cfg.run.name)
+        return TrainResult(exit_code=exit_code, step=self.step, out_dir=cfg.out_dir, checkpoint=last_ckpt,
+                           val_history=list(self.val_history), skipped_steps=self.skipped_total,
+                           wandb_dir=wandb_dir, message=message)
+
+
+def train(cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False) -> TrainResult:
+    """Run one training job; always tears the process group down."""
+    trainer = Trainer(cfg, resume=resume, quiet=quiet)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        layout = getattr(trainer, "layout", None)
+        if layout is not None:
+            _teardown(layout)

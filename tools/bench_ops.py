@@ -1,0 +1,161 @@
+"""Benchmark of the Miras memory operator: chunked vs recurrent, forward + backward.
+
+    .venv/bin/python tools/bench_ops.py [--quick] [--out bench_results/bench_ops.json]
+
+For every preset and sequence length it times one forward + backward (sum(y * g) with a fixed
+random cotangent; gradients w.r.t. q, k, v, all gates and the initial state) and measures peak
+memory as the growth of the process's peak resident set size (VmHWM in /proc/self/status, reset
+through /proc/self/clear_refs before each run) over the resident size before the run; this
+counts every allocation torch makes on CPU (tracemalloc would not see them). The recurrent form
+at the longest length is extrapolated linearly from the previous length (it is a token loop,
+O(T)) unless --full-recurrent is given. Targets (2-core CPU): chunked >= 10x faster than
+recurrent at T=2048 for linear memories, >= 5x for MLP memories; chunked T=8192/T=2048 < 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from miras_pretrain.ops import MirasSpec, miras_memory  # noqa: E402
+
+PRESETS = list(MirasSpec.PRESETS)
+
+
+def _proc_status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmHWM", "VmRSS")):
+                key, val = line.split(":")
+                out[key] = int(val.split()[0]) * 1024
+    return out
+
+
+def _reset_peak() -> int:
+    """Reset the peak-RSS counter; returns the current RSS in bytes (0 if unsupported)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _proc_status()["VmRSS"]
+    except OSError:
+        return 0
+
+
+def make_inputs(spec: MirasSpec, B: int, T: int, H: int, D: int, seed: int = 0) -> tuple[list, dict]:
+    """Realistic gates: alpha in (0.9, 1), eta = 0.1, mu ~ 0.9, delta ~ 1; l2-normalised q, k."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q = torch.nn.functional.normalize(rnd(B, T, H, D), dim=-1)
+    k = torch.nn.functional.normalize(rnd(B, T, H, D), dim=-1)
+    v = rnd(B, T, H, D)
+    alpha = 0.9 + 0.1 * torch.sigmoid(rnd(B, T, H))
+    eta = torch.full((B, T, H), 0.1)
+    extra = {"delta": 0.5 + torch.rand(B, T, H, generator=g), "mu": 0.85 + 0.1 * torch.rand(B, T, H, generator=g)}
+    state = {}
+    for name, (r, c) in spec.weight_shapes(D, D).items():
+        state[name] = rnd(H, r, c) / c**0.5
+    leaves = [q, k, v, alpha, eta, extra["delta"], extra["mu"], *state.values()]
+    for t in leaves:
+        t.requires_grad_(True)
+    return [q, k, v, alpha, eta], {**extra, "initial_state": state}
+
+
+def run_once(spec: MirasSpec, backend: str, T: int, B: int, H: int, D: int, chunk: int) -> tuple[float, int]:
+    args, kw = make_inputs(spec, B, T, H, D)
+    cot = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1))
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    y, _ = miras_memory(*args, spec=spec, chunk_size=chunk, backend=backend, **kw)
+    (y * cot).sum().backward()
+    elapsed = time.perf_counter() - t0
+    peak = _proc_status()["VmHWM"] - base if base else 0
+    if not bool(torch.isfinite(y).all()):
+        raise RuntimeError(f"non-finite output for {spec} {backend} T={T}")
+    return elapsed, peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    parser.add_argument("--out", default="bench_results/bench_ops.json", help="JSON output path")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names")
+    parser.add_argument("--full-recurrent", action="store_true", help="also time recurrent at the longest T")
+    args = parser.parse_args(argv)
+    presets = [p for p in args.presets.split(",") if p]
+    for p in presets:
+        if p not in MirasSpec.PRESETS:
+            raise SystemExit(f"--presets: unknown preset {p!r}: choose from {', '.join(PRESETS)}")
+    if args.quick:
+        B, H, D, chunk, lengths = 1, 2, 8, 16, [32, 64]
+    else:
+        B, H, D, chunk, lengths = 1, 4, 64, 64, [512, 2048, 8192]
+    torch.manual_seed(0)
+    rows = []
+    for name in presets:
+        spec = MirasSpec.preset(name)
+        run_once(spec, "chunked", chunk * 2, B, H, D, chunk)  # warm-up (lazy init, allocator)
+        for T in lengths:
+            for backend in ("chunked", "recurrent"):
+                if backend == "recurrent" and T == lengths[-1] and not args.full_recurrent:
+                    prev = next(r for r in rows if r["preset"] == name and r["backend"] == "recurrent" and r["T"] == lengths[-2])
+                    scale = T / lengths[-2]
+                    rows.append(dict(preset=name, memory=spec.memory, T=T, backend=backend,
+                                     time_s=prev["time_s"] * scale, peak_mb=prev["peak_mb"] * scale,
+                                     measured=False))
+                    continue
+                t, peak = run_once(spec, backend, T, B, H, D, chunk)
+                rows.append(dict(preset=name, memory=spec.memory, T=T, backend=backend, time_s=t,
+                                 peak_mb=peak / 2**20, measured=True))
+                print(f"  {name:12s} T={T:5d} {backend:9s} {t:8.3f} s  {peak / 2**20:8.1f} MiB", flush=True)
+
+    def get(name, T, backend):
+        return next(r for r in rows if r["preset"] == name and r["T"] == T and r["backend"] == backend)
+
+    mid, last = lengths[-2], lengths[-1]
+    summary = []
+    print(f"\nforward+backward, B={B} H={H} D={D} chunk={chunk}, {torch.get_num_threads()} threads; "
+          "peak = growth of peak RSS; '~' = recurrent extrapolated linearly from the previous T")
+    header = f"{'preset':12s} {'mem':6s}" + "".join(
+        f" | T={T:<5d} chunk s  rec s    speedup  chunk MiB rec MiB" for T in lengths) + f" | T{last}/T{mid}"
+    print(header)
+    for name in presets:
+        line = f"{name:12s} {MirasSpec.preset(name).memory:6s}"
+        entry = {"preset": name, "memory": MirasSpec.preset(name).memory}
+        for T in lengths:
+            c, r = get(name, T, "chunked"), get(name, T, "recurrent")
+            sp = r["time_s"] / c["time_s"]
+            mark = "" if r["measured"] else "~"
+            line += (f" | {'':7s} {c['time_s']:7.3f} {mark + format(r['time_s'], '.2f'):>8s} {sp:7.1f}x"
+                     f" {c['peak_mb']:9.1f} {mark + format(r['peak_mb'], '.0f'):>7s}")
+            entry[f"speedup_T{T}"] = sp
+        ratio = get(name, last, "chunked")["time_s"] / get(name, mid, "chunked")["time_s"]
+        entry[f"chunked_ratio_T{last}_over_T{mid}"] = ratio
+        line += f" | {ratio:6.2f}"
+        summary.append(entry)
+        print(line)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "config": dict(B=B, H=H, D=D, chunk=chunk, lengths=lengths, quick=args.quick,
+                       threads=torch.get_num_threads(), torch=torch.__version__,
+                       machine=platform.machine(), cpus=os.cpu_count(),
+                       memory_method="peak RSS growth (VmHWM after clear_refs=5) over RSS before the run"),
+        "rows": rows,
+        "summary": summary,
+    }, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
