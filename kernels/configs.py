@@ -7,7 +7,7 @@ enters this table only once it compiles cleanly.
   (masked loads cover dk in 16..128); ``BV`` the value block one program owns.
 * The chunk kernels keep the state tile ``[BV, BK]`` (two for momentum) in registers, so larger
   tiles use more warps. Huber needs the whole value row in one program (``BV >= dv``).
-* ``chunk_fwd``/``chunk_bwd``: :mod:`kernels.miras_linear.chunk_kernels`;
+* ``chunk_fwd``/``chunk_bwd_dstate``/``chunk_bwd_grads``: :mod:`kernels.miras_linear.chunk_kernels`;
   ``recurrent_fwd``: :mod:`kernels.miras_linear.fused_recurrent` (BT unused, set to 1).
 """
 
@@ -35,7 +35,7 @@ class KernelConfig:
 def _chunk_warps(kernel: str, BT: int, BK: int, BV: int) -> int:
     # register pressure grows with the state tile and the [BT, BK] q/k tiles
     work = BV * BK + 2 * BT * BK + BT * BT
-    if kernel == "chunk_bwd":
+    if kernel == "chunk_bwd_grads":
         work *= 2
     if work <= 4096:
         return 2
@@ -46,7 +46,7 @@ def _chunk_warps(kernel: str, BT: int, BK: int, BV: int) -> int:
 
 def _build() -> tuple[KernelConfig, ...]:
     out: list[KernelConfig] = []
-    for kernel in ("chunk_fwd", "chunk_bwd"):
+    for kernel in ("chunk_fwd", "chunk_bwd_dstate", "chunk_bwd_grads"):
         for BT in CHUNK_SIZES:
             for BK in HEAD_BLOCKS:
                 for BV in HEAD_BLOCKS:

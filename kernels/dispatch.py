@@ -1,11 +1,12 @@
 """Can the Triton kernels run a call? Used by ``miras_memory(backend="auto"|"triton")`` to fall
 back to the PyTorch path with a one-time warning naming the reason.
 
+Memory ``mlp`` is delegated to ``kernels.miras_mlp.supports`` (a separate kernel family).
+
 Coverage (``kernel="chunk"``, training, forward + backward): memory ``linear``; bias dot, l2, lp,
 huber; retention none, decay; learner gd, momentum; chunk sizes 16/32/64; head dims 16..128
 (dv may differ from dk; huber needs dv <= 128 in one block); fp32/fp16/bf16 inputs; CUDA
-tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Not covered (fall back): memory ``mlp``,
-retention ``lq`` and ``kl``, float64 inputs, other chunk sizes, head dims > 128.
+tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Not covered (fall back): retention ``lq`` and ``kl``, float64 inputs, other chunk sizes, head dims > 128.
 
 ``kernel="recurrent"`` (decoding, forward only) additionally covers retention lq and kl.
 """
@@ -23,28 +24,34 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
-             chunk_size: int = 64, kernel: str = "chunk") -> tuple[bool, str]:
+             chunk_size: int = 64, kernel: str = "chunk", **kwargs) -> tuple[bool, str]:
     """``(True, "")`` when the Triton kernels can run this call, else ``(False, reason)``.
 
     Args:
         spec: a ``MirasSpec``. q: ``[B, T, H, dk]``; k like q; v: ``[B, T, H, dv]`` (k and v
         default to q's shape). chunk_size: the chunk length C. kernel: ``"chunk"`` (training)
-        or ``"recurrent"`` (token-by-token decoding, forward only).
+        or ``"recurrent"`` (token-by-token decoding, forward only). Further keyword arguments
+        (e.g. ``initial_state``) are passed to ``kernels.miras_mlp.supports`` for memory ``mlp``.
     """
     if kernel not in ("chunk", "recurrent"):
         raise ValueError(f"kernel={kernel!r} is not valid: use 'chunk' or 'recurrent'")
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
-    if spec.memory != "linear":
-        return False, f"memory={spec.memory!r}: the Triton kernels cover memory='linear' only"
-    if kernel == "chunk" and spec.retention not in ("none", "decay"):
-        return False, (f"retention={spec.retention!r}: the chunk kernels cover none/decay "
-                       "(lq/kl need per-token materialisation; not implemented)")
     if q.device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return False, "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
     elif q.device.type != "cuda":
         return False, f"device {q.device.type!r} is not supported (CUDA, or CPU in the interpreter)"
+    if spec.memory == "mlp":
+        # the MLP-memory kernels (kernels/miras_mlp, another family) decide for themselves
+        if kernel != "chunk":
+            return False, "memory='mlp': no token-recurrent Triton kernel here"
+        from kernels.miras_mlp import supports as mlp_supports
+
+        return mlp_supports(spec, q, k, v, chunk_size=chunk_size, **kwargs)
+    if kernel == "chunk" and spec.retention not in ("none", "decay"):
+        return False, (f"retention={spec.retention!r}: the linear chunk kernels cover none/decay "
+                       "(lq/kl need per-token materialisation; not implemented)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t is not None and t.dtype not in _DTYPES:
             return False, f"{name}.dtype={t.dtype}: the kernels take float32/float16/bfloat16"
@@ -56,7 +63,7 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         if chunk_size not in CHUNK_SIZES:
             return False, f"chunk_size={chunk_size}: the chunk kernels cover {CHUNK_SIZES}"
         full_v = spec.bias == "huber"
-        for name in ("chunk_fwd", "chunk_bwd"):
+        for name in ("chunk_fwd", "chunk_bwd_dstate", "chunk_bwd_grads"):
             if pick_config(name, chunk_size, block_size(dk), block_size(dv), full_v) is None:
                 return False, f"no shipped {name} config for chunk_size={chunk_size}, dk={dk}, dv={dv}, bias={spec.bias}"
     else:

@@ -16,6 +16,8 @@ COMMAND_MODULES: list[str] = [
     "miras_pretrain.data.cli",
     "miras_pretrain.train.cli",
     "miras_pretrain.launch.cli",
+    "miras_pretrain.export.cli",
+    "miras_pretrain.evaluation.cli",
 ]
 
 

@@ -8,7 +8,8 @@ those PIDs (SIGTERM, then SIGKILL), in a ``finally`` and from ``atexit``, never 
 
 The config follows ../shared/platform-notes.md: proctrack/linuxproc and task/none (no cgroups
 here), select/cons_tres, a ``%n``-templated spool/pid/log per slurmd and a job completion log
-(jobcomp/filetxt) so a test can see how a job ended without slurmdbd.
+(jobcomp/filetxt) so a test can see how a job ended without slurmdbd. A TaskProlog gives each
+emulated node its own TMPDIR, as real nodes have their own /tmp.
 """
 
 from __future__ import annotations
@@ -172,6 +173,16 @@ class SlurmCluster:
 
 def _write_conf(root: Path, ctld_port: int, node_port: int, munge_socket: Path) -> Path:
     host = socket.gethostname().split(".")[0]
+    # Real nodes each have their own /tmp. The emulated ones share this machine's, so give every
+    # task its node's own TMPDIR (a TaskProlog's "export" lines enter the task environment);
+    # otherwise node-local caches and locks (the data loader's) would be shared across "nodes".
+    prolog = root / "task_prolog.sh"
+    prolog.write_text(f"""#!/bin/sh
+d={root}/nodetmp/$SLURMD_NODENAME
+mkdir -p "$d"
+echo "export TMPDIR=$d"
+""")
+    prolog.chmod(0o755)
     conf = root / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=miras-test
@@ -207,6 +218,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={root}/jobcomp.txt
+TaskProlog={root}/task_prolog.sh
 NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 Port=[{node_port}-{node_port + 1}] CPUs=2 State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 """)

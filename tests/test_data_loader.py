@@ -366,7 +366,9 @@ JOB = textwrap.dedent("""
     while len(os.listdir(sync)) < 2 and time.time() < deadline:
         time.sleep(0.05)
     if mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+        # the whole process group, like a scheduler does: also Python's resource tracker,
+        # which would otherwise unlink the segments
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     ld.close()
 """)
 
@@ -386,7 +388,8 @@ def test_cleanup_after_close_kill9_and_two_jobs(tmp_path):
     sync.mkdir()
     procs = {mode: subprocess.Popen([sys.executable, "-c", JOB, root, str(cache), mode, str(sync)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                    text=True) for mode in ("close", "kill")}
+                                    text=True, start_new_session=True)
+             for mode in ("close", "kill")}
     try:
         outs = {m: p.communicate(timeout=240) for m, p in procs.items()}
     finally:

@@ -79,7 +79,8 @@ def test_prepare_text_jsonl_parquet_round_trip(tok, tmp_path):
     (tmp_path / "b.jsonl").write_text(
         json.dumps({"body": "json doc one"}) + "\n" + "{not json\n"
         + json.dumps({"other": 1}) + "\n" + json.dumps({"body": "json doc two"}) + "\n")
-    pq.write_table(pa.table({"body": ["parquet row", None, "parquet row 3"]}), tmp_path / "c.parquet")
+    pq.write_table(pa.table({"body": ["parquet row", None, "parquet row 3"]}),
+                   tmp_path / "c.parquet")
     out = tmp_path / "out"
     m = prepare_files([str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.parquet")], str(out),
                       str(tok.path), layout="documents", seq_len=None, text_field="body",
@@ -154,7 +155,8 @@ def test_writer_rejects_token_beyond_vocab(tmp_path):
     big = [("train", "gen:0", np.array([1, 2, 70000], dtype=np.uint32))]
     m = write_dataset(str(tmp_path / "big"), big, layout="documents", seq_len=None,
                       vocab_size=80000, eos_id=2, tokenizer_sha256="x")
-    assert m.dtype == "uint32" and read_split(tmp_path / "big", "train")[0].tolist() == [1, 2, 70000]
+    assert m.dtype == "uint32"
+    assert read_split(tmp_path / "big", "train")[0].tolist() == [1, 2, 70000]
 
 
 def test_embedded_corpus_is_deterministic_and_idempotent(tmp_path):

@@ -27,10 +27,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 MAX_STEPS = 6
 
 
+def job_dir(cluster: SlurmCluster, name: str) -> Path:
+    """A fresh directory under the cluster's own temp dir. Not pytest's tmp_path: pytest prunes
+    old basetemps, also those of other sessions that are still running on this machine."""
+    path = cluster.root / "jobs" / name
+    path.mkdir(parents=True)
+    return path
+
+
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
+def tiny_data(slurm_cluster) -> Path:
     """Tokenizer + packed MDS shards from the embedded stdlib corpus (a few hundred KB)."""
-    root = tmp_path_factory.mktemp("slurm-data")
+    root = job_dir(slurm_cluster, "data")
     proc = subprocess.run(
         [sys.executable, "-m", "miras_pretrain.cli", "data", "prepare", "--builtin", "stdlib", "--out", str(root),
          "--max-bytes", "300000", "--vocab-size", "512", "--layout", "packed", "--seq-len", "64",
@@ -94,9 +102,9 @@ def final_losses(out_dir: Path) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster, tiny_data, tmp_path_factory):
+def uninterrupted(slurm_cluster, tiny_data):
     """Job 1: the whole run in one go; returns (job id, log dir, out dir, completion records)."""
-    root = tmp_path_factory.mktemp("slurm-train-1")
+    root = job_dir(slurm_cluster, "uninterrupted")
     cfg = write_config(root / "run.yaml", tiny_data, root / "out")
     # the command line exactly as a user types it (env: SLURM_CONF of the test cluster)
     proc = subprocess.run(
@@ -127,20 +135,20 @@ def test_two_node_job_trains_and_completes(uninterrupted):
     assert steps == list(range(1, MAX_STEPS + 1))
 
 
-def test_preempted_job_requeues_resumes_and_matches(uninterrupted, slurm_cluster, tiny_data, tmp_path,
-                                                    monkeypatch, capsys):
+def test_preempted_job_requeues_resumes_and_matches(uninterrupted, slurm_cluster, tiny_data, monkeypatch, capsys):
     _, _, ref_out, _ = uninterrupted
-    cfg = write_config(tmp_path / "run.yaml", tiny_data, tmp_path / "out")
+    root = job_dir(slurm_cluster, "preempted")
+    cfg = write_config(root / "run.yaml", tiny_data, root / "out")
     # one second per step gives the signal a window to land mid-run
-    job_id = launch(slurm_cluster, monkeypatch, capsys, cfg, tmp_path / "logs", "--set", "debug.sleep_per_step=1.0")
+    job_id = launch(slurm_cluster, monkeypatch, capsys, cfg, root / "logs", "--set", "debug.sleep_per_step=1.0")
     deadline = time.monotonic() + 180
-    while not any(r.get("step", 0) >= 2 and "train/loss" in r for r in metrics(tmp_path / "out")):
+    while not any(r.get("step", 0) >= 2 and "train/loss" in r for r in metrics(root / "out")):
         assert time.monotonic() < deadline, "the job never reached step 2"
         time.sleep(0.2)
     # what --signal=B:USR1@lead does before the time limit: signal the batch shell only
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))
     records = slurm_cluster.wait_until_done(job_id, 240)
-    log = (tmp_path / "logs" / f"slurm-tiny-{job_id}.out").read_text()
+    log = (root / "logs" / f"slurm-tiny-{job_id}.out").read_text()
     assert [r["JobState"] for r in records] == ["PENDING", "COMPLETED"], (records, log)  # requeued once
     assert "got SIGUSR1" in log and "trainer stopped after a signal" in log, log
     assert "stopped by signal at step" in log and "resumed from" in log, log
@@ -149,4 +157,4 @@ def test_preempted_job_requeues_resumes_and_matches(uninterrupted, slurm_cluster
     stopped_at = int(re.search(r"stopped by signal at step (\d+)", log).group(1))
     assert 2 <= stopped_at < MAX_STEPS
     # resuming is exact: the same final losses as the uninterrupted run, to the last bit
-    assert final_losses(tmp_path / "out") == final_losses(ref_out)
+    assert final_losses(root / "out") == final_losses(ref_out)

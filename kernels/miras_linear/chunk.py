@@ -2,8 +2,10 @@
 
 Memory: besides the inputs, the forward saves the state at every chunk start for the backward,
 ``[NT_total, H, dv, dk]`` fp32 (twice for momentum) = ``4 * dv * dk / C`` bytes per token and
-head (C = 64, d = 128: 1 KiB per token-head, about 4x a bf16 q/k/v token); all intra-chunk
-quantities are recomputed in the backward, so activation memory is otherwise O(T * D).
+head (C = 64, d = 128: 1 KiB per token-head, about 4x a bf16 q/k/v token). The backward adds a
+transient buffer of the same size (state adjoint per chunk) and fp32 per-value-block partial
+dq/dk/gate gradients (``NV = dv / BV`` copies, summed on the host); every intra-chunk quantity is
+recomputed, so activation memory is otherwise O(T * D).
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import torch
 import triton
 
 from kernels.common.tiles import BIAS_CODES
-from kernels.common.varlen import chunk_offsets
+from kernels.common.varlen import chunk_indices, chunk_offsets
 from kernels.configs import block_size, pick_config
-from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_kernel, miras_linear_chunk_fwd_kernel
+from kernels.miras_linear.chunk_kernels import (
+    miras_linear_chunk_bwd_dstate_kernel,
+    miras_linear_chunk_bwd_grads_kernel,
+    miras_linear_chunk_fwd_kernel,
+)
 from kernels.miras_linear.inputs import prepare
 
 SMOOTH_ABS_EPS = 1e-6  # same constant as miras_pretrain.ops.spec.SMOOTH_ABS_EPS
@@ -84,8 +90,7 @@ class MirasLinearChunkFunction(torch.autograd.Function):
         B, T, H, dk = q.shape
         dv = v.shape[-1]
         n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        cfg = _launch_meta(spec, chunk_size, dk, dv, "chunk_bwd")
-        nv = triton.cdiv(dv, cfg.BV)
+        nt_total = hs.shape[0]
         dev = q.device
         f32 = dict(dtype=torch.float32, device=dev)
         use_dht = dht is not None or (momentum and dst is not None and dst.numel() > 0)
@@ -93,32 +98,52 @@ class MirasLinearChunkFunction(torch.autograd.Function):
             dht = torch.zeros(n_seq, H, dv, dk, **f32) if dht is None else dht.float().contiguous()
             if momentum:
                 dst = torch.zeros(n_seq, H, dv, dk, **f32) if dst is None else dst.float().contiguous()
+        dy = dy.contiguous()
+        dummy = eta
+        common = dict(K=dk, V=dv, BT=chunk_size, BIAS=BIAS_CODES[spec.bias], EPS=SMOOTH_ABS_EPS,
+                      HAS_ALPHA=la is not None, MOMENTUM=momentum, IS_VARLEN=cu_seqlens is not None)
+        gates = (la if la is not None else dummy, lmu if lmu is not None else dummy, eta,
+                 delta if delta is not None else dummy)
+        t_arg = T * B if cu_seqlens is not None else T
+
+        # 1) adjoint of the state at every chunk end, sequential over chunks
+        cfg = _launch_meta(spec, chunk_size, dk, dv, "chunk_bwd_dstate")
+        dhs = torch.empty(nt_total, H, dv, dk, **f32)
+        dss = torch.empty(nt_total, H, dv, dk, **f32) if momentum else dhs
+        dh0 = torch.empty(n_seq, H, dv, dk, **f32)
+        ds0 = torch.empty(n_seq, H, dv, dk, **f32) if momentum else dh0
+        miras_linear_chunk_bwd_dstate_kernel[(triton.cdiv(dv, cfg.BV), n_seq * H)](
+            q, k, v, *gates, hs, ss, dy,
+            dht if use_dht else dh0, dst if (use_dht and momentum) else dh0,
+            dhs, dss, dh0, ds0,
+            cu_seqlens if cu_seqlens is not None else dummy, offs if offs is not None else dummy,
+            t_arg, H, float(spec.p), BK=cfg.BK, BV=cfg.BV, USE_DHT=use_dht, **common,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+        # 2) every input gradient, one program per (value block, chunk, head)
+        cfg = _launch_meta(spec, chunk_size, dk, dv, "chunk_bwd_grads")
+        nv = triton.cdiv(dv, cfg.BV)
         dq = torch.empty(nv, B, T, H, dk, **f32)
         dk_ = torch.empty(nv, B, T, H, dk, **f32)
         dvv = torch.empty(B, T, H, dv, **f32)
-        dla = torch.zeros(nv, B, T, H, **f32) if la is not None else None
-        dlmu = torch.zeros(nv, B, T, H, **f32) if momentum else None
+        dla = torch.empty(nv, B, T, H, **f32) if la is not None else None
+        dlmu = torch.empty(nv, B, T, H, **f32) if momentum else None
         deta = torch.empty(nv, B, T, H, **f32)
-        ddelta = torch.zeros(nv, B, T, H, **f32) if delta is not None else None
-        dh0 = torch.empty(n_seq, H, dv, dk, **f32)
-        ds0 = torch.empty(n_seq, H, dv, dk, **f32) if momentum else dh0
-        dy = dy.contiguous()
-        dummy = eta
-        miras_linear_chunk_bwd_kernel[(nv, n_seq * H)](
-            q, k, v, la if la is not None else dummy, lmu if lmu is not None else dummy, eta,
-            delta if delta is not None else dummy,
-            hs, ss, dy,
-            dht if use_dht else dh0, dst if (use_dht and momentum) else dh0,
+        ddelta = torch.empty(nv, B, T, H, **f32) if delta is not None else None
+        if cu_seqlens is None:
+            grid = (nv, triton.cdiv(T, chunk_size), B * H)
+            idx = dummy
+        else:
+            grid = (nv, nt_total, H)
+            idx = chunk_indices(cu_seqlens, chunk_size)
+        miras_linear_chunk_bwd_grads_kernel[grid](
+            q, k, v, *gates, hs, ss, dhs, dss, dy,
             dq, dk_, dvv,
             dla if dla is not None else deta, dlmu if dlmu is not None else deta, deta,
             ddelta if ddelta is not None else deta,
-            dh0, ds0,
-            cu_seqlens if cu_seqlens is not None else dummy, offs if offs is not None else dummy,
-            T * B if cu_seqlens is not None else T, H, float(spec.p),
-            K=dk, V=dv, BT=chunk_size, BK=cfg.BK, BV=cfg.BV,
-            BIAS=BIAS_CODES[spec.bias], EPS=SMOOTH_ABS_EPS,
-            HAS_ALPHA=la is not None, MOMENTUM=momentum,
-            USE_DHT=use_dht, IS_VARLEN=cu_seqlens is not None,
+            cu_seqlens if cu_seqlens is not None else dummy, idx,
+            t_arg, H, B * T, float(spec.p), BK=cfg.BK, BV=cfg.BV, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return (

@@ -29,7 +29,7 @@ _PTR = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "y": "*bf16", "dy": "*bf16",
 def _signature(kernel) -> dict[str, str]:
     sig = {}
     for name in kernel.arg_names:
-        if name in ("H", "D", "E", "BT", "BH", "BIAS", "MOMENTUM"):
+        if name in ("H", "D", "E", "BT", "BH", "SW", "BIAS", "MOMENTUM"):
             sig[name] = "constexpr"
         elif name == "p":
             sig[name] = "fp32"
@@ -54,7 +54,7 @@ def aot_specs(variants=None, shipped=None) -> list[tuple]:
         bh = hidden_block(d, e, c)
         nw = num_warps_for(d, c)
         for bias, mom in (variants or VARIANTS):
-            cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "BIAS": BIAS_CODES[bias], "MOMENTUM": mom}
+            cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias], "MOMENTUM": mom}
             tag = f"{bias},{'momentum' if mom else 'gd'} D{d} E{d * e} C{c} BH{bh} w{nw}"
             for kern, kname in ((_mlp_fwd_kernel, "mlp_fwd"), (_mlp_bwd_kernel, "mlp_bwd")):
                 out.append((kern, _signature(kern), dict(cx), f"{kname}[{tag}]"))

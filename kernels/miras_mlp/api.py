@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 
@@ -22,9 +22,7 @@ def hidden_block(d: int, e: int, chunk: int) -> int:
     """Tile of the hidden dimension ``e*d`` kept on chip at once. Smaller for wide heads and big
     chunks so the ``[C, BH]`` tiles of the backward fit in registers (checked by the AOT report)."""
     hidden = d * e
-    bh = 32 if (d >= 64 or chunk >= 64) else 64
-    if d >= 128 and chunk >= 64:
-        bh = 16
+    bh = 16 if (d >= 64 or chunk >= 64) else 32
     return max(16, min(bh, hidden))
 
 
@@ -43,6 +41,10 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
                        f"(covered: {', '.join(SUPPORTED_RETENTIONS)}); use the chunked backend")
     if q.dim() != 4:
         return False, f"q must be [B, T, H, D] (got {tuple(q.shape)})"
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+    if q.device.type not in ("cpu", "cuda"):
+        return False, f"device {q.device.type!r} is not supported (CUDA, or CPU in the interpreter)"
     d = q.shape[-1]
     if d not in SUPPORTED_HEAD_DIMS:
         return False, f"head dim {d} not in {SUPPORTED_HEAD_DIMS}"
@@ -90,9 +92,11 @@ class _ChunkMirasMLP(torch.autograd.Function):
             ss1, ss2 = st1, st2  # never read (MOMENTUM=False)
         y = torch.empty_like(qf)
         BH = hidden_block(D, E // D, chunk)
+        SW = max(D, chunk)
+        scr = torch.empty(N * H, 2 * chunk * SW + 4 * chunk, dtype=torch.float32, device=dev)
         _mlp_fwd_kernel[(N * H,)](
-            qf, kf, vf, *gates, y, st1, st2, ss1, ss2, cu, coff, float(p),
-            H=H, D=D, E=E, BT=chunk, BH=BH, BIAS=bias, MOMENTUM=momentum,
+            qf, kf, vf, *gates, y, st1, st2, ss1, ss2, scr, cu, coff, float(p),
+            H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
             num_warps=num_warps_for(D, chunk), num_stages=NUM_STAGES,
         )
         ctx.save_for_backward(qf, kf, vf, *gates, st1, st2, ss1, ss2, cu, coff, idx0, idx1)
@@ -101,8 +105,10 @@ class _ChunkMirasMLP(torch.autograd.Function):
         if momentum:
             outs += [ss1[idx1], ss2[idx1]]
         else:
-            outs += [torch.zeros(0, device=dev), torch.zeros(0, device=dev)]
-        ctx.mark_non_differentiable(*outs[3:]) if not momentum else None
+            # placeholders keep the output arity fixed; they carry no gradient
+            empty = (torch.zeros(0, device=dev), torch.zeros(0, device=dev))
+            ctx.mark_non_differentiable(*empty)
+            outs += list(empty)
         return tuple(outs)
 
     @staticmethod
@@ -130,12 +136,13 @@ class _ChunkMirasMLP(torch.autograd.Function):
         dk = torch.zeros_like(dq)
         dv = torch.zeros_like(dq)
         dla, deta, ddlt, dlmu = (torch.zeros(B * T, H, dtype=torch.float32, device=dev) for _ in range(4))
-        scr = torch.empty(N * H, chunk, E, dtype=torch.float32, device=dev)
+        SW = max(D, chunk)
+        scr = torch.empty(N * H, 8 * chunk * SW + 2 * chunk * E, dtype=torch.float32, device=dev)
         BH = hidden_block(D, E // D, chunk)
         _mlp_bwd_kernel[(N * H,)](
             qf, kf, vf, la, eta, dlt, lmu, dyf, dq, dk, dv, dla, deta, ddlt, dlmu,
             st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, float(p),
-            H=H, D=D, E=E, BT=chunk, BH=BH, BIAS=bias, MOMENTUM=momentum,
+            H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
             num_warps=num_warps_for(D, chunk), num_stages=NUM_STAGES,
         )
         sh = (B, T, H, D)
@@ -204,6 +211,9 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
     coff = coff64.to(torch.int32)
 
     def _state(name: str, shape: tuple[int, int]) -> torch.Tensor:
+        if name not in initial_state and name.startswith("S_"):
+            # omitted momentum buffers start at zero (as in miras_memory)
+            return torch.zeros(N, H, *shape, dtype=torch.float32, device=dev)
         if name not in initial_state:
             raise ValueError(f"initial_state lacks {name!r}: memory='mlp' needs keys {spec.state_keys()}")
         x = initial_state[name]
@@ -232,4 +242,3 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
 
 
 __all__ = ["chunk_miras_mlp", "supports", "hidden_block", "num_warps_for"]
-_ = math

@@ -1,13 +1,14 @@
 """Per-run cache directories and cleanup of what mosaicml-streaming leaves behind.
 
-streaming keys its shared memory (``/dev/shm/NNNNNN_*``) and file locks (``$TMPDIR/NNNNNN_*_filelock``)
-by an integer prefix tied to the ``local`` cache directories, and refuses a ``local`` directory
-another live dataset uses. So every loader gets a fresh ``<cache_root>/<job_id>/loader<k>/`` (job_id
-shared by all ranks of one job, so ranks on one machine share the cache), and we record our
-prefix and owner processes in it. On a clean exit ``close()`` removes the segments, locks and
-directory; after a crash (``kill -9``) the next loader started on that cache root finds the job
-directory whose owners are all dead and removes the same things. ``streaming.base.util.
-clean_stale_shared_memory()`` is not used: it unlinks every job's segments, live ones included.
+streaming keys its shared memory (``/dev/shm/NNNNNN_*``) and file locks
+(``$TMPDIR/NNNNNN_*_filelock``) by an integer prefix tied to the ``local`` cache directories, and
+refuses a ``local`` directory another live dataset uses. So every loader gets a fresh
+``<cache_root>/<job_id>/loader<k>/`` (job_id shared by all ranks of one job, so ranks on one
+machine share the cache), and we record our prefix and owner processes in it. On a clean exit
+``close()`` removes the segments, locks and directory; after a crash (``kill -9``) the next loader
+started on that cache root finds the job directory whose owners are all dead and removes the same
+things. ``streaming.base.util.clean_stale_shared_memory()`` is not used: it unlinks every job's
+segments, live ones included.
 """
 
 from __future__ import annotations

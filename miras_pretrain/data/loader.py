@@ -231,9 +231,12 @@ class MirasDataLoader:
             self._shutdown_iter()
 
     def _shutdown_iter(self) -> None:
+        # StreamingDataLoader.__iter__ is a generator wrapping torch's worker iterator: closing it
+        # drops the last reference to that iterator, whose __del__ stops and joins the workers
+        # now (not at some later garbage collection, after the cache dir is gone)
         it, self._active = self._active, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        if it is not None:
+            it.close()
 
     def _check_tokens(self, sample: dict) -> np.ndarray:
         tokens = sample["tokens"]
@@ -364,8 +367,8 @@ class MirasDataLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the batch at which ``state`` was taken (any DP size / worker count)."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state: unsupported or missing version "
-                             f"(got {state.get('version') if isinstance(state, dict) else state!r})")
+            got = state.get("version") if isinstance(state, dict) else state
+            raise ValueError(f"data loader state: unsupported or missing version (got {got!r})")
         for key, mine in (("layout", self.layout), ("tokenizer_sha256", self.tokenizer_sha256),
                           ("seed", self.seed),
                           ("num_canonical_nodes", self.cfg.num_canonical_nodes),

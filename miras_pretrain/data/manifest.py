@@ -127,7 +127,8 @@ def verify_local_shards(root: str, split: str) -> int:
     try:
         shards = json.loads(index_path.read_text())["shards"]
     except (ValueError, KeyError) as err:
-        raise ValueError(f"{index_path}: corrupted MDS index ({err}); re-run data prepare") from None
+        raise ValueError(f"{index_path}: corrupted MDS index ({err}); re-run data prepare"
+                         ) from None
     for shard in shards:
         info = shard.get("zip_data") or shard["raw_data"]
         path = Path(root, split, info["basename"])

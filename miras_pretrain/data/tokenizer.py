@@ -43,7 +43,8 @@ class Tokenizer:
         try:
             self._sp.Load(str(path))
         except (OSError, RuntimeError) as err:
-            raise ValueError(f"tokenizer model {path} is not a sentencepiece model: {err}") from None
+            raise ValueError(f"tokenizer model {path} is not a sentencepiece model: {err}"
+                             ) from None
         self.sha256 = file_sha256(path)
         self.vocab_size = int(self._sp.GetPieceSize())
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miras_pretrain.parallel import context_parallel
 from miras_pretrain.parallel import layers as tpl
 
 from .config import ModelConfig
@@ -51,9 +52,14 @@ class Attention(nn.Module):
         q = self.q_proj(x)[0].view(shape)
         k = self.k_proj(x)[0].view(shape)
         v = self.v_proj(x)[0].view(shape)
-        pos = doc_positions(cu_seqlens, t, x.device)  # RoPE restarts in every packed document
+        cp = context_parallel.active()  # sequence split over a context-parallel group?
+        # RoPE restarts in every packed document (under CP: positions in the global sequence)
+        pos = doc_positions(cu_seqlens, t, x.device) if cp is None else cp.positions(x.device)
         q = rotary(q, pos, self.cfg.rope_theta)
         k = rotary(k, pos, self.cfg.rope_theta)
+        if cp is not None:
+            o = cp.attention(q, k, v, window=self.window).reshape(b, t, self.n_local * self.head_dim)
+            return self.o_proj(o)[0]
         mask = attention_mask(t, window=self.window, cu_seqlens=cu_seqlens, device=x.device)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, d]
         if mask is None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miras_pretrain.ops import miras_memory
+from miras_pretrain.parallel import context_parallel
 from miras_pretrain.parallel import layers as tpl
 
 from .config import ModelConfig
@@ -143,10 +144,19 @@ class MirasMixer(nn.Module):
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         h, dh = self.n_local, self.head_dim
-        pos = None if cu_seqlens is None else doc_positions(cu_seqlens, t, x.device)
+        cp = context_parallel.active()
+        if cp is None:
+            pos = None if cu_seqlens is None else doc_positions(cu_seqlens, t, x.device)
+            conv = lambda z, w: causal_depthwise_conv(z, w, pos)  # noqa: E731
+            memory = miras_memory
+        else:
+            # the sequence is split over a context-parallel group: the conv needs the previous
+            # rank's last inputs and the memory its state (parallel/context_parallel_memory.py)
+            seq = cp.miras_layer(self.spec, batch=b, heads=h, head_dim=dh, chunk_size=self.cfg.chunk_size)
+            conv, memory = seq.conv, seq.memory
 
         def branch(proj, conv_w):
-            z = causal_depthwise_conv(proj(x)[0], conv_w.to(x.dtype), pos)
+            z = conv(proj(x)[0], conv_w.to(x.dtype))
             return F.silu(z).view(b, t, h, dh)
 
         q = F.normalize(branch(self.q_proj, self.q_conv), dim=-1)
@@ -154,7 +164,7 @@ class MirasMixer(nn.Module):
         v = branch(self.v_proj, self.v_conv)
         g = self.gates(x)
         init = {n: p for n, p in self.mem_init.items()} if len(self.mem_init) else None
-        y, _ = miras_memory(
+        y, _ = memory(
             q, k, v, g.get("alpha"), g["eta"], spec=self.spec, chunk_size=self.cfg.chunk_size,
             delta=g.get("delta"), mu=g.get("mu"), initial_state=init, cu_seqlens=cu_seqlens,
             backend=self.cfg.backend,

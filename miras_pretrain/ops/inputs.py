@@ -228,7 +228,8 @@ def run_documents(inp: MemoryInputs, core: Core) -> tuple[torch.Tensor, State | 
     gates = (inp.alpha, inp.eta, inp.delta, inp.mu)
 
     def call(tsl: slice, rows: slice, n: int):
-        cut = lambda t: None if t is None else t[rows, :, tsl]  # noqa: E731
+        # tsl selects the tokens (dim 2) of every input; rows selects the initial-state rows
+        cut = lambda t: None if t is None else t[:, :, tsl]  # noqa: E731
         return core(
             inp.spec, inp.chunk_size, cut(inp.q), cut(inp.k), cut(inp.v), *(cut(g) for g in gates),
             _full_state(inp, rows, n),

@@ -199,7 +199,13 @@ class MirasSpec:
         """Moneta's normalisation factor ``(||x||_q + eps)^(2-q)`` (``[..., 1, 1]``) so that
         ``materialize(x) = x * lq_scale(x)``. ``vector_norm`` is one fused op and its gradient
         stays finite at x = 0 (``|x|^q`` summed then raised to ``1/q`` would give 0 * inf)."""
-        norm = torch.linalg.vector_norm(x, ord=self.q, dim=(-2, -1), keepdim=True)
+        if self.q == 4.0:
+            # ||x||_4 = sqrt(||x*x||_2): the 2-norm kernel is ~10x faster than a generic-order one
+            # (clamped at the smallest normal number so the gradient at x = 0 stays finite)
+            n2 = torch.linalg.vector_norm(x * x, ord=2, dim=(-2, -1), keepdim=True)
+            norm = n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
+        else:
+            norm = torch.linalg.vector_norm(x, ord=self.q, dim=(-2, -1), keepdim=True)
         return (norm + self.lq_eps).pow(2.0 - self.q)
 
     def free_variable_from_weights(self, w: torch.Tensor) -> torch.Tensor:

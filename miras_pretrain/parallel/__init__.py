@@ -3,6 +3,11 @@ pipeline), a DeepSpeed ``mpu`` adapter, CPU compatibility for megatron, and stat
 conversion between sharded and single-process layouts. Heavy imports stay in the submodules."""
 
 from .state import (
+    context_parallel_global_ranks,
+    context_parallel_group,
+    context_parallel_rank,
+    context_parallel_world_size,
+    data_context_parallel_group,
     data_parallel_group,
     data_parallel_rank,
     data_parallel_world_size,
@@ -22,4 +27,6 @@ __all__ = [
     "tensor_parallel_world_size", "tensor_parallel_rank", "tensor_parallel_group",
     "pipeline_parallel_world_size", "pipeline_parallel_rank", "pipeline_parallel_group",
     "data_parallel_world_size", "data_parallel_rank", "data_parallel_group",
+    "context_parallel_world_size", "context_parallel_rank", "context_parallel_group",
+    "context_parallel_global_ranks", "data_context_parallel_group",
 ]

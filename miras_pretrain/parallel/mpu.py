@@ -62,6 +62,30 @@ class MegatronMPU:
     def get_data_parallel_group_ranks(self) -> list[int]:
         return list(dist.get_process_group_ranks(self.get_data_parallel_group()))
 
+    # context parallel, in DeepSpeed's names for its sequence parallelism: DeepSpeed then reduces
+    # gradients (and partitions ZeRO states) over DP x CP and divides by DP only, i.e. it SUMS
+    # over the CP group -- each CP rank's loss must be its share of the global mean
+    # (``batch["cp_loss_scale"]`` from ``slice_batch_for_cp``). The data-parallel getters above
+    # stay DP only (the data loader's view). DeepSpeed's pipeline engine ignores these names;
+    # see docs/context_parallel.md for CP x PP.
+    def get_sequence_parallel_world_size(self) -> int:
+        return self._ps.get_context_parallel_world_size()
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self._ps.get_context_parallel_rank()
+
+    def get_sequence_parallel_group(self):
+        return self._ps.get_context_parallel_group()
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size(with_context_parallel=True)
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank(with_context_parallel=True)
+
+    def get_sequence_data_parallel_group(self):
+        return self._ps.get_data_parallel_group(with_context_parallel=True)
+
     # pipeline parallel
     def get_pipeline_model_parallel_rank(self) -> int:
         return self._ps.get_pipeline_model_parallel_rank()

@@ -216,10 +216,10 @@ class Trainer:
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        kwargs = {}
-        if batch.get("cu_seqlens") is not None:
-            kwargs["cu_seqlens"] = batch["cu_seqlens"]
-        return self.engine(batch["input_ids"], labels=batch["labels"], **kwargs)
+        ids, labels, cu = data_bridge.model_inputs(batch)
+        if cu is not None:
+            return self.engine(ids, labels=labels, cu_seqlens=cu)
+        return self.engine(ids, labels=labels)
 
     def _pipe_iter(self, n: int, source) -> Iterator:
         for _ in range(n):
@@ -265,7 +265,8 @@ class Trainer:
         n = self.cfg.eval.batches
         self.engine.eval()
         it = iter(self.val_loader)
-        losses = []
+        losses: list[float] = []
+        weights: list[int] = []
 
         def nxt():
             b = next(it)
@@ -277,6 +278,7 @@ class Trainer:
                     try:
                         losses.append(float(self.engine.eval_batch(self._pipe_iter(
                             self.cfg.train.grad_accum_steps, nxt)).item()))
+                        weights.append(1)
                     except StopIteration:
                         break
             else:
@@ -285,13 +287,26 @@ class Trainer:
                         batch = nxt()
                     except StopIteration:
                         break
-                    losses.append(float(self._forward_loss(batch).float().item()))
+                    # weight by real tokens: the loader pads the last eval batch with -100 rows
+                    # (the forward runs even for an all-padding batch: under ZeRO-3 it is a
+                    # collective every rank must join)
+                    count = int((batch["labels"] != -100).sum())
+                    loss = float(self._forward_loss(batch).float().item())
+                    if count:
+                        losses.append(loss * count)
+                        weights.append(count)
         finally:
             self.engine.train()
-        if not losses:
-            raise ValueError("the validation split yielded no batch: make data.val split larger or micro_batch_size smaller")
-        local = sum(losses) / len(losses)
-        return mdist.all_reduce_mean(local, group=self._dp_group()) if not self.pipeline else local
+        if self.pipeline:
+            if not losses:
+                raise ValueError("the validation split yielded no batch: make it larger or train.micro_batch_size smaller")
+            return sum(losses) / len(losses)
+        # token-weighted mean over all data-parallel ranks
+        tot = mdist.all_reduce_mean(sum(losses), group=self._dp_group())
+        cnt = mdist.all_reduce_mean(float(sum(weights)), group=self._dp_group())
+        if cnt == 0:
+            raise ValueError("the validation split yielded no tokens: make it larger or train.micro_batch_size smaller")
+        return tot / cnt
 
     def _memory_stats(self) -> dict[str, float]:
         module = self.engine.module
@@ -431,6 +446,10 @@ def train(cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False) 
         trainer.setup()
         return trainer.run()
     finally:
+        for name in ("train_loader", "val_loader"):
+            loader = getattr(trainer, name, None)
+            if loader is not None and hasattr(loader, "close"):
+                loader.close()  # frees streaming's shared memory and cache files
         layout = getattr(trainer, "layout", None)
         if layout is not None:
             _teardown(layout)

@@ -1,0 +1,59 @@
+"""``miras-pretrain export hf``: a checkpoint (or consolidated state dict) -> HF model directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export a trained model (Hugging Face format)")
+    sub = p.add_subparsers(dest="export_format", metavar="FORMAT")
+    sub.required = True
+    hf = sub.add_parser(
+        "hf", help="write a directory loadable with AutoModelForCausalLM(trust_remote_code=True)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = hf.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="<run>/checkpoints/<step_N|latest> (any ZeRO/TP/PP layout)")
+    src.add_argument("--state-dict", help="a consolidated single-process state dict (.pt or .safetensors); "
+                                          "needs --model-config")
+    hf.add_argument("--model-config", help="model YAML (configs/models/...) for --state-dict")
+    hf.add_argument("--tokenizer", help="sentencepiece .model (default: data.tokenizer of the run config)")
+    hf.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    hf.add_argument("--max-shard-size", default="2GB", help="safetensors shard limit, e.g. 500MB, 2GB")
+    hf.add_argument("--max-positions", type=int, default=8192,
+                    help="advisory context length written to config.json (what harnesses truncate to)")
+    hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    hf.set_defaults(func=run_export_hf)
+
+
+def load_source(args) -> tuple:
+    """(ModelConfig, state dict, tokenizer path or None) from --checkpoint or --state-dict."""
+    from miras_pretrain.model.config import ModelConfig
+
+    from . import checkpoint as ck
+
+    if args.checkpoint:
+        ckpt = ck.resolve_checkpoint_dir(args.checkpoint)
+        cfg = ck.checkpoint_model_config(ckpt)
+        return cfg, ck.consolidated_state_dict(ckpt), ck.run_tokenizer(ckpt)
+    if not args.model_config:
+        raise ValueError("--state-dict needs --model-config (the configs/models/*.yaml it was trained with)")
+    return ModelConfig.from_yaml(args.model_config), ck.load_state_dict_file(args.state_dict), None
+
+
+def run_export_hf(args) -> int:
+    from .hf import export_hf
+
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer} does not exist")
+    cfg, sd, run_tok = load_source(args)
+    tok = args.tokenizer or run_tok
+    if tok is None:
+        raise ValueError("no tokenizer found: pass --tokenizer <sentencepiece .model> "
+                         "(the run config names none, or it has moved)")
+    out = export_hf(cfg, sd, tok, args.out, max_shard_size=args.max_shard_size,
+                    max_position_embeddings=args.max_positions, overwrite=args.overwrite)
+    print(f"exported to {out}")
+    return 0

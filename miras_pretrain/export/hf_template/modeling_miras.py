@@ -1,0 +1,639 @@
+"""Miras language model for inference with Hugging Face transformers (pure PyTorch).
+
+Written next to the weights by ``miras-pretrain export hf``; self-contained (needs torch and
+transformers only). Load with::
+
+    model = AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+
+Numerics follow the training code exactly (same op order, fp32 memory state): a prompt runs
+through the chunk-parallel form of the memory; every later token runs through the same chunk
+math with a chunk of one token.
+
+Recurrent cache (``MirasCache``), per layer:
+
+* Miras layer: the memory's free variables ``X`` (and momentum ``S``) ``[B, H, r, c]`` after the
+  last seen token, the *frozen* weights ``W0 = materialize(X_{t0})`` of the chunk the next token
+  belongs to, the last ``conv_size - 1`` pre-convolution q/k/v projections, and the position.
+* Attention layer: keys/values ``[B, H, L, d]`` (all tokens for full attention, the last
+  ``window - 1`` for sliding-window attention) and the position.
+
+Chunk grid: training takes every inner gradient of a chunk of ``chunk_size`` tokens (counted
+from the sequence start) at the weights frozen at the chunk start. Keeping ``W0`` in the cache
+and re-freezing exactly when ``position % chunk_size == 0`` makes cached decoding, and prefill
+in pieces of any length, compute the same function as one full forward pass. Each new token
+costs O(1) in the prompt length for Miras layers (O(window) for sliding attention).
+
+Padding: the memory reads every token, so only un-padded batches are supported when a cache is
+used; right padding is accepted with ``use_cache=False`` (e.g. scoring). Left padding raises.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_miras import MirasConfig
+
+SMOOTH_ABS_EPS = 1e-6  # |x| ~ sqrt(x^2 + eps) in the l_p and Huber gradients
+MEMORY_LN_EPS = 1e-5  # layer norm inside the MLP memory
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# =============================================================================== memory rule
+class MemorySpec:
+    """The memory rule (memory, bias, retention, learner and their hyper-parameters)."""
+
+    def __init__(self, d: dict) -> None:
+        self.memory = d["memory"]
+        self.bias = d["bias"]
+        self.retention = d["retention"]
+        self.learner = d["learner"]
+        self.p = float(d.get("p", 3.0))
+        self.q = float(d.get("q", 4.0))
+        self.expansion = int(d.get("expansion", 4))
+        self.c = float(d.get("c", 1.0))
+        self.lq_eps = float(d.get("lq_eps", 1e-6))
+
+    @property
+    def needs_alpha(self) -> bool:
+        return self.retention != "none"
+
+    def weight_names(self) -> tuple[str, ...]:
+        return ("W",) if self.memory == "linear" else ("W1", "W2")
+
+    def weight_shapes(self, d: int) -> dict[str, tuple[int, int]]:
+        if self.memory == "linear":
+            return {"W": (d, d)}
+        return {"W1": (d, self.expansion * d), "W2": (self.expansion * d, d)}
+
+    def gate_names(self) -> list[str]:
+        names = ["eta"]
+        if self.needs_alpha:
+            names.insert(0, "alpha")
+        if self.bias == "huber":
+            names.append("delta")
+        if self.learner == "momentum":
+            names.append("mu")
+        return names
+
+    def lq_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """(||x||_q + eps)^(2-q) over the last two dims, [..., 1, 1]."""
+        norm = torch.linalg.vector_norm(x, ord=self.q, dim=(-2, -1), keepdim=True)
+        return (norm + self.lq_eps).pow(2.0 - self.q)
+
+    def materialize(self, x: torch.Tensor) -> torch.Tensor:
+        """Weights from the retention's free variable x [..., r, c]."""
+        if self.retention == "lq":
+            return x if self.q == 2.0 else x * self.lq_scale(x)
+        if self.retention == "kl":
+            return self.c * torch.softmax(x, dim=-1)
+        return x
+
+
+def _gelu_derivative(z: torch.Tensor) -> torch.Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(z * _INV_SQRT2))
+    pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return cdf + z * pdf
+
+
+def _layer_norm(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    centred = o - o.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + MEMORY_LN_EPS)
+    return centred * rstd, rstd
+
+
+def _layer_norm_backward(n: torch.Tensor, rstd: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return rstd * (u - u.mean(dim=-1, keepdim=True) - n * (u * n).mean(dim=-1, keepdim=True))
+
+
+def _output_grad(spec: MemorySpec, pred, v: torch.Tensor, delta) -> torch.Tensor:
+    """dl/dM at the memory output: [..., n, dv]."""
+    if spec.bias == "dot":
+        return -v
+    e = pred - v
+    if spec.bias == "l2":
+        return e
+    if spec.bias == "lp":
+        return spec.p * e * (e * e + SMOOTH_ABS_EPS).pow((spec.p - 2.0) / 2.0)
+    d = delta.unsqueeze(-1)
+    inside = torch.linalg.vector_norm(e, dim=-1, keepdim=True) <= d
+    return torch.where(inside, e, d * e * torch.rsqrt(e * e + SMOOTH_ABS_EPS))
+
+
+def _grad_factors(spec: MemorySpec, w: dict, k: torch.Tensor, v: torch.Tensor, delta) -> dict:
+    """Per-token inner gradients at the frozen weights as outer-product factors (a, b):
+    k, v [B, H, n, d] -> name -> (a [B, H, n, r], b [B, H, n, c])."""
+    if spec.memory == "linear":
+        pred = None if spec.bias == "dot" else k @ w["W"].transpose(-1, -2)
+        return {"W": (_output_grad(spec, pred, v, delta), k)}
+    w1, w2 = w["W1"], w["W2"]
+    z = k @ w2.transpose(-1, -2)
+    h = F.gelu(z)
+    n, rstd = _layer_norm(h @ w1.transpose(-1, -2))
+    pred = None if spec.bias == "dot" else k + n
+    do = _layer_norm_backward(n, rstd, _output_grad(spec, pred, v, delta))
+    dz = (do @ w1) * _gelu_derivative(z)
+    return {"W1": (do, h), "W2": (dz, k)}
+
+
+def _read(spec: MemorySpec, apply, x: torch.Tensor) -> torch.Tensor:
+    """y = M(W_t, x_t) given apply(name, inp) = W_t inp_t. x [B, H, n, d] -> [B, H, n, d]."""
+    if spec.memory == "linear":
+        return apply("W", x)
+    o = apply("W1", F.gelu(apply("W2", x)))
+    return x + F.layer_norm(o, (o.shape[-1],), eps=MEMORY_LN_EPS)
+
+
+def _masked_decay(L: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """exp(L_t - L_i) for i <= t else 0: [B, H, c] -> [B, H, c, c] (masked before exp)."""
+    diff = L.unsqueeze(-1) - L.unsqueeze(-2)
+    return torch.exp(torch.where(mask, diff, float("-inf")))
+
+
+def _memory_chunk(spec: MemorySpec, q, k, v, alpha, eta, delta, mu, X: dict, S: dict, frozen: dict):
+    """One chunk (or the rest of one) of c tokens, all inside one chunk of the training grid.
+
+    q, k, v [B, H, c, d]; gates [B, H, c]; X, S [B, H, r, c] the free variable / momentum after
+    the previous token; ``frozen`` the weights materialised at this chunk's start (every inner
+    gradient is taken there). Returns y [B, H, c, d] and the new X, S.
+    """
+    c = q.shape[2]
+    mask = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    factors = _grad_factors(spec, frozen, k, v, delta)
+    if alpha is None:
+        D, cX = mask.to(eta.dtype), None
+    else:
+        L = torch.log(alpha).cumsum(dim=2)
+        D, cX = _masked_decay(L, mask), torch.exp(L)
+    cS = sG = sX = None
+    if mu is None:
+        G = D * eta[:, :, None, :]
+    else:
+        Mu = torch.log(mu).cumsum(dim=2)
+        E = _masked_decay(Mu, mask)
+        eM = torch.exp(Mu)
+        G = (D @ E) * eta[:, :, None, :]
+        cS = (D @ eM.unsqueeze(-1)).squeeze(-1)
+        sG, sX = E[..., -1, :] * eta, eM[..., -1]
+
+    def affine(x, n):  # W_t x_t for W = X (cX X0 x + cS S0 x - masked decayed sum)
+        a, b = factors[n]
+        out = x @ X[n].transpose(-1, -2)
+        if cX is not None:
+            out = out * cX.unsqueeze(-1)
+        if cS is not None:
+            out = out + cS.unsqueeze(-1) * (x @ S[n].transpose(-1, -2))
+        return out - ((x @ b.transpose(-1, -2)) * G) @ a
+
+    def states(n):  # X_t for every token of the chunk, [B, H, c, r, cols]
+        a, b = factors[n]
+        out = X[n].unsqueeze(2) if cX is None else X[n].unsqueeze(2) * cX[..., None, None]
+        if cS is not None:
+            out = out + S[n].unsqueeze(2) * cS[..., None, None]
+        return out - torch.einsum("bhti,bhir,bhic->bhtrc", G, a, b)
+
+    affine_ret = spec.retention in ("none", "decay") or (spec.retention == "lq" and spec.q == 2.0)
+    if spec.retention == "kl":
+        probs = {n: torch.softmax(states(n), dim=-1) for n in X}
+        y = _read(spec, lambda n, x: spec.c * (probs[n] @ x.unsqueeze(-1)).squeeze(-1), q)
+    elif affine_ret:
+        y = _read(spec, lambda n, x: affine(x, n), q)
+    else:  # lq: W_t x = scale_t * (X_t x)
+        scales = {n: spec.lq_scale(states(n)).squeeze(-1) for n in X}
+        y = _read(spec, lambda n, x: scales[n] * affine(x, n), q)
+
+    newX, newS = {}, {}
+    for n in X:
+        a, b = factors[n]
+        out = X[n] if cX is None else X[n] * cX[:, :, -1, None, None]
+        if cS is not None:
+            out = out + S[n] * cS[:, :, -1, None, None]
+        newX[n] = out - (a * G[:, :, -1, :, None]).transpose(-1, -2) @ b
+        if mu is not None:
+            newS[n] = S[n] * sX[:, :, None, None] - (a * sG.unsqueeze(-1)).transpose(-1, -2) @ b
+    return y, newX, newS
+
+
+def miras_memory_cached(spec: MemorySpec, chunk_size: int, q, k, v, gates: dict, state: dict):
+    """Run the memory over T new tokens continuing ``state`` on the training chunk grid.
+
+    q, k, v [B, H, T, d]; gates name -> [B, H, T]; state: {"X", "S", "frozen": name ->
+    [B, H, r, c], "pos": tokens seen}. Returns y [B, H, T, d] and the new state.
+    """
+    T = q.shape[2]
+    X, S, frozen, pos = state["X"], state["S"], state["frozen"], state["pos"]
+    ys, s = [], 0
+    while s < T:
+        off = pos % chunk_size
+        if off == 0:  # a new chunk of the training grid starts: freeze its weights
+            frozen = {n: spec.materialize(x) for n, x in X.items()}
+        c = min(chunk_size - off, T - s)
+        cut = lambda t: None if t is None else t[:, :, s:s + c]  # noqa: E731
+        y, X, S = _memory_chunk(spec, cut(q), cut(k), cut(v), cut(gates.get("alpha")), cut(gates["eta"]),
+                                cut(gates.get("delta")), cut(gates.get("mu")), X, S, frozen)
+        ys.append(y)
+        s += c
+        pos += c
+    return torch.cat(ys, dim=2), {"X": X, "S": S, "frozen": frozen, "pos": pos}
+
+
+# =============================================================================== layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _rotary(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE: x [B, T, H, d], pos [T] -> [B, T, H, d]."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = pos.float()[:, None] * inv_freq[None, :]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None, :]
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[None, :, None, :]
+    xf = x.float()
+    rot = torch.cat([-xf[..., d // 2:], xf[..., : d // 2]], -1)
+    return (xf * cos + rot * sin).to(x.dtype)
+
+
+def _causal_conv(x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None):
+    """Causal depthwise conv continuing ``tail`` (the previous K-1 inputs, zeros at the start).
+    x [B, T, C], weight [C, K] -> out [B, T, C], new tail [B, K-1, C]."""
+    t, k = x.shape[1], weight.shape[1]
+    if tail is None:
+        tail = x.new_zeros(x.shape[0], k - 1, x.shape[2])
+    full = torch.cat([tail, x], dim=1)
+    out = x * weight[:, k - 1]
+    for shift in range(1, k):
+        out = out + full[:, k - 1 - shift:k - 1 - shift + t] * weight[:, k - 1 - shift]
+    return out, full[:, full.shape[1] - (k - 1):]
+
+
+class MirasMixer(nn.Module):
+    """q/k/v projections + causal conv + SiLU, l2-normalised q/k, per-head gates, the memory,
+    per-head RMSNorm, output gate, output projection. x [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, config: MirasConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = MemorySpec(config.miras_spec)
+        self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        d, inner, K = config.hidden_size, config.num_attention_heads * config.head_dim, config.conv_size
+        self.q_proj = nn.Linear(d, inner, bias=False)
+        self.k_proj = nn.Linear(d, inner, bias=False)
+        self.v_proj = nn.Linear(d, inner, bias=False)
+        self.g_proj = nn.Linear(d, inner, bias=False)
+        self.o_proj = nn.Linear(inner, d, bias=False)
+        self.q_conv = nn.Parameter(torch.zeros(inner, K))
+        self.k_conv = nn.Parameter(torch.zeros(inner, K))
+        self.v_conv = nn.Parameter(torch.zeros(inner, K))
+        self.gate_names = self.spec.gate_names()
+        self.gate_down = nn.Linear(d, config.gate_rank, bias=False)
+        self.gate_up = nn.Linear(config.gate_rank, self.n_heads * len(self.gate_names), bias=True)
+        self.out_norm = nn.Parameter(torch.ones(self.n_heads, self.head_dim))
+        self.mem_init = nn.ParameterDict()
+        if self.spec.memory == "mlp":
+            for name, (r, c) in self.spec.weight_shapes(self.head_dim).items():
+                self.mem_init[name] = nn.Parameter(torch.zeros(self.n_heads, r, c))
+
+    def initial_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+        X = {}
+        for name, (r, c) in self.spec.weight_shapes(self.head_dim).items():
+            if name in self.mem_init:
+                X[name] = self.mem_init[name].to(dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+            else:
+                X[name] = torch.zeros(batch, self.n_heads, r, c, device=device, dtype=dtype)
+        S = {n: torch.zeros_like(x) for n, x in X.items()} if self.spec.learner == "momentum" else {}
+        return {"X": X, "S": S, "frozen": {}, "pos": 0, "conv": {}}
+
+    def gates(self, x: torch.Tensor) -> dict:
+        b, t, _ = x.shape
+        raw = self.gate_up(self.gate_down(x)).float().view(b, t, self.n_heads, -1)
+        out = {}
+        for i, name in enumerate(self.gate_names):
+            z = raw[..., i]
+            if name == "eta":
+                out[name] = torch.sigmoid(z) * self.config.eta_max
+            elif name == "delta":
+                out[name] = F.softplus(z)
+            else:
+                out[name] = torch.sigmoid(z)
+        return out
+
+    def forward(self, x: torch.Tensor, state: dict | None):
+        b, t, _ = x.shape
+        h, dh = self.n_heads, self.head_dim
+        cdt = torch.promote_types(x.dtype, torch.float32)  # the memory state is at least fp32
+        if state is None:
+            state = self.initial_state(b, x.device, cdt)
+        conv_tails = {}
+
+        def branch(name, proj, w):
+            z, conv_tails[name] = _causal_conv(proj(x), w.to(x.dtype), state["conv"].get(name))
+            return F.silu(z).view(b, t, h, dh)
+
+        q = F.normalize(branch("q", self.q_proj, self.q_conv), dim=-1)
+        k = F.normalize(branch("k", self.k_proj, self.k_conv), dim=-1)
+        v = branch("v", self.v_proj, self.v_conv)
+        g = self.gates(x)
+        hm = lambda z: z.to(cdt).transpose(1, 2).contiguous()  # noqa: E731  [B,T,H,..] -> [B,H,T,..]
+        y, mem = miras_memory_cached(
+            self.spec, self.config.chunk_size, hm(q), hm(k), hm(v), {n: hm(z) for n, z in g.items()},
+            {key: state[key] for key in ("X", "S", "frozen", "pos")},
+        )
+        y = y.transpose(1, 2).to(x.dtype)
+        yf = y.float()
+        y = (yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+             * self.out_norm.float()).to(x.dtype)
+        y = y * F.silu(self.g_proj(x)).view(b, t, h, dh)
+        mem["conv"] = conv_tails
+        return self.o_proj(y.reshape(b, t, h * dh)), mem
+
+
+class Attention(nn.Module):
+    """Causal softmax attention with RoPE, full or sliding window; KV cache."""
+
+    def __init__(self, config: MirasConfig, sliding: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.window = config.window if sliding else None
+        self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, state: dict | None):
+        b, t, _ = x.shape
+        shape = (b, t, self.n_heads, self.head_dim)
+        pos0 = 0 if state is None else state["pos"]
+        qpos = torch.arange(pos0, pos0 + t, device=x.device)
+        q = _rotary(self.q_proj(x).view(shape), qpos, self.config.rope_theta).transpose(1, 2)
+        k = _rotary(self.k_proj(x).view(shape), qpos, self.config.rope_theta).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        if state is not None:
+            k = torch.cat([state["k"], k], dim=2)
+            v = torch.cat([state["v"], v], dim=2)
+        kpos = torch.arange(pos0 + t - k.shape[2], pos0 + t, device=x.device)
+        if state is None and self.window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = kpos[None, :] <= qpos[:, None]
+            if self.window is not None:
+                mask &= (qpos[:, None] - kpos[None, :]) < self.window
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.window is not None:  # the next query sees at most window - 1 earlier keys
+            start = max(k.shape[2] - (self.window - 1), 0)
+            k, v = k[:, :, start:], v[:, :, start:]
+        o = o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.o_proj(o), {"k": k, "v": v, "pos": pos0 + t}
+
+
+class MirasBlock(nn.Module):
+    def __init__(self, config: MirasConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.kind = config.layer_kinds()[layer_idx]
+        self.norm1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.kind == "miras":
+            self.mixer = MirasMixer(config)
+        else:
+            self.mixer = Attention(config, sliding=self.kind == "sliding_attention")
+        self.norm2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h: torch.Tensor, state: dict | None):
+        mixed, state = self.mixer(self.norm1(h), state)
+        h = h + mixed
+        return h + self.mlp(self.norm2(h)), state
+
+
+# =============================================================================== cache
+class MirasCache:
+    """Recurrent inference state of every layer (see the module docstring)."""
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers: list[dict | None] = [None] * num_layers
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.seen_tokens
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def _map(self, fn) -> None:
+        def walk(obj):
+            if isinstance(obj, torch.Tensor):
+                return fn(obj)
+            if isinstance(obj, dict):
+                return {key: walk(val) for key, val in obj.items()}
+            return obj
+
+        self.layers = [walk(s) for s in self.layers]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> "MirasCache":
+        """Select batch rows (beam search). Every cached tensor has the batch in dim 0."""
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        return self
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def nbytes(self) -> int:
+        """Total bytes held (to show it stays constant for Miras layers)."""
+        total = [0]
+
+        def add(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        self._map(add)
+        return total[0]
+
+
+# =============================================================================== models
+class MirasPreTrainedModel(PreTrainedModel):
+    config_class = MirasConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MirasBlock"]
+    _is_stateful = True  # own recurrent cache: generate() must not build a DynamicCache
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+
+
+class MirasModel(MirasPreTrainedModel):
+    def __init__(self, config: MirasConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MirasBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, inputs_embeds=None, cache: MirasCache | None = None,
+                output_hidden_states: bool = False):
+        """input_ids [B, T] -> final hidden states [B, T, D] (normed), the updated cache (when one
+        is passed) and optionally every layer's input."""
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden.append(h)
+            h, state = layer(h, None if cache is None else cache.layers[i])
+            if cache is not None:
+                cache.layers[i] = state
+        h = self.norm(h)
+        if output_hidden_states:
+            hidden.append(h)
+        if cache is not None:
+            cache.seen_tokens += h.shape[1]
+        return h, hidden
+
+
+def _check_attention_mask(mask: torch.Tensor | None, caching: bool) -> None:
+    if mask is None or bool(mask.all()):
+        return
+    m = mask.long()
+    right_padded = bool((m[:, 1:] <= m[:, :-1]).all())
+    if not right_padded:
+        raise ValueError(
+            "MirasForCausalLM: left padding (or holes) in attention_mask is not supported: the "
+            "recurrent memory would read the pad tokens; use batch size 1 or right padding"
+        )
+    if caching:
+        raise ValueError(
+            "MirasForCausalLM: a right-padded batch cannot be cached (the cache would include the "
+            "pads); pass use_cache=False to score it, or generate one sequence at a time"
+        )
+
+
+class MirasForCausalLM(MirasPreTrainedModel, GenerationMixin):
+    """Miras LM with an untied output head. ``forward`` returns ``CausalLMOutputWithPast``
+    (logits [B, T, V] in fp32 and, with ``use_cache``, the ``MirasCache``)."""
+
+    def __init__(self, config: MirasConfig) -> None:
+        super().__init__(config)
+        self.model = MirasModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: MirasCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MirasForCausalLM: pass exactly one of input_ids and inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if past_key_values is not None and not isinstance(past_key_values, MirasCache):
+            raise ValueError(
+                f"MirasForCausalLM: past_key_values must be a MirasCache (got {type(past_key_values).__name__})"
+            )
+        caching = bool(use_cache) or past_key_values is not None
+        _check_attention_mask(attention_mask, caching)
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = MirasCache(self.config.num_hidden_layers)
+        h, hidden = self.model(input_ids, inputs_embeds, cache, bool(output_hidden_states))
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h).float()
+        loss = None
+        if labels is not None:  # HF convention: labels aligned with input_ids, shifted here
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        out = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=cache if use_cache else None,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+        )
+        if return_dict is False:
+            return out.to_tuple()
+        return out
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, use_cache=True, **kwargs):
+        """Feed only the tokens the cache has not seen (all of them without a cache)."""
+        if past_key_values is not None:
+            input_ids = input_ids[:, past_key_values.get_seq_length():]
+            inputs_embeds = None
+        model_inputs = {"past_key_values": past_key_values, "use_cache": use_cache,
+                        "attention_mask": attention_mask}
+        if inputs_embeds is not None:
+            model_inputs["inputs_embeds"] = inputs_embeds
+        else:
+            model_inputs["input_ids"] = input_ids
+        if "logits_to_keep" in kwargs:
+            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return model_inputs
+
+    def _reorder_cache(self, past_key_values, beam_idx):
+        return past_key_values.reorder_cache(beam_idx)
+
+
+MirasConfig.register_for_auto_class()
+MirasForCausalLM.register_for_auto_class("AutoModelForCausalLM")

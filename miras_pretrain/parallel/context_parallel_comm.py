@@ -1,0 +1,202 @@
+"""Differentiable CP communication: halo exchange, state passing (send / receive), all-gather.
+
+Every message is ONE flat fp32 buffer (tensors packed in order, cast back on arrival): fewer
+messages, and bf16 inputs round-trip exactly through fp32. Point-to-point messages use global
+ranks on the default group with a tag per exchange (``ContextParallel.next_tag``; backward uses
+``tag + 1``) so several messages between the same pair can be in flight.
+
+Sends are non-blocking (``isend``; the work is kept in ``ContextParallel`` until
+``finish_step``). Receives are posted early (``irecv``) and waited for only where the data is
+needed; the time spent waiting is added to ``stats.wait_s`` (state / state gradient) or
+``stats.comm_s`` (halos, all-gathers).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .context_parallel import ContextParallel
+
+
+def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one flat fp32 buffer."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def unpack(buf: torch.Tensor, like: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """Split a flat buffer into tensors of the given (shape, dtype)."""
+    out, off = [], 0
+    for shape, dtype in like:
+        n = math.prod(shape)
+        out.append(buf[off:off + n].view(shape).to(dtype))
+        off += n
+    if off != buf.numel():
+        raise RuntimeError(f"CP message has {buf.numel()} values, expected {off}: the ranks of a CP group disagree on shapes")
+    return out
+
+
+def _isend(cp: ContextParallel, buf: torch.Tensor, dst: int, tag: int) -> None:
+    cp.add_pending(dist.isend(buf, dst=dst, tag=tag))
+    cp.stats.bytes_sent += buf.numel() * buf.element_size()
+    cp.stats.messages += 1
+
+
+class PostedRecv:
+    """An ``irecv`` of ``numel`` fp32 values from ``src`` posted now, waited for by :meth:`wait`."""
+
+    def __init__(self, cp: ContextParallel, numel: int, src: int, tag: int) -> None:
+        self.cp, self.buf = cp, torch.empty(numel)
+        self.work = dist.irecv(self.buf, src=src, tag=tag)
+
+    def wait(self, counter: str) -> torch.Tensor:
+        t0 = time.perf_counter()
+        self.work.wait()
+        setattr(self.cp.stats, counter, getattr(self.cp.stats, counter) + time.perf_counter() - t0)
+        return self.buf
+
+
+# ----------------------------------------------------------------------------- halo
+class HaloExchange(torch.autograd.Function):
+    """Send ``tensors`` to the next rank and return the previous rank's tensors of shapes
+    ``recv_like`` (zeros where there is no previous rank). Backward returns the gradient of what
+    was received to the previous rank and receives the gradient of what was sent from the next.
+
+    ``send``/``recv`` say whether this rank sends / receives (both sides decide it from the same
+    layout, so they agree)."""
+
+    @staticmethod
+    def forward(ctx, cp, tag, send, recv, recv_like, anchor, *tensors):
+        ctx.cp, ctx.tag, ctx.send, ctx.recv = cp, tag, send, recv
+        ctx.like = [(tuple(t.shape), t.dtype) for t in tensors]
+        ctx.recv_like = list(recv_like)
+        grp = cp.group
+        if send:
+            _isend(cp, pack(tensors), grp.next, tag)
+        if recv:
+            n = sum(math.prod(s) for s, _ in recv_like)
+            buf = PostedRecv(cp, n, grp.prev, tag).wait("comm_s")
+            out = unpack(buf, recv_like)
+        else:
+            out = [torch.zeros(s, dtype=d) for s, d in recv_like]
+        return (*out, torch.zeros(()))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        cp = ctx.cp
+        grp = cp.group
+        grads = grads[:-1]  # the token's gradient is meaningless
+        if ctx.recv:
+            full = [torch.zeros(s, dtype=torch.float32) if g is None else g for g, (s, _) in zip(grads, ctx.recv_like)]
+            _isend(cp, pack(full), grp.prev, ctx.tag + 1)
+        if ctx.send:
+            n = sum(math.prod(s) for s, _ in ctx.like)
+            buf = PostedRecv(cp, n, grp.next, ctx.tag + 1).wait("comm_s")
+            gin = unpack(buf, ctx.like)
+        else:
+            gin = [torch.zeros(s, dtype=d) for s, d in ctx.like]
+        return (None, None, None, None, None, None, *gin)
+
+
+def anchor() -> torch.Tensor:
+    """An empty tensor that requires grad (when grad is enabled): an input that makes autograd
+    call a communication Function's backward even when its other inputs are constants."""
+    return torch.empty(0, requires_grad=torch.is_grad_enabled())
+
+
+def halo_exchange(cp: ContextParallel, tensors: Sequence[torch.Tensor], *, send: bool, recv: bool,
+                  recv_like: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Functional wrapper of :class:`HaloExchange` (one tag per call). Returns the received
+    tensors and a scalar token: the caller MUST ``Attach`` the token to its output, so that this
+    rank's backward also runs when the received tensors are unused (it owes rank r-1 a gradient
+    message and waits for rank r+1's)."""
+    *out, token = HaloExchange.apply(cp, cp.next_tag(), send, recv, list(recv_like), anchor(), *tensors)
+    return out, token
+
+
+# ----------------------------------------------------------------------------- state passing
+class FromPrev(torch.autograd.Function):
+    """The state received from rank r-1 (already waited for) as tensors of the graph; backward
+    sends their gradient back to rank r-1 (non-blocking). ``anchor`` is an empty tensor that
+    requires grad so that autograd calls this backward at all."""
+
+    @staticmethod
+    def forward(ctx, cp, tag, buf, like, anchor):
+        ctx.cp, ctx.tag, ctx.like = cp, tag, like
+        return tuple(unpack(buf, like))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        full = [torch.zeros(s, dtype=torch.float32) if g is None else g for g, (s, _) in zip(grads, ctx.like)]
+        _isend(ctx.cp, pack(full), ctx.cp.group.prev, ctx.tag + 1)
+        return None, None, None, None, None
+
+
+class ToNext(torch.autograd.Function):
+    """Send ``tensors`` to rank r+1 (non-blocking) and return a scalar token to attach to the
+    layer output (``Attach``); backward waits for rank r+1's gradient of those tensors (timed as
+    ``stats.wait_s``) and hands it to the tensors' producers."""
+
+    @staticmethod
+    def forward(ctx, cp, tag, anchor, *tensors):
+        ctx.cp, ctx.tag = cp, tag
+        ctx.like = [(tuple(t.shape), t.dtype) for t in tensors]
+        _isend(cp, pack(tensors), cp.group.next, tag)
+        return torch.zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad_token):
+        cp = ctx.cp
+        n = sum(math.prod(s) for s, _ in ctx.like)
+        buf = PostedRecv(cp, n, cp.group.next, ctx.tag + 1).wait("wait_s")
+        return (None, None, None, *unpack(buf, ctx.like))
+
+
+class Attach(torch.autograd.Function):
+    """``y`` unchanged, with ``token`` made part of the graph: backward passes ``y``'s gradient
+    through and gives ``token`` a zero gradient, so the token's producer's backward runs on every
+    rank (needed for collectives and for the state-gradient exchange)."""
+
+    @staticmethod
+    def forward(ctx, y, token):
+        ctx.like = (tuple(token.shape), token.dtype)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, torch.zeros(ctx.like[0], dtype=ctx.like[1])
+
+
+# ----------------------------------------------------------------------------- all-gather
+class AllGather(torch.autograd.Function):
+    """[n] -> [cp_size, n] over the CP group; backward sums the gradient over the group and keeps
+    this rank's row (an all-reduce: gloo has no reduce-scatter; on NCCL a reduce-scatter would
+    move 1/cp_size of it). Pass ``anchor()``: every rank must run this backward (a collective),
+    also a rank whose own contribution is a constant."""
+
+    @staticmethod
+    def forward(ctx, cp, flat, anchor):
+        ctx.cp = cp
+        grp = cp.group
+        t0 = time.perf_counter()
+        out = [torch.empty_like(flat) for _ in range(grp.size)]
+        dist.all_gather(out, flat.contiguous(), group=grp.group)
+        cp.stats.comm_s += time.perf_counter() - t0
+        cp.stats.bytes_sent += flat.numel() * flat.element_size() * (grp.size - 1)
+        cp.stats.messages += 1
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        cp = ctx.cp
+        t0 = time.perf_counter()
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=cp.group.group)
+        cp.stats.comm_s += time.perf_counter() - t0
+        return None, g[cp.group.rank], None

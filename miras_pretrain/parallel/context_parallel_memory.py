@@ -1,0 +1,264 @@
+"""The Miras mixer under context parallelism: conv halo and the two exact memory schemes.
+
+A rank's slice is cut into document fragments (:meth:`CPSlice.segments`). The first fragment may
+continue a document from rank r-1, the last may continue on rank r+1; everything else is local.
+
+**Chunk grid across a boundary.** The memory's chunk grid restarts at every document start, so
+a packed document crossing a rank boundary generally crosses it *inside* a chunk (the slice
+length is a multiple of the chunk size C, document starts are arbitrary). Every inner gradient of
+a chunk is taken at the chunk-start weights, so the state at the boundary is not what rank r
+needs. Instead the *carry* from rank r-1 is (a) the state at the last chunk-grid point of the
+open document and (b) the inputs (q, k, v, gates) of the ``L = (boundary - doc_start) % C``
+tokens after it. Rank r prepends those L tokens to its first fragment, runs from the state and
+drops their outputs (rank r-1 already produced them exactly: a token's output depends only on
+the chunk-start state and the tokens up to itself). Without packing, L = 0.
+
+**State passing** (every memory): wait for the carry of rank r-1 (``stats.wait_s``), run, send
+the carry to rank r+1 with a non-blocking send, go on to the next layer. Backward mirrors it.
+
+**All-gather** (affine memories, ``spec.is_affine``): the update over an aligned stretch is
+``Z_end = Z_0 @ A + B`` per row of the state, with ``Z = [W | S_W]`` (``S_W`` only with
+momentum, so ``A`` is ``[dk, dk]`` or ``[2dk, 2dk]`` per head). Each rank computes ``B`` by
+running its last fragment from a zero state and ``A`` by running it with ``v = 0`` from the
+identity state (for dot and l2 the update is then exactly ``Z_0 @ A``: it is derived from the
+op itself, backend included, and autograd flows through it), one all-gather collects every
+rank's (A, B), each rank folds the prefix in fp32 and re-runs its slice from the true incoming
+state. Cost: about 3 runs of the memory op per rank (zero-state, probe, final) but no rank waits
+for another; a document starting on rank j makes ``A_j = 0`` (the fold restarts there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from miras_pretrain.ops import miras_memory
+
+from .context_parallel import ActiveCP, Segment
+from .context_parallel_comm import AllGather, Attach, FromPrev, PostedRecv, ToNext, anchor, halo_exchange
+
+TOKEN_INPUTS = ("q", "k", "v", "alpha", "eta", "delta", "mu")
+Tok = dict[str, torch.Tensor]
+State = dict[str, torch.Tensor]
+
+
+def _cut(tok: Tok, lo: int, hi: int) -> Tok:
+    return {n: t[:, lo:hi] for n, t in tok.items()}
+
+
+def _cat(a: Tok | None, b: Tok) -> Tok:
+    return b if not a else {n: torch.cat([a[n], b[n]], dim=1) for n in b}
+
+
+def _length(tok: Tok) -> int:
+    return tok["q"].shape[1]
+
+
+class MirasLayerCP:
+    """CP helper of one Miras mixer forward (see module docstring). Created by
+    ``ActiveCP.miras_layer``; posts the receive of rank r-1's state right away so the transfer
+    overlaps this rank's projections and convolutions."""
+
+    def __init__(self, active: ActiveCP, spec, *, batch: int, heads: int, head_dim: int, chunk_size: int) -> None:
+        self.cp, self.layout, self.spec = active.runtime, active.layout, spec
+        self.batch, self.heads, self.dk = batch, heads, head_dim
+        self.chunk = chunk_size
+        self.scheme = self.cp.scheme_for(spec)
+        self.segs: list[Segment] = self.layout.segments()
+        first, last = self.segs[0], self.segs[-1]
+        C = chunk_size
+        self.l_in = (self.layout.start - first.doc_start) % C if first.continues_in else 0
+        self.l_out = (self.layout.end - last.doc_start) % C if last.continues_out else 0
+        self.shapes = spec.weight_shapes(head_dim, head_dim)
+        self.keys = spec.state_keys()
+        self.names = [n for n in TOKEN_INPUTS if n in ("q", "k", "v", "eta")
+                      or (n == "alpha" and spec.needs_alpha) or (n == "delta" and spec.needs_delta)
+                      or (n == "mu" and spec.needs_mu)]
+        self.state_tag = self.cp.next_tag()
+        self.posted: PostedRecv | None = None
+        if self.scheme == "state_passing" and first.continues_in:
+            n_state = sum(batch * heads * r * c for r, c in (self.shapes[k.removeprefix("S_")] for k in self.keys))
+            per_tok = batch * heads * (3 * head_dim + len(self.names) - 3)
+            self.posted = PostedRecv(self.cp, n_state + self.l_in * per_tok, self.cp.group.prev, self.state_tag)
+
+    # ------------------------------------------------------------------ conv with halo
+    def conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise conv across the rank boundary. x [B, T_local, C], weight [C, K] ->
+        [B, T_local, C]; the previous rank's last K-1 inputs arrive by a halo exchange and are
+        masked by the document positions (nothing crosses a document start)."""
+        from miras_pretrain.model.miras_mixer import causal_depthwise_conv
+
+        pos = self.layout.positions(x.device)
+        h = weight.shape[1] - 1
+        if h == 0:
+            return causal_depthwise_conv(x, weight, pos)
+        if h > x.shape[1]:
+            raise ValueError(f"conv halo of {h} tokens is longer than the {x.shape[1]} tokens per CP rank: lower the CP size")
+        grp = self.cp.group
+        (halo,), token = halo_exchange(
+            self.cp, [x[:, -h:]], send=grp.next is not None, recv=grp.prev is not None,
+            recv_like=[((x.shape[0], h, x.shape[2]), x.dtype)],
+        )
+        ext = torch.cat([halo, x], dim=1)
+        pos_ext = torch.cat([pos.new_zeros(h), pos])  # halo rows' own outputs are dropped
+        return Attach.apply(causal_depthwise_conv(ext, weight, pos_ext)[:, h:], token)
+
+    # ------------------------------------------------------------------ memory
+    def memory(
+        self, q, k, v, alpha, eta, *, spec, chunk_size: int = 64, delta=None, mu=None,
+        initial_state: Mapping[str, torch.Tensor] | None = None, output_final_state: bool = False,
+        cu_seqlens: torch.Tensor | None = None, backend: str = "auto",
+    ) -> tuple[torch.Tensor, None]:
+        """``miras_memory`` over the global sequence for this rank's tokens (same arguments; the
+        documents come from the CP layout, ``cu_seqlens`` must be its local offsets). Returns
+        (y [B, T_local, H, dv], None)."""
+        if spec != self.spec or chunk_size != self.chunk:
+            raise ValueError("MirasLayerCP.memory: spec/chunk_size differ from the ones the layer was created with")
+        if output_final_state:
+            raise ValueError("output_final_state=True is not supported under context parallelism")
+        want = self.layout.local_cu_seqlens()
+        if (want is None) != (cu_seqlens is None) or (want is not None and not torch.equal(want.cpu().long(), cu_seqlens.cpu().long())):
+            raise ValueError(
+                "cu_seqlens passed to the model do not match the CP layout: pass the 'cu_seqlens' returned by "
+                "slice_batch_for_cp together with its 'cp_slice'"
+            )
+        given = dict(q=q, k=k, v=v, alpha=alpha, eta=eta, delta=delta, mu=mu)
+        tok = {n: given[n] for n in self.names}
+        self.backend, self.init = backend, initial_state
+        self.cp.stats.tokens += q.shape[0] * q.shape[1]
+        if self.scheme == "state_passing":
+            return self._state_passing(tok), None
+        return self._all_gather(tok), None
+
+    # ------------------------------------------------------------------ pieces
+    def _op(self, tok: Tok, init: Mapping[str, torch.Tensor] | None, want_state: bool):
+        return miras_memory(
+            tok["q"], tok["k"], tok["v"], tok.get("alpha"), tok["eta"], spec=self.spec, chunk_size=self.chunk,
+            delta=tok.get("delta"), mu=tok.get("mu"), initial_state=init, output_final_state=want_state,
+            backend=self.backend,
+        )
+
+    def _full_state(self, init: Mapping[str, torch.Tensor] | None, rows: int) -> State:
+        """A complete state dict [rows, H, r, c] (fp32): ``init`` broadcast, zeros where absent."""
+        out = {}
+        for key in self.keys:
+            r, c = self.shapes[key.removeprefix("S_")]
+            t = None if init is None else init.get(key)
+            if t is None:
+                out[key] = torch.zeros(rows, self.heads, r, c)
+            else:
+                out[key] = (t.unsqueeze(0) if t.dim() == 3 else t).float().expand(rows, self.heads, r, c)
+        return out
+
+    def _tail_like(self, tok: Tok, length: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return [((t.shape[0], length, *t.shape[2:]), t.dtype) for t in tok.values()]
+
+    def _run_local(self, tok: Tok, state_in: State | None, tail_in: Tok | None, split_out: bool):
+        """Run every fragment; returns y [B, T_local, H, dv] and, with ``split_out``, the carry
+        (state at the last grid point of the open document, the inputs of the tokens after it)."""
+        ys, carry = [], None
+        for seg in self.segs:
+            part, drop, init = _cut(tok, seg.start, seg.end), 0, self.init
+            if seg.continues_in:
+                if tail_in:
+                    part, drop = _cat(tail_in, part), self.l_in
+                init = state_in
+            if split_out and seg.continues_out:
+                n = _length(part)
+                n_al = n // self.chunk * self.chunk
+                y_parts = []
+                if n_al:
+                    y1, state = self._op(_cut(part, 0, n_al), init, True)
+                    y_parts.append(y1)
+                else:
+                    state = self._full_state(init, part["q"].shape[0])
+                tail = _cut(part, n_al, n)
+                if n > n_al:
+                    y_parts.append(self._op(tail, state, False)[0])
+                y = torch.cat(y_parts, dim=1)
+                carry = (state, tail if n > n_al else None)
+            else:
+                y = self._op(part, init, False)[0]
+            ys.append(y[:, drop:])
+        return torch.cat(ys, dim=1), carry
+
+    def _state_passing(self, tok: Tok) -> torch.Tensor:
+        first, last = self.segs[0], self.segs[-1]
+        state_in = tail_in = None
+        if first.continues_in:
+            buf = self.posted.wait("wait_s")
+            state_like = [((self.batch, self.heads, *self.shapes[k.removeprefix("S_")]), torch.float32) for k in self.keys]
+            like = state_like + (self._tail_like(tok, self.l_in) if self.l_in else [])
+            got = FromPrev.apply(self.cp, self.state_tag, buf, like, anchor())
+            state_in = dict(zip(self.keys, got[: len(self.keys)]))
+            tail_in = dict(zip(tok, got[len(self.keys):])) if self.l_in else None
+        y, carry = self._run_local(tok, state_in, tail_in, split_out=last.continues_out)
+        if last.continues_out:
+            state, tail = carry
+            sent = [state[key].float().expand(self.batch, *state[key].shape[1:]) for key in self.keys]
+            sent += list(tail.values()) if tail else []
+            y = Attach.apply(y, ToNext.apply(self.cp, self.state_tag, anchor(), *sent))
+        return y
+
+    # ------------------------------------------------------------------ all-gather scheme
+    def _cat_state(self, st: State) -> torch.Tensor:
+        """State dict -> Z = [W | S_W] ([rows, H, dv, m]) in fp32."""
+        return torch.cat([st[key].float() for key in self.keys], dim=-1)
+
+    def _transition(self, part: Tok) -> torch.Tensor:
+        """A [B, H, m, m] with ``Z_end = Z_0 @ A + B`` over ``part`` (aligned to the chunk grid):
+        the op run with v = 0 from the identity state (one probe row per state column)."""
+        b, _, h, dk = part["k"].shape
+        m = dk * len(self.keys)
+        eye = torch.eye(m).expand(b, h, m, m)
+        init = {key: eye[..., i * dk:(i + 1) * dk] for i, key in enumerate(self.keys)}
+        probe = dict(part)
+        probe["v"] = part["v"].new_zeros(b, part["v"].shape[1], h, m)
+        _, st = self._op(probe, init, True)
+        return self._cat_state(st)
+
+    def _all_gather(self, tok: Tok) -> torch.Tensor:
+        first, last = self.segs[0], self.segs[-1]
+        grp, T = self.cp.group, _length(tok)
+        # 1. the open document's tail tokens go to rank r+1 (all ranks at once, no chain)
+        sent_tail = [t[:, T - self.l_out:] for t in tok.values()] if self.l_out else []
+        got, tail_token = halo_exchange(
+            self.cp, sent_tail, send=bool(self.l_out), recv=bool(self.l_in),
+            recv_like=self._tail_like(tok, self.l_in) if self.l_in else [],
+        )
+        tail_in = dict(zip(tok, got)) if self.l_in else None
+        # 2. this rank's affine map over the aligned part of its last fragment
+        b, h, dk = tok["k"].shape[0], self.heads, self.dk
+        m = dk * len(self.keys)
+        dv = tok["v"].shape[-1]
+        A = torch.zeros(b, h, m, m)
+        Bz = torch.zeros(b, h, dv, m)
+        if last.continues_out:
+            frag = _cut(tok, last.start, last.end)
+            if last.continues_in and tail_in:
+                frag = _cat(tail_in, frag)
+            n_al = _length(frag) // self.chunk * self.chunk
+            aligned = _cut(frag, 0, n_al)
+            if last.continues_in:  # the map from the incoming state
+                if n_al:
+                    A = self._transition(aligned)
+                    Bz = self._cat_state(self._op(aligned, None, True)[1])
+                else:
+                    A = torch.eye(m).expand(b, h, m, m)
+            else:  # the document starts here: a constant (A = 0)
+                Bz = self._cat_state(self._op(aligned, self.init, True)[1] if n_al else self._full_state(self.init, b))
+        # 3. one all-gather of every rank's (A, B); fold the prefix in fp32
+        sizes = (A.numel(), Bz.numel())
+        gathered = AllGather.apply(self.cp, torch.cat([A.reshape(-1), Bz.reshape(-1)]), anchor())
+        state_in = None
+        if first.continues_in:
+            z = torch.zeros(b, h, dv, m)
+            for j in range(grp.rank):
+                a_j = gathered[j, : sizes[0]].view(b, h, m, m)
+                b_j = gathered[j, sizes[0]:].view(b, h, dv, m)
+                z = z @ a_j + b_j
+            state_in = {key: z[..., i * dk:(i + 1) * dk] for i, key in enumerate(self.keys)}
+        # 4. the slice from the true incoming state
+        y, _ = self._run_local(tok, state_in, tail_in, split_out=False)
+        return Attach.apply(Attach.apply(y, gathered), tail_token)

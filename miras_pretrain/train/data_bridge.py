@@ -1,0 +1,53 @@
+"""The trainer's view of the data package (issue 6): config, loaders, batch shape.
+
+``train.micro_batch_size`` is the batch size the loaders use (``data.micro_batch_size`` is the
+data package's default for standalone use and is ignored by the trainer); the data-parallel
+rank and size come from the parallel layout, not the global rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from miras_pretrain.train.config import RunConfig, resolve_data_config
+
+
+def resolve(cfg: RunConfig):
+    """The validated ``DataConfig`` of the run."""
+    return resolve_data_config(cfg)
+
+
+def seq_len_of(data_cfg) -> int:
+    return int(data_cfg.seq_len)
+
+
+def build_train_loader(data_cfg, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+    """Infinite shuffled loader with ``state_dict()``/``load_state_dict()`` (exact resume).
+    The shuffle seed is ``data.shuffle_seed`` (``seed`` = run.seed is not used for data order,
+    so changing the init seed keeps the sample order)."""
+    from miras_pretrain.data import build_train_loader as _build
+
+    return _build(data_cfg, dp_rank=dp_rank, dp_world_size=dp_size, micro_batch_size=micro_batch_size)
+
+
+def build_val_loader(data_cfg, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+    """One unshuffled pass over the held-out split per ``iter()``."""
+    from miras_pretrain.data import build_eval_loader as _build
+
+    return _build(data_cfg, dp_rank=dp_rank, dp_world_size=dp_size, micro_batch_size=micro_batch_size)
+
+
+def model_inputs(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """``(input_ids, labels, cu_seqlens)`` in the model's convention.
+
+    The loader's ``documents`` layout yields ``[B, T]`` rows plus ``cu_seqlens`` over the
+    flattened ``B*T`` tokens; the model takes packed documents as one ``[1, B*T]`` row.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    cu = batch.get("cu_seqlens")
+    if cu is not None:
+        ids = ids.reshape(1, -1)
+        labels = labels.reshape(1, -1)
+    return ids, labels, cu

@@ -1,0 +1,170 @@
+"""``miras-pretrain demo``: the whole pipeline on one CPU machine in a few minutes.
+
+1. prepare the embedded corpus (the Python stdlib's own source, no download) and train a
+   sentencepiece tokenizer on it (data package: ``prepare_embedded_corpus``);
+2. size the run to the time budget: time a few forward/backward passes of the tiny Moneta at the
+   demo's batch shape and derive ``train.max_steps`` (so the cosine schedule fits the budget);
+3. train with the regular trainer (DeepSpeed ZeRO-1, one process, fp32 on CPU), evaluating the
+   held-out split at the start, periodically and at the end;
+4. print first vs last validation loss/perplexity and where the checkpoint, the offline W&B run
+   and the loss-curve PNG are.
+
+The training config is ``configs/demo_moneta_tiny.yaml``; ``--set`` overrides any of its keys.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from miras_pretrain.train.config import RunConfig, load_config
+
+DEMO_CONFIG = "demo_moneta_tiny.yaml"
+# corpus cap: enough text that the demo never repeats an epoch, small enough to prepare fast
+DEFAULT_CORPUS_MB = 4.0
+
+
+def _configs_dir() -> Path:
+    here = Path(__file__).resolve().parents[2] / "configs"
+    if (here / DEMO_CONFIG).is_file():
+        return here
+    cwd = Path.cwd() / "configs"
+    if (cwd / DEMO_CONFIG).is_file():
+        return cwd
+    raise FileNotFoundError(
+        f"configs/{DEMO_CONFIG} not found next to the package or in the current directory: "
+        "run the demo from the repository root"
+    )
+
+
+def _time_step(cfg: RunConfig, repeats: int = 3) -> float:
+    """Seconds per optimizer step of the configured model at the configured batch shape
+    (forward + backward + AdamW on random tokens; the median of ``repeats`` after a warm-up)."""
+    import dataclasses
+
+    import torch
+
+    from miras_pretrain.model import build_model
+    from miras_pretrain.train.config import resolve_model_config
+    from miras_pretrain.train.data_bridge import resolve
+
+    mcfg = resolve_model_config(cfg)
+    if cfg.train.activation_checkpointing:
+        mcfg = dataclasses.replace(mcfg, activation_checkpointing=True)
+    dcfg = resolve(cfg)
+    B, T = cfg.train.micro_batch_size * cfg.train.grad_accum_steps, dcfg.seq_len
+    torch.manual_seed(0)
+    model = build_model(mcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, mcfg.vocab_size, (B, T))
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        loss = model(x, labels=x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    del model, opt
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def _banner(msg: str) -> None:
+    print(f"\n=== {msg}", flush=True)
+
+
+def run_demo(out: str = "runs/demo", minutes: float = 5.0, steps: Optional[int] = None,
+             corpus_mb: Optional[float] = None, overrides: Optional[list[str]] = None) -> int:
+    """Run the demo; returns the process exit code (0 when validation loss fell)."""
+    if minutes <= 0:
+        raise ValueError(f"--minutes {minutes} must be > 0")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps} must be >= 1")
+    t_start = time.perf_counter()
+    out_dir = Path(out)
+    corpus_dir = out_dir / "corpus"
+    # validate the config (and the user's --set keys) before spending time on data
+    base_overrides = [f"run.out_dir={out_dir}"]
+    cfg = load_config(_configs_dir() / DEMO_CONFIG, base_overrides + list(overrides or []))
+
+    from miras_pretrain.data import prepare_embedded_corpus
+    from miras_pretrain.train.config import resolve_model_config
+
+    mcfg = resolve_model_config(cfg)
+    seq_len = int(cfg.data.get("seq_len", 256))
+    _banner(f"1/4 corpus + tokenizer -> {corpus_dir}  (Python stdlib source, vocab {mcfg.vocab_size})")
+    t0 = time.perf_counter()
+    mb = DEFAULT_CORPUS_MB if corpus_mb is None else corpus_mb
+    prepared = prepare_embedded_corpus(
+        str(corpus_dir), vocab_size=mcfg.vocab_size, seq_len=seq_len,
+        layout=cfg.data.get("layout", "documents"), max_bytes=int(mb * 1e6),
+    )
+    splits = prepared.manifest.splits
+    print(f"    {'reused' if prepared.reused else 'prepared'} in {time.perf_counter() - t0:.1f}s: "
+          f"train {splits['train'].num_tokens:,} tokens, val {splits['val'].num_tokens:,} tokens; "
+          f"tokenizer {prepared.tokenizer_path}", flush=True)
+    cfg = load_config(
+        _configs_dir() / DEMO_CONFIG,
+        base_overrides
+        + [f"data.streams=[{prepared.root}]", f"data.tokenizer={prepared.tokenizer_path}"]
+        + list(overrides or []),
+    )
+
+    _banner("2/4 sizing the run")
+    if steps is None:
+        step_s = _time_step(cfg)
+        evals_s = 0.0
+        budget = minutes * 60.0
+        # eval passes cost ~1/3 of a training step per batch (forward only); reserve for them
+        n_steps = max(10, int(budget / step_s))
+        n_evals = 2 + (n_steps // cfg.eval.interval if cfg.eval.interval else 0)
+        evals_s = n_evals * cfg.eval.batches * step_s / 3 / max(1, cfg.train.grad_accum_steps)
+        n_steps = max(10, int((budget - evals_s) / step_s))
+        print(f"    {step_s:.2f}s per step measured -> {n_steps} steps for a {minutes:g}-minute budget", flush=True)
+    else:
+        n_steps = steps
+        print(f"    {n_steps} steps (--steps)", flush=True)
+    sized = [f"train.max_steps={n_steps}",
+             f"train.warmup_steps={min(cfg.train.warmup_steps, max(1, n_steps // 10))}"]
+    if cfg.eval.interval > n_steps:
+        sized.append(f"eval.interval={max(1, n_steps // 2)}")
+    if cfg.checkpoint.interval > n_steps:
+        sized.append(f"checkpoint.interval={n_steps}")
+    cfg = load_config(
+        _configs_dir() / DEMO_CONFIG,
+        base_overrides
+        + [f"data.streams=[{prepared.root}]", f"data.tokenizer={prepared.tokenizer_path}"]
+        + sized + list(overrides or []),
+    )
+
+    _banner(f"3/4 training a tiny Moneta ({n_steps} steps, DeepSpeed ZeRO-{cfg.train.zero_stage}, CPU)")
+    from miras_pretrain.model import count_parameters
+    from miras_pretrain.train.trainer import train
+
+    print(f"    model: {count_parameters(resolve_model_config(cfg)):,} parameters; "
+          f"batch {cfg.train.micro_batch_size} x {seq_len} tokens", flush=True)
+    t0 = time.perf_counter()
+    result = train(cfg, resume=None)
+    train_s = time.perf_counter() - t0
+
+    _banner("4/4 results")
+    if result.exit_code != 0 or not result.val_history:
+        print(f"    training stopped early (exit code {result.exit_code}): {result.message}", flush=True)
+        return result.exit_code or 1
+    (s0, v0), (s1, v1) = result.val_history[0], result.val_history[-1]
+    png = out_dir / "loss_curve.png"
+    print(f"    validation loss: step {s0}: {v0:.4f} (ppl {math.exp(v0):.1f})  ->  "
+          f"step {s1}: {v1:.4f} (ppl {math.exp(v1):.1f})", flush=True)
+    print(f"    checkpoint:   {result.checkpoint}", flush=True)
+    print(f"    W&B (offline): {result.wandb_dir}   (upload later: wandb sync {result.wandb_dir})", flush=True)
+    print(f"    loss curve:   {png}", flush=True)
+    print(f"    metrics:      {out_dir / 'metrics.jsonl'}", flush=True)
+    print(f"    time: training {train_s / 60:.1f} min, total {(time.perf_counter() - t_start) / 60:.1f} min",
+          flush=True)
+    if not v1 < v0:
+        print("    validation loss did not fall: something is wrong", flush=True)
+        return 1
+    return 0

@@ -1,0 +1,411 @@
+"""Triton linear-memory Miras kernels in the interpreter vs an independent token-loop reference.
+
+Everything runs on CPU: tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported.
+The reference below is a plain float64 token loop of the project's chunk semantics (gradient of
+every token of a chunk at the chunk-start weights), written here independently of
+miras_pretrain.ops; gradients come from autograd through it.
+
+Tolerances (relative Frobenius error vs the float64 reference, all outputs and gradients):
+* fp32 inputs: 1e-4 (dot/l2/lp), 2e-3 for huber (its l1-branch derivative delta*eps*s^-1.5 is
+  ill-conditioned near e = 0, so fp32 rounding is amplified);
+* bf16 inputs: 3e-2 (the reference takes the same bf16-rounded inputs in float64; the error
+  is y and the q/k/v gradients being rounded to bf16 plus fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import kernels
+from kernels.miras_linear import chunk_miras_linear, fused_recurrent_miras_linear
+from miras_pretrain.ops import MirasSpec, miras_memory
+
+pytestmark = pytest.mark.triton
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOL_FP32 = 1e-4
+TOL_HUBER_FP32 = 2e-3
+TOL_BF16 = 3e-2
+NAMES = ("q", "k", "v", "alpha", "eta", "delta", "mu", "W0", "S0")
+
+
+# ----------------------------------------------------------------------------- reference
+def _materialize(spec: MirasSpec, x: torch.Tensor) -> torch.Tensor:
+    if spec.retention == "lq":
+        norm = x.abs().pow(spec.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / spec.q)
+        return x / (norm + spec.lq_eps).pow(spec.q - 2.0)
+    if spec.retention == "kl":
+        return spec.c * torch.softmax(x, dim=-1)
+    return x
+
+
+def _bias_grad(spec: MirasSpec, e, v, delta):
+    if spec.bias == "dot":
+        return -v
+    if spec.bias == "l2":
+        return e
+    if spec.bias == "lp":
+        return spec.p * e * (e * e + 1e-6) ** ((spec.p - 2) / 2)
+    n = e.norm(dim=-1, keepdim=True)
+    return torch.where(n <= delta[..., None], e, delta[..., None] * e * (e * e + 1e-6) ** -0.5)
+
+
+def reference(spec, C, q, k, v, alpha, eta, delta=None, mu=None, W0=None, S0=None, cu_seqlens=None):
+    """Token loop: per sequence (document), W frozen at each chunk start. Returns y [B,T,H,dv],
+    final X and S [N,H,dv,dk]."""
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    if cu_seqlens is None:
+        seqs = [(b, 0, T) for b in range(B)]
+    else:
+        seqs = [(0, int(cu_seqlens[i]), int(cu_seqlens[i + 1])) for i in range(len(cu_seqlens) - 1)]
+    ys = {}
+    Xs, Ss = [], []
+    for n, (b, start, end) in enumerate(seqs):
+        X = W0[n] if W0 is not None else q.new_zeros(H, dv, dk)
+        S = S0[n] if S0 is not None else q.new_zeros(H, dv, dk)
+        Wc = None
+        for t in range(start, end):
+            if (t - start) % C == 0:
+                Wc = _materialize(spec, X)
+            e = torch.einsum("hvk,hk->hv", Wc, k[b, t]) - v[b, t]
+            u = _bias_grad(spec, e, v[b, t], None if delta is None else delta[b, t])
+            g = eta[b, t][:, None, None] * u[:, :, None] * k[b, t][:, None, :]
+            a = alpha[b, t][:, None, None] if spec.retention != "none" else 1.0
+            if spec.learner == "momentum":
+                S = mu[b, t][:, None, None] * S - g
+                X = a * X + S
+            else:
+                X = a * X - g
+            ys[(b, t)] = torch.einsum("hvk,hk->hv", _materialize(spec, X), q[b, t])
+        Xs.append(X)
+        Ss.append(S)
+    y = torch.stack([torch.stack([ys[(b, t)] for t in range(T)]) for b in range(B)])
+    return y, torch.stack(Xs), torch.stack(Ss)
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_inputs(B, T, H, dk, dv, n_state=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_state = B if n_state is None else n_state
+    return dict(
+        q=torch.randn(B, T, H, dk, generator=g),
+        k=torch.nn.functional.normalize(torch.randn(B, T, H, dk, generator=g), dim=-1),
+        v=torch.randn(B, T, H, dv, generator=g),
+        alpha=0.6 + 0.4 * torch.rand(B, T, H, generator=g),
+        eta=0.5 * torch.rand(B, T, H, generator=g),
+        delta=0.3 + 1.5 * torch.rand(B, T, H, generator=g),  # both huber branches are taken
+        mu=0.9 * torch.rand(B, T, H, generator=g),
+        W0=0.3 * torch.randn(n_state, H, dv, dk, generator=g),
+        S0=0.3 * torch.randn(n_state, H, dv, dk, generator=g),
+    )
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def used_names(spec: MirasSpec) -> list[str]:
+    names = ["q", "k", "v", "eta", "W0"]
+    if spec.retention != "none":
+        names.append("alpha")
+    if spec.bias == "huber":
+        names.append("delta")
+    if spec.learner == "momentum":
+        names += ["mu", "S0"]
+    return names
+
+
+def run_kernel(fn, spec, C, x, dtype, cu_seqlens=None, grad=True):
+    leaves = {n: x[n].to(dtype if n in ("q", "k", "v") else torch.float32).clone().requires_grad_(grad)
+              for n in used_names(spec)}
+    init = {"W": leaves["W0"]}
+    if spec.learner == "momentum":
+        init["S_W"] = leaves["S0"]
+    y, state = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("alpha"), leaves["eta"], spec=spec,
+                  chunk_size=C, delta=leaves.get("delta"), mu=leaves.get("mu"), initial_state=init,
+                  output_final_state=True, cu_seqlens=cu_seqlens)
+    return leaves, y, state
+
+
+def run_reference(spec, C, x, dtype, cu_seqlens=None):
+    leaves = {n: x[n].to(dtype if n in ("q", "k", "v") else torch.float32).double().clone().requires_grad_()
+              for n in used_names(spec)}
+    y, X, S = reference(spec, C, leaves["q"], leaves["k"], leaves["v"], leaves.get("alpha"), leaves["eta"],
+                        leaves.get("delta"), leaves.get("mu"), leaves["W0"], leaves.get("S0"), cu_seqlens)
+    return leaves, y, X, S
+
+
+def check_against_reference(spec, C, x, dtype, tol, cu_seqlens=None):
+    leaves, y, state = run_kernel(chunk_miras_linear, spec, C, x, dtype, cu_seqlens)
+    rleaves, yr, Xr, Sr = run_reference(spec, C, x, dtype, cu_seqlens)
+    assert y.dtype == dtype and y.shape == yr.shape
+    errs = {"y": rel(y, yr), "W_T": rel(state["W"], Xr)}
+    g = torch.Generator().manual_seed(1)
+    gy = torch.randn(yr.shape, generator=g, dtype=torch.float64)
+    gw = torch.randn(Xr.shape, generator=g, dtype=torch.float64)
+    gs = torch.randn(Xr.shape, generator=g, dtype=torch.float64)
+    loss = (y.double() * gy).sum() + (state["W"].double() * gw).sum()
+    rloss = (yr * gy).sum() + (Xr * gw).sum()
+    if spec.learner == "momentum":
+        errs["S_T"] = rel(state["S_W"], Sr)
+        loss = loss + (state["S_W"].double() * gs).sum()
+        rloss = rloss + (Sr * gs).sum()
+    names = list(leaves)
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+    rgrads = torch.autograd.grad(rloss, [rleaves[n] for n in names])
+    for n, a, b in zip(names, grads, rgrads):
+        assert a.dtype == leaves[n].dtype and a.shape == leaves[n].shape
+        errs["d" + n] = rel(a, b)
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"{spec} C={C} {dtype}: relative errors over {tol}: {bad} (all: {errs})"
+    return errs
+
+
+# ----------------------------------------------------------------------------- chunk kernel
+# (bias, retention, learner, C, dk, dv, T): every bias x learner, both retentions, every chunk
+# size, dk != dv, T not a multiple of C.
+CASES = [
+    ("dot", "none", "gd", 16, 16, 32, 37),
+    ("dot", "decay", "gd", 32, 32, 16, 45),
+    ("l2", "none", "gd", 16, 32, 32, 35),
+    ("l2", "decay", "gd", 64, 16, 16, 75),
+    ("lp", "decay", "gd", 16, 16, 32, 33),
+    ("huber", "decay", "gd", 16, 32, 16, 37),
+    ("dot", "decay", "momentum", 16, 16, 16, 39),
+    ("l2", "none", "momentum", 32, 16, 32, 41),
+    ("l2", "decay", "momentum", 16, 32, 16, 33),
+    ("lp", "decay", "momentum", 64, 16, 16, 70),
+    ("huber", "none", "momentum", 16, 16, 32, 34),
+]
+
+
+@pytest.mark.parametrize("bias,retention,learner,C,dk,dv,T", CASES)
+def test_chunk_fp32_matches_token_loop(bias, retention, learner, C, dk, dv, T):
+    spec = MirasSpec(memory="linear", bias=bias, retention=retention, learner=learner)
+    x = make_inputs(2, T, 2, dk, dv)
+    check_against_reference(spec, C, x, torch.float32, TOL_HUBER_FP32 if bias == "huber" else TOL_FP32)
+
+
+@pytest.mark.parametrize("bias,learner", [("l2", "gd"), ("lp", "momentum"), ("huber", "gd")])
+def test_chunk_bf16_matches_token_loop(bias, learner):
+    spec = MirasSpec(memory="linear", bias=bias, retention="decay", learner=learner)
+    check_against_reference(spec, 16, make_inputs(2, 29, 2, 32, 16), torch.bfloat16, TOL_BF16)
+
+
+def test_chunk_fp16_forward():
+    spec = MirasSpec.preset("gated_delta")
+    x = make_inputs(1, 21, 2, 16, 16)
+    _, y, state = run_kernel(chunk_miras_linear, spec, 16, x, torch.float16, grad=False)
+    _, yr, Xr, _ = run_reference(spec, 16, x, torch.float16)
+    assert y.dtype == torch.float16 and rel(y, yr) < TOL_BF16 and rel(state["W"], Xr) < TOL_BF16
+
+
+@pytest.mark.parametrize("learner,bias", [("gd", "l2"), ("momentum", "huber")])
+def test_chunk_varlen_matches_token_loop(learner, bias):
+    """Packed documents (lengths 5, 23, 1, 14: shorter than, not a multiple of, and equal to one
+    token) restart the chunking and the state at each start; per-document states in and out."""
+    cu = torch.tensor([0, 5, 28, 29, 43], dtype=torch.int32)
+    spec = MirasSpec(memory="linear", bias=bias, retention="decay", learner=learner)
+    x = make_inputs(1, 43, 2, 16, 16, n_state=4)
+    errs = check_against_reference(spec, 16, x, torch.float32,
+                                   TOL_HUBER_FP32 if bias == "huber" else TOL_FP32, cu_seqlens=cu)
+    assert set(errs) >= {"y", "W_T", "dq", "dW0"}
+
+
+def test_chunk_broadcast_initial_state_and_no_final_state():
+    """An [H, dv, dk] initial state is shared by the batch (its gradient sums over it)."""
+    spec = MirasSpec.preset("gla")
+    x = make_inputs(2, 20, 2, 16, 16)
+    W0 = x["W0"][0].clone().requires_grad_()
+    q = x["q"].clone().requires_grad_()
+    y, state = chunk_miras_linear(q, x["k"], x["v"], x["alpha"], x["eta"], spec=spec, chunk_size=16,
+                                  initial_state={"W": W0})
+    assert state is None
+    (y * y).sum().backward()
+    W0r = x["W0"][0].double().clone().requires_grad_()
+    yr, _, _ = reference(spec, 16, x["q"].double(), x["k"].double(), x["v"].double(), x["alpha"].double(),
+                         x["eta"].double(), W0=W0r.expand(2, -1, -1, -1))
+    (yr * yr).sum().backward()
+    assert rel(y, yr) < TOL_FP32 and rel(W0.grad, W0r.grad) < TOL_FP32
+
+
+@pytest.mark.parametrize("preset,learner", [("gated_delta", "gd"), ("gla", "momentum")])
+def test_chunk_matches_ops_chunked_backend(preset, learner):
+    """Same numbers as the PyTorch chunked backend of miras_memory (forward, state, gradients)."""
+    spec = MirasSpec.preset(preset, learner=learner, bias="lp")
+    x = make_inputs(2, 40, 2, 16, 16)
+    leaves, y, state = run_kernel(chunk_miras_linear, spec, 16, x, torch.float32)
+    rl = {n: t.detach().double().clone().requires_grad_() for n, t in leaves.items()}
+    init = {"W": rl["W0"]}
+    if learner == "momentum":
+        init["S_W"] = rl["S0"]
+    yr, sr = miras_memory(rl["q"], rl["k"], rl["v"], rl.get("alpha"), rl["eta"], spec=spec, chunk_size=16,
+                          mu=rl.get("mu"), initial_state=init, output_final_state=True, backend="chunked")
+    assert rel(y, yr) < TOL_FP32 and rel(state["W"], sr["W"]) < TOL_FP32
+    gy = torch.randn(yr.shape, dtype=torch.float64)
+    names = list(leaves)
+    ga = torch.autograd.grad((y.double() * gy).sum() + state["W"].double().sum(), [leaves[n] for n in names])
+    gb = torch.autograd.grad((yr * gy).sum() + sr["W"].sum(), [rl[n] for n in names])
+    for n, a, b in zip(names, ga, gb):
+        assert rel(a, b) < TOL_FP32, n
+
+
+# ----------------------------------------------------------------------------- recurrent kernel
+@pytest.mark.parametrize("retention", ["none", "decay", "lq", "kl"])
+@pytest.mark.parametrize("learner", ["gd", "momentum"])
+def test_recurrent_matches_token_loop(retention, learner):
+    bias = {"none": "l2", "decay": "huber", "lq": "lp", "kl": "dot"}[retention]
+    spec = MirasSpec(memory="linear", bias=bias, retention=retention, learner=learner)
+    x = make_inputs(2, 11, 2, 16, 32)
+    if retention == "kl":
+        x["v"] = x["v"].abs()
+    for C in (1, 4):
+        with torch.no_grad():
+            _, y, state = run_kernel(fused_recurrent_miras_linear, spec, C, x, torch.float32, grad=False)
+        _, yr, Xr, Sr = run_reference(spec, C, x, torch.float32)
+        tol = TOL_HUBER_FP32 if bias == "huber" else TOL_FP32
+        assert rel(y, yr) < tol and rel(state["W"], Xr) < tol, (C, rel(y, yr), rel(state["W"], Xr))
+        if learner == "momentum":
+            assert rel(state["S_W"], Sr) < tol
+
+
+def test_recurrent_varlen_and_decode_steps_match_one_call():
+    """Decoding one token per call with the carried state equals one call over the sequence."""
+    spec = MirasSpec.preset("gated_delta")
+    x = make_inputs(1, 9, 2, 32, 32, n_state=2)
+    cu = torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        _, y_all, st_all = run_kernel(fused_recurrent_miras_linear, spec, 1, x, torch.float32, cu_seqlens=cu, grad=False)
+        _, yr, Xr, _ = run_reference(spec, 1, x, torch.float32, cu_seqlens=cu)
+        assert rel(y_all, yr) < TOL_FP32 and rel(st_all["W"], Xr) < TOL_FP32
+        state = {"W": x["W0"][:1]}
+        ys = []
+        for t in range(4):
+            y, state = fused_recurrent_miras_linear(
+                x["q"][:, t:t + 1], x["k"][:, t:t + 1], x["v"][:, t:t + 1], x["alpha"][:, t:t + 1],
+                x["eta"][:, t:t + 1], spec=spec, initial_state=state, output_final_state=True)
+            ys.append(y)
+    assert rel(torch.cat(ys, 1), y_all[:, :4]) < TOL_FP32 and rel(state["W"], st_all["W"][:1]) < TOL_FP32
+
+
+def test_recurrent_refuses_autograd():
+    spec = MirasSpec.preset("deltanet")
+    x = make_inputs(1, 3, 1, 16, 16)
+    with pytest.raises(ValueError, match="forward-only"):
+        fused_recurrent_miras_linear(x["q"].requires_grad_(), x["k"], x["v"], None, x["eta"], spec=spec)
+
+
+# ----------------------------------------------------------------------------- dispatch & inputs
+def test_supports_names_the_reason():
+    q = torch.zeros(1, 4, 1, 32)
+    assert kernels.supports(MirasSpec.preset("gated_delta"), q, chunk_size=16) == (True, "")
+    titans = MirasSpec.preset("titans")
+    from kernels.miras_mlp import supports as mlp_supports  # memory='mlp' is that family's call
+
+    assert kernels.supports(titans, q, chunk_size=16) == mlp_supports(titans, q, chunk_size=16)
+    for spec, kw, word in [
+        (MirasSpec(memory="linear", retention="lq"), {}, "lq"),
+        (MirasSpec(memory="linear", retention="kl"), {}, "kl"),
+        (MirasSpec.preset("deltanet"), dict(chunk_size=8), "chunk_size"),
+    ]:
+        ok, reason = kernels.supports(spec, q, **{"chunk_size": 16, **kw})
+        assert not ok and word in reason
+    ok, reason = kernels.supports(MirasSpec.preset("deltanet"), q.double(), chunk_size=16)
+    assert not ok and "float64" in reason
+    ok, reason = kernels.supports(MirasSpec.preset("deltanet"), torch.zeros(1, 4, 1, 256), chunk_size=16)
+    assert not ok and "128" in reason
+    assert kernels.supports(MirasSpec(memory="linear", retention="kl"), q, kernel="recurrent")[0]
+
+
+def test_bad_inputs_raise_one_clear_error():
+    spec = MirasSpec.preset("gated_delta")
+    x = make_inputs(2, 8, 1, 16, 16)
+    with pytest.raises(ValueError, match="B == 1"):
+        chunk_miras_linear(x["q"], x["k"], x["v"], x["alpha"], x["eta"], spec=spec, chunk_size=16,
+                           cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="alpha"):
+        chunk_miras_linear(x["q"], x["k"], x["v"], None, x["eta"], spec=spec, chunk_size=16)
+    with pytest.raises(ValueError, match="S_W"):
+        chunk_miras_linear(x["q"], x["k"], x["v"], x["alpha"], x["eta"], spec=MirasSpec.preset("gla", learner="momentum"),
+                           chunk_size=16, mu=x["mu"], initial_state={"W": x["W0"]})
+    with pytest.raises(ValueError, match="retention"):
+        chunk_miras_linear(x["q"], x["k"], x["v"], x["alpha"], x["eta"], spec=MirasSpec(memory="linear", retention="kl"),
+                           chunk_size=16)
+
+
+# ----------------------------------------------------------------------------- structural checks
+# this family's sources (kernels/miras_mlp is another family with its own checks)
+KERNEL_SOURCES = sorted([*(ROOT / "kernels" / "common").rglob("*.py"), *(ROOT / "kernels" / "miras_linear").rglob("*.py")])
+
+
+def test_every_dot_goes_through_the_fp32_helper():
+    """tl.dot appears only inside common/tiles.py:dot32, and dot32 upcasts both operands."""
+    calls = []
+    for path in KERNEL_SOURCES:
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef):
+                for node in ast.walk(fn):
+                    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                            and node.func.attr == "dot" and getattr(node.func.value, "id", "") == "tl"):
+                        calls.append((path.name, fn.name, node))
+    assert [(p, f) for p, f, _ in calls] == [("tiles.py", "dot32")]
+    for arg in calls[0][2].args:
+        assert isinstance(arg, ast.Call) and arg.func.attr == "to" and ast.unparse(arg.args[0]) == "tl.float32"
+
+
+def test_compiled_ttir_dots_are_fp32_and_at_least_16():
+    """Compile the smallest chunk backward (bf16 inputs) for sm_90 and inspect every tt.dot."""
+    code = (
+        "import sys; sys.path.insert(0, 'tools'); import kernel_report as kr\n"
+        "from kernels.configs import KernelConfig\n"
+        "r = kr.compile_one((KernelConfig('chunk_bwd_grads', 16, 16, 16, 2, 1), 'mom-huber', 90))\n"
+        "print(r['dots'], repr(r['error']))\n"
+        "assert kr.check_ttir_dots('%d = tt.dot %a, %b, %c : tensor<16x8xbf16> * tensor<8x16xbf16> -> tensor<16x16xf32>')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    dots, error = out.stdout.split(maxsplit=1)
+    assert int(dots) >= 10 and "tt.dot" not in error
+
+
+# ----------------------------------------------------------------------------- tools
+@pytest.mark.slow
+def test_kernel_report_compiles_every_shipped_config(tmp_path):
+    from kernels.configs import SHIPPED
+
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "tools/kernel_report.py", "--jobs", "2", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    n_variants = {"chunk_fwd": 2, "chunk_bwd_dstate": 2, "chunk_bwd_grads": 2, "recurrent_fwd": 3}
+    assert len(rows) == sum(2 * n_variants[c.kernel] for c in SHIPPED)
+    for r in rows:
+        assert r["error"] == "" and r["spill_bytes"] == 0 and 0 < r["registers"] <= 255
+        assert r["arch"] in ("sm_80", "sm_90") and r["config"] in proc.stdout
+    print(f"kernel_report: {len(rows)} compiles in {time.time() - t0:.0f} s")
+
+
+def test_bench_quick_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "tools/bench_kernels.py", "--quick", "--out", str(out)], cwd=ROOT,
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["device"] == "cpu" and data["rows"]
+    for r in data["rows"]:
+        assert r["triton_ms"] > 0 and r["chunked_ms"] > 0 and r["max_rel_err"] < 1e-3
+    assert "different semantics" in proc.stdout

@@ -1,0 +1,187 @@
+"""Ahead-of-time compile report for the shipped Triton kernel configurations (no GPU needed).
+
+For every config in ``kernels.configs.SHIPPED`` and every compile variant of its kernel, compile
+for sm_80 (A100) and sm_90 (H100) with ``triton.compile(ASTSource(...), target=GPUTarget(...))``,
+run the bundled ``ptxas -v`` on the PTX for registers and spill bytes, read shared memory from
+``metadata.shared``, and check every ``tt.dot`` in the TTIR (fp32 operands, all dims >= 16).
+Prints a table (and writes JSON with ``--out``); exits 1 on any compile error, spill, shared
+memory over the limit (A100 164 KiB, H100 227 KiB) or dot violation.
+
+    python tools/kernel_report.py [--arch 80 90] [--kernel chunk_bwd_grads] [--jobs 2] [--out report.json]
+
+Must not run under TRITON_INTERPRET=1 (the interpreter replaces compilation): the script clears
+it and re-executes itself when it is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+SHARED_LIMIT = {80: 164 * 1024, 90: 227 * 1024}
+# Compile variants per kernel: the common training case and the heaviest one (most live tiles).
+VARIANTS = {
+    "chunk_fwd": {"gd-l2": dict(BIAS=1, MOMENTUM=False), "mom-huber": dict(BIAS=3, MOMENTUM=True)},
+    "chunk_bwd_dstate": {"gd-l2": dict(BIAS=1, MOMENTUM=False), "mom-huber": dict(BIAS=3, MOMENTUM=True)},
+    "chunk_bwd_grads": {"gd-l2": dict(BIAS=1, MOMENTUM=False), "mom-huber": dict(BIAS=3, MOMENTUM=True)},
+    "recurrent_fwd": {"decay-l2": dict(BIAS=1, MOMENTUM=False, RET=0),
+                      "mom-huber-lq": dict(BIAS=3, MOMENTUM=True, RET=1),
+                      "mom-huber-kl": dict(BIAS=3, MOMENTUM=True, RET=2)},
+}
+_DOT_RE = re.compile(r"tt\.dot\s[^\n]*?:\s*tensor<([0-9x]+)x(\w+)>\s*\*\s*tensor<([0-9x]+)x(\w+)>")
+
+
+def _kernel_fn(kernel: str):
+    if kernel == "chunk_fwd":
+        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_fwd_kernel as fn
+    elif kernel == "chunk_bwd_dstate":
+        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_dstate_kernel as fn
+    elif kernel == "chunk_bwd_grads":
+        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_grads_kernel as fn
+    else:
+        from kernels.miras_linear.fused_recurrent import miras_linear_recurrent_fwd_kernel as fn
+    return fn
+
+
+def _signature(fn, constexprs: dict) -> dict:
+    """Argument types as a bf16 training launch passes them."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("T", "H", "CS", "NTOK"):
+            sig[name] = "i32"
+        elif name in ("p", "qexp", "lq_eps", "c"):
+            sig[name] = "fp32"
+        elif name in ("q", "k", "v", "y", "dy"):
+            sig[name] = "*bf16"
+        elif name in ("cu_seqlens", "chunk_offsets", "chunk_indices"):
+            sig[name] = "*i32"
+        else:
+            sig[name] = "*fp32"
+    return sig
+
+
+def _constexprs(kernel: str, cfg, variant: dict) -> dict:
+    c = dict(K=cfg.BK, V=cfg.BV, BK=cfg.BK, BV=cfg.BV, EPS=1e-6, HAS_ALPHA=True, IS_VARLEN=True, USE_H0=True)
+    c.update(variant)
+    if kernel == "chunk_fwd":
+        c.update(BT=cfg.BT, STORE_FINAL=True, SAVE_STATES=True)
+    elif kernel == "chunk_bwd_dstate":
+        c.update(BT=cfg.BT, USE_DHT=True)
+        c.pop("USE_H0")
+    elif kernel == "chunk_bwd_grads":
+        c.update(BT=cfg.BT)
+        c.pop("USE_H0")
+    return c
+
+
+def check_ttir_dots(ttir: str) -> list[str]:
+    """Problems with the ``tt.dot`` ops of a TTIR module: non-fp32 operands or a dim < 16."""
+    problems = []
+    for m in _DOT_RE.finditer(ttir):
+        a_shape, a_ty, b_shape, b_ty = m.groups()
+        dims = [int(x) for x in a_shape.split("x")] + [int(x) for x in b_shape.split("x")]
+        if a_ty != "f32" or b_ty != "f32":
+            problems.append(f"tt.dot operands {a_ty} x {b_ty} (must be f32)")
+        if min(dims) < 16:
+            problems.append(f"tt.dot dims {a_shape} x {b_shape} (must be >= 16)")
+    return problems
+
+
+def compile_one(job: tuple) -> dict:
+    """Compile one (config, variant, arch); returns a result row."""
+    cfg, vname, arch = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    row = dict(kernel=cfg.kernel, config=cfg.label(), variant=vname, arch=f"sm_{arch}",
+               registers=None, spill_bytes=None, shared_bytes=None, dots=0, error="")
+    t0 = time.time()
+    try:
+        fn = _kernel_fn(cfg.kernel)
+        consts = _constexprs(cfg.kernel, cfg, VARIANTS[cfg.kernel][vname])
+        src = ASTSource(fn=fn, signature=_signature(fn, consts), constexprs=consts)
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        row["shared_bytes"] = int(ck.metadata.shared)
+        ttir = ck.asm["ttir"]
+        row["dots"] = len(_DOT_RE.findall(ttir))
+        problems = check_ttir_dots(ttir)
+        if ttir.count("tt.dot") != row["dots"]:
+            problems.append("unparsed tt.dot in TTIR")
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ck.asm["ptx"])
+            gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+            out = subprocess.run([ptxas, "-v", "--gpu-name", gpu, path, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True, check=True).stderr
+        regs = re.search(r"Used (\d+) registers", out)
+        spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
+        row["registers"] = int(regs.group(1)) if regs else None
+        row["spill_bytes"] = max(spills) if spills else 0
+        if row["spill_bytes"]:
+            problems.append(f"spills {row['spill_bytes']} bytes")
+        if row["shared_bytes"] > SHARED_LIMIT[arch]:
+            problems.append(f"shared memory {row['shared_bytes']} > {SHARED_LIMIT[arch]}")
+        row["error"] = "; ".join(problems)
+    except Exception as err:  # a compile error is a finding, reported in the table
+        row["error"] = f"compile error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
+    ap.add_argument("--kernel", nargs="+", default=None, help="only these kernels (chunk_fwd, chunk_bwd_dstate, chunk_bwd_grads, recurrent_fwd)")
+    ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+
+    if os.environ.get("TRITON_INTERPRET"):
+        # the interpreter would replace compilation: re-run in a clean environment
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])],
+                              env=env).returncode
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from kernels.configs import SHIPPED
+
+    cfgs = [c for c in SHIPPED if args.kernel is None or c.kernel in args.kernel]
+    jobs = [(c, v, a) for c in cfgs for v in VARIANTS[c.kernel] for a in args.arch]
+    t0 = time.time()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as ex:
+            rows = list(ex.map(compile_one, jobs))
+    else:
+        rows = [compile_one(j) for j in jobs]
+    head = f"{'kernel':<14} {'config':<30} {'variant':<13} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        status = r["error"] or "ok"
+        print(f"{r['kernel']:<14} {r['config']:<30} {r['variant']:<13} {r['arch']:<6} "
+              f"{r['registers'] if r['registers'] is not None else '-':>5} "
+              f"{r['spill_bytes'] if r['spill_bytes'] is not None else '-':>6} "
+              f"{r['shared_bytes'] if r['shared_bytes'] is not None else '-':>7}  {status}")
+    bad = [r for r in rows if r["error"]]
+    print(f"{len(rows)} compiles, {len(bad)} failing, {time.time() - t0:.0f} s")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
