@@ -9,7 +9,7 @@ those PIDs (SIGTERM, then SIGKILL), in a ``finally`` and from ``atexit``, never 
 The config follows ../shared/platform-notes.md: proctrack/linuxproc and task/none (no cgroups
 here), select/cons_tres, a ``%n``-templated spool/pid/log per slurmd and a job completion log
 (jobcomp/filetxt) so a test can see how a job ended without slurmdbd. A TaskProlog gives each
-emulated node its own TMPDIR, as real nodes have their own /tmp.
+emulated node its own TMPDIR and a mount namespace its own /dev/shm, as real nodes have.
 """
 
 from __future__ import annotations
@@ -267,7 +267,13 @@ def start_cluster() -> SlurmCluster:
         cluster.procs.append(ctld)
         _wait_for(lambda: cluster.run("scontrol", "ping", check=False).returncode == 0, 30, "slurmctld", ctld)
         for node in ("n1", "n2"):
-            d = subprocess.Popen(["slurmd", "-D", "-N", node, "-f", str(conf)], env=env,
+            # Real nodes have their own /dev/shm, where mosaicml-streaming keeps per-node state
+            # keyed by a small integer prefix: give each emulated node a private one (a mount
+            # namespace with its own tmpfs, inherited by every job process slurmd starts).
+            # unshare and sh exec, so the PID we hold is slurmd's.
+            d = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                  'mount -t tmpfs -o size=4g,mode=1777 tmpfs /dev/shm && exec "$@"',
+                                  "node-shm", "slurmd", "-D", "-N", node, "-f", str(conf)], env=env,
                                  stdout=subprocess.DEVNULL, stderr=_errfile(root, f"slurmd-{node}"))
             cluster.procs.append(d)
 

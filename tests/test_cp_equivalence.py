@@ -11,8 +11,14 @@ each other), dense [B=2] input and packed documents crossing rank boundaries off
 with a hybrid (sliding-window + full attention) model for the packed case.
 
 Tolerance: fp32, ``rtol = atol = 1e-5`` (torch.testing.assert_close semantics). State passing
-reproduces the CP = 1 arithmetic up to concatenation; the all-gather scheme re-associates the
-state recurrence (prefix fold of per-rank affine maps), which stays far below 1e-5 here.
+reproduces the CP = 1 arithmetic up to the shapes of the projections' matmuls; the all-gather
+scheme re-associates the state recurrence (prefix fold of per-rank affine maps), which stays far
+below 1e-5 here. Yaad runs in float64 with ``1e-10 * max(1, max|ref|)``: its smoothed Huber
+gradient has curvature 1/sqrt(1e-6) = 1e3 near e = 0 and a discontinuous l2/l1 switch, so the
+CP = 1 run ITSELF changes its fp32 gradients by ~1e2 (at a gradient scale of ~1e4) when the input
+is perturbed by 1e-7 relative -- no fp32 comparison of two summation orders is meaningful there,
+while float64 shows the CP run is exact. ``eta_max = 0.1`` keeps the other presets well
+conditioned (with 1.0, Memora's fp32 gradients move by 1e-1 under the same 1e-7 perturbation).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from miras_pretrain.parallel.context_parallel_launch import spawn
 pytestmark = [pytest.mark.distributed]
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+TOL64 = 1e-10  # relative to max(1, max|ref|), float64 cases
+ETA_MAX = 0.1
+DTYPES = {"yaad": torch.float64}  # everything else float32
 V, D, T_DENSE, T_PACKED = 64, 16, 32, 48
 PACKED_CU = [0, 13, 37, 38, 40, 48]  # crosses 12/24/36 (CP=4) and 24 (CP=2) off the chunk grid
 CASES = [
@@ -40,7 +49,7 @@ def _cfg(preset: str, pattern: str = "M", n_layers: int = 2):
 
     return ModelConfig(vocab_size=V, d_model=D, n_layers=n_layers, n_heads=2, ffn_hidden=32,
                        layer_pattern=pattern, miras={"preset": preset}, chunk_size=4, gate_rank=4,
-                       window=5, backend="chunked")
+                       window=5, backend="chunked", eta_max=ETA_MAX)
 
 
 def _batch(packed: bool) -> dict:
@@ -58,8 +67,13 @@ def _batch(packed: bool) -> dict:
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, what: str, errors: list[str]) -> None:
+    if ref.dtype == torch.float64:
+        tol = TOL64 * max(1.0, float(ref.abs().max()))
+        tol_kw = dict(rtol=TOL64, atol=tol)
+    else:
+        tol_kw = TOL
     try:
-        torch.testing.assert_close(got, ref, **TOL)
+        torch.testing.assert_close(got, ref, **tol_kw)
     except AssertionError as err:
         errors.append(f"{what}: {str(err).splitlines()[-2:]}")
 
@@ -150,10 +164,12 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     kept: dict = {}
     for size, grp in groups.items():
         for preset, scheme in CASES:
+            torch.set_default_dtype(DTYPES.get(preset, torch.float32))
             for packed in (False, True):
                 tag = f"CP={size} {preset}/{scheme} {'packed' if packed else 'dense'}"
                 kept[(size, preset, scheme, packed, "layer")] = _layer_case(preset, scheme, grp, packed, errors, tag)
                 kept[(size, preset, scheme, packed, "model")] = _model_case(preset, scheme, grp, packed, errors, tag)
+    torch.set_default_dtype(torch.float32)
     torch.save({"errors": errors, "kept": kept}, Path(workdir) / f"cp_{rank}.pt")
 
 

@@ -358,8 +358,10 @@ JOB = textwrap.dedent("""
     ld = build_train_loader(cfg)
     it = iter(ld)
     ids = [int(x) for _ in range(3) for x in next(it)["input_ids"][:, 0]]
-    print(json.dumps({"prefix": ld._cache.prefix, "dir": str(ld._cache.dir), "ids": ids}),
-          flush=True)
+    pre = f"{ld._cache.prefix:06}_"
+    shm = {n: os.stat("/dev/shm/" + n).st_ino for n in os.listdir("/dev/shm") if n.startswith(pre)}
+    print(json.dumps({"prefix": ld._cache.prefix, "dir": str(ld._cache.dir), "ids": ids,
+                      "shm": shm}), flush=True)
     # both jobs hold their loaders at the same time before either goes away
     Path(sync, mode).touch()
     deadline = time.time() + 200
@@ -373,8 +375,23 @@ JOB = textwrap.dedent("""
 """)
 
 
-def _shm(prefix: int) -> list[str]:
-    return sorted(p for p in os.listdir("/dev/shm") if p.startswith(f"{prefix:06}_"))
+def _shm_alive(segments: dict[str, int]) -> list[str]:
+    """Which of these (name -> inode) segments still exist (same inode: /dev/shm is shared with
+    other jobs on this machine, which may reuse a freed name)."""
+    alive = []
+    for name, ino in segments.items():
+        try:
+            if os.stat(f"/dev/shm/{name}").st_ino == ino:
+                alive.append(name)
+        except OSError:
+            pass
+    return alive
+
+
+def _own_shm(prefix: int) -> dict[str, int]:
+    pre = f"{prefix:06}_"
+    return {n: os.stat(f"/dev/shm/{n}").st_ino for n in os.listdir("/dev/shm")
+            if n.startswith(pre)}
 
 
 def test_cleanup_after_close_kill9_and_two_jobs(tmp_path):
@@ -401,15 +418,19 @@ def test_cleanup_after_close_kill9_and_two_jobs(tmp_path):
     info = {m: json.loads(o[0].strip().splitlines()[-1]) for m, o in outs.items()}
     assert info["close"]["ids"] == info["kill"]["ids"], "same data, same order, no collision"
     assert info["close"]["prefix"] != info["kill"]["prefix"]
-    assert not Path(info["close"]["dir"]).exists() and not _shm(info["close"]["prefix"])
+    assert info["close"]["shm"] and info["kill"]["shm"]
+    assert not Path(info["close"]["dir"]).exists() and not _shm_alive(info["close"]["shm"])
     killed = info["kill"]["prefix"]
-    assert Path(info["kill"]["dir"]).exists() and _shm(killed)  # leaked by kill -9
+    assert Path(info["kill"]["dir"]).exists()
+    assert sorted(_shm_alive(info["kill"]["shm"])) == sorted(info["kill"]["shm"])  # leaked
     assert list(tmpdir.glob(f"{killed:06}_*_filelock"))
     # the next loader on this cache root removes the dead job's leftovers
     cfg = cfg_for(root, "packed", 8, cache)
     with build_train_loader(cfg) as ld:
         next(iter(ld))
         mine = ld._cache
-        assert not Path(info["kill"]["dir"]).exists() and not _shm(killed)
+        own = _own_shm(mine.prefix)
+        assert own
+        assert not Path(info["kill"]["dir"]).exists() and not _shm_alive(info["kill"]["shm"])
         assert not list(tmpdir.glob(f"{killed:06}_*_filelock"))
-    assert not mine.dir.exists() and not _shm(mine.prefix)
+    assert not mine.dir.exists() and not _shm_alive(own)

@@ -141,11 +141,43 @@ def compile_one(job: tuple) -> dict:
     return row
 
 
+def compile_mlp_one(job: tuple) -> dict:
+    """One ``kernels.miras_mlp.aot`` entry (the MLP-memory family's shipped list) as a report row."""
+    idx, arch = job
+    from kernels.miras_mlp import aot
+
+    entry = aot.aot_specs()[idx]
+    name = entry[3]
+    row = dict(kernel=name.split("[")[0], config=name, variant="-", arch=f"sm_{arch}", registers=None,
+               spill_bytes=None, shared_bytes=None, dots=0, error="")
+    t0 = time.time()
+    try:
+        r = aot.compile_entry(entry, arch)
+        row.update(registers=r["registers"], spill_bytes=r["spill_bytes"], shared_bytes=r["shared_bytes"])
+        problems = [f"spills {r['spill_bytes']} bytes"] if r["spill_bytes"] else []
+        if r["shared_bytes"] > SHARED_LIMIT[arch]:
+            problems.append(f"shared memory {r['shared_bytes']} > {SHARED_LIMIT[arch]}")
+        row["error"] = "; ".join(problems)
+    except Exception as err:
+        row["error"] = f"compile error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def _run(fn, jobs, n_procs):
+    if n_procs > 1:
+        with ProcessPoolExecutor(n_procs) as ex:
+            return list(ex.map(fn, jobs))
+    return [fn(j) for j in jobs]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
     ap.add_argument("--kernel", nargs="+", default=None, help="only these kernels (chunk_fwd, chunk_bwd_dstate, chunk_bwd_grads, recurrent_fwd)")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
+    ap.add_argument("--family", choices=["linear", "mlp", "all"], default="linear",
+                    help="linear: kernels.configs.SHIPPED (this report's default); mlp: kernels.miras_mlp.aot")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
 
@@ -157,20 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from kernels.configs import SHIPPED
 
-    cfgs = [c for c in SHIPPED if args.kernel is None or c.kernel in args.kernel]
-    jobs = [(c, v, a) for c in cfgs for v in VARIANTS[c.kernel] for a in args.arch]
     t0 = time.time()
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as ex:
-            rows = list(ex.map(compile_one, jobs))
-    else:
-        rows = [compile_one(j) for j in jobs]
-    head = f"{'kernel':<14} {'config':<30} {'variant':<13} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
+    rows = []
+    if args.family in ("linear", "all"):
+        cfgs = [c for c in SHIPPED if args.kernel is None or c.kernel in args.kernel]
+        rows += _run(compile_one, [(c, v, a) for c in cfgs for v in VARIANTS[c.kernel] for a in args.arch], args.jobs)
+    if args.family in ("mlp", "all"):
+        from kernels.miras_mlp import aot
+
+        n = len(aot.aot_specs())
+        rows += _run(compile_mlp_one, [(i, a) for i in range(n) for a in args.arch], args.jobs)
+    head = f"{'kernel':<16} {'config':<30} {'variant':<13} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
     print(head)
     print("-" * len(head))
     for r in rows:
         status = r["error"] or "ok"
-        print(f"{r['kernel']:<14} {r['config']:<30} {r['variant']:<13} {r['arch']:<6} "
+        print(f"{r['kernel']:<16} {r['config']:<30} {r['variant']:<13} {r['arch']:<6} "
               f"{r['registers'] if r['registers'] is not None else '-':>5} "
               f"{r['spill_bytes'] if r['spill_bytes'] is not None else '-':>6} "
               f"{r['shared_bytes'] if r['shared_bytes'] is not None else '-':>7}  {status}")

@@ -24,30 +24,43 @@ def dot32(a, b):
 
 
 @triton.jit
-def chunk_cumsum(x, BT: tl.constexpr):
+def chunk_cumsum(x, BT: tl.constexpr, z=0):
     """Inclusive cumulative sum of a ``[BT]`` tile along the chunk.
 
     A masked ``[BT, BT]`` reduction rather than ``tl.cumsum``: BT <= 64, so it is cheap, and it
-    has identical semantics in the interpreter and on every GPU backend.
+    has identical semantics in the interpreter and on every GPU backend. ``z`` is a runtime zero
+    (see :func:`loop_zero`).
     """
-    o = tl.arange(0, BT)
+    o = z + tl.arange(0, BT)
     return tl.sum(tl.where(o[:, None] >= o[None, :], x[None, :], 0.0), axis=1)
 
 
 @triton.jit
-def chunk_rev_cumsum(x, BT: tl.constexpr):
+def chunk_rev_cumsum(x, BT: tl.constexpr, z=0):
     """Reverse inclusive cumulative sum ``out[t] = sum_{s >= t} x[s]`` of a ``[BT]`` tile (the
     adjoint of :func:`chunk_cumsum`)."""
-    o = tl.arange(0, BT)
+    o = z + tl.arange(0, BT)
     return tl.sum(tl.where(o[None, :] >= o[:, None], x[None, :], 0.0), axis=1)
 
 
 @triton.jit
-def decay_matrix(cum, BT: tl.constexpr):
+def decay_matrix(cum, BT: tl.constexpr, z=0):
     """``D[t, i] = exp(cum[t] - cum[i])`` for ``i <= t`` else 0 (``cum`` = cumulative log gate,
     non-increasing, so every kept exponent is <= 0 and cannot overflow)."""
-    o = tl.arange(0, BT)
+    o = z + tl.arange(0, BT)
     return tl.where(o[:, None] >= o[None, :], tl.exp(cum[:, None] - cum[None, :]), 0.0)
+
+
+@triton.jit
+def loop_zero(seq_len, t0):
+    """A zero the compiler cannot prove is zero (``t0 < seq_len`` inside a chunk loop).
+
+    Index and mask tiles built from ``tl.arange`` alone are loop-invariant, so the compiler
+    hoists them out of the chunk loop and keeps every one of them live in registers for the
+    whole loop (measured: the main cause of spills). Adding this loop-variant zero to the
+    aranges keeps them inside the loop body, where they die right after use.
+    """
+    return tl.minimum(seq_len - t0, 0)
 
 
 @triton.jit

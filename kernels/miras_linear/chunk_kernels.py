@@ -38,6 +38,7 @@ from kernels.common.tiles import (
     chunk_rev_cumsum,
     decay_matrix,
     dot32,
+    loop_zero,
     pick,
     pick_row,
 )
@@ -45,46 +46,46 @@ from kernels.common.tiles import (
 
 # ----------------------------------------------------------------------------- memory helpers
 @triton.jit
-def _ld_tok(base, t0, seq_len, stride, c0, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+def _ld_tok(base, t0, seq_len, stride, c0, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, z=0):
     """Rows ``t0..t0+BT`` x cols ``c0..c0+BD`` of a token-major ``[seq_len, D]`` view (zero padded).
     ``base`` already points at the sequence's first token and the head's first column."""
     o_t = t0 + tl.arange(0, BT)
-    o_d = c0 + tl.arange(0, BD)
+    o_d = c0 + z + tl.arange(0, BD)
     return tl.load(base + o_t[:, None] * stride + o_d[None, :],
                    mask=(o_t < seq_len)[:, None] & (o_d < D)[None, :], other=0.0)
 
 
 @triton.jit
-def _st_tok(base, x, t0, seq_len, stride, c0, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+def _st_tok(base, x, t0, seq_len, stride, c0, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, z=0):
     o_t = t0 + tl.arange(0, BT)
-    o_d = c0 + tl.arange(0, BD)
+    o_d = c0 + z + tl.arange(0, BD)
     tl.store(base + o_t[:, None] * stride + o_d[None, :], x.to(base.dtype.element_ty),
              mask=(o_t < seq_len)[:, None] & (o_d < D)[None, :])
 
 
 @triton.jit
-def _ld_gate(base, t0, seq_len, H, BT: tl.constexpr):
+def _ld_gate(base, t0, seq_len, H, BT: tl.constexpr, z=0):
     o_t = t0 + tl.arange(0, BT)
     return tl.load(base + o_t * H, mask=o_t < seq_len, other=0.0)
 
 
 @triton.jit
-def _st_gate(base, x, t0, seq_len, H, BT: tl.constexpr):
+def _st_gate(base, x, t0, seq_len, H, BT: tl.constexpr, z=0):
     o_t = t0 + tl.arange(0, BT)
     tl.store(base + o_t * H, x, mask=o_t < seq_len)
 
 
 @triton.jit
-def _ld_state(base, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_k = tl.arange(0, BK)
+def _ld_state(base, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, z=0):
+    o_v = i_v * BV + z + tl.arange(0, BV)
+    o_k = z + tl.arange(0, BK)
     return tl.load(base + o_v[:, None] * K + o_k[None, :], mask=(o_v < V)[:, None] & (o_k < K)[None, :], other=0.0)
 
 
 @triton.jit
-def _st_state(base, x, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_k = tl.arange(0, BK)
+def _st_state(base, x, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, z=0):
+    o_v = i_v * BV + z + tl.arange(0, BV)
+    o_k = z + tl.arange(0, BK)
     tl.store(base + o_v[:, None] * K + o_k[None, :], x, mask=(o_v < V)[:, None] & (o_k < K)[None, :])
 
 
@@ -104,25 +105,25 @@ def _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: 
 
 
 @triton.jit
-def _gates(la, lmu, t0, seq_len, H, BT: tl.constexpr, HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr):
+def _gates(la, lmu, t0, seq_len, H, BT: tl.constexpr, HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr, z=0):
     """Chunk-local cumulative log gates ``L`` (alpha) and ``M`` (mu; zeros without momentum)."""
     if HAS_ALPHA:
-        b_L = chunk_cumsum(_ld_gate(la, t0, seq_len, H, BT), BT)
+        b_L = chunk_cumsum(_ld_gate(la, t0, seq_len, H, BT), BT, z)
     else:
         b_L = tl.zeros([BT], dtype=tl.float32)
     if MOMENTUM:
-        b_M = chunk_cumsum(_ld_gate(lmu, t0, seq_len, H, BT), BT)
+        b_M = chunk_cumsum(_ld_gate(lmu, t0, seq_len, H, BT), BT, z)
     else:
         b_M = tl.zeros([BT], dtype=tl.float32)
     return b_L, b_M
 
 
 @triton.jit
-def _coef(b_L, b_M, BT: tl.constexpr, MOMENTUM: tl.constexpr):
+def _coef(b_L, b_M, BT: tl.constexpr, MOMENTUM: tl.constexpr, z=0):
     """(D_L, G, c): decay matrix of alpha, coefficient matrix of g_i in X_t, coefficient of S0."""
-    b_dl = decay_matrix(b_L, BT)
+    b_dl = decay_matrix(b_L, BT, z)
     if MOMENTUM:
-        b_g = dot32(b_dl, decay_matrix(b_M, BT))
+        b_g = dot32(b_dl, decay_matrix(b_M, BT, z))
         b_c = tl.sum(b_dl * tl.exp(b_M)[None, :], axis=1)
     else:
         b_g = b_dl
@@ -182,30 +183,31 @@ def miras_linear_chunk_fwd_kernel(
             b_s = _ld_state(s0 + base_st, i_v, K, V, BK, BV)
 
     for i_t in range(0, n_chunks):
+        t0 = i_t * BT
+        z = loop_zero(seq_len, t0)
         if SAVE_STATES:
             base_hs = ((boh + i_t) * H + i_h) * V * K
-            _st_state(hs + base_hs, b_w, i_v, K, V, BK, BV)
+            _st_state(hs + base_hs, b_w, i_v, K, V, BK, BV, z)
             if MOMENTUM:
-                _st_state(ss + base_hs, b_s, i_v, K, V, BK, BV)
-        t0 = i_t * BT
+                _st_state(ss + base_hs, b_s, i_v, K, V, BK, BV, z)
         last = tl.minimum(seq_len - t0, BT) - 1
-        b_q = _ld_tok(q, t0, seq_len, H * K, 0, K, BT, BK)
-        b_k = _ld_tok(k, t0, seq_len, H * K, 0, K, BT, BK)
-        b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV).to(tl.float32)
-        b_eta = _ld_gate(eta, t0, seq_len, H, BT)
+        b_q = _ld_tok(q, t0, seq_len, H * K, 0, K, BT, BK, z)
+        b_k = _ld_tok(k, t0, seq_len, H * K, 0, K, BT, BK, z)
+        b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV, z).to(tl.float32)
+        b_eta = _ld_gate(eta, t0, seq_len, H, BT, z)
         if BIAS == 3:
-            b_delta = _ld_gate(delta, t0, seq_len, H, BT)
+            b_delta = _ld_gate(delta, t0, seq_len, H, BT, z)
         else:
             b_delta = b_eta
-        b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+        b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM, z)
         b_e, b_u = _residual(b_k, b_w, b_vv, b_delta, p, BIAS, EPS)
-        b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM)
+        b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM, z)
 
         b_a = dot32(b_q, tl.trans(b_k)) * b_g * b_eta[None, :]
         b_y = tl.exp(b_L)[:, None] * dot32(b_q, tl.trans(b_w)) - dot32(b_a, b_u)
         if MOMENTUM:
             b_y += b_c[:, None] * dot32(b_q, tl.trans(b_s))
-        _st_tok(y, b_y, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+        _st_tok(y, b_y, t0, seq_len, H * V, i_v * BV, V, BT, BV, z)
 
         # chunk-end state(s)
         b_gam = pick_row(b_g, last, BT)
@@ -264,25 +266,26 @@ def miras_linear_chunk_bwd_dstate_kernel(
 
     for i_r in range(0, n_chunks):
         i_t = n_chunks - 1 - i_r
-        base_hs = ((boh + i_t) * H + i_h) * V * K
-        _st_state(dhs + base_hs, b_dw, i_v, K, V, BK, BV)
-        if MOMENTUM:
-            _st_state(dss + base_hs, b_ds, i_v, K, V, BK, BV)
-        b_w = _ld_state(hs + base_hs, i_v, K, V, BK, BV)
         t0 = i_t * BT
+        z = loop_zero(seq_len, t0)
+        base_hs = ((boh + i_t) * H + i_h) * V * K
+        _st_state(dhs + base_hs, b_dw, i_v, K, V, BK, BV, z)
+        if MOMENTUM:
+            _st_state(dss + base_hs, b_ds, i_v, K, V, BK, BV, z)
+        b_w = _ld_state(hs + base_hs, i_v, K, V, BK, BV, z)
         last = tl.minimum(seq_len - t0, BT) - 1
-        b_q = _ld_tok(q, t0, seq_len, H * K, 0, K, BT, BK)
-        b_k = _ld_tok(k, t0, seq_len, H * K, 0, K, BT, BK)
-        b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV).to(tl.float32)
-        b_dy = _ld_tok(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV).to(tl.float32)
-        b_eta = _ld_gate(eta, t0, seq_len, H, BT)
+        b_q = _ld_tok(q, t0, seq_len, H * K, 0, K, BT, BK, z)
+        b_k = _ld_tok(k, t0, seq_len, H * K, 0, K, BT, BK, z)
+        b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV, z).to(tl.float32)
+        b_dy = _ld_tok(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV, z).to(tl.float32)
+        b_eta = _ld_gate(eta, t0, seq_len, H, BT, z)
         if BIAS == 3:
-            b_delta = _ld_gate(delta, t0, seq_len, H, BT)
+            b_delta = _ld_gate(delta, t0, seq_len, H, BT, z)
         else:
             b_delta = b_eta
-        b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+        b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM, z)
         b_e, b_u = _residual(b_k, b_w, b_vv, b_delta, p, BIAS, EPS)
-        b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM)
+        b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM, z)
         b_eL = tl.exp(b_L)
 
         # contributions to d(W0) that do not go through u

@@ -51,11 +51,27 @@ def owner_alive(rec: dict) -> bool:
     return _proc_start(int(rec["pid"])) == rec.get("start")
 
 
-def remove_streaming_state(prefix: int, filelock_dir: str) -> None:
-    """Unlink streaming's shared-memory segments and file locks for one prefix."""
-    for name in SHM_NAMES:
-        with contextlib.suppress(OSError):
-            os.unlink(f"/dev/shm/{prefix:06}_{name}")
+def _locals_ino(prefix: int) -> int | None:
+    try:
+        return os.stat(f"/dev/shm/{prefix:06}_locals").st_ino
+    except OSError:
+        return None
+
+
+def remove_streaming_state(prefix: int, filelock_dir: str, locals_ino: int | None) -> None:
+    """Unlink streaming's shared-memory segments and file locks for one prefix -- only while the
+    prefix still belongs to the job that recorded it: its ``NNNNNN_locals`` segment must be the
+    very one (same inode) it registered. If that segment is gone (Python's resource tracker may
+    have unlinked the segments of a killed process) another job may have taken the prefix since,
+    so only the file locks, which then block nobody's live state, are removed; a different inode
+    means a live job owns the prefix now and nothing is touched."""
+    current = _locals_ino(prefix)
+    if current is not None and current != locals_ino:
+        return
+    if current is not None:
+        for name in SHM_NAMES:
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{prefix:06}_{name}")
     for name in FILELOCK_NAMES:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(filelock_dir, f"{prefix:06}_{name}"))
@@ -78,9 +94,12 @@ def clean_stale(root: str) -> list[str]:
         if not owners or any(owner_alive(o) for o in owners):
             # no owner file yet: a job being set up right now; leave it
             continue
+        seen = set()
         for o in owners:
-            if o.get("prefix") is not None:
-                remove_streaming_state(int(o["prefix"]), o["filelock_dir"])
+            key = (o.get("prefix"), o.get("filelock_dir"))
+            if o.get("prefix") is not None and key not in seen:
+                seen.add(key)
+                remove_streaming_state(int(o["prefix"]), o["filelock_dir"], o.get("locals_ino"))
         shutil.rmtree(job, ignore_errors=True)
         removed.append(str(job))
     return removed
@@ -109,11 +128,13 @@ class LoaderCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._owner = self.dir / f"owner-{socket.gethostname()}-{os.getpid()}.json"
         self.prefix: int | None = None
+        self.locals_ino: int | None = None
         self._write_owner()
 
     def _write_owner(self) -> None:
         rec = {"pid": os.getpid(), "start": _proc_start(os.getpid()),
                "host": socket.gethostname(), "prefix": self.prefix,
+               "locals_ino": self.locals_ino,
                "filelock_dir": tempfile.gettempdir()}
         tmp = self._owner.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec))
@@ -121,6 +142,7 @@ class LoaderCache:
 
     def set_prefix(self, prefix: int) -> None:
         self.prefix = prefix
+        self.locals_ino = _locals_ino(prefix)
         self._write_owner()
 
     def stream_dir(self, i: int) -> str:
@@ -137,7 +159,7 @@ class LoaderCache:
         if any(owner_alive(o) for o in others):
             return
         if self.prefix is not None:
-            remove_streaming_state(self.prefix, tempfile.gettempdir())
+            remove_streaming_state(self.prefix, tempfile.gettempdir(), self.locals_ino)
         shutil.rmtree(self.dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             self.job_dir.rmdir()  # only when empty (no other loader of this job left)

@@ -170,7 +170,8 @@ class MirasDataLoader:
                                              else (0, 1))
         self._closed = False
         root = cfg.cache_dir or cache_mod.default_cache_root()
-        cache_mod.clean_stale(root)
+        with cache_mod.machine_lock(root):  # no job starts on a prefix while we clean it
+            cache_mod.clean_stale(root)
         self._cache = cache_mod.LoaderCache(root, _shared_job_id(), next(_loader_counter))
         try:
             self._build(root)

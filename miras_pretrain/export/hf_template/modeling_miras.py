@@ -488,6 +488,13 @@ class MirasPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MirasBlock"]
     _is_stateful = True  # own recurrent cache: generate() must not build a DynamicCache
     supports_gradient_checkpointing = False
+    _tied_weights_keys = {}  # nothing tied (transformers 5 expects a mapping, 4.x iterates it)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # stated explicitly (not only via _is_stateful) so every transformers 4.x/5.x generate()
+        # leaves past_key_values to the model, which creates its MirasCache on the first call
+        return False
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

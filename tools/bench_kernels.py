@@ -1,0 +1,157 @@
+"""Benchmark the Triton linear-memory Miras kernels: forward+backward time and peak memory vs the
+PyTorch chunked path (and flash-linear-attention's chunk_gated_delta_rule when ``fla`` is
+installed).
+
+    python tools/bench_kernels.py [--out bench_results/bench_kernels.json]   # CUDA: B=4 H=16 D=128 bf16
+    python tools/bench_kernels.py --quick                                    # CPU interpreter, tiny shapes
+
+Prints a table and writes JSON. NOTE: fla's gated delta rule is the exact per-token delta rule
+(WY form), a different semantics from this project's chunk-start-gradient rule at C > 1; its
+column is a speed reference only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+FLA_NOTE = ("note: fla chunk_gated_delta_rule is the exact per-token delta rule (WY form), a different semantics "
+            "from the Miras chunk-start-gradient rule at C > 1: its column is a speed reference, not a numerics check")
+
+
+def _inputs(B, T, H, D, dtype, device, seed=0):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
+    v = torch.randn(B, T, H, D, generator=g)
+    alpha = torch.sigmoid(torch.randn(B, T, H, generator=g) + 3.0)
+    eta = torch.sigmoid(torch.randn(B, T, H, generator=g))
+    out = dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), alpha=alpha, eta=eta)
+    return {n: t.to(device).requires_grad_() for n, t in out.items()}
+
+
+def _timed(fn, device, reps):
+    """(ms per call, peak MiB above the start, outputs of the last call) of fn() (fwd + bwd)."""
+    import torch
+
+    fn()  # warm-up (compiles kernels)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = None
+    return (time.perf_counter() - t0) * 1e3 / reps, peak, out
+
+
+def _fwd_bwd(call, x):
+    import torch
+
+    def run():
+        for t in x.values():
+            t.grad = None
+        y = call(x)
+        y.float().square().mean().backward()
+        return [y.detach()] + [t.grad.detach().clone() for t in x.values() if t.grad is not None]
+
+    return run
+
+
+def _max_rel_err(a, b) -> float:
+    return max(((u.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item() for u, w in zip(a, b))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Triton vs PyTorch chunked Miras linear memory (fwd+bwd)")
+    ap.add_argument("--quick", action="store_true", help="tiny CPU shapes in the Triton interpreter")
+    ap.add_argument("--out", default="bench_results/bench_kernels.json")
+    ap.add_argument("--presets", nargs="+", default=["gated_delta", "gla", "deltanet"])
+    ap.add_argument("--T", type=int, nargs="+", default=None)
+    ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    if args.quick:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import kernels
+    from miras_pretrain.ops import MirasSpec, miras_memory
+
+    device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("no CUDA device: run with --quick (Triton interpreter) or on a GPU machine")
+    if args.quick:
+        B, H, D, dtype, Ts, C, reps = 1, 2, 16, torch.float32, args.T or [64], 16, args.reps or 1
+    else:
+        B, H, D, dtype, Ts, C, reps = 4, 16, 128, torch.bfloat16, args.T or [2048, 4096, 8192, 16384], args.chunk_size, args.reps or 5
+    from kernels.miras_linear import chunk_miras_linear
+
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        chunk_gated_delta_rule = None
+
+    rows = []
+    for preset in args.presets:
+        spec = MirasSpec.preset(preset)
+        for T in Ts:
+            x = _inputs(B, T, H, D, dtype, device)
+            row = dict(preset=preset, B=B, T=T, H=H, D=D, C=C, dtype=str(dtype).replace("torch.", ""))
+            alpha_of = (lambda x: x["alpha"]) if spec.needs_alpha else (lambda x: None)
+
+            def chunked(x):
+                return miras_memory(x["q"], x["k"], x["v"], alpha_of(x), x["eta"], spec=spec, chunk_size=C, backend="chunked")[0]
+
+            def triton_path(x):
+                return chunk_miras_linear(x["q"], x["k"], x["v"], alpha_of(x), x["eta"], spec=spec, chunk_size=C)[0]
+
+            ok, reason = kernels.supports(spec, x["q"], x["k"], x["v"], chunk_size=C)
+            row["chunked_ms"], row["chunked_peak_mib"], ref = _timed(_fwd_bwd(chunked, x), device, reps)
+            if ok:
+                row["triton_ms"], row["triton_peak_mib"], out = _timed(_fwd_bwd(triton_path, x), device, reps)
+                row["max_rel_err"] = _max_rel_err(out, ref)
+                row["speedup"] = row["chunked_ms"] / row["triton_ms"]
+            else:
+                row["triton_ms"] = None
+                row["fallback"] = reason
+            if chunk_gated_delta_rule is not None and preset == "gated_delta" and device == "cuda":
+                def fla_call(x):
+                    return chunk_gated_delta_rule(x["q"], x["k"], x["v"], torch.log(x["alpha"]), x["eta"])[0]
+
+                row["fla_ms"], row["fla_peak_mib"], _ = _timed(_fwd_bwd(fla_call, x), device, reps)
+            rows.append(row)
+            del x
+
+    cols = ["preset", "T", "C", "dtype", "chunked_ms", "triton_ms", "speedup", "fla_ms", "chunked_peak_mib",
+            "triton_peak_mib", "max_rel_err"]
+    print(f"device: {device}" + ("" if device == "cuda" else " (Triton interpreter: timings say nothing about GPU speed)"))
+    print(" ".join(f"{c:>16}" for c in cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            val = r.get(c)
+            cells.append(f"{val:>16.4g}" if isinstance(val, float) else f"{str(val if val is not None else '-'):>16}")
+        print(" ".join(cells) + (f"  fallback: {r['fallback']}" if "fallback" in r else ""))
+    print(FLA_NOTE + ("" if chunk_gated_delta_rule is not None else " (fla not installed: column empty)"))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(device=device, fla_available=chunk_gated_delta_rule is not None, note=FLA_NOTE, rows=rows), f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
