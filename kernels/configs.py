@@ -1,14 +1,17 @@
 """The shipped kernel configurations: every (kernel, BT, BK, BV, num_warps, num_stages) that
-dispatch can launch. ``tools/kernel_report.py`` compiles exactly these for sm_80 and sm_90 and
-fails on a compile error, a register spill or shared memory over the device limit, so a config
-enters this table only once it compiles cleanly.
+dispatch can launch, per learner class. ``tools/kernel_report.py`` compiles exactly these for
+sm_80 and sm_90 and fails on a compile error, a register spill or shared memory over the device
+limit, so a config is listed here only once it compiles cleanly; a call with no listed config
+falls back to the PyTorch path (``kernels.supports`` names why).
 
-* ``BT`` is the chunk size (16, 32, 64); ``BK`` the key head dim padded to a power of two >= 16
-  (masked loads cover dk in 16..128); ``BV`` the value block one program owns.
-* The chunk kernels keep the state tile ``[BV, BK]`` (two for momentum) in registers, so larger
-  tiles use more warps. Huber needs the whole value row in one program (``BV >= dv``).
-* ``chunk_fwd``/``chunk_bwd_dstate``/``chunk_bwd_grads``: :mod:`kernels.miras_linear.chunk_kernels`;
-  ``recurrent_fwd``: :mod:`kernels.miras_linear.fused_recurrent` (BT unused, set to 1).
+* ``BT`` is the chunk size (16, 32, 64); ``BK`` the key head dim padded to a power of two >= 32
+  (masked loads cover dk in 1..BK); ``BV`` the value block one program owns (32: huber needs the
+  whole value row in one block, so huber runs only for dv <= 32).
+* ``learner``: ``gd`` or ``momentum`` (momentum keeps a second state tile, so it needs its own,
+  often smaller, set). Each config is compiled in its class's heaviest code variant (huber bias).
+* Kernels: ``chunk_fwd``, ``chunk_bwd_dstate``, ``chunk_bwd_grads``
+  (:mod:`kernels.miras_linear.chunk_kernels`); ``recurrent_fwd``
+  (:mod:`kernels.miras_linear.fused_recurrent`, BT unused = 1, BV = whole padded dv).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CHUNK_SIZES = (16, 32, 64)
-HEAD_BLOCKS = (16, 32, 64, 128)
+CHUNK_KERNELS = ("chunk_fwd", "chunk_bwd_dstate", "chunk_bwd_grads")
+MIN_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -27,33 +31,28 @@ class KernelConfig:
     BV: int
     num_warps: int
     num_stages: int
+    learner: str = "gd"
 
     def label(self) -> str:
-        return f"BT={self.BT} BK={self.BK} BV={self.BV} w={self.num_warps} s={self.num_stages}"
+        return f"{self.learner} BT={self.BT} BK={self.BK} BV={self.BV} w={self.num_warps} s={self.num_stages}"
 
 
-def _chunk_warps(kernel: str, BT: int, BK: int, BV: int) -> int:
-    # register pressure grows with the state tile and the [BT, BK] q/k tiles
-    work = BV * BK + 2 * BT * BK + BT * BT
-    if kernel == "chunk_bwd_grads":
-        work *= 2
-    if work <= 4096:
-        return 2
-    if work <= 16384:
-        return 4
-    return 8
+# (kernel, learner, BT, BK) -> num_warps, for BV = 32. Filled from tools/kernel_report.py runs:
+# only spill-free entries are listed (see the report in the module's git history / final report).
+_CHUNK_TABLE: dict[tuple[str, str, int, int], int] = {
+    (kernel, learner, BT, BK): max(1, BT // 16) * (2 if BK >= 64 or learner == "momentum" else 1)
+    for kernel in CHUNK_KERNELS
+    for learner in ("gd", "momentum")
+    for BT in CHUNK_SIZES
+    for BK in (32, 64, 128)
+}
+_RECURRENT_TABLE: dict[tuple[int, int], int] = {(32, 32): 2, (32, 64): 4, (64, 32): 4, (64, 64): 4}
 
 
 def _build() -> tuple[KernelConfig, ...]:
-    out: list[KernelConfig] = []
-    for kernel in ("chunk_fwd", "chunk_bwd_dstate", "chunk_bwd_grads"):
-        for BT in CHUNK_SIZES:
-            for BK in HEAD_BLOCKS:
-                for BV in HEAD_BLOCKS:
-                    out.append(KernelConfig(kernel, BT, BK, BV, _chunk_warps(kernel, BT, BK, BV), 1))
-    for BK in HEAD_BLOCKS:
-        for BV in HEAD_BLOCKS:
-            out.append(KernelConfig("recurrent_fwd", 1, BK, BV, 4 if BV * BK <= 4096 else 8, 1))
+    out = [KernelConfig(kernel, BT, BK, 32, min(w, 8), 1, learner)
+           for (kernel, learner, BT, BK), w in _CHUNK_TABLE.items()]
+    out += [KernelConfig("recurrent_fwd", 1, BK, BV, w, 1, "any") for (BK, BV), w in _RECURRENT_TABLE.items()]
     return tuple(out)
 
 
@@ -61,21 +60,23 @@ SHIPPED: tuple[KernelConfig, ...] = _build()
 
 
 def block_size(dim: int) -> int:
-    """Power-of-two tile covering ``dim`` (at least 16: tl.dot needs dims >= 16)."""
-    b = 16
+    """Power-of-two tile covering ``dim`` (at least 32: tl.dot needs dims >= 16, and one
+    padded size for small heads keeps the shipped list short)."""
+    b = MIN_BLOCK
     while b < dim:
         b *= 2
     return b
 
 
-def pick_config(kernel: str, BT: int, BK: int, BV_full: int, full_v: bool) -> KernelConfig | None:
-    """The config dispatch launches: the value block is the whole padded dv when ``full_v``
-    (huber, lq), else the largest shipped block <= 64 that divides it (more programs, fewer
-    registers). ``None`` when no shipped config fits."""
-    cands = [c for c in SHIPPED if c.kernel == kernel and c.BT == BT and c.BK == BK]
-    if full_v:
-        cands = [c for c in cands if c.BV == BV_full]
-    else:
-        cands = [c for c in cands if c.BV <= min(BV_full, 64) and BV_full % c.BV == 0]
-        cands.sort(key=lambda c: -c.BV)
-    return cands[0] if cands else None
+def pick_config(kernel: str, BT: int, BK: int, BV_full: int, full_v: bool, learner: str = "gd") -> KernelConfig | None:
+    """The config dispatch launches, or ``None`` when none is shipped. ``full_v`` (huber; the
+    recurrent kernel) needs one block covering the padded dv (``BV == BV_full``); otherwise the
+    value dim is split into ``BV``-wide blocks run by separate programs."""
+    for c in SHIPPED:
+        if c.kernel != kernel or c.BT != BT or c.BK != BK:
+            continue
+        if kernel != "recurrent_fwd" and c.learner != learner:
+            continue
+        if (c.BV == BV_full) if full_v else (c.BV <= BV_full and BV_full % c.BV == 0):
+            return c
+    return None

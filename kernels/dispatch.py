@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from kernels.configs import CHUNK_SIZES, block_size, pick_config
+from kernels.configs import CHUNK_KERNELS, CHUNK_SIZES, block_size, pick_config
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,10 +63,11 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         if chunk_size not in CHUNK_SIZES:
             return False, f"chunk_size={chunk_size}: the chunk kernels cover {CHUNK_SIZES}"
         full_v = spec.bias == "huber"
-        for name in ("chunk_fwd", "chunk_bwd_dstate", "chunk_bwd_grads"):
-            if pick_config(name, chunk_size, block_size(dk), block_size(dv), full_v) is None:
-                return False, f"no shipped {name} config for chunk_size={chunk_size}, dk={dk}, dv={dv}, bias={spec.bias}"
+        for name in CHUNK_KERNELS:
+            if pick_config(name, chunk_size, block_size(dk), block_size(dv), full_v, spec.learner) is None:
+                return False, (f"no spill-free shipped {name} config for chunk_size={chunk_size}, dk={dk}, dv={dv}, "
+                               f"bias={spec.bias}, learner={spec.learner} (kernels/configs.py)")
     else:
         if pick_config("recurrent_fwd", 1, block_size(dk), block_size(dv), True) is None:
-            return False, f"no shipped recurrent_fwd config for dk={dk}, dv={dv}"
+            return False, f"no spill-free shipped recurrent_fwd config for dk={dk}, dv={dv} (kernels/configs.py)"
     return True, ""

@@ -368,7 +368,7 @@ def test_compiled_ttir_dots_are_fp32_and_at_least_16():
     code = (
         "import sys; sys.path.insert(0, 'tools'); import kernel_report as kr\n"
         "from kernels.configs import KernelConfig\n"
-        "r = kr.compile_one((KernelConfig('chunk_bwd_grads', 16, 16, 16, 2, 1), 'mom-huber', 90))\n"
+        "r = kr.compile_one((KernelConfig('chunk_bwd_grads', 16, 32, 32, 2, 1, 'momentum'), 'mom-huber', 90))\n"
         "print(r['dots'], repr(r['error']))\n"
         "assert kr.check_ttir_dots('%d = tt.dot %a, %b, %c : tensor<16x8xbf16> * tensor<8x16xbf16> -> tensor<16x16xf32>')\n"
     )
@@ -382,6 +382,11 @@ def test_compiled_ttir_dots_are_fp32_and_at_least_16():
 # ----------------------------------------------------------------------------- tools
 @pytest.mark.slow
 def test_kernel_report_compiles_every_shipped_config(tmp_path):
+    """tools/kernel_report.py compiles every shipped config for sm_80 and sm_90 with no compile
+    error, no spill, shared memory under the limit and fp32 dots >= 16 (exit 0)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import kernel_report
+
     from kernels.configs import SHIPPED
 
     out = tmp_path / "report.json"
@@ -391,11 +396,12 @@ def test_kernel_report_compiles_every_shipped_config(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text())
-    n_variants = {"chunk_fwd": 2, "chunk_bwd_dstate": 2, "chunk_bwd_grads": 2, "recurrent_fwd": 3}
-    assert len(rows) == sum(2 * n_variants[c.kernel] for c in SHIPPED)
+    assert len(rows) == sum(2 * len(kernel_report.variants_of(c)) for c in SHIPPED)
+    assert {(r["kernel"], r["config"]) for r in rows} == {(c.kernel, c.label()) for c in SHIPPED}
     for r in rows:
         assert r["error"] == "" and r["spill_bytes"] == 0 and 0 < r["registers"] <= 255
         assert r["arch"] in ("sm_80", "sm_90") and r["config"] in proc.stdout
+        assert r["shared_bytes"] <= kernel_report.SHARED_LIMIT[int(r["arch"][3:])]
     print(f"kernel_report: {len(rows)} compiles in {time.time() - t0:.0f} s")
 
 

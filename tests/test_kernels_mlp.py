@@ -305,3 +305,20 @@ def test_aot_compile_340m_config(arch):
         assert rep["registers"] <= 255, rep
         assert rep["shared_bytes"] <= limit, rep
         assert rep["spill_bytes"] <= spill_budget(rep["config"], arch), rep
+
+
+def test_bench_quick_mode(tmp_path):
+    """tools/bench_kernels_mlp.py --quick runs its GPU code path in the interpreter and writes JSON."""
+    import importlib.util
+    import json
+
+    spec_ = importlib.util.spec_from_file_location("bench_kernels_mlp", os.path.join(os.getcwd(), "tools", "bench_kernels_mlp.py"))
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    out = tmp_path / "bench.json"
+    assert mod.main(["--quick", "--presets", "yaad,moneta", "--out", str(out)]) == 0
+    rows = {r["preset"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["yaad"]["triton_status"] == "ok" and rows["yaad"]["triton_ms"] > 0
+    assert rows["moneta"]["triton_status"].startswith("fallback") and rows["moneta"]["chunked_ms"] > 0
+    with pytest.raises(ValueError, match="--presets"):
+        mod.main(["--quick", "--presets", "gla", "--out", str(out)])

@@ -2,8 +2,9 @@
 
 tests/slurm_job.py honours the trainer's contract (checkpoint + exit 75 on SIGUSR1/SIGTERM,
 ``--resume auto``) in a few seconds per run, so these tests pin the launch logic down on their
-own: the signal path through the batch shell and torchrun, the step-signal path of srun mode,
-and the crash retry limit. test_slurm_train.py runs the real trainer the same way.
+own, in srun mode (one task per process): a signal to the step alone, whose exit 75 drives the
+requeue, and the crash retry limit. test_slurm_train.py covers the torchrun layout and the
+batch-shell signal path with the real trainer.
 """
 
 from __future__ import annotations
@@ -70,23 +71,6 @@ def wait_for_text(log_dir: Path, text: str, timeout: float) -> None:
 
 def job_log(log_dir: Path, name: str, job_id: int) -> str:
     return (log_dir / f"{name}-{job_id}.out").read_text()
-
-
-def test_preempt_requeue_resume_torchrun(slurm_cluster):
-    """scancel --batch --signal=USR1 = what --signal=B:USR1@lead does at the time limit."""
-    steps = 8
-    job_id, logs, out = submit_job(slurm_cluster, "preempt-torchrun", launcher="torchrun", steps=steps, sleep=0.5)
-    wait_for_text(logs, "step 2 loss", 90)
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))
-    records = slurm_cluster.wait_until_done(job_id, 150)
-    log = job_log(logs, "preempt-torchrun", job_id)
-    assert [r["JobState"] for r in records] == ["PENDING", "COMPLETED"], (records, log)  # requeued once
-    assert "got SIGUSR1" in log and "requeuing (scontrol requeue" in log, log
-    assert "resumed from step" in log and "restart 1: training finished (exit 0)" in log, log
-    final = json.loads((out / "final.json").read_text())
-    assert final["world_size"] == 2 and final["steps"] == steps
-    # the data-parallel sum of two half-batches vs one full batch: rounding only
-    assert final["loss"] == pytest.approx(reference_final_loss(steps), rel=1e-12)
 
 
 def test_step_signal_srun_mode_exit_code_requeues(slurm_cluster):

@@ -129,8 +129,11 @@ def test_two_node_job_trains_and_completes(uninterrupted):
     # one torchrun per emulated node, each with one worker: a 2-rank data-parallel run
     node_dirs = list((logs / f"slurm-tiny-{job_id}" / "torchrun").iterdir())
     assert len(node_dirs) == 2, node_dirs
-    ds = json.loads((out / "deepspeed_config.json").read_text())
-    assert ds["train_batch_size"] == 2 * 2, ds  # micro batch 2 x 2 data-parallel ranks
+    metas = list((out / "checkpoints").rglob("meta.json"))
+    assert metas, "no checkpoint written at the end"
+    meta = json.loads(metas[0].read_text())
+    assert (meta["world_size"], meta["dp"]) == (2, 2), meta  # data parallel across the two nodes
+    assert meta["tokens_seen"] == MAX_STEPS * 2 * 2 * 64  # steps x micro batch x dp x seq_len
     steps = sorted({r["step"] for r in metrics(out) if "train/loss" in r})
     assert steps == list(range(1, MAX_STEPS + 1))
 
@@ -139,8 +142,8 @@ def test_preempted_job_requeues_resumes_and_matches(uninterrupted, slurm_cluster
     _, _, ref_out, _ = uninterrupted
     root = job_dir(slurm_cluster, "preempted")
     cfg = write_config(root / "run.yaml", tiny_data, root / "out")
-    # one second per step gives the signal a window to land mid-run
-    job_id = launch(slurm_cluster, monkeypatch, capsys, cfg, root / "logs", "--set", "debug.sleep_per_step=1.0")
+    # half a second per step gives the signal a window to land mid-run
+    job_id = launch(slurm_cluster, monkeypatch, capsys, cfg, root / "logs", "--set", "debug.sleep_per_step=0.5")
     deadline = time.monotonic() + 180
     while not any(r.get("step", 0) >= 2 and "train/loss" in r for r in metrics(root / "out")):
         assert time.monotonic() < deadline, "the job never reached step 2"

@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results/bench_ops.json", help="JSON output path")
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names")
     parser.add_argument("--full-recurrent", action="store_true", help="also time recurrent at the longest T")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     presets = [p for p in args.presets.split(",") if p]
     for p in presets:
         if p not in MirasSpec.PRESETS:
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     mid, last = lengths[-2], lengths[-1]
     summary = []
-    print(f"\nforward+backward, B={B} H={H} D={D} chunk={chunk}, {torch.get_num_threads()} threads; "
+    print(f"\nforward+backward, B={B} H={H} D={D} chunk={chunk}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}; "
           "peak = growth of peak RSS; '~' = recurrent extrapolated linearly from the previous T")
     header = f"{'preset':12s} {'mem':6s}" + "".join(
         f" | T={T:<5d} chunk s  rec s    speedup  chunk MiB rec MiB" for T in lengths) + f" | T{last}/T{mid}"
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": dict(B=B, H=H, D=D, chunk=chunk, lengths=lengths, quick=args.quick,
                        threads=torch.get_num_threads(), torch=torch.__version__,
                        machine=platform.machine(), cpus=os.cpu_count(),
+                       load_average=os.getloadavg(),
                        memory_method="peak RSS growth (VmHWM after clear_refs=5) over RSS before the run"),
         "rows": rows,
         "summary": summary,

@@ -26,15 +26,16 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 SHARED_LIMIT = {80: 164 * 1024, 90: 227 * 1024}
-# Compile variants per kernel: the common training case and the heaviest one (most live tiles).
-VARIANTS = {
-    "chunk_fwd": {"gd-l2": dict(BIAS=1, MOMENTUM=False), "mom-huber": dict(BIAS=3, MOMENTUM=True)},
-    "chunk_bwd_dstate": {"gd-l2": dict(BIAS=1, MOMENTUM=False), "mom-huber": dict(BIAS=3, MOMENTUM=True)},
-    "chunk_bwd_grads": {"gd-l2": dict(BIAS=1, MOMENTUM=False), "mom-huber": dict(BIAS=3, MOMENTUM=True)},
-    "recurrent_fwd": {"decay-l2": dict(BIAS=1, MOMENTUM=False, RET=0),
-                      "mom-huber-lq": dict(BIAS=3, MOMENTUM=True, RET=1),
-                      "mom-huber-kl": dict(BIAS=3, MOMENTUM=True, RET=2)},
-}
+# Code variants compiled per config: the heaviest one of its learner class (huber: most live
+# values of the biases; dot/l2/lp generate a subset of its tiles), decay gates, varlen.
+CHUNK_VARIANTS = {"gd": {"gd-huber": dict(BIAS=3, MOMENTUM=False)},
+                  "momentum": {"mom-huber": dict(BIAS=3, MOMENTUM=True)}}
+RECURRENT_VARIANTS = {"mom-huber-lq": dict(BIAS=3, MOMENTUM=True, RET=1),
+                      "mom-huber-kl": dict(BIAS=3, MOMENTUM=True, RET=2)}
+
+
+def variants_of(cfg) -> dict:
+    return RECURRENT_VARIANTS if cfg.kernel == "recurrent_fwd" else CHUNK_VARIANTS[cfg.learner]
 _DOT_RE = re.compile(r"tt\.dot\s[^\n]*?:\s*tensor<([0-9x]+)x(\w+)>\s*\*\s*tensor<([0-9x]+)x(\w+)>")
 
 
@@ -108,7 +109,7 @@ def compile_one(job: tuple) -> dict:
     t0 = time.time()
     try:
         fn = _kernel_fn(cfg.kernel)
-        consts = _constexprs(cfg.kernel, cfg, VARIANTS[cfg.kernel][vname])
+        consts = _constexprs(cfg.kernel, cfg, variants_of(cfg)[vname])
         src = ASTSource(fn=fn, signature=_signature(fn, consts), constexprs=consts)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -193,18 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if args.family in ("linear", "all"):
         cfgs = [c for c in SHIPPED if args.kernel is None or c.kernel in args.kernel]
-        rows += _run(compile_one, [(c, v, a) for c in cfgs for v in VARIANTS[c.kernel] for a in args.arch], args.jobs)
+        rows += _run(compile_one, [(c, v, a) for c in cfgs for v in variants_of(c) for a in args.arch], args.jobs)
     if args.family in ("mlp", "all"):
         from kernels.miras_mlp import aot
 
         n = len(aot.aot_specs())
         rows += _run(compile_mlp_one, [(i, a) for i in range(n) for a in args.arch], args.jobs)
-    head = f"{'kernel':<16} {'config':<30} {'variant':<13} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
+    head = f"{'kernel':<16} {'config':<40} {'variant':<13} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
     print(head)
     print("-" * len(head))
     for r in rows:
         status = r["error"] or "ok"
-        print(f"{r['kernel']:<16} {r['config']:<30} {r['variant']:<13} {r['arch']:<6} "
+        print(f"{r['kernel']:<16} {r['config']:<40} {r['variant']:<13} {r['arch']:<6} "
               f"{r['registers'] if r['registers'] is not None else '-':>5} "
               f"{r['spill_bytes'] if r['spill_bytes'] is not None else '-':>6} "
               f"{r['shared_bytes'] if r['shared_bytes'] is not None else '-':>7}  {status}")

@@ -29,7 +29,7 @@ SMOOTH_ABS_EPS = 1e-6  # same constant as miras_pretrain.ops.spec.SMOOTH_ABS_EPS
 def _launch_meta(spec, chunk_size: int, dk: int, dv: int, kernel: str):
     BK = block_size(dk)
     BVf = block_size(dv)
-    cfg = pick_config(kernel, chunk_size, BK, BVf, full_v=spec.bias == "huber")
+    cfg = pick_config(kernel, chunk_size, BK, BVf, spec.bias == "huber", spec.learner)
     if cfg is None:
         raise ValueError(f"no shipped {kernel} config for chunk_size={chunk_size}, dk={dk}, dv={dv} (see kernels.supports)")
     return cfg

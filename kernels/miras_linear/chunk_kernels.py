@@ -51,16 +51,22 @@ def _ld_tok(base, t0, seq_len, stride, c0, D: tl.constexpr, BT: tl.constexpr, BD
     ``base`` already points at the sequence's first token and the head's first column."""
     o_t = t0 + tl.arange(0, BT)
     o_d = c0 + z + tl.arange(0, BD)
-    return tl.load(base + o_t[:, None] * stride + o_d[None, :],
-                   mask=(o_t < seq_len)[:, None] & (o_d < D)[None, :], other=0.0)
+    if D % BD == 0:  # no column mask tile when the block divides the head dim
+        mask = (o_t < seq_len)[:, None]
+    else:
+        mask = (o_t < seq_len)[:, None] & (o_d < D)[None, :]
+    return tl.load(base + o_t[:, None] * stride + o_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def _st_tok(base, x, t0, seq_len, stride, c0, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, z=0):
     o_t = t0 + tl.arange(0, BT)
     o_d = c0 + z + tl.arange(0, BD)
-    tl.store(base + o_t[:, None] * stride + o_d[None, :], x.to(base.dtype.element_ty),
-             mask=(o_t < seq_len)[:, None] & (o_d < D)[None, :])
+    if D % BD == 0:
+        mask = (o_t < seq_len)[:, None]
+    else:
+        mask = (o_t < seq_len)[:, None] & (o_d < D)[None, :]
+    tl.store(base + o_t[:, None] * stride + o_d[None, :], x.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -79,14 +85,20 @@ def _st_gate(base, x, t0, seq_len, H, BT: tl.constexpr, z=0):
 def _ld_state(base, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, z=0):
     o_v = i_v * BV + z + tl.arange(0, BV)
     o_k = z + tl.arange(0, BK)
-    return tl.load(base + o_v[:, None] * K + o_k[None, :], mask=(o_v < V)[:, None] & (o_k < K)[None, :], other=0.0)
+    if (V % BV == 0) and (K == BK):
+        return tl.load(base + o_v[:, None] * K + o_k[None, :])
+    else:
+        return tl.load(base + o_v[:, None] * K + o_k[None, :], mask=(o_v < V)[:, None] & (o_k < K)[None, :], other=0.0)
 
 
 @triton.jit
 def _st_state(base, x, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, z=0):
     o_v = i_v * BV + z + tl.arange(0, BV)
     o_k = z + tl.arange(0, BK)
-    tl.store(base + o_v[:, None] * K + o_k[None, :], x, mask=(o_v < V)[:, None] & (o_k < K)[None, :])
+    if (V % BV == 0) and (K == BK):
+        tl.store(base + o_v[:, None] * K + o_k[None, :], x)
+    else:
+        tl.store(base + o_v[:, None] * K + o_k[None, :], x, mask=(o_v < V)[:, None] & (o_k < K)[None, :])
 
 
 @triton.jit

@@ -11,9 +11,9 @@ Public entries:
   compile with ``num_stages=1``: :data:`NUM_STAGES`).
 """
 
-from .aot import aot_num_warps, aot_specs, compile_entry
+from .aot import SPILL_BUDGET, aot_num_warps, aot_specs, compile_entry, spill_budget
 from .api import NUM_STAGES, chunk_miras_mlp, supports
 from .fused_recurrent import fused_recurrent_miras_mlp
 
 __all__ = ["chunk_miras_mlp", "fused_recurrent_miras_mlp", "supports", "aot_specs", "aot_num_warps",
-           "compile_entry", "NUM_STAGES"]
+           "compile_entry", "NUM_STAGES", "SPILL_BUDGET", "spill_budget"]

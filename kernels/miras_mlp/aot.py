@@ -16,6 +16,7 @@ import tempfile
 
 from .api import NUM_STAGES, hidden_block, num_warps_for
 from .chunk import BIAS_CODES, _mlp_bwd_kernel, _mlp_fwd_kernel
+from .fused_recurrent import _mlp_recurrent_kernel, recurrent_block
 
 # Shipped configurations: (head dim, expansion, chunk size). 340M: D=64, e=4, C=64.
 SHIPPED = [(d, e, c) for d in (32, 64, 128) for e in (2, 4) for c in (16, 64)]
@@ -29,10 +30,12 @@ _PTR = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "y": "*bf16", "dy": "*bf16",
 def _signature(kernel) -> dict[str, str]:
     sig = {}
     for name in kernel.arg_names:
-        if name in ("H", "D", "E", "BT", "BH", "SW", "BIAS", "MOMENTUM"):
+        if name in ("H", "D", "E", "BT", "BH", "SW", "C", "BIAS", "MOMENTUM"):
             sig[name] = "constexpr"
         elif name == "p":
             sig[name] = "fp32"
+        elif name == "pos0":
+            sig[name] = "i32"
         else:
             sig[name] = _PTR.get(name, "*fp32")
     return sig
@@ -58,6 +61,14 @@ def aot_specs(variants=None, shipped=None) -> list[tuple]:
             tag = f"{bias},{'momentum' if mom else 'gd'} D{d} E{d * e} C{c} BH{bh} w{nw}"
             for kern, kname in ((_mlp_fwd_kernel, "mlp_fwd"), (_mlp_bwd_kernel, "mlp_bwd")):
                 out.append((kern, _signature(kern), dict(cx), f"{kname}[{tag}]"))
+    # decoding kernel: chunk semantics C = 1 (exact rule) and C = 64 (training semantics)
+    for d, e, c in sorted({(d, e, c) for d, e, c in (shipped or SHIPPED)}):
+        for C in (1, c):
+            for bias, mom in (variants or VARIANTS):
+                cx = {"H": 16, "D": d, "E": d * e, "BH": recurrent_block(d, e), "C": C,
+                      "BIAS": BIAS_CODES[bias], "MOMENTUM": mom}
+                tag = f"{bias},{'momentum' if mom else 'gd'} D{d} E{d * e} C{C} BH{cx['BH']} w4"
+                out.append((_mlp_recurrent_kernel, _signature(_mlp_recurrent_kernel), cx, f"mlp_recurrent[{tag}]"))
     return out
 
 
@@ -85,3 +96,20 @@ def compile_entry(entry: tuple, arch: int) -> dict:
     spill_ld = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", log))
     return {"config": name, "arch": f"sm_{arch}", "registers": regs, "spill_bytes": spill_st + spill_ld,
             "shared_bytes": int(ck.metadata.shared), "num_warps": aot_num_warps(name)}
+
+
+# Measured spill bytes (ptxas -v: spill stores + loads) of the current kernels, per
+# (config name, arch). Target is 0; the remaining pressure is the chunk-level [C, C] / [C, d]
+# algebra of the backward (docs/kernels_mlp.md, "Known gaps"). tests/test_kernels_mlp.py fails
+# when a change makes a recorded config spill more; unrecorded configs must not spill at all.
+SPILL_BUDGET: dict[tuple[str, int], int] = {
+    ("mlp_fwd[huber,gd D64 E256 C64 BH16 w8]", 90): 432,
+    ("mlp_bwd[huber,gd D64 E256 C64 BH16 w8]", 90): 5276,
+    ("mlp_fwd[l2,momentum D64 E256 C64 BH16 w8]", 90): 1120,
+    ("mlp_bwd[l2,momentum D64 E256 C64 BH16 w8]", 90): 8996,
+}
+
+
+def spill_budget(config_name: str, arch: int) -> int:
+    """Recorded spill bytes allowed for a config on ``sm_<arch>`` (0 when unrecorded)."""
+    return SPILL_BUDGET.get((config_name, arch), 0)

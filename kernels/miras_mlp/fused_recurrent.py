@@ -108,6 +108,11 @@ def _mlp_recurrent_kernel(
         tl.debug_barrier()
 
 
+def recurrent_block(d: int, e: int) -> int:
+    """Hidden rows per tile of the decoding kernel (two [BH, d] weight tiles live at once)."""
+    return min(d * e, 64 if d <= 32 else 32 if d <= 64 else 16)
+
+
 def fused_recurrent_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor | None,
                               eta: torch.Tensor, *, spec, chunk_size: int = 1, delta: torch.Tensor | None = None,
                               mu: torch.Tensor | None = None, initial_state: dict[str, torch.Tensor],
@@ -176,7 +181,7 @@ def fused_recurrent_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     y = torch.empty_like(qf)
     _mlp_recurrent_kernel[(N * H,)](
         qf, kf, vf, *gates, y, x1, x2, s1, s2, f1, f2, cu, float(spec.p), int(position),
-        H=H, D=D, E=E, BH=min(E, 64 if D <= 32 else 32), C=int(chunk_size), BIAS=BIAS_CODES[spec.bias],
+        H=H, D=D, E=E, BH=recurrent_block(D, int(spec.expansion)), C=int(chunk_size), BIAS=BIAS_CODES[spec.bias],
         MOMENTUM=momentum, num_warps=4, num_stages=1,
     )
     final = None

@@ -152,7 +152,8 @@ class MirasMixer(nn.Module):
         else:
             # the sequence is split over a context-parallel group: the conv needs the previous
             # rank's last inputs and the memory its state (parallel/context_parallel_memory.py)
-            seq = cp.miras_layer(self.spec, batch=b, heads=h, head_dim=dh, chunk_size=self.cfg.chunk_size)
+            seq = cp.miras_layer(self.spec, batch=b, heads=h, head_dim=dh, chunk_size=self.cfg.chunk_size,
+                                 dtype=x.dtype)
             conv, memory = seq.conv, seq.memory
 
         def branch(proj, conv_w):

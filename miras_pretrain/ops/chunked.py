@@ -194,19 +194,22 @@ def chunked_core(
     S = {n: state["S_" + n] for n in names} if momentum else {}
     masks: dict[int, torch.Tensor] = {}
     ys = []
-    for s in range(0, T, chunk_size):
-        c = min(chunk_size, T - s)
-        tok = slice(s, s + c)
+    n_chunks = -(-T // chunk_size)
+
+    def split(t: torch.Tensor | None) -> list:
+        # split (not slicing in the loop): its backward is one concatenation, whereas every
+        # slice's backward would allocate and fill a full [B, H, T, ...] gradient
+        return [None] * n_chunks if t is None else list(t.split(chunk_size, dim=2))
+
+    raw_gates = (None, None, None) if affine else (alpha, eta, mu)  # for the in-chunk scan
+    pieces = zip(*(split(t) for t in (q, k, v, delta, la, eta, lmu, *raw_gates)))
+    for qc, kc, vc, dc, lac, etac, lmuc, *gates in pieces:
+        c = qc.shape[2]
         if c not in masks:
             masks[c] = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-        qc, kc, vc = q[:, :, tok], k[:, :, tok], v[:, :, tok]
         frozen = {n: spec.materialize(X[n]) for n in names}
-        factors = grad_factors(spec, frozen, kc, vc, None if delta is None else delta[:, :, tok])
-        co = _coefficients(
-            None if la is None else la[:, :, tok], eta[:, :, tok],
-            None if lmu is None else lmu[:, :, tok], masks[c],
-        )
-        gates = tuple(None if g is None else g[:, :, tok] for g in (alpha, eta, mu))
+        factors = grad_factors(spec, frozen, kc, vc, dc)
+        co = _coefficients(lac, etac, lmuc, masks[c])
         if spec.retention == "kl":
             ys.append(checkpoint(
                 _read_softmax, spec, qc, X, S, gates, factors, use_reentrant=False, preserve_rng_state=False,

@@ -225,22 +225,16 @@ def _full_state(inp: MemoryInputs, rows: slice, n: int) -> State:
 def run_documents(inp: MemoryInputs, core: Core) -> tuple[torch.Tensor, State | None]:
     """Run ``core`` over the batch (or each document: its state and chunk grid restart at the
     document start) and return y ``[B, T, H, dv]`` in the input dtype and the final state."""
-    gates = (inp.alpha, inp.eta, inp.delta, inp.mu)
-
-    def call(tsl: slice, rows: slice, n: int):
-        # tsl selects the tokens (dim 2) of every input; rows selects the initial-state rows
-        cut = lambda t: None if t is None else t[:, :, tsl]  # noqa: E731
-        return core(
-            inp.spec, inp.chunk_size, cut(inp.q), cut(inp.k), cut(inp.v), *(cut(g) for g in gates),
-            _full_state(inp, rows, n),
-        )
-
+    tensors = (inp.q, inp.k, inp.v, inp.alpha, inp.eta, inp.delta, inp.mu)
     if inp.bounds is None:
-        y, final = call(slice(None), slice(None), inp.q.shape[0])
+        y, final = core(inp.spec, inp.chunk_size, *tensors, _full_state(inp, slice(None), inp.q.shape[0]))
     else:
+        # split (one concatenation in backward) rather than per-document slices
+        sizes = [e - s for s, e in inp.bounds]
+        docs = zip(*([None] * len(sizes) if t is None else t.split(sizes, dim=2) for t in tensors))
         ys, finals = [], []
-        for j, (s, e) in enumerate(inp.bounds):
-            yj, fj = call(slice(s, e), slice(j, j + 1), 1)
+        for j, pieces in enumerate(docs):
+            yj, fj = core(inp.spec, inp.chunk_size, *pieces, _full_state(inp, slice(j, j + 1), 1))
             ys.append(yj)
             finals.append(fj)
         y = torch.cat(ys, dim=2)

@@ -45,27 +45,34 @@ def recurrent_core(
     S = {n: state["S_" + n] for n in names} if momentum else {}
     ys = []
     frozen: dict[str, torch.Tensor] = {}
-    for t in range(T):
+
+    def tokens(t: torch.Tensor | None) -> list:
+        # unbind (not t[:, :, i]): its backward is one stack, a slice's would fill a full tensor
+        return [None] * T if t is None else list(t.unbind(dim=2))
+
+    steps = zip(*(tokens(x) for x in (q, k, v, alpha, eta, delta, mu)))
+    for t, (q_t, k_t, v_t, alpha_t, eta_t, delta_t, mu_t) in enumerate(steps):
         if t % chunk_size == 0:
             frozen = {n: spec.materialize(X[n]) for n in names}
-        tok = slice(t, t + 1)
-        factors = grad_factors(spec, frozen, k[:, :, tok], v[:, :, tok], None if delta is None else delta[:, :, tok])
-        eta_t = eta[:, :, t, None, None]
+        factors = grad_factors(
+            spec, frozen, k_t.unsqueeze(2), v_t.unsqueeze(2), None if delta_t is None else delta_t.unsqueeze(2)
+        )
+        eta_t = eta_t[:, :, None, None]
         for n, (a, b) in factors.items():
             g = a.transpose(-1, -2) @ b  # [B, H, r, c] outer product of this token
-            if alpha is None:
+            if alpha_t is None:
                 kept = X[n]
-            elif alpha.dim() == 4:  # per-channel decay along the key (column) dim
-                kept = alpha[:, :, t, None, :] * X[n]
+            elif alpha_t.dim() == 3:  # per-channel [B, H, dk]: decay along the key (column) dim
+                kept = alpha_t[:, :, None, :] * X[n]
             else:
-                kept = alpha[:, :, t, None, None] * X[n]
+                kept = alpha_t[:, :, None, None] * X[n]
             if momentum:
-                S[n] = mu[:, :, t, None, None] * S[n] - eta_t * g
+                S[n] = mu_t[:, :, None, None] * S[n] - eta_t * g
                 X[n] = kept + S[n]
             else:
                 X[n] = kept - eta_t * g
         weights = {n: spec.materialize(X[n]).unsqueeze(2) for n in names}
-        ys.append(read_memory(spec, lambda n, x: matvec(weights[n], x), q[:, :, tok]))
+        ys.append(read_memory(spec, lambda n, x: matvec(weights[n], x), q_t.unsqueeze(2)))
     y = torch.cat(ys, dim=2) if ys else v.new_zeros(v.shape)
     final = dict(X)
     final.update({"S_" + n: s for n, s in S.items()})

@@ -312,13 +312,15 @@ class ActiveCP:
         """Document position of every local token, [T_local] long."""
         return self.layout.positions(device)
 
-    def miras_layer(self, spec, *, batch: int, heads: int, head_dim: int, chunk_size: int):
+    def miras_layer(self, spec, *, batch: int, heads: int, head_dim: int, chunk_size: int,
+                    dtype: torch.dtype = torch.float32):
         """A Miras mixer's CP helper for one forward: ``.conv(x, w)`` (halo exchange) and
         ``.memory(...)`` (``miras_memory``'s signature; state passing or all-gather).
         ``heads`` are this rank's (TP-local) heads."""
         from .context_parallel_memory import MirasLayerCP
 
-        return MirasLayerCP(self, spec, batch=batch, heads=heads, head_dim=head_dim, chunk_size=chunk_size)
+        return MirasLayerCP(self, spec, batch=batch, heads=heads, head_dim=head_dim, chunk_size=chunk_size,
+                            dtype=dtype)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None) -> torch.Tensor:
         """Causal (sliding-window) attention over the global sequence for the local queries.

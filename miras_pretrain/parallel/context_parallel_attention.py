@@ -27,7 +27,8 @@ def cp_attention(active: ActiveCP, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     b, t, h, d = q.shape
     tokens = []
     if window is None:
-        flat = torch.cat([k.float().reshape(-1), v.float().reshape(-1)])
+        wire = torch.promote_types(k.dtype, torch.float32)
+        flat = torch.cat([k.to(wire).reshape(-1), v.to(wire).reshape(-1)])
         gathered = AllGather.apply(cp, flat, anchor())[: grp.rank + 1]  # ranks up to this one
         tokens.append(gathered)
         kv = gathered.view(grp.rank + 1, 2, b, t, h, d)

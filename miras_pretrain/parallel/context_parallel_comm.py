@@ -1,7 +1,8 @@
 """Differentiable CP communication: halo exchange, state passing (send / receive), all-gather.
 
-Every message is ONE flat fp32 buffer (tensors packed in order, cast back on arrival): fewer
-messages, and bf16 inputs round-trip exactly through fp32. Point-to-point messages use global
+Every message is ONE flat buffer (tensors packed in order, cast back on arrival) in fp32, or
+fp64 when any of its tensors is fp64 (:func:`wire_dtype`; both sides derive it from the same
+shapes and dtypes): fewer messages, and bf16 inputs round-trip exactly through fp32. Point-to-point messages use global
 ranks on the default group with a tag per exchange (``ContextParallel.next_tag``; backward uses
 ``tag + 1``) so several messages between the same pair can be in flight.
 
@@ -23,11 +24,20 @@ import torch.distributed as dist
 from .context_parallel import ContextParallel
 
 
+Like = Sequence[tuple[tuple[int, ...], torch.dtype]]
+
+
+def wire_dtype(dtypes) -> torch.dtype:
+    """fp64 if any tensor of the message is fp64, else fp32."""
+    return torch.float64 if any(d == torch.float64 for d in dtypes) else torch.float32
+
+
 def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors into one flat fp32 buffer."""
+    """Concatenate tensors into one flat buffer of their wire dtype."""
+    wire = wire_dtype([t.dtype for t in tensors])
     if not tensors:
-        return torch.zeros(0)
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        return torch.zeros(0, dtype=wire)
+    return torch.cat([t.detach().reshape(-1).to(wire) for t in tensors])
 
 
 def unpack(buf: torch.Tensor, like: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
@@ -49,10 +59,12 @@ def _isend(cp: ContextParallel, buf: torch.Tensor, dst: int, tag: int) -> None:
 
 
 class PostedRecv:
-    """An ``irecv`` of ``numel`` fp32 values from ``src`` posted now, waited for by :meth:`wait`."""
+    """An ``irecv`` of the message ``like`` (shapes, dtypes) from ``src`` posted now, waited for by
+    :meth:`wait`."""
 
-    def __init__(self, cp: ContextParallel, numel: int, src: int, tag: int) -> None:
-        self.cp, self.buf = cp, torch.empty(numel)
+    def __init__(self, cp: ContextParallel, like: Like, src: int, tag: int) -> None:
+        numel = sum(math.prod(s) for s, _ in like)
+        self.cp, self.buf = cp, torch.empty(numel, dtype=wire_dtype([d for _, d in like]))
         self.work = dist.irecv(self.buf, src=src, tag=tag)
 
     def wait(self, counter: str) -> torch.Tensor:
@@ -80,8 +92,7 @@ class HaloExchange(torch.autograd.Function):
         if send:
             _isend(cp, pack(tensors), grp.next, tag)
         if recv:
-            n = sum(math.prod(s) for s, _ in recv_like)
-            buf = PostedRecv(cp, n, grp.prev, tag).wait("comm_s")
+            buf = PostedRecv(cp, recv_like, grp.prev, tag).wait("comm_s")
             out = unpack(buf, recv_like)
         else:
             out = [torch.zeros(s, dtype=d) for s, d in recv_like]
@@ -93,11 +104,10 @@ class HaloExchange(torch.autograd.Function):
         grp = cp.group
         grads = grads[:-1]  # the token's gradient is meaningless
         if ctx.recv:
-            full = [torch.zeros(s, dtype=torch.float32) if g is None else g for g, (s, _) in zip(grads, ctx.recv_like)]
+            full = [torch.zeros(s, dtype=d) if g is None else g.to(d) for g, (s, d) in zip(grads, ctx.recv_like)]
             _isend(cp, pack(full), grp.prev, ctx.tag + 1)
         if ctx.send:
-            n = sum(math.prod(s) for s, _ in ctx.like)
-            buf = PostedRecv(cp, n, grp.next, ctx.tag + 1).wait("comm_s")
+            buf = PostedRecv(cp, ctx.like, grp.next, ctx.tag + 1).wait("comm_s")
             gin = unpack(buf, ctx.like)
         else:
             gin = [torch.zeros(s, dtype=d) for s, d in ctx.like]
@@ -133,7 +143,7 @@ class FromPrev(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        full = [torch.zeros(s, dtype=torch.float32) if g is None else g for g, (s, _) in zip(grads, ctx.like)]
+        full = [torch.zeros(s, dtype=d) if g is None else g.to(d) for g, (s, d) in zip(grads, ctx.like)]
         _isend(ctx.cp, pack(full), ctx.cp.group.prev, ctx.tag + 1)
         return None, None, None, None, None
 
@@ -153,8 +163,7 @@ class ToNext(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad_token):
         cp = ctx.cp
-        n = sum(math.prod(s) for s, _ in ctx.like)
-        buf = PostedRecv(cp, n, cp.group.next, ctx.tag + 1).wait("wait_s")
+        buf = PostedRecv(cp, ctx.like, cp.group.next, ctx.tag + 1).wait("wait_s")
         return (None, None, None, *unpack(buf, ctx.like))
 
 
@@ -184,6 +193,8 @@ class AllGather(torch.autograd.Function):
     def forward(ctx, cp, flat, anchor):
         ctx.cp = cp
         grp = cp.group
+        if grp.size == 1:
+            return flat.detach().clone()[None]
         t0 = time.perf_counter()
         out = [torch.empty_like(flat) for _ in range(grp.size)]
         dist.all_gather(out, flat.contiguous(), group=grp.group)
@@ -195,6 +206,8 @@ class AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         cp = ctx.cp
+        if cp.group.size == 1:
+            return None, g[0], None
         t0 = time.perf_counter()
         g = g.contiguous().clone()
         dist.all_reduce(g, group=cp.group.group)

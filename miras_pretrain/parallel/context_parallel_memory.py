@@ -60,8 +60,11 @@ class MirasLayerCP:
     ``ActiveCP.miras_layer``; posts the receive of rank r-1's state right away so the transfer
     overlaps this rank's projections and convolutions."""
 
-    def __init__(self, active: ActiveCP, spec, *, batch: int, heads: int, head_dim: int, chunk_size: int) -> None:
+    def __init__(self, active: ActiveCP, spec, *, batch: int, heads: int, head_dim: int, chunk_size: int,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.cp, self.layout, self.spec = active.runtime, active.layout, spec
+        self.dtype = dtype  # of q, k, v; gates are fp32; the state at least fp32 (as in the op)
+        self.sdt = torch.promote_types(dtype, torch.float32)
         self.batch, self.heads, self.dk = batch, heads, head_dim
         self.chunk = chunk_size
         self.scheme = self.cp.scheme_for(spec)
@@ -78,9 +81,17 @@ class MirasLayerCP:
         self.state_tag = self.cp.next_tag()
         self.posted: PostedRecv | None = None
         if self.scheme == "state_passing" and first.continues_in:
-            n_state = sum(batch * heads * r * c for r, c in (self.shapes[k.removeprefix("S_")] for k in self.keys))
-            per_tok = batch * heads * (3 * head_dim + len(self.names) - 3)
-            self.posted = PostedRecv(self.cp, n_state + self.l_in * per_tok, self.cp.group.prev, self.state_tag)
+            self.posted = PostedRecv(self.cp, self._carry_like(), self.cp.group.prev, self.state_tag)
+
+    def _carry_like(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of the carry rank r-1 sends: the state, then the tail tokens' inputs
+        (q, k, v in the activation dtype, gates [B, L, H] in fp32, as the mixer makes them)."""
+        b, h, d = self.batch, self.heads, self.dk
+        like = [((b, h, *self.shapes[k.removeprefix("S_")]), self.sdt) for k in self.keys]
+        if self.l_in:
+            like += [((b, self.l_in, h, d), self.dtype) if n in ("q", "k", "v") else ((b, self.l_in, h), torch.float32)
+                     for n in self.names]
+        return like
 
     # ------------------------------------------------------------------ conv with halo
     def conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -146,9 +157,9 @@ class MirasLayerCP:
             r, c = self.shapes[key.removeprefix("S_")]
             t = None if init is None else init.get(key)
             if t is None:
-                out[key] = torch.zeros(rows, self.heads, r, c)
+                out[key] = torch.zeros(rows, self.heads, r, c, dtype=self.sdt)
             else:
-                out[key] = (t.unsqueeze(0) if t.dim() == 3 else t).float().expand(rows, self.heads, r, c)
+                out[key] = (t.unsqueeze(0) if t.dim() == 3 else t).to(self.sdt).expand(rows, self.heads, r, c)
         return out
 
     def _tail_like(self, tok: Tok, length: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -188,15 +199,17 @@ class MirasLayerCP:
         state_in = tail_in = None
         if first.continues_in:
             buf = self.posted.wait("wait_s")
-            state_like = [((self.batch, self.heads, *self.shapes[k.removeprefix("S_")]), torch.float32) for k in self.keys]
-            like = state_like + (self._tail_like(tok, self.l_in) if self.l_in else [])
+            like = self._carry_like()
+            if self.l_in and like[len(self.keys):] != self._tail_like(tok, self.l_in):
+                raise ValueError("MirasLayerCP: the memory inputs' shapes/dtypes differ from the carry layout "
+                                 "(q, k, v [B, T, H, d] in the activation dtype, gates [B, T, H] fp32)")
             got = FromPrev.apply(self.cp, self.state_tag, buf, like, anchor())
             state_in = dict(zip(self.keys, got[: len(self.keys)]))
             tail_in = dict(zip(tok, got[len(self.keys):])) if self.l_in else None
         y, carry = self._run_local(tok, state_in, tail_in, split_out=last.continues_out)
         if last.continues_out:
             state, tail = carry
-            sent = [state[key].float().expand(self.batch, *state[key].shape[1:]) for key in self.keys]
+            sent = [state[key].to(self.sdt).expand(self.batch, *state[key].shape[1:]) for key in self.keys]
             sent += list(tail.values()) if tail else []
             y = Attach.apply(y, ToNext.apply(self.cp, self.state_tag, anchor(), *sent))
         return y
@@ -204,14 +217,14 @@ class MirasLayerCP:
     # ------------------------------------------------------------------ all-gather scheme
     def _cat_state(self, st: State) -> torch.Tensor:
         """State dict -> Z = [W | S_W] ([rows, H, dv, m]) in fp32."""
-        return torch.cat([st[key].float() for key in self.keys], dim=-1)
+        return torch.cat([st[key].to(self.sdt) for key in self.keys], dim=-1)
 
     def _transition(self, part: Tok) -> torch.Tensor:
         """A [B, H, m, m] with ``Z_end = Z_0 @ A + B`` over ``part`` (aligned to the chunk grid):
         the op run with v = 0 from the identity state (one probe row per state column)."""
         b, _, h, dk = part["k"].shape
         m = dk * len(self.keys)
-        eye = torch.eye(m).expand(b, h, m, m)
+        eye = torch.eye(m, dtype=self.sdt).expand(b, h, m, m)
         init = {key: eye[..., i * dk:(i + 1) * dk] for i, key in enumerate(self.keys)}
         probe = dict(part)
         probe["v"] = part["v"].new_zeros(b, part["v"].shape[1], h, m)
@@ -232,8 +245,8 @@ class MirasLayerCP:
         b, h, dk = tok["k"].shape[0], self.heads, self.dk
         m = dk * len(self.keys)
         dv = tok["v"].shape[-1]
-        A = torch.zeros(b, h, m, m)
-        Bz = torch.zeros(b, h, dv, m)
+        A = torch.zeros(b, h, m, m, dtype=self.sdt)
+        Bz = torch.zeros(b, h, dv, m, dtype=self.sdt)
         if last.continues_out:
             frag = _cut(tok, last.start, last.end)
             if last.continues_in and tail_in:
@@ -245,7 +258,7 @@ class MirasLayerCP:
                     A = self._transition(aligned)
                     Bz = self._cat_state(self._op(aligned, None, True)[1])
                 else:
-                    A = torch.eye(m).expand(b, h, m, m)
+                    A = torch.eye(m, dtype=self.sdt).expand(b, h, m, m)
             else:  # the document starts here: a constant (A = 0)
                 Bz = self._cat_state(self._op(aligned, self.init, True)[1] if n_al else self._full_state(self.init, b))
         # 3. one all-gather of every rank's (A, B); fold the prefix in fp32
@@ -253,7 +266,7 @@ class MirasLayerCP:
         gathered = AllGather.apply(self.cp, torch.cat([A.reshape(-1), Bz.reshape(-1)]), anchor())
         state_in = None
         if first.continues_in:
-            z = torch.zeros(b, h, dv, m)
+            z = torch.zeros(b, h, dv, m, dtype=self.sdt)
             for j in range(grp.rank):
                 a_j = gathered[j, : sizes[0]].view(b, h, m, m)
                 b_j = gathered[j, sizes[0]:].view(b, h, dv, m)

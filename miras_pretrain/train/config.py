@@ -196,6 +196,9 @@ class TrainConfig:
     # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed default 1e5 when
     # null); tests set 0 so a tiny model is really partitioned
     zero3_persistence_threshold: Optional[int] = None
+    # wall-clock limit of this job's training loop (minutes): when reached, evaluate, save a
+    # checkpoint and exit with the requeue code (75) so a resubmitted job continues; null = none
+    time_limit_minutes: Optional[float] = None
     # "cpu" or "cuda"; auto picks cuda when available
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -217,6 +220,8 @@ class TrainConfig:
         _require(self.tensor_parallel >= 1, f"{p}.tensor_parallel", "must be >= 1")
         _require(self.pipeline_parallel >= 1, f"{p}.pipeline_parallel", "must be >= 1")
         _require(self.max_consecutive_skips >= 1, f"{p}.max_consecutive_skips", "must be >= 1")
+        _require(self.time_limit_minutes is None or self.time_limit_minutes > 0,
+                 f"{p}.time_limit_minutes", "must be > 0 or null")
 
 
 @dataclass

@@ -40,7 +40,7 @@ def _configs_dir() -> Path:
     )
 
 
-def _time_step(cfg: RunConfig, repeats: int = 3) -> float:
+def _time_step(cfg: RunConfig, repeats: int = 1) -> float:
     """Seconds per optimizer step of the configured model at the configured batch shape
     (forward + backward + AdamW on random tokens; the median of ``repeats`` after a warm-up)."""
     import dataclasses
@@ -113,7 +113,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 5.0, steps: Optional[int] 
         + list(overrides or []),
     )
 
-    _banner("2/4 sizing the run")
+    _banner("2/4 sizing the run to the time budget")
     if steps is None:
         step_s = _time_step(cfg)
         evals_s = 0.0
@@ -127,7 +127,9 @@ def run_demo(out: str = "runs/demo", minutes: float = 5.0, steps: Optional[int] 
     else:
         n_steps = steps
         print(f"    {n_steps} steps (--steps)", flush=True)
-    sized = [f"train.max_steps={n_steps}",
+    # safety net on a machine slower than the calibration said: stop (evaluate + checkpoint)
+    # when the budget is overrun by half
+    sized = [f"train.max_steps={n_steps}", f"train.time_limit_minutes={minutes * 1.5:g}",
              f"train.warmup_steps={min(cfg.train.warmup_steps, max(1, n_steps // 10))}"]
     if cfg.eval.interval > n_steps:
         sized.append(f"eval.interval={max(1, n_steps // 2)}")
@@ -151,7 +153,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 5.0, steps: Optional[int] 
     train_s = time.perf_counter() - t0
 
     _banner("4/4 results")
-    if result.exit_code != 0 or not result.val_history:
+    if result.reason not in ("done", "time_limit") or not result.val_history:
         print(f"    training stopped early (exit code {result.exit_code}): {result.message}", flush=True)
         return result.exit_code or 1
     (s0, v0), (s1, v1) = result.val_history[0], result.val_history[-1]

@@ -21,6 +21,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# variables this process invented for its lone 1-process group; removed again by destroy() so
+# an in-process caller (tests, the demo) is left as it was
+_ADDED_ENV: list[str] = []
+
+
 def _fill_env_for_single_process() -> None:
     # SLURM without torchrun: map SLURM's variables to torch's
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ \
@@ -32,9 +37,14 @@ def _fill_env_for_single_process() -> None:
             raise ValueError("SLURM launch without torchrun needs MASTER_ADDR and MASTER_PORT in the environment")
         return
     if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        added = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_PORT": str(_free_port())}
+        if "MASTER_ADDR" not in os.environ:
+            added["MASTER_ADDR"] = "127.0.0.1"
+        for k, v in added.items():
+            if k not in os.environ:
+                _ADDED_ENV.append(k)
+            os.environ[k] = v
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -105,3 +115,10 @@ def destroy() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+    restore_env()
+
+
+def restore_env() -> None:
+    """Drop the launcher variables :func:`init_distributed` invented for a lone process."""
+    while _ADDED_ENV:
+        os.environ.pop(_ADDED_ENV.pop(), None)

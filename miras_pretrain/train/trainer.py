@@ -49,6 +49,8 @@ class TrainResult:
     skipped_steps: int = 0
     wandb_dir: Optional[str] = None
     message: str = ""
+    # "done" | "signal" | "time_limit" | "nonfinite"
+    reason: str = "done"
 
 
 @dataclass
@@ -78,6 +80,7 @@ def _teardown(layout: _Layout) -> None:
         from miras_pretrain.parallel import state as pstate
 
         pstate.destroy_parallel()
+        mdist.restore_env()
     else:
         mdist.destroy()
 
@@ -87,6 +90,8 @@ def _build_model(model_cfg, layout: _Layout, cfg: RunConfig):
     if layout.pp > 1:
         from miras_pretrain.model import build_pipeline_module
 
+        # activation checkpointing per block is done by the blocks themselves
+        # (ModelConfig.activation_checkpointing), so the pipeline's own interval stays 0
         return build_pipeline_module(model_cfg)
     from miras_pretrain.model import build_model
 
@@ -222,9 +227,11 @@ class Trainer:
         return self.engine(ids, labels=labels)
 
     def _pipe_iter(self, n: int, source) -> Iterator:
+        """``n`` micro-batches in the pipeline engine's format: ``(input_ids, labels)`` or,
+        with packed documents, ``((input_ids, cu_seqlens), labels)``."""
         for _ in range(n):
-            b = source()
-            yield (b["input_ids"], b["labels"])
+            ids, labels, cu = data_bridge.model_inputs(source())
+            yield ((ids, cu), labels) if cu is not None else (ids, labels)
 
     def train_step(self) -> tuple[float, bool, float]:
         """One optimizer step (grad_accum micro-batches). Returns (mean loss, applied, grad norm)."""
@@ -346,6 +353,9 @@ class Trainer:
         last_ckpt: Optional[Path] = None
         exit_code = EXIT_OK
         message = ""
+        reason = "done"
+        loop_t0 = time.perf_counter()
+        limit_s = t.time_limit_minutes * 60 if t.time_limit_minutes else None
         window_losses: list[float] = []
         window_t0 = time.perf_counter()
         window_steps = 0
@@ -399,28 +409,39 @@ class Trainer:
                                         tok_s=f"{tok_s:.0f}", refresh=False)
                     window_losses, window_steps, window_t0 = [], 0, time.perf_counter()
                 final = self.step == t.max_steps
+                # the time limit must be agreed on by all ranks (clocks differ slightly)
+                out_of_time = limit_s is not None and not final and mdist.all_reduce_max(
+                    1.0 if time.perf_counter() - loop_t0 > limit_s else 0.0) > 0
+                if out_of_time:
+                    final = True
                 if (cfg.eval.interval and self.step % cfg.eval.interval == 0) or final:
                     v = self.evaluate()
                     self.val_history.append((self.step, v))
                     logger.log(self.step, {"val/loss": v, "val/ppl": math.exp(min(v, 50.0))})
                     say(f"step {self.step}: val loss {v:.4f}  ppl {math.exp(min(v, 50.0)):.2f}")
                 if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or (
-                        final and cfg.checkpoint.save_at_end):
+                        final and (cfg.checkpoint.save_at_end or out_of_time)):
                     last_ckpt = self.save()
                 if cfg.debug.sleep_per_step:
                     time.sleep(cfg.debug.sleep_per_step)
                 # every rank must agree before anyone saves: a scheduler signals ranks at
                 # slightly different times
+                if out_of_time:
+                    message = (f"time limit of {t.time_limit_minutes:g} min reached at step {self.step}; "
+                               f"checkpoint {last_ckpt}")
+                    say(message)
+                    exit_code, reason = EXIT_REQUEUE, "time_limit"
+                    break
                 if not final and mdist.all_reduce_max(1.0 if stop.received is not None else 0.0) > 0:
                     if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
                         last_ckpt = self.save()
                     message = f"stopped by signal at step {self.step}; checkpoint {last_ckpt}"
                     say(message)
-                    exit_code = EXIT_REQUEUE
+                    exit_code, reason = EXIT_REQUEUE, "signal"
                     break
         except NonFiniteAbort as err:
             message = str(err)
-            exit_code = EXIT_NONFINITE
+            exit_code, reason = EXIT_NONFINITE, "nonfinite"
             say(message)
         finally:
             stop.restore()
@@ -430,13 +451,13 @@ class Trainer:
             logger.summary({"val/first_loss": self.val_history[0][1], "val/last_loss": self.val_history[-1][1]})
         wandb_dir = logger.wandb_dir
         logger.finish(exit_code=0 if exit_code in (EXIT_OK, EXIT_REQUEUE) else exit_code)
-        if self.is_main and logger.path is not None and exit_code == EXIT_OK:
+        if self.is_main and logger.path is not None and reason in ("done", "time_limit"):
             from miras_pretrain.train.plot import plot_loss_curve
 
             plot_loss_curve(logger.path, cfg.out_dir / "loss_curve.png", title=cfg.run.name)
         return TrainResult(exit_code=exit_code, step=self.step, out_dir=cfg.out_dir, checkpoint=last_ckpt,
                            val_history=list(self.val_history), skipped_steps=self.skipped_total,
-                           wandb_dir=wandb_dir, message=message)
+                           wandb_dir=wandb_dir, message=message, reason=reason)
 
 
 def train(cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False) -> TrainResult:

@@ -594,6 +594,8 @@ class MirasForCausalLM(MirasPreTrainedModel, GenerationMixin):
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MirasForCausalLM: pass exactly one of input_ids and inputs_embeds")
+        if past_key_values is None:  # transformers 5 renamed the argument to ``cache``
+            past_key_values = kwargs.pop("cache", None)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if past_key_values is not None and not isinstance(past_key_values, MirasCache):
             raise ValueError(
@@ -625,6 +627,8 @@ class MirasForCausalLM(MirasPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):
         """Feed only the tokens the cache has not seen (all of them without a cache)."""
+        if past_key_values is None:  # transformers 5 passes the cache as ``cache``
+            past_key_values = kwargs.get("cache")
         if past_key_values is not None:
             input_ids = input_ids[:, past_key_values.get_seq_length():]
             inputs_embeds = None
