@@ -107,10 +107,17 @@ def clean_stale(root: str) -> list[str]:
 
 @contextlib.contextmanager
 def machine_lock(root: str):
-    """Exclusive flock on ``<root>/.construct.lock``: serializes streaming's shm-prefix choice
-    between jobs starting at once on one machine."""
+    """Exclusive flock that serializes streaming's shm-prefix choice between jobs starting at
+    once on one machine.
+
+    The lock file lives in ``/dev/shm`` (node-local by definition, like the segments it guards),
+    not under ``root``: a cache root on a shared file system would otherwise make the node
+    leaders of one multi-node job wait on each other's lock while streaming's construction waits
+    on all of them -- a deadlock seen on a 2-node SLURM emulation. ``root`` is the fallback where
+    ``/dev/shm`` is missing."""
     Path(root).mkdir(parents=True, exist_ok=True)
-    with open(Path(root, ".construct.lock"), "a+") as f:
+    lock_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(root)
+    with open(lock_dir / "miras_pretrain_construct.lock", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
