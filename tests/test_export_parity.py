@@ -91,9 +91,14 @@ def test_cached_generation_equals_full_recompute(name, tok_path, tmp_path_factor
     prompt = torch.randint(3, cfg.vocab_size, (1, 21))
     kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=2, eos_token_id=None,
               attention_mask=torch.ones_like(prompt))
+    seen = []  # input lengths per forward call: the cached run must feed one token per step
+    orig = hf.forward
+    hf.forward = lambda *a, **k: seen.append(k["input_ids"].shape[1]) or orig(*a, **k)
     with torch.no_grad():
         cached = hf.generate(prompt, use_cache=True, **kw)
+        assert seen == [21] + [1] * 19
         full = hf.generate(prompt, use_cache=False, **kw)
+        assert seen[20:] == list(range(21, 41))
         assert cached.shape[1] == 41
         assert torch.equal(cached, full)
         # and the greedy continuation is the training model's argmax at every step

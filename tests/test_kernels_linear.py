@@ -238,18 +238,20 @@ def test_chunk_broadcast_initial_state_and_no_final_state():
     assert rel(y, yr) < TOL_FP32 and rel(W0.grad, W0r.grad) < TOL_FP32
 
 
-@pytest.mark.parametrize("preset,learner", [("gated_delta", "gd"), ("gla", "momentum")])
-def test_chunk_matches_ops_chunked_backend(preset, learner):
+@pytest.mark.parametrize("preset,learner,varlen", [("gated_delta", "gd", False), ("gla", "momentum", True)])
+def test_chunk_matches_ops_chunked_backend(preset, learner, varlen):
     """Same numbers as the PyTorch chunked backend of miras_memory (forward, state, gradients)."""
     spec = MirasSpec.preset(preset, learner=learner, bias="lp")
-    x = make_inputs(2, 40, 2, 16, 16)
-    leaves, y, state = run_kernel(chunk_miras_linear, spec, 16, x, torch.float32)
+    cu = torch.tensor([0, 7, 30, 40], dtype=torch.int32) if varlen else None
+    x = make_inputs(1 if varlen else 2, 40, 2, 16, 16, n_state=3 if varlen else None)
+    leaves, y, state = run_kernel(chunk_miras_linear, spec, 16, x, torch.float32, cu_seqlens=cu)
     rl = {n: t.detach().double().clone().requires_grad_() for n, t in leaves.items()}
     init = {"W": rl["W0"]}
     if learner == "momentum":
         init["S_W"] = rl["S0"]
     yr, sr = miras_memory(rl["q"], rl["k"], rl["v"], rl.get("alpha"), rl["eta"], spec=spec, chunk_size=16,
-                          mu=rl.get("mu"), initial_state=init, output_final_state=True, backend="chunked")
+                          mu=rl.get("mu"), initial_state=init, output_final_state=True, cu_seqlens=cu,
+                          backend="chunked")
     assert rel(y, yr) < TOL_FP32 and rel(state["W"], sr["W"]) < TOL_FP32
     gy = torch.randn(yr.shape, dtype=torch.float64)
     names = list(leaves)

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from miras_pretrain.ops import MirasSpec, miras_memory
 
-GATE_NAMES = ("alpha", "eta", "delta", "mu")
 
 
 def make_case(spec: MirasSpec, B=2, T=13, H=2, D=4, dtype=torch.float64, channel=False, seed=0,

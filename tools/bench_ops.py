@@ -5,7 +5,7 @@
 For every preset and sequence length it times one forward + backward (sum(y * g) with a fixed
 random cotangent; gradients w.r.t. q, k, v, all gates and the initial state) and measures peak
 memory as the growth of the process's peak resident set size (VmHWM in /proc/self/status, reset
-through /proc/self/clear_refs before each run) over the resident size before the run; this
+through /proc/self/clear_refs after malloc_trim before each run) over the resident size before the run; this
 counts every allocation torch makes on CPU (tracemalloc would not see them). The recurrent form
 at the longest length is extrapolated linearly from the previous length (it is a token loop,
 O(T)) unless --full-recurrent is given. Targets (2-core CPU): chunked >= 10x faster than
@@ -15,6 +15,8 @@ recurrent at T=2048 for linear memories, >= 5x for MLP memories; chunked T=8192/
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -42,7 +44,13 @@ def _proc_status() -> dict[str, int]:
 
 
 def _reset_peak() -> int:
-    """Reset the peak-RSS counter; returns the current RSS in bytes (0 if unsupported)."""
+    """Return freed heap to the OS (else a run reusing an earlier run's freed pages shows no
+    growth) and reset the peak-RSS counter; returns the current RSS in bytes (0 if unsupported)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -78,7 +86,7 @@ def run_once(spec: MirasSpec, backend: str, T: int, B: int, H: int, D: int, chun
     y, _ = miras_memory(*args, spec=spec, chunk_size=chunk, backend=backend, **kw)
     (y * cot).sum().backward()
     elapsed = time.perf_counter() - t0
-    peak = _proc_status()["VmHWM"] - base if base else 0
+    peak = max(_proc_status()["VmHWM"] - base, 0) if base else 0
     if not bool(torch.isfinite(y).all()):
         raise RuntimeError(f"non-finite output for {spec} {backend} T={T}")
     return elapsed, peak
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                        threads=torch.get_num_threads(), torch=torch.__version__,
                        machine=platform.machine(), cpus=os.cpu_count(),
                        load_average=os.getloadavg(),
-                       memory_method="peak RSS growth (VmHWM after clear_refs=5) over RSS before the run"),
+                       memory_method="peak RSS growth over RSS before the run (malloc_trim, then VmHWM reset by clear_refs=5)"),
         "rows": rows,
         "summary": summary,
     }, indent=2))

@@ -47,10 +47,11 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def _check_tensor(name: str, t, dims: str, ndim: int, device: torch.device) -> None:
+def _check_tensor(name: str, t, dims: str, ndim: int | None, device: torch.device) -> None:
+    """Type, rank (unless ndim is None), floating dtype and device of one input."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {dims} (got {type(t).__name__})")
-    if t.dim() != ndim:
+    if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have shape {dims} (got {_shape(t)})")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor (got {t.dtype}): cast it with .float()")
@@ -61,7 +62,7 @@ def _check_tensor(name: str, t, dims: str, ndim: int, device: torch.device) -> N
 def _check_gate(name: str, t, B: int, T: int, H: int, device, why: str) -> None:
     if t is None:
         raise ValueError(f"{name} is required {why}: pass a [B, T, H] tensor")
-    _check_tensor(name, t, "[B, T, H]", t.dim() if isinstance(t, torch.Tensor) else 3, device)
+    _check_tensor(name, t, "[B, T, H]", None, device)
     if tuple(t.shape) != (B, T, H):
         raise ValueError(f"{name} must have shape [B, T, H] = [{B}, {T}, {H}] (got {_shape(t)})")
 
@@ -119,7 +120,7 @@ def prepare_inputs(
             raise ValueError(
                 f"alpha is required for retention={spec.retention!r}: pass a [B, T, H] tensor in (0, 1]"
             )
-        _check_tensor("alpha", alpha, "[B, T, H] or [B, T, H, dk]", alpha.dim() if isinstance(alpha, torch.Tensor) else 3, device)
+        _check_tensor("alpha", alpha, "[B, T, H] or [B, T, H, dk]", None, device)
         if alpha.dim() == 4:
             if spec.memory != "linear":
                 raise ValueError(
@@ -127,9 +128,14 @@ def prepare_inputs(
                     "pass [B, T, H] for memory='mlp'"
                 )
             if tuple(alpha.shape) != (B, T, H, dk):
-                raise ValueError(f"alpha must have shape [B, T, H] or [B, T, H, dk] = [{B}, {T}, {H}, {dk}] (got {_shape(alpha)})")
+                raise ValueError(
+                    f"alpha must have shape [B, T, H] or [B, T, H, dk] = [{B}, {T}, {H}, {dk}] (got {_shape(alpha)})"
+                )
         elif tuple(alpha.shape) != (B, T, H):
-            raise ValueError(f"alpha must have shape [B, T, H] = [{B}, {T}, {H}] (or [B, T, H, dk] for memory='linear') (got {_shape(alpha)})")
+            raise ValueError(
+                f"alpha must have shape [B, T, H] = [{B}, {T}, {H}] (or [B, T, H, dk] for memory='linear') "
+                f"(got {_shape(alpha)})"
+            )
     else:
         alpha = None  # retention 'none' has alpha = 1 by definition; a passed gate is ignored
     if spec.needs_delta:
@@ -145,7 +151,10 @@ def prepare_inputs(
     bounds = None
     n_states = B
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
+        if (
+            not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
+            or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2
+        ):
             raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of document offsets (0, ..., T)")
         if B != 1:
             raise ValueError(f"cu_seqlens needs batch size B == 1 (got B={B}): pack the documents into one row")
@@ -169,7 +178,9 @@ def prepare_inputs(
             )
     else:
         if not isinstance(initial_state, Mapping):
-            raise ValueError(f"initial_state must be a dict with keys {spec.state_keys()} (got {type(initial_state).__name__})")
+            raise ValueError(
+                f"initial_state must be a dict with keys {list(spec.state_keys())} (got {type(initial_state).__name__})"
+            )
         unknown = sorted(set(initial_state) - set(spec.state_keys()))
         if unknown:
             raise ValueError(f"initial_state has unknown key(s) {unknown}: valid keys are {list(spec.state_keys())}")

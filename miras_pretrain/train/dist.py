@@ -115,7 +115,27 @@ def destroy() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+    reset_deepspeed_groups()
     restore_env()
+
+
+def reset_deepspeed_groups() -> None:
+    """Forget the process groups DeepSpeed cached at module level (``deepspeed.utils.groups``).
+
+    They refer to the destroyed default group; a second engine in the same process (tests, the
+    benchmark, the demo after a sizing run) would otherwise use them and fail.
+    """
+    from deepspeed.utils import groups
+
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+                 "_MPU_TENSOR_MODEL_PARALLEL_RANK"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
 
 
 def restore_env() -> None:

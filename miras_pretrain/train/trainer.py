@@ -80,6 +80,7 @@ def _teardown(layout: _Layout) -> None:
         from miras_pretrain.parallel import state as pstate
 
         pstate.destroy_parallel()
+        mdist.reset_deepspeed_groups()
         mdist.restore_env()
     else:
         mdist.destroy()
