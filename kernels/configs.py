@@ -5,12 +5,12 @@ limit, so a config is listed here only once it compiles cleanly; a call with no 
 falls back to the PyTorch path (``kernels.supports`` names why).
 
 * ``BT`` is the chunk size (16, 32, 64); ``BK`` the key head dim padded to a power of two >= 32
-  (masked loads cover dk in 1..BK); ``BV`` the value block one program owns (32: huber needs the
-  whole value row in one block, so huber runs only for dv <= 32).
+  (masked loads cover dk in 1..BK); ``BV`` the value block one program owns (huber needs the
+  whole value row in one block, so it runs only where ``BV`` covers the padded dv).
 * ``learner``: ``gd`` or ``momentum`` (momentum keeps a second state tile, so it needs its own,
   often smaller, set). Each config is compiled in its class's heaviest code variant (huber bias).
-* Kernels: ``chunk_fwd``, ``chunk_bwd_dstate``, ``chunk_bwd_grads``
-  (:mod:`kernels.miras_linear.chunk_kernels`); ``recurrent_fwd``
+* Kernels: ``chunk_fwd``, ``chunk_bwd_dstate``, ``chunk_bwd_dqg`` / ``chunk_bwd_dkv`` (the two
+  launches of ``miras_linear_chunk_bwd_grads_kernel``, PART 0/1) (:mod:`kernels.miras_linear.chunk_kernels`); ``recurrent_fwd``
   (:mod:`kernels.miras_linear.fused_recurrent`, BT unused = 1, BV = whole padded dv).
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CHUNK_SIZES = (16, 32, 64)
-CHUNK_KERNELS = ("chunk_fwd", "chunk_bwd_dstate", "chunk_bwd_grads")
+CHUNK_KERNELS = ("chunk_fwd", "chunk_bwd_dstate", "chunk_bwd_dqg", "chunk_bwd_dkv")
 MIN_BLOCK = 32
 
 
@@ -37,21 +37,35 @@ class KernelConfig:
         return f"{self.learner} BT={self.BT} BK={self.BK} BV={self.BV} w={self.num_warps} s={self.num_stages}"
 
 
-# (kernel, learner, BT, BK) -> num_warps, for BV = 32. Filled from tools/kernel_report.py runs:
-# only spill-free entries are listed (see the report in the module's git history / final report).
-_CHUNK_TABLE: dict[tuple[str, str, int, int], int] = {
-    (kernel, learner, BT, BK): max(1, BT // 16) * (2 if BK >= 64 or learner == "momentum" else 1)
-    for kernel in CHUNK_KERNELS
-    for learner in ("gd", "momentum")
-    for BT in CHUNK_SIZES
-    for BK in (32, 64, 128)
+# (kernel, learner, BT, BK) -> (BV, num_warps). Only entries whose heaviest variant compiled
+# spill-free for sm_80 and sm_90 in tools/kernel_report.py are listed (tuned by hand from its
+# table: more warps or a narrower value block where a first choice spilled).
+_CHUNK_TABLE: dict[tuple[str, str, int, int], tuple[int, int]] = {
+    # gd
+    ("chunk_fwd", "gd", 16, 32): (32, 1), ("chunk_fwd", "gd", 16, 64): (32, 2),
+    ("chunk_fwd", "gd", 32, 32): (32, 2), ("chunk_fwd", "gd", 32, 64): (32, 8),
+    ("chunk_fwd", "gd", 64, 32): (16, 4),
+    ("chunk_bwd_dstate", "gd", 16, 32): (32, 1), ("chunk_bwd_dstate", "gd", 16, 64): (32, 2),
+    ("chunk_bwd_dstate", "gd", 32, 32): (32, 4), ("chunk_bwd_dstate", "gd", 32, 64): (32, 8),
+    ("chunk_bwd_dstate", "gd", 64, 32): (16, 4),
+    ("chunk_bwd_dqg", "gd", 16, 32): (32, 2), ("chunk_bwd_dqg", "gd", 16, 64): (32, 4),
+    ("chunk_bwd_dqg", "gd", 32, 32): (32, 8), ("chunk_bwd_dqg", "gd", 32, 64): (16, 8),
+    ("chunk_bwd_dqg", "gd", 64, 32): (16, 8),
+    ("chunk_bwd_dkv", "gd", 16, 32): (32, 2), ("chunk_bwd_dkv", "gd", 16, 64): (32, 2),
+    ("chunk_bwd_dkv", "gd", 32, 32): (32, 4), ("chunk_bwd_dkv", "gd", 32, 64): (32, 4),
+    ("chunk_bwd_dkv", "gd", 64, 32): (16, 4),
+    # momentum
+    ("chunk_fwd", "momentum", 16, 32): (32, 2), ("chunk_fwd", "momentum", 32, 32): (32, 4),
+    ("chunk_bwd_dstate", "momentum", 16, 32): (32, 2), ("chunk_bwd_dstate", "momentum", 32, 32): (32, 8),
+    ("chunk_bwd_dqg", "momentum", 16, 32): (32, 4), ("chunk_bwd_dqg", "momentum", 32, 32): (32, 8),
+    ("chunk_bwd_dkv", "momentum", 16, 32): (32, 2), ("chunk_bwd_dkv", "momentum", 32, 32): (32, 4),
 }
 _RECURRENT_TABLE: dict[tuple[int, int], int] = {(32, 32): 2, (32, 64): 4, (64, 32): 4, (64, 64): 4}
 
 
 def _build() -> tuple[KernelConfig, ...]:
-    out = [KernelConfig(kernel, BT, BK, 32, min(w, 8), 1, learner)
-           for (kernel, learner, BT, BK), w in _CHUNK_TABLE.items()]
+    out = [KernelConfig(kernel, BT, BK, BV, w, 1, learner)
+           for (kernel, learner, BT, BK), (BV, w) in _CHUNK_TABLE.items()]
     out += [KernelConfig("recurrent_fwd", 1, BK, BV, w, 1, "any") for (BK, BV), w in _RECURRENT_TABLE.items()]
     return tuple(out)
 

@@ -32,7 +32,7 @@ import torch
 
 from miras_pretrain.parallel.context_parallel_launch import spawn
 
-pytestmark = [pytest.mark.distributed]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 TOL64 = 1e-5  # relative to max(1, max|ref|), float64 cases

@@ -19,7 +19,7 @@ import torch
 
 from miras_pretrain.parallel.context_parallel_launch import spawn
 
-pytestmark = [pytest.mark.distributed]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 V = 64
@@ -57,13 +57,11 @@ def _reference(path: Path) -> None:
 
 
 def _worker(rank: int, world: int, workdir: str) -> None:
-    import torch.distributed as dist
-
     from miras_pretrain.model import ModelConfig, build_model
     from miras_pretrain.parallel import state
     from miras_pretrain.parallel.checkpoint import gather_full_state_dict, shard_state_dict
     from miras_pretrain.parallel.context_parallel import (
-        ContextParallel, CPGroup, cp_loss_reduce, slice_batch_for_cp, validate_cp_model,
+        ContextParallel, CPGroup, all_reduce_cp_grads, cp_loss_reduce, slice_batch_for_cp, validate_cp_model,
     )
     from miras_pretrain.parallel.mpu import MegatronMPU
 
@@ -88,8 +86,7 @@ def _worker(rank: int, world: int, workdir: str) -> None:
             loss = loss * local["cp_loss_scale"]
         loss.backward()
         cp.finish_step()
-        for p in model.parameters():
-            dist.all_reduce(p.grad, group=grp.group)
+        all_reduce_cp_grads(model.parameters(), grp)  # what DeepSpeed's sequence-data-parallel reduce does
         grads = gather_full_state_dict(model, {n: p.grad for n, p in model.named_parameters()})
         out[name] = {"loss": cp_loss_reduce(loss, grp), "grads": grads, "stats": cp.stats.as_dict()}
     torch.save(out, Path(workdir) / f"out_{rank}.pt")

@@ -370,7 +370,7 @@ def test_compiled_ttir_dots_are_fp32_and_at_least_16():
     code = (
         "import sys; sys.path.insert(0, 'tools'); import kernel_report as kr\n"
         "from kernels.configs import KernelConfig\n"
-        "r = kr.compile_one((KernelConfig('chunk_bwd_grads', 16, 32, 32, 2, 1, 'momentum'), 'mom-huber', 90))\n"
+        "r = kr.compile_one((KernelConfig('chunk_bwd_dqg', 16, 32, 32, 2, 1, 'momentum'), 'mom-huber', 90))\n"
         "print(r['dots'], repr(r['error']))\n"
         "assert kr.check_ttir_dots('%d = tt.dot %a, %b, %c : tensor<16x8xbf16> * tensor<8x16xbf16> -> tensor<16x16xf32>')\n"
     )

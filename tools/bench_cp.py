@@ -77,8 +77,9 @@ def run(presets: list[str], sizes: list[int], seq_len: int, steps: int, quick: b
     from miras_pretrain.parallel.context_parallel_launch import spawn
 
     rows = []
-    for preset in presets:
-        scheme = "all_gather" if MirasSpec.preset(preset).is_affine else "state_passing"
+    for item in presets:
+        preset, _, scheme = item.partition(":")  # "gated_delta:state_passing" forces a scheme
+        scheme = scheme or ("all_gather" if MirasSpec.preset(preset).is_affine else "state_passing")
         for n in sizes:
             with tempfile.TemporaryDirectory() as tmp:
                 spawn(_worker, n, preset, scheme, seq_len, steps, quick, tmp, timeout=590.0)
@@ -97,7 +98,8 @@ def run(presets: list[str], sizes: list[int], seq_len: int, steps: int, quick: b
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model and sequence (seconds; for tests)")
-    p.add_argument("--presets", default="titans,gated_delta", help="comma list of Miras presets")
+    p.add_argument("--presets", default="titans,gated_delta,gated_delta:state_passing",
+                   help="comma list of Miras presets, optionally preset:scheme")
     p.add_argument("--sizes", default="1,2,4", help="CP sizes")
     p.add_argument("--seq-len", type=int, default=None, help="tokens of the one sequence (default 4096; quick 64)")
     p.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default 3; quick 1)")

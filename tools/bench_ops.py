@@ -4,11 +4,12 @@
 
 For every preset and sequence length it times one forward + backward (sum(y * g) with a fixed
 random cotangent; gradients w.r.t. q, k, v, all gates and the initial state) and measures peak
-memory as the growth of the process's peak resident set size (VmHWM in /proc/self/status, reset
-through /proc/self/clear_refs after malloc_trim before each run) over the resident size before the run; this
-counts every allocation torch makes on CPU (tracemalloc would not see them). The recurrent form
-at the longest length is extrapolated linearly from the previous length (it is a token loop,
-O(T)) unless --full-recurrent is given. Targets (2-core CPU): chunked >= 10x faster than
+memory in a second run, in a fresh process, as the growth of the peak resident set size (VmHWM in
+/proc/self/status, reset through /proc/self/clear_refs after malloc_trim) over the resident size
+before the run, with glibc's mmap threshold at 128 KiB so freed tensors leave the RSS (see
+_limit_heap_reuse); this counts every allocation torch makes on CPU (tracemalloc would not).
+The recurrent form at the longest length is extrapolated linearly from the previous length (it
+is a token loop, O(T)) unless --full-recurrent is given. Targets (2-core CPU): chunked >= 10x faster than
 recurrent at T=2048 for linear memories, >= 5x for MLP memories; chunked T=8192/T=2048 < 5.
 """
 
@@ -20,6 +21,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +59,35 @@ def _reset_peak() -> int:
         return _proc_status()["VmRSS"]
     except OSError:
         return 0
+
+
+def _limit_heap_reuse() -> None:
+    """glibc keeps freed heap blocks below its mmap threshold (raised dynamically up to 32 MiB),
+    so a run's peak RSS would include earlier runs' fragmentation, not only live tensors. Memory
+    probes run in a fresh process with the threshold at 128 KiB: big tensors are mmapped and
+    unmapped when freed, so the RSS follows the live bytes. (Timing runs keep the default: the
+    small threshold makes allocation ~2x slower.)"""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _probe_memory(argv: list[str]) -> dict[str, int]:
+    """Peak memory of every measured row, from ONE fresh subprocess that runs the same loop with
+    the small mmap threshold (see _limit_heap_reuse); keys "preset,backend,T"."""
+    cmd = [sys.executable, __file__, *argv, "--memory-probe"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3000).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def plan(presets: list[str], lengths: list[int], full_recurrent: bool):
+    """(preset, T, backend, measured) rows in benchmark order; the recurrent form at the longest
+    length is extrapolated (measured=False) unless full_recurrent."""
+    for name in presets:
+        for T in lengths:
+            for backend in ("chunked", "recurrent"):
+                yield name, T, backend, not (backend == "recurrent" and T == lengths[-1] and not full_recurrent)
 
 
 def make_inputs(spec: MirasSpec, B: int, T: int, H: int, D: int, seed: int = 0) -> tuple[list, dict]:
@@ -99,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names")
     parser.add_argument("--full-recurrent", action="store_true", help="also time recurrent at the longest T")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
+    parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)  # internal
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,24 +143,46 @@ def main(argv: list[str] | None = None) -> int:
         B, H, D, chunk, lengths = 1, 2, 8, 16, [32, 64]
     else:
         B, H, D, chunk, lengths = 1, 4, 64, 64, [512, 2048, 8192]
+    if args.memory_probe:
+        _limit_heap_reuse()
+        peaks = {}
+        for name, T, backend, measured in plan(presets, lengths, args.full_recurrent):
+            if measured:
+                spec = MirasSpec.preset(name)
+                run_once(spec, "chunked", chunk * 2, B, H, D, chunk)  # same warm-up as timing
+                peaks[f"{name},{backend},{T}"] = run_once(spec, backend, T, B, H, D, chunk)[1]
+        print(json.dumps(peaks))
+        return 0
     torch.manual_seed(0)
     rows = []
-    for name in presets:
+    for name, T, backend, measured in plan(presets, lengths, args.full_recurrent):
         spec = MirasSpec.preset(name)
-        run_once(spec, "chunked", chunk * 2, B, H, D, chunk)  # warm-up (lazy init, allocator)
-        for T in lengths:
-            for backend in ("chunked", "recurrent"):
-                if backend == "recurrent" and T == lengths[-1] and not args.full_recurrent:
-                    prev = next(r for r in rows if r["preset"] == name and r["backend"] == "recurrent" and r["T"] == lengths[-2])
-                    scale = T / lengths[-2]
-                    rows.append(dict(preset=name, memory=spec.memory, T=T, backend=backend,
-                                     time_s=prev["time_s"] * scale, peak_mb=prev["peak_mb"] * scale,
-                                     measured=False))
-                    continue
-                t, peak = run_once(spec, backend, T, B, H, D, chunk)
-                rows.append(dict(preset=name, memory=spec.memory, T=T, backend=backend, time_s=t,
-                                 peak_mb=peak / 2**20, measured=True))
-                print(f"  {name:12s} T={T:5d} {backend:9s} {t:8.3f} s  {peak / 2**20:8.1f} MiB", flush=True)
+        if not measured:
+            prev = next(r for r in rows if r["preset"] == name and r["backend"] == backend and r["T"] == lengths[-2])
+            rows.append(dict(preset=name, memory=spec.memory, T=T, backend=backend,
+                             time_s=prev["time_s"] * T / lengths[-2], measured=False))
+            continue
+        if T == lengths[0] and backend == "chunked":
+            run_once(spec, "chunked", chunk * 2, B, H, D, chunk)  # warm-up (lazy init, allocator)
+        t, _ = run_once(spec, backend, T, B, H, D, chunk)
+        rows.append(dict(preset=name, memory=spec.memory, T=T, backend=backend, time_s=t, measured=True))
+        print(f"  {name:12s} T={T:5d} {backend:9s} {t:8.3f} s", flush=True)
+    if args.no_memory:
+        peaks = {}
+    else:
+        print("measuring peak memory in a subprocess ...", flush=True)
+        probe_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+        peaks = _probe_memory(probe_argv)
+    for r in rows:
+        key = f"{r['preset']},{r['backend']},{r['T']}"
+        if key in peaks:
+            r["peak_mb"] = peaks[key] / 2**20
+        elif not r["measured"] and peaks:  # extrapolated like the time
+            prev = next(x for x in rows if x["preset"] == r["preset"] and x["backend"] == r["backend"]
+                        and x["T"] == lengths[-2])
+            r["peak_mb"] = prev["peak_mb"] * r["T"] / lengths[-2]
+        else:
+            r["peak_mb"] = float("nan")
 
     def get(name, T, backend):
         return next(r for r in rows if r["preset"] == name and r["T"] == T and r["backend"] == backend)
@@ -162,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                        threads=torch.get_num_threads(), torch=torch.__version__,
                        machine=platform.machine(), cpus=os.cpu_count(),
                        load_average=os.getloadavg(),
-                       memory_method="peak RSS growth over RSS before the run (malloc_trim, then VmHWM reset by clear_refs=5)"),
+                       memory_method=("peak RSS growth over RSS before the run, in a fresh process per row with glibc "
+                                      "M_MMAP_THRESHOLD=128KiB (VmHWM reset by clear_refs=5 after malloc_trim)")),
         "rows": rows,
         "summary": summary,
     }, indent=2))

@@ -7,7 +7,7 @@ run the bundled ``ptxas -v`` on the PTX for registers and spill bytes, read shar
 Prints a table (and writes JSON with ``--out``); exits 1 on any compile error, spill, shared
 memory over the limit (A100 164 KiB, H100 227 KiB) or dot violation.
 
-    python tools/kernel_report.py [--arch 80 90] [--kernel chunk_bwd_grads] [--jobs 2] [--out report.json]
+    python tools/kernel_report.py [--arch 80 90] [--kernel chunk_bwd_dqg] [--jobs 2] [--out report.json]
 
 Must not run under TRITON_INTERPRET=1 (the interpreter replaces compilation): the script clears
 it and re-executes itself when it is set.
@@ -44,7 +44,7 @@ def _kernel_fn(kernel: str):
         from kernels.miras_linear.chunk_kernels import miras_linear_chunk_fwd_kernel as fn
     elif kernel == "chunk_bwd_dstate":
         from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_dstate_kernel as fn
-    elif kernel == "chunk_bwd_grads":
+    elif kernel in ("chunk_bwd_dqg", "chunk_bwd_dkv"):
         from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_grads_kernel as fn
     else:
         from kernels.miras_linear.fused_recurrent import miras_linear_recurrent_fwd_kernel as fn
@@ -78,8 +78,8 @@ def _constexprs(kernel: str, cfg, variant: dict) -> dict:
     elif kernel == "chunk_bwd_dstate":
         c.update(BT=cfg.BT, USE_DHT=True)
         c.pop("USE_H0")
-    elif kernel == "chunk_bwd_grads":
-        c.update(BT=cfg.BT)
+    elif kernel in ("chunk_bwd_dqg", "chunk_bwd_dkv"):
+        c.update(BT=cfg.BT, PART=0 if kernel == "chunk_bwd_dqg" else 1)
         c.pop("USE_H0")
     return c
 
@@ -175,7 +175,7 @@ def _run(fn, jobs, n_procs):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
-    ap.add_argument("--kernel", nargs="+", default=None, help="only these kernels (chunk_fwd, chunk_bwd_dstate, chunk_bwd_grads, recurrent_fwd)")
+    ap.add_argument("--kernel", nargs="+", default=None, help="only these kernels (chunk_fwd, chunk_bwd_dstate, chunk_bwd_dqg, chunk_bwd_dkv, recurrent_fwd)")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     ap.add_argument("--family", choices=["linear", "mlp", "all"], default="linear",
                     help="linear: kernels.configs.SHIPPED (this report's default); mlp: kernels.miras_mlp.aot")

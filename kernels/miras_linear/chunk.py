@@ -121,31 +121,46 @@ class MirasLinearChunkFunction(torch.autograd.Function):
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-        # 2) every input gradient, one program per (value block, chunk, head)
-        cfg = _launch_meta(spec, chunk_size, dk, dv, "chunk_bwd_grads")
-        nv = triton.cdiv(dv, cfg.BV)
-        dq = torch.empty(nv, B, T, H, dk, **f32)
-        dk_ = torch.empty(nv, B, T, H, dk, **f32)
-        dvv = torch.empty(B, T, H, dv, **f32)
-        dla = torch.empty(nv, B, T, H, **f32) if la is not None else None
-        dlmu = torch.empty(nv, B, T, H, **f32) if momentum else None
-        deta = torch.empty(nv, B, T, H, **f32)
-        ddelta = torch.empty(nv, B, T, H, **f32) if delta is not None else None
-        if cu_seqlens is None:
-            grid = (nv, triton.cdiv(T, chunk_size), B * H)
-            idx = dummy
-        else:
-            grid = (nv, nt_total, H)
-            idx = chunk_indices(cu_seqlens, chunk_size)
-        miras_linear_chunk_bwd_grads_kernel[grid](
-            q, k, v, *gates, hs, ss, dhs, dss, dy,
-            dq, dk_, dvv,
-            dla if dla is not None else deta, dlmu if dlmu is not None else deta, deta,
-            ddelta if ddelta is not None else deta,
-            cu_seqlens if cu_seqlens is not None else dummy, idx,
-            t_arg, H, B * T, float(spec.p), BK=cfg.BK, BV=cfg.BV, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        # 2) every input gradient, one program per (value block, chunk, head), in two launches
+        outs = {}
+        for part, name in ((0, "chunk_bwd_dqg"), (1, "chunk_bwd_dkv")):
+            cfg = _launch_meta(spec, chunk_size, dk, dv, name)
+            nv = triton.cdiv(dv, cfg.BV)
+            o = outs.setdefault(nv, {})
+            if part == 0:
+                o["dq"] = torch.empty(nv, B, T, H, dk, **f32)
+                o["dla"] = torch.empty(nv, B, T, H, **f32) if la is not None else None
+                o["dlmu"] = torch.empty(nv, B, T, H, **f32) if momentum else None
+                o["deta"] = torch.empty(nv, B, T, H, **f32)
+                dq, dla, dlmu, deta = o["dq"], o["dla"], o["dlmu"], o["deta"]
+                dk_ = dvv = ddelta = None
+                any_ = deta
+            else:
+                o["dk"] = torch.empty(nv, B, T, H, dk, **f32)
+                o["dv"] = torch.empty(B, T, H, dv, **f32)
+                o["ddelta"] = torch.empty(nv, B, T, H, **f32) if delta is not None else None
+                dk_, dvv, ddelta = o["dk"], o["dv"], o["ddelta"]
+                dq = dla = dlmu = deta = None
+                any_ = dvv
+            if cu_seqlens is None:
+                grid = (nv, triton.cdiv(T, chunk_size), B * H)
+                idx = dummy
+            else:
+                grid = (nv, nt_total, H)
+                idx = chunk_indices(cu_seqlens, chunk_size)
+            opt = lambda t: t if t is not None else any_  # noqa: E731 - unused outputs of this part
+            miras_linear_chunk_bwd_grads_kernel[grid](
+                q, k, v, *gates, hs, ss, dhs, dss, dy,
+                opt(dq), opt(dk_), opt(dvv), opt(dla), opt(dlmu), opt(deta), opt(ddelta),
+                cu_seqlens if cu_seqlens is not None else dummy, idx,
+                t_arg, H, B * T, float(spec.p), BK=cfg.BK, BV=cfg.BV, PART=part, **common,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        parts = {}
+        for o in outs.values():
+            parts.update({key: val for key, val in o.items()})
+        dq, dk_, dvv, deta = parts["dq"], parts["dk"], parts["dv"], parts["deta"]
+        dla, dlmu, ddelta = parts["dla"], parts["dlmu"], parts["ddelta"]
         return (
             dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype), dvv.to(v.dtype),
             dla.sum(0) if dla is not None else None,

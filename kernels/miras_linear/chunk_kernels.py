@@ -22,8 +22,9 @@ Kernels (FLA-style split, so no kernel keeps the whole backward live set in regi
 * ``bwd_dstate``: same programs, chunks in reverse: carries the adjoint of the state and writes it
   at every chunk end (``[NT_total, H, dv, dk]`` fp32, transient) and at the start (d initial state).
 * ``bwd_grads``: one program per (chunk, head, value block), fully parallel: from the saved state
-  and state adjoint of its chunk it recomputes the chunk and writes dq, dk, dv and the gate
-  gradients (q/k/gate gradients per value block; the host sums the blocks).
+  and state adjoint of its chunk it recomputes the chunk and writes, in two launches (``PART``
+  0: dq and the gate gradients, ``PART`` 1: dk, dv, d delta) so neither holds the whole live
+  set, the input gradients (q/k/gate gradients per value block; the host sums the blocks).
 """
 
 from __future__ import annotations
@@ -336,8 +337,9 @@ def miras_linear_chunk_bwd_grads_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PART: tl.constexpr,
 ):
+    """PART 0: dq, deta, dla, dlmu; PART 1: dk, dv, ddelta (two launches halve the live set)."""
     i_v = tl.program_id(0)
     i_c = tl.program_id(1)  # flat chunk index (varlen) or chunk index within the sequence
     i_nh = tl.program_id(2)
@@ -392,70 +394,66 @@ def miras_linear_chunk_bwd_grads_kernel(
     b_qk = dot32(b_q, tl.trans(b_k))
     b_gam = pick_row(b_g, last, BT)
     b_b = b_eta * b_gam
-    b_eL = tl.exp(b_L)
-
-    # adjoints through the chunk-end state and y
-    b_kdw = dot32(b_k, tl.trans(b_dw))  # [BT, BV]
-    b_du = -dot32(tl.trans(b_qk * b_g * b_eta[None, :]), b_dy) - b_b[:, None] * b_kdw
-    b_db = -tl.sum(b_u * b_kdw, axis=1)
-    b_dk = -b_b[:, None] * dot32(b_u, b_dw)
-    b_da = -dot32(b_dy, tl.trans(b_u))  # [BT, BT]
-    b_dq = dot32(b_eL[:, None] * b_dy, b_w)
-    b_dsqk = b_da * b_g * b_eta[None, :]
-    b_dq += dot32(b_dsqk, b_k)
-    b_dk += dot32(tl.trans(b_dsqk), b_q)
-    b_dg = b_da * b_qk * b_eta[None, :]
-    b_deta = tl.sum(b_da * b_qk * b_g, axis=0) + b_db * b_gam
-    b_dg += tl.where(is_last[:, None], (b_db * b_eta)[None, :], 0.0)
+    b_da = -dot32(b_dy, tl.trans(b_u))  # dLoss/d(A), A = (Q K^T) * G * eta  [BT, BT]
     if MOMENTUM:
-        b_s = _ld_state(ss + base_hs, i_v, K, V, BK, BV)
-        b_ds = _ld_state(dss + base_hs, i_v, K, V, BK, BV)
         M_last = pick(b_M, last, BT)
         b_mm = tl.exp(M_last - b_M)
-        b_kds = dot32(b_k, tl.trans(b_ds))
         b_bm = b_eta * b_mm
-        b_du -= b_bm[:, None] * b_kds
-        b_dbm = -tl.sum(b_u * b_kds, axis=1)
-        b_dk -= b_bm[:, None] * dot32(b_u, b_ds)
-        b_deta += b_dbm * b_mm
-        b_dmm = b_dbm * b_eta
-        b_dc = tl.sum(b_dy * dot32(b_q, tl.trans(b_s)), axis=1)
-        b_dc += tl.where(is_last, tl.sum(tl.sum(b_dw * b_s, axis=1), axis=0), 0.0)
-        deM_last = tl.sum(tl.sum(b_ds * b_s, axis=1), axis=0)
-        b_dq += dot32(b_c[:, None] * b_dy, b_s)
 
-    # through u = f(e), e = K W0^T - V
-    if BIAS == 0:
-        b_dvv = -b_du  # u = -v
+    if PART == 0:
+        # ---- dq, deta and the gate gradients
+        b_eL = tl.exp(b_L)
+        b_db = -tl.sum(b_u * dot32(b_k, tl.trans(b_dw)), axis=1)
+        b_dq = dot32(b_eL[:, None] * b_dy, b_w) + dot32(b_da * b_g * b_eta[None, :], b_k)
+        b_dg = b_da * b_qk * b_eta[None, :] + tl.where(is_last[:, None], (b_db * b_eta)[None, :], 0.0)
+        b_deta = tl.sum(b_da * b_qk * b_g, axis=0) + b_db * b_gam
+        if MOMENTUM:
+            b_s = _ld_state(ss + base_hs, i_v, K, V, BK, BV)
+            b_ds = _ld_state(dss + base_hs, i_v, K, V, BK, BV)
+            b_dbm = -tl.sum(b_u * dot32(b_k, tl.trans(b_ds)), axis=1)
+            b_deta += b_dbm * b_mm
+            b_dmm = b_dbm * b_eta
+            b_dc = tl.sum(b_dy * dot32(b_q, tl.trans(b_s)), axis=1)
+            b_dc += tl.where(is_last, tl.sum(tl.sum(b_dw * b_s, axis=1), axis=0), 0.0)
+            deM_last = tl.sum(tl.sum(b_ds * b_s, axis=1), axis=0)
+            b_dq += dot32(b_c[:, None] * b_dy, b_s)
+        _st_tok(dq, b_dq, t0, seq_len, H * K, 0, K, BT, BK)
+        _st_gate(deta, b_deta, t0, seq_len, H, BT)
+        # through the decay matrices to the cumulative log gates (then reverse cumsum in the chunk)
+        if MOMENTUM:
+            b_dm = decay_matrix(b_M, BT)
+            b_eM = tl.exp(b_M)
+            b_ddl = dot32(b_dg, tl.trans(b_dm)) + b_dc[:, None] * b_eM[None, :]
+            b_hm = dot32(tl.trans(b_dl), b_dg) * b_dm
+            b_dM = tl.sum(b_hm, axis=1) - tl.sum(b_hm, axis=0)
+            b_dM += b_eM * tl.sum(b_dc[:, None] * b_dl, axis=0)
+            b_dM -= b_dmm * b_mm
+            b_dM += tl.where(is_last, tl.sum(b_dmm * b_mm, axis=0) + deM_last * tl.exp(M_last), 0.0)
+            _st_gate(dlmu, chunk_rev_cumsum(b_dM, BT), t0, seq_len, H, BT)
+        else:
+            b_ddl = b_dg
+        if HAS_ALPHA:
+            b_hl = b_ddl * b_dl
+            b_dL = tl.sum(b_hl, axis=1) - tl.sum(b_hl, axis=0)
+            b_dL += b_eL * tl.sum(b_dy * dot32(b_q, tl.trans(b_w)), axis=1)
+            deL_last = tl.sum(tl.sum(b_dw * b_w, axis=1), axis=0)
+            b_dL += tl.where(is_last, deL_last * tl.exp(pick(b_L, last, BT)), 0.0)
+            _st_gate(dla, chunk_rev_cumsum(b_dL, BT), t0, seq_len, H, BT)
     else:
-        b_de, b_dd = bias_map_grad(b_e, b_du, b_delta, p, BIAS, EPS)
-        b_dk += dot32(b_de, b_w)
-        b_dvv = -b_de
-        if BIAS == 3:
-            _st_gate(ddelta, b_dd, t0, seq_len, H, BT)
-
-    # through the decay matrices to the cumulative log gates (then reverse cumsum in the chunk)
-    if MOMENTUM:
-        b_dm = decay_matrix(b_M, BT)
-        b_eM = tl.exp(b_M)
-        b_ddl = dot32(b_dg, tl.trans(b_dm)) + b_dc[:, None] * b_eM[None, :]
-        b_hm = dot32(tl.trans(b_dl), b_dg) * b_dm
-        b_dM = tl.sum(b_hm, axis=1) - tl.sum(b_hm, axis=0)
-        b_dM += b_eM * tl.sum(b_dc[:, None] * b_dl, axis=0)
-        b_dM -= b_dmm * b_mm
-        b_dM += tl.where(is_last, tl.sum(b_dmm * b_mm, axis=0) + deM_last * tl.exp(M_last), 0.0)
-        _st_gate(dlmu, chunk_rev_cumsum(b_dM, BT), t0, seq_len, H, BT)
-    else:
-        b_ddl = b_dg
-    if HAS_ALPHA:
-        b_hl = b_ddl * b_dl
-        b_dL = tl.sum(b_hl, axis=1) - tl.sum(b_hl, axis=0)
-        b_dL += b_eL * tl.sum(b_dy * dot32(b_q, tl.trans(b_w)), axis=1)
-        deL_last = tl.sum(tl.sum(b_dw * b_w, axis=1), axis=0)
-        b_dL += tl.where(is_last, deL_last * tl.exp(pick(b_L, last, BT)), 0.0)
-        _st_gate(dla, chunk_rev_cumsum(b_dL, BT), t0, seq_len, H, BT)
-
-    _st_gate(deta, b_deta, t0, seq_len, H, BT)
-    _st_tok(dq, b_dq, t0, seq_len, H * K, 0, K, BT, BK)
-    _st_tok(dk, b_dk, t0, seq_len, H * K, 0, K, BT, BK)
-    _st_tok(dv, b_dvv, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+        # ---- dk, dv, ddelta
+        b_du = -dot32(tl.trans(b_qk * b_g * b_eta[None, :]), b_dy) - b_b[:, None] * dot32(b_k, tl.trans(b_dw))
+        b_dk = dot32(tl.trans(b_da * b_g * b_eta[None, :]), b_q) - b_b[:, None] * dot32(b_u, b_dw)
+        if MOMENTUM:
+            b_ds = _ld_state(dss + base_hs, i_v, K, V, BK, BV)
+            b_du -= b_bm[:, None] * dot32(b_k, tl.trans(b_ds))
+            b_dk -= b_bm[:, None] * dot32(b_u, b_ds)
+        if BIAS == 0:
+            b_dvv = -b_du  # u = -v
+        else:
+            b_de, b_dd = bias_map_grad(b_e, b_du, b_delta, p, BIAS, EPS)
+            b_dk += dot32(b_de, b_w)
+            b_dvv = -b_de
+            if BIAS == 3:
+                _st_gate(ddelta, b_dd, t0, seq_len, H, BT)
+        _st_tok(dk, b_dk, t0, seq_len, H * K, 0, K, BT, BK)
+        _st_tok(dv, b_dvv, t0, seq_len, H * V, i_v * BV, V, BT, BV)

@@ -356,6 +356,16 @@ def validate_cp_model(cfg, seq_len: int, cp_size: int) -> None:
         )
 
 
+def all_reduce_cp_grads(params, group: CPGroup) -> None:
+    """Sum parameter gradients over the CP group, for engines that do not reduce over it
+    (DeepSpeed's pipeline engine uses the DP-only group): call after backward, before the step."""
+    if group.size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group.group)
+
+
 def cp_loss_reduce(loss: torch.Tensor, group: CPGroup) -> torch.Tensor:
     """Logging: the global mean loss from each rank's scaled share (sum over the CP group)."""
     out = loss.detach().clone()

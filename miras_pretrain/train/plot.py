@@ -15,8 +15,10 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    tr = [(r["step"], r["train/loss"]) for r in rows if isinstance(r.get("train/loss"), float)]
-    va = [(r["step"], r["val/loss"]) for r in rows if isinstance(r.get("val/loss"), float)]
+    # a resumed run re-logs the steps after its checkpoint: the last row of a step wins
+    tr_d = {r["step"]: r["train/loss"] for r in rows if isinstance(r.get("train/loss"), float)}
+    va_d = {r["step"]: r["val/loss"] for r in rows if isinstance(r.get("val/loss"), float)}
+    tr, va = sorted(tr_d.items()), sorted(va_d.items())
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if tr:
         ax.plot(*zip(*tr), label="train loss", lw=1.2)

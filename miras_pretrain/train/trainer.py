@@ -334,7 +334,8 @@ class Trainer:
             "rng": get_rng_state(),
         }
         meta = {**self._layout_meta(), "tokens_seen": self.tokens_seen, "run_name": self.cfg.run.name,
-                "val_history": self.val_history, "model": self.model_cfg.to_dict()}
+                "val_history": self.val_history, "model": self.model_cfg.to_dict(),
+                "config": self.cfg.to_dict()}
         return self.ckpt.save(self.engine, self.step, state, meta)
 
     # ------------------------------------------------------------------ the loop
