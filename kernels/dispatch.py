@@ -4,9 +4,12 @@ back to the PyTorch path with a one-time warning naming the reason.
 Memory ``mlp`` is delegated to ``kernels.miras_mlp.supports`` (a separate kernel family).
 
 Coverage (``kernel="chunk"``, training, forward + backward): memory ``linear``; bias dot, l2, lp,
-huber; retention none, decay; learner gd, momentum; chunk sizes 16/32/64; head dims 16..128
-(dv may differ from dk; huber needs dv <= 128 in one block); fp32/fp16/bf16 inputs; CUDA
-tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Not covered (fall back): retention ``lq`` and ``kl``, float64 inputs, other chunk sizes, head dims > 128.
+huber; retention none, decay; learner gd, momentum; fp32/fp16/bf16 inputs; varlen; CUDA tensors,
+or CPU tensors under ``TRITON_INTERPRET=1`` -- for the shapes that have a spill-free shipped
+config (``kernels/configs.py``): gd with chunk 16 and dk <= 64 or chunk 32 and dk <= 32,
+momentum with chunk 16 and dk <= 32 (dv split into 32-wide blocks; huber needs dv <= 32).
+Everything else falls back with the reason: retention lq/kl, chunk 64, dk > 64 (so every
+D = 128 model), other chunk sizes, float64 inputs.
 
 ``kernel="recurrent"`` (decoding, forward only) additionally covers retention lq and kl.
 """

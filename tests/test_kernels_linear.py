@@ -26,6 +26,8 @@ import pytest
 import torch
 
 import kernels
+from kernels import configs
+from kernels.configs import CHUNK_KERNELS, KernelConfig
 from kernels.miras_linear import chunk_miras_linear, fused_recurrent_miras_linear
 from miras_pretrain.ops import MirasSpec, miras_memory
 
@@ -144,6 +146,17 @@ def run_reference(spec, C, x, dtype, cu_seqlens=None):
     return leaves, y, X, S
 
 
+@pytest.fixture
+def interpreter_configs(monkeypatch):
+    """Launch configs for chunk sizes / learners the GPU list does not ship (they spill on
+    sm_80/sm_90, see kernels/configs.py), so the interpreter still checks the kernels' math at
+    every chunk size. Only this test module sees them; kernels.supports refuses them otherwise
+    (test_supports_refuses_unshipped_configs)."""
+    extra = tuple(KernelConfig(kernel, BT, 32, 32, 4, 1, learner)
+                  for kernel in CHUNK_KERNELS for BT in (16, 32, 64) for learner in ("gd", "momentum"))
+    monkeypatch.setattr(configs, "SHIPPED", configs.SHIPPED + extra)
+
+
 def check_against_reference(spec, C, x, dtype, tol, cu_seqlens=None):
     leaves, y, state = run_kernel(chunk_miras_linear, spec, C, x, dtype, cu_seqlens)
     rleaves, yr, Xr, Sr = run_reference(spec, C, x, dtype, cu_seqlens)
@@ -185,11 +198,12 @@ CASES = [
     ("l2", "decay", "momentum", 16, 32, 16, 33),
     ("lp", "decay", "momentum", 64, 16, 16, 70),
     ("huber", "none", "momentum", 16, 16, 32, 34),
+    ("l2", "decay", "gd", 16, 64, 48, 35),  # dk 64, dv 48: two value blocks (partial dq/dk/gate sums)
 ]
 
 
 @pytest.mark.parametrize("bias,retention,learner,C,dk,dv,T", CASES)
-def test_chunk_fp32_matches_token_loop(bias, retention, learner, C, dk, dv, T):
+def test_chunk_fp32_matches_token_loop(bias, retention, learner, C, dk, dv, T, interpreter_configs):
     spec = MirasSpec(memory="linear", bias=bias, retention=retention, learner=learner)
     x = make_inputs(2, T, 2, dk, dv)
     check_against_reference(spec, C, x, torch.float32, TOL_HUBER_FP32 if bias == "huber" else TOL_FP32)
@@ -326,6 +340,17 @@ def test_supports_names_the_reason():
     ok, reason = kernels.supports(MirasSpec.preset("deltanet"), torch.zeros(1, 4, 1, 256), chunk_size=16)
     assert not ok and "128" in reason
     assert kernels.supports(MirasSpec(memory="linear", retention="kl"), q, kernel="recurrent")[0]
+
+
+@pytest.mark.parametrize("learner,C,d", [("gd", 64, 32), ("gd", 16, 128), ("momentum", 32, 32)])
+def test_supports_refuses_unshipped_configs(learner, C, d):
+    """Shapes without a spill-free shipped config fall back, naming the config table."""
+    ok, reason = kernels.supports(MirasSpec.preset("gated_delta", learner=learner), torch.zeros(1, 4, 1, d), chunk_size=C)
+    assert not ok and "spill-free" in reason and "configs.py" in reason
+    with pytest.raises(ValueError, match="spill-free"):
+        x = make_inputs(1, 4, 1, d, d)
+        chunk_miras_linear(x["q"], x["k"], x["v"], x["alpha"], x["eta"], spec=MirasSpec.preset("gated_delta", learner=learner),
+                           chunk_size=C, mu=x["mu"])
 
 
 def test_bad_inputs_raise_one_clear_error():

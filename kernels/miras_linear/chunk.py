@@ -122,45 +122,34 @@ class MirasLinearChunkFunction(torch.autograd.Function):
         )
 
         # 2) every input gradient, one program per (value block, chunk, head), in two launches
-        outs = {}
+        #    (PART 0: dq and gate gradients; PART 1: dk, dv, d delta); each launch has its own
+        #    value block, so q/k/gate partials are [NV, ...] and summed below.
+        idx = dummy if cu_seqlens is None else chunk_indices(cu_seqlens, chunk_size)
+        grads = {}
         for part, name in ((0, "chunk_bwd_dqg"), (1, "chunk_bwd_dkv")):
             cfg = _launch_meta(spec, chunk_size, dk, dv, name)
             nv = triton.cdiv(dv, cfg.BV)
-            o = outs.setdefault(nv, {})
             if part == 0:
-                o["dq"] = torch.empty(nv, B, T, H, dk, **f32)
-                o["dla"] = torch.empty(nv, B, T, H, **f32) if la is not None else None
-                o["dlmu"] = torch.empty(nv, B, T, H, **f32) if momentum else None
-                o["deta"] = torch.empty(nv, B, T, H, **f32)
-                dq, dla, dlmu, deta = o["dq"], o["dla"], o["dlmu"], o["deta"]
-                dk_ = dvv = ddelta = None
-                any_ = deta
+                out = dict(dq=torch.empty(nv, B, T, H, dk, **f32), deta=torch.empty(nv, B, T, H, **f32),
+                           dla=torch.empty(nv, B, T, H, **f32) if la is not None else None,
+                           dlmu=torch.empty(nv, B, T, H, **f32) if momentum else None)
             else:
-                o["dk"] = torch.empty(nv, B, T, H, dk, **f32)
-                o["dv"] = torch.empty(B, T, H, dv, **f32)
-                o["ddelta"] = torch.empty(nv, B, T, H, **f32) if delta is not None else None
-                dk_, dvv, ddelta = o["dk"], o["dv"], o["ddelta"]
-                dq = dla = dlmu = deta = None
-                any_ = dvv
-            if cu_seqlens is None:
-                grid = (nv, triton.cdiv(T, chunk_size), B * H)
-                idx = dummy
-            else:
-                grid = (nv, nt_total, H)
-                idx = chunk_indices(cu_seqlens, chunk_size)
-            opt = lambda t: t if t is not None else any_  # noqa: E731 - unused outputs of this part
+                out = dict(dk=torch.empty(nv, B, T, H, dk, **f32), dv=torch.empty(B, T, H, dv, **f32),
+                           ddelta=torch.empty(nv, B, T, H, **f32) if delta is not None else None)
+            grads.update(out)
+            spare = next(iter(out.values()))  # placeholder pointer for outputs this part never writes
+            ptr = {n: out.get(n) if out.get(n) is not None else spare
+                   for n in ("dq", "dk", "dv", "dla", "dlmu", "deta", "ddelta")}
+            grid = (nv, triton.cdiv(T, chunk_size), B * H) if cu_seqlens is None else (nv, nt_total, H)
             miras_linear_chunk_bwd_grads_kernel[grid](
                 q, k, v, *gates, hs, ss, dhs, dss, dy,
-                opt(dq), opt(dk_), opt(dvv), opt(dla), opt(dlmu), opt(deta), opt(ddelta),
+                ptr["dq"], ptr["dk"], ptr["dv"], ptr["dla"], ptr["dlmu"], ptr["deta"], ptr["ddelta"],
                 cu_seqlens if cu_seqlens is not None else dummy, idx,
                 t_arg, H, B * T, float(spec.p), BK=cfg.BK, BV=cfg.BV, PART=part, **common,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-        parts = {}
-        for o in outs.values():
-            parts.update({key: val for key, val in o.items()})
-        dq, dk_, dvv, deta = parts["dq"], parts["dk"], parts["dv"], parts["deta"]
-        dla, dlmu, ddelta = parts["dla"], parts["dlmu"], parts["ddelta"]
+        dq, dk_, dvv, deta = grads["dq"], grads["dk"], grads["dv"], grads["deta"]
+        dla, dlmu, ddelta = grads["dla"], grads["dlmu"], grads["ddelta"]
         return (
             dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype), dvv.to(v.dtype),
             dla.sum(0) if dla is not None else None,
@@ -196,7 +185,7 @@ def chunk_miras_linear(
         alpha: ``[B, T, H]`` in (0, 1] (ignored, may be None, for retention ``none``).
         eta: ``[B, T, H]`` >= 0. delta: ``[B, T, H]`` > 0 (huber). mu: ``[B, T, H]`` (momentum).
         spec: a ``MirasSpec`` with memory ``linear``; check :func:`kernels.supports` first.
-        chunk_size: 16, 32 or 64.
+        chunk_size: a chunk size with a shipped config (see :func:`kernels.supports`).
         initial_state: ``{"W": X0[, "S_W": S0]}``, each ``[N, H, dv, dk]`` or ``[H, dv, dk]``.
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N+1]`` document boundaries for a packed batch (B == 1).

@@ -33,8 +33,9 @@ def _materialize(x, m_st, qexp, lq_eps, c, RET: tl.constexpr):
     elif RET == 1:
         ax = tl.where(m_st, tl.abs(x), 0.0)
         # ||X||_q over the whole matrix; |0|^q = exp(q * log 0) = 0
-        nq = tl.sum(tl.sum(tl.where(ax > 0, tl.exp(qexp * tl.log(ax)), 0.0), axis=1), axis=0)
-        norm = tl.exp(tl.log(nq) / qexp)
+        # clamp before log: both tl.where branches are evaluated
+        nq = tl.sum(tl.sum(tl.where(ax > 0, tl.exp(qexp * tl.log(tl.maximum(ax, 1e-30))), 0.0), axis=1), axis=0)
+        norm = tl.where(nq > 0, tl.exp(tl.log(tl.maximum(nq, 1e-30)) / qexp), 0.0)
         w = x / tl.exp((qexp - 2.0) * tl.log(norm + lq_eps))
     else:
         z = tl.where(m_st, x, float("-inf"))

@@ -65,7 +65,8 @@ def _worker(ckpt: Path, out: Path) -> None:
         from miras_pretrain.train.engine import build_engine
 
         model = _build_model(model_cfg, layout, cfg)
-        engine, _ = build_engine(model, cfg, device, mpu=MegatronMPU(),
+        mpu = MegatronMPU() if layout.pp == 1 else None  # a PipelineModule carries its own grid
+        engine, _ = build_engine(model, cfg, device, mpu=mpu,
                                  zero3_persistence_threshold=cfg.train.zero3_persistence_threshold)
         path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)

@@ -139,7 +139,8 @@ class Trainer:
 
         model = _build_model(self.model_cfg, self.layout, cfg)
         mpu = None
-        if self.layout.tp > 1 or self.layout.pp > 1:
+        if self.layout.tp > 1 and self.layout.pp == 1:
+            # a PipelineModule brings its own grid (topology); DeepSpeed takes no mpu with it
             from miras_pretrain.parallel.mpu import MegatronMPU
 
             mpu = MegatronMPU()
