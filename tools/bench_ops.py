@@ -2,8 +2,9 @@
 
     .venv/bin/python tools/bench_ops.py [--quick] [--out bench_results/bench_ops.json]
 
-For every preset and sequence length it times one forward + backward (sum(y * g) with a fixed
-random cotangent; gradients w.r.t. q, k, v, all gates and the initial state) and measures peak
+For every preset and sequence length it times forward + backward (sum(y * g) with a fixed random
+cotangent; gradients w.r.t. q, k, v, all gates and the initial state; best of --repeats runs for
+the chunked form, one run of the token loop) and measures peak
 memory in a second run, in a fresh process, as the growth of the peak resident set size (VmHWM in
 /proc/self/status, reset through /proc/self/clear_refs after malloc_trim) over the resident size
 before the run, with glibc's mmap threshold at 128 KiB so freed tensors leave the RSS (see
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-recurrent", action="store_true", help="also time recurrent at the longest T")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
+    parser.add_argument("--repeats", type=int, default=2, help="timing runs of the chunked form (best kept)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)  # internal
     args = parser.parse_args(argv)
     if args.threads:
@@ -164,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if T == lengths[0] and backend == "chunked":
             run_once(spec, "chunked", chunk * 2, B, H, D, chunk)  # warm-up (lazy init, allocator)
-        t, _ = run_once(spec, backend, T, B, H, D, chunk)
+        # best of --repeats for the chunked form (cheap; the machine is shared, so single runs are
+        # noisy); the slow token loop runs once
+        reps = args.repeats if backend == "chunked" else 1
+        t = min(run_once(spec, backend, T, B, H, D, chunk)[0] for _ in range(reps))
         rows.append(dict(preset=name, memory=spec.memory, T=T, backend=backend, time_s=t, measured=True))
         print(f"  {name:12s} T={T:5d} {backend:9s} {t:8.3f} s", flush=True)
     if args.no_memory:
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "config": dict(B=B, H=H, D=D, chunk=chunk, lengths=lengths, quick=args.quick,
-                       threads=torch.get_num_threads(), torch=torch.__version__,
+                       threads=torch.get_num_threads(), torch=torch.__version__, chunked_repeats=args.repeats,
                        machine=platform.machine(), cpus=os.cpu_count(),
                        load_average=os.getloadavg(),
                        memory_method=("peak RSS growth over RSS before the run, in a fresh process per row with glibc "

@@ -7,13 +7,14 @@ Backends (one module per form, like flash-linear-attention):
 * ``recurrent`` -- the plain token loop, the definition of the semantics (``ops/recurrent.py``);
 * ``chunked``   -- the chunk-parallel torch form, same semantics (``ops/chunked.py``);
 * ``triton``    -- GPU kernels from the top-level ``kernels`` package (same signature);
-* ``auto``      -- currently ``chunked``; see :func:`resolve_backend`, the ONE place where
-  backend names map to implementations.
+* ``auto``      -- ``triton`` for CUDA tensors, ``chunked`` elsewhere; see
+  :func:`resolve_backend`, the ONE place where backend names map to implementations.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Mapping
 from typing import Callable
 
@@ -30,31 +31,60 @@ BACKENDS = ("auto", "recurrent", "chunked", "triton")
 Backend = Callable[..., tuple[torch.Tensor, "dict[str, torch.Tensor] | None"]]
 
 
-def resolve_backend(backend: str) -> Backend:
+_warned_fallbacks: set[str] = set()
+
+
+def _warn_fallback_once(reason: str) -> None:
+    """One warning per distinct reason: a model calls the op once per layer and step."""
+    if reason not in _warned_fallbacks:
+        _warned_fallbacks.add(reason)
+        warnings.warn(f"miras_memory: Triton kernels not used, falling back to 'chunked': {reason}",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _miras_memory_triton(q, k, v, alpha, eta, *, spec, chunk_size, delta, mu, initial_state,
+                         output_final_state, cu_seqlens):
+    """Run the Triton kernels when they cover the call, else the chunked PyTorch path (same
+    semantics) with a one-time warning naming why."""
+    try:
+        kernels = importlib.import_module("kernels")
+    except ImportError as err:  # the package ships with the project; this is a broken install
+        _warn_fallback_once(f"the 'kernels' package cannot be imported ({err})")
+        kernels = None
+    if kernels is not None:
+        ok, reason = kernels.supports(spec, q, k, v, chunk_size=chunk_size,
+                                      initial_state=initial_state)
+        if ok:
+            if spec.memory == "linear":
+                from kernels.miras_linear import chunk_miras_linear as impl
+            else:
+                from kernels.miras_mlp import chunk_miras_mlp as impl
+            return impl(q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
+                        initial_state=initial_state, output_final_state=output_final_state,
+                        cu_seqlens=cu_seqlens)
+        _warn_fallback_once(reason)
+    return miras_memory_chunked(q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta,
+                                mu=mu, initial_state=initial_state,
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def resolve_backend(backend: str, device: torch.device | None = None) -> Backend:
     """Map a backend name to its implementation (all share ``miras_memory``'s signature minus
-    ``backend``). This is the single dispatch point: wire new backends here."""
+    ``backend``). This is the single dispatch point: wire new backends here.
+
+    ``auto`` picks the Triton kernels for CUDA tensors and the chunked PyTorch path elsewhere;
+    ``triton`` on CPU runs the kernels in the Triton interpreter (``TRITON_INTERPRET=1``). Both
+    fall back to ``chunked`` for calls the kernels do not cover, with a one-time warning."""
     if backend == "auto":
-        # The lead switches "auto" to triton for CUDA inputs once kernels/ lands; on CPU the
-        # chunked torch form is the fast path.
+        if device is not None and device.type == "cuda":
+            return _miras_memory_triton
         return miras_memory_chunked
     if backend == "chunked":
         return miras_memory_chunked
     if backend == "recurrent":
         return miras_memory_recurrent
     if backend == "triton":
-        try:
-            kernels = importlib.import_module("kernels")
-        except ImportError as err:
-            raise ValueError(
-                f"backend='triton' is not available: the 'kernels' package cannot be imported ({err}); "
-                "use backend='chunked' or 'auto'"
-            ) from None
-        fn = getattr(kernels, "miras_memory", None)
-        if fn is None:
-            raise ValueError(
-                "backend='triton' is not available: 'kernels' has no miras_memory yet; use backend='chunked'"
-            )
-        return fn
+        return _miras_memory_triton
     raise ValueError(f"backend={backend!r} is not valid: choose one of {', '.join(BACKENDS)}")
 
 
@@ -102,7 +132,7 @@ def miras_memory(
         y ``[B, T, H, dv]`` in the input dtype, and the final state (dict of ``[B|N, H, r, c]``
         tensors in at least float32) or None.
     """
-    impl = resolve_backend(backend)
+    impl = resolve_backend(backend, q.device)
     return impl(
         q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
         initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,

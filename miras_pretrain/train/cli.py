@@ -8,6 +8,10 @@ import argparse
 def _train(args: argparse.Namespace) -> int:
     from miras_pretrain.train.config import load_config
 
+    import os
+
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = load_config(args.config, args.set)  # validate before importing torch/deepspeed
     from miras_pretrain.train.trainer import train
 
@@ -19,7 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
     from miras_pretrain.train.demo import run_demo
 
     return run_demo(out=args.out, minutes=args.minutes, steps=args.steps, corpus_mb=args.corpus_mb,
-                    overrides=args.set)
+                    overrides=args.set, threads=args.threads)
 
 
 def register(subparsers) -> None:
@@ -39,6 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--resume", default=None, metavar="auto|DIR",
                    help="'auto': continue from the newest complete checkpoint (start fresh if none); "
                         "or a checkpoint directory (…/checkpoints/step_00000100)")
+    # the deepspeed launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_train)
 
     d = subparsers.add_parser(
@@ -51,11 +57,13 @@ def register(subparsers) -> None:
         ),
     )
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    d.add_argument("--minutes", type=float, default=5.0,
+    d.add_argument("--minutes", type=float, default=6.0,
                    help="training time budget in minutes (sets the step count from a timed warm-up)")
     d.add_argument("--steps", type=int, default=None, help="exact number of training steps (overrides --minutes)")
     d.add_argument("--corpus-mb", type=float, default=None, dest="corpus_mb",
                    help="cap on the embedded corpus size in MB (default: the demo's choice)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: all cores on an idle machine, 1 on a busy one)")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value of configs/demo_moneta_tiny.yaml (repeatable)")
     d.set_defaults(func=_demo)

@@ -257,9 +257,10 @@ class LogConfig:
 
     interval: int = 10
     progress_bar: bool = True
-    # W&B: offline unless a project is set and mode is online (needs WANDB_API_KEY)
+    # W&B: "auto" = online when wandb_project is set and WANDB_API_KEY is in the environment,
+    # offline (files under <out_dir>/wandb, no network) otherwise
     wandb: bool = True
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_mode: Literal["auto", "offline", "online", "disabled"] = "auto"
     wandb_project: Optional[str] = None
     wandb_entity: Optional[str] = None
     # peak FLOP/s of ONE device for MFU; null = built-in table (CUDA name) or a CPU estimate

@@ -72,15 +72,37 @@ def _time_step(cfg: RunConfig, repeats: int = 1) -> float:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
+def _pick_threads(requested: Optional[int]) -> int:
+    """Torch threads for the demo. OpenMP threads spin-wait at every parallel region; when the
+    cores are shared with other busy processes that turns a 2-second step into minutes (seen
+    on the 2-core CI machines). So: all cores on an idle machine, one thread on a busy one
+    (1-minute load average above cores - 0.5), or what ``--threads`` says."""
+    import torch
+
+    from miras_pretrain.train.metrics import cpu_count
+
+    cores = cpu_count()
+    if requested is not None:
+        n = requested
+    else:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        n = cores if load < cores - 0.5 else 1
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
 def _banner(msg: str) -> None:
     print(f"\n=== {msg}", flush=True)
 
 
-def run_demo(out: str = "runs/demo", minutes: float = 5.0, steps: Optional[int] = None,
-             corpus_mb: Optional[float] = None, overrides: Optional[list[str]] = None) -> int:
+def run_demo(out: str = "runs/demo", minutes: float = 6.0, steps: Optional[int] = None,
+             corpus_mb: Optional[float] = None, overrides: Optional[list[str]] = None,
+             threads: Optional[int] = None) -> int:
     """Run the demo; returns the process exit code (0 when validation loss fell)."""
     if minutes <= 0:
         raise ValueError(f"--minutes {minutes} must be > 0")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads {threads} must be >= 1")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps {steps} must be >= 1")
     t_start = time.perf_counter()
@@ -114,6 +136,8 @@ def run_demo(out: str = "runs/demo", minutes: float = 5.0, steps: Optional[int] 
     )
 
     _banner("2/4 sizing the run to the time budget")
+    n_threads = _pick_threads(threads)
+    print(f"    torch threads: {n_threads} (of {os.cpu_count()} cores; --threads to choose)", flush=True)
     if steps is None:
         step_s = _time_step(cfg)
         evals_s = 0.0

@@ -1,8 +1,9 @@
 """Metrics sinks on rank 0: ``metrics.jsonl`` in the run directory and a W&B run.
 
 W&B is offline by default: the run is written under ``<out_dir>/wandb/`` and never touches
-the network (``wandb sync <dir>`` uploads it later). ``log.wandb_mode: online`` with
-``log.wandb_project`` (and ``WANDB_API_KEY``) streams it live. The run id is kept in
+the network (``wandb sync <dir>`` uploads it later). With ``log.wandb_project`` set and
+``WANDB_API_KEY`` in the environment (``log.wandb_mode: auto``, the default) or with
+``log.wandb_mode: online`` it streams live. The run id is kept in
 ``<out_dir>/wandb_run_id`` so a resumed job continues the same W&B run.
 """
 
@@ -56,6 +57,9 @@ class MetricsLogger:
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
+        mode = cfg.log.wandb_mode
+        if mode == "auto":
+            mode = "online" if cfg.log.wandb_project and os.environ.get("WANDB_API_KEY") else "offline"
         return wandb.init(
             project=cfg.log.wandb_project or "miras-pretrain",
             entity=cfg.log.wandb_entity,
@@ -63,7 +67,7 @@ class MetricsLogger:
             id=run_id,
             resume="allow",
             dir=str(out),
-            mode=cfg.log.wandb_mode,
+            mode=mode,
             config=cfg.to_dict(),
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )

@@ -93,10 +93,35 @@ def _build_model(model_cfg, layout: _Layout, cfg: RunConfig):
 
         # activation checkpointing per block is done by the blocks themselves
         # (ModelConfig.activation_checkpointing), so the pipeline's own interval stays 0
-        return build_pipeline_module(model_cfg)
+        module = build_pipeline_module(model_cfg)
+        _init_stage_like_single_process(module, model_cfg, cfg.run.seed)
+        return module
     from miras_pretrain.model import build_model
 
     return build_model(model_cfg)
+
+
+@torch.no_grad()
+def _init_stage_like_single_process(module, model_cfg, seed: int) -> None:
+    """Give this pipeline stage the weights the single-process model (same seed) has.
+
+    Each stage builds only its own layers, so drawing their initial weights from the generator
+    would differ from the one-process model's draws. Instead the whole model is built once on
+    this rank from ``seed`` (TP-sharded exactly like the stage under TP: megatron's CPU init
+    slices the full draw) and the stage copies its layers out of it; afterwards the full model
+    is dropped. Costs one model build per rank at start-up.
+    """
+    from miras_pretrain.model import build_model
+    from miras_pretrain.parallel.checkpoint import full_name
+
+    seed_all(seed)
+    ref = dict(build_model(model_cfg).named_parameters())
+    for name, p in module.named_parameters():
+        src = ref[full_name(module, name)]
+        if src.shape != p.shape:
+            raise RuntimeError(f"pipeline init: {name} {tuple(p.shape)} vs model {tuple(src.shape)}")
+        p.copy_(src)
+    del ref
 
 
 def _grad_norm(engine) -> float:
@@ -228,11 +253,12 @@ class Trainer:
             return self.engine(ids, labels=labels, cu_seqlens=cu)
         return self.engine(ids, labels=labels)
 
-    def _pipe_iter(self, n: int, source) -> Iterator:
-        """``n`` micro-batches in the pipeline engine's format: ``(input_ids, labels)`` or,
-        with packed documents, ``((input_ids, cu_seqlens), labels)``."""
-        for _ in range(n):
-            ids, labels, cu = data_bridge.model_inputs(source())
+    @staticmethod
+    def _pipe_iter(batches: list) -> Iterator:
+        """Micro-batches in the pipeline engine's format: ``(input_ids, labels)`` or, with
+        packed documents, ``((input_ids, cu_seqlens), labels)``."""
+        for b in batches:
+            ids, labels, cu = data_bridge.model_inputs(b)
             yield ((ids, cu), labels) if cu is not None else (ids, labels)
 
     def train_step(self) -> tuple[float, bool, float]:
@@ -240,7 +266,12 @@ class Trainer:
         ga = self.cfg.train.grad_accum_steps
         inject_nan = (self.step + 1) in self.cfg.debug.nan_loss_steps
         if self.pipeline:
-            loss = self.engine.train_batch(data_iter=self._pipe_iter(ga, self._next_batch))
+            # every rank reads its micro-batches up front, at the same point of the program: the
+            # streaming loader synchronises the processes of a machine when an epoch starts,
+            # while the pipeline schedule would have the stages read at different times (the
+            # last stage first waits for activations) -> deadlock
+            micro = [self._next_batch() for _ in range(ga)]
+            loss = self.engine.train_batch(data_iter=self._pipe_iter(micro))
             loss_val = float(loss.item())
         else:
             total = 0.0
@@ -283,13 +314,14 @@ class Trainer:
 
         try:
             if self.pipeline:
+                ga = self.cfg.train.grad_accum_steps
                 for _ in range(n):
-                    try:
-                        losses.append(float(self.engine.eval_batch(self._pipe_iter(
-                            self.cfg.train.grad_accum_steps, nxt)).item()))
-                        weights.append(1)
+                    try:  # read up front on every rank (see train_step)
+                        micro = [nxt() for _ in range(ga)]
                     except StopIteration:
                         break
+                    losses.append(float(self.engine.eval_batch(self._pipe_iter(micro)).item()))
+                    weights.append(1)
             else:
                 for _ in range(n):
                     try:
