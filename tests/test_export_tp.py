@@ -3,8 +3,8 @@
 (gathered over the vocab shards), then shard the exported weights back into a fresh TP model and
 check it gives the same logits. Two gloo processes. Tolerance 1e-5 (fp32).
 
-(The DeepSpeed ZeRO-2 checkpoint leg of this round trip goes through the trainer's consolidation
-once it lands: ``miras-pretrain export hf --checkpoint``; this test covers the TP layout.)
+(The DeepSpeed ZeRO-2 checkpoint leg, ``miras-pretrain export hf --checkpoint`` on a TP = 2 /
+ZeRO-2 training run, is tests/test_export_checkpoint.py.)
 """
 
 from __future__ import annotations
