@@ -354,7 +354,17 @@ class Trainer:
         fn = getattr(module, "memory_stats", None)
         if fn is None or not self.cfg.log.memory_stats:
             return {}
-        return {f"memory/{k}": float(v) for k, v in fn().items()}
+        if self.cfg.train.zero_stage == 3:
+            # ZeRO-3 keeps only a shard of each weight on a rank: gather the memory's initial
+            # weights (the norms reported) for the call; collective, every rank is here
+            import deepspeed
+
+            params = [p for n, p in module.named_parameters() if "mem_init" in n]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                stats = fn()
+        else:
+            stats = fn()
+        return {f"memory/{k}": float(v) for k, v in stats.items()}
 
     def save(self) -> Path:
         state = {
