@@ -132,3 +132,15 @@ def test_refuses_to_checkpoint_nonfinite_weights(tmp_path):
         assert (tmp_path / "ck" / "latest").read_text() == "step_00000001"
     finally:
         mdist.destroy()
+
+
+def test_time_limit_evaluates_checkpoints_and_requests_requeue(tmp_path, corpus):
+    from miras_pretrain.train.signals import EXIT_REQUEUE
+
+    out = tmp_path / "run"
+    cfg = testing.tiny_run_config(out, corpus, steps=50, train={"time_limit_minutes": 0.0001},
+                                  eval={"interval": 0, "batches": 1, "at_start": False})
+    res = _train(cfg)
+    assert res.exit_code == EXIT_REQUEUE and res.reason == "time_limit"
+    assert res.step == 1 and [s for s, _ in res.val_history] == [1]
+    assert res.checkpoint is not None and (res.checkpoint / "meta.json").is_file()

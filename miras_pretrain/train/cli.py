@@ -8,10 +8,6 @@ import argparse
 def _train(args: argparse.Namespace) -> int:
     from miras_pretrain.train.config import load_config
 
-    import os
-
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = load_config(args.config, args.set)  # validate before importing torch/deepspeed
     from miras_pretrain.train.trainer import train
 
@@ -43,8 +39,6 @@ def register(subparsers) -> None:
     p.add_argument("--resume", default=None, metavar="auto|DIR",
                    help="'auto': continue from the newest complete checkpoint (start fresh if none); "
                         "or a checkpoint directory (…/checkpoints/step_00000100)")
-    # the deepspeed launcher appends --local_rank=N (torchrun sets LOCAL_RANK instead)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_train)
 
     d = subparsers.add_parser(

@@ -23,16 +23,16 @@ def seq_len_of(data_cfg) -> int:
     return int(data_cfg.seq_len)
 
 
-def build_train_loader(data_cfg, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+def build_train_loader(data_cfg, *, micro_batch_size: int, dp_rank: int, dp_size: int):
     """Infinite shuffled loader with ``state_dict()``/``load_state_dict()`` (exact resume).
-    The shuffle seed is ``data.shuffle_seed`` (``seed`` = run.seed is not used for data order,
-    so changing the init seed keeps the sample order)."""
+    The shuffle seed is ``data.shuffle_seed``, not ``run.seed``: changing the init seed keeps
+    the sample order."""
     from miras_pretrain.data import build_train_loader as _build
 
     return _build(data_cfg, dp_rank=dp_rank, dp_world_size=dp_size, micro_batch_size=micro_batch_size)
 
 
-def build_val_loader(data_cfg, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+def build_val_loader(data_cfg, *, micro_batch_size: int, dp_rank: int, dp_size: int):
     """One unshuffled pass over the held-out split per ``iter()``."""
     from miras_pretrain.data import build_eval_loader as _build
 

@@ -24,7 +24,7 @@ import torch
 
 from miras_pretrain.train import dist as mdist
 from miras_pretrain.train.checkpoint import CheckpointManager, find_latest, read_meta
-from miras_pretrain.train.config import RunConfig, dump_config, resolve_data_config, resolve_model_config
+from miras_pretrain.train.config import RunConfig, dump_config, resolve_model_config
 from miras_pretrain.train import data_bridge
 from miras_pretrain.train.engine import build_engine, resolve_precision
 from miras_pretrain.train.metrics import device_peak_flops, memory_gib, mfu
@@ -178,11 +178,11 @@ class Trainer:
         seed_all(cfg.run.seed + 1000 * self.layout.dp_rank + 1)
         self.train_loader = data_bridge.build_train_loader(
             self.data_cfg, micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.layout.dp_rank,
-            dp_size=self.layout.dp, seed=cfg.run.seed,
+            dp_size=self.layout.dp,
         )
         self.val_loader = data_bridge.build_val_loader(
             self.data_cfg, micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.layout.dp_rank,
-            dp_size=self.layout.dp, seed=cfg.run.seed,
+            dp_size=self.layout.dp,
         )
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
         self.flops_per_token = self._flops_per_token()
