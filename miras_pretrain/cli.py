@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand module paths, in the order they appear in --help
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="miras-pretrain",
         description="Pretrain Miras-family sequence models (Moneta, Yaad, Memora, Titans, ...).",
     )
+    # The deepspeed launcher passes --local_rank=N before the subcommand unless given
+    # --no_local_rank; accept it here and hand it on the way torchrun does (LOCAL_RANK).
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for path in COMMAND_MODULES:
@@ -40,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as err:

@@ -12,8 +12,10 @@ the built-in table / CPU estimate of ``miras_pretrain.train.metrics``).
     python tools/bench_train.py --quick               # seconds: tiny, T=64, 1 step (used by the test)
 
 Prints a table and writes JSON (default bench_results/bench_train.json). On CPU the large rows
-are slow (Moneta/Memora materialise per-token weights inside each chunk): ``--max-step-seconds``
-skips the remaining timed steps of a row whose warm-up step already took longer.
+are slow and memory-hungry (Moneta/Memora materialise per-token weights inside each chunk:
+moneta_170m at T=512 peaked at 14 GB RSS on CPU): every row runs in its own child process, so
+an out-of-memory kill marks that row failed and the table goes on; ``--max-step-seconds`` skips
+the remaining timed steps of a row whose warm-up step already took longer.
 """
 
 from __future__ import annotations
@@ -78,6 +80,31 @@ def _bench_one(preset: str, size: str, seq_len: int, steps: int, batch: int, pea
     return row
 
 
+def _row_in_child(preset: str, size: str, seq_len: int, args) -> dict:
+    """One row in a child process: an out-of-memory kill or a crash of one config (e.g. a
+    large Moneta on a small CPU machine) becomes a 'failed' row instead of ending the table."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", f"{preset},{size},{seq_len}",
+               "--steps", str(args.steps), "--batch", str(args.batch), "--max-step-seconds",
+               str(args.max_step_seconds), "--out", str(out)]
+        if args.peak_flops:
+            cmd += ["--peak-flops", str(args.peak_flops)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+            code, tail = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        except subprocess.TimeoutExpired:
+            code, tail = "timeout", []
+        if out.is_file():
+            return json.loads(out.read_text())
+    why = "killed (-9: out of memory?)" if code in (-9, 137) else f"exit {code}"
+    return {"model": f"{preset}_{size}", "preset": preset, "size": size, "seq_len": seq_len,
+            "failed": why, "log_tail": tail}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="moneta,yaad,memora,transformer")
@@ -87,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device for MFU")
     ap.add_argument("--max-step-seconds", type=float, default=60.0)
+    ap.add_argument("--row-timeout", type=float, default=3600.0, help="seconds per row before it is marked failed")
     ap.add_argument("--quick", action="store_true", help="tiny models, T=64, 1 timed step (for tests)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: preset,size,T in this process
     ap.add_argument("--out", default=str(REPO / "bench_results" / "bench_train.json"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -97,35 +126,49 @@ def main(argv: list[str] | None = None) -> int:
 
     from miras_pretrain.train import dist as mdist
 
-    device = mdist.pick_device("auto")
-    mdist.init_distributed(device)
+    if args.one:
+        preset, size, seq_len = args.one.split(",")
+        device = mdist.pick_device("auto")
+        mdist.init_distributed(device)
+        try:
+            row = _bench_one(preset, size, int(seq_len), args.steps, args.batch, args.peak_flops,
+                             args.max_step_seconds, device)
+        finally:
+            mdist.destroy()
+        Path(args.out).write_text(json.dumps(row))
+        return 0
+
     rows = []
-    try:
-        for size in args.sizes.split(","):
-            for seq_len in (int(s) for s in args.seq_lens.split(",")):
-                for preset in args.presets.split(","):
-                    if not (REPO / "configs" / "models" / f"{preset}_{size}.yaml").is_file():
-                        raise FileNotFoundError(f"configs/models/{preset}_{size}.yaml not found: check --presets/--sizes")
-                    row = _bench_one(preset, size, seq_len, args.steps, args.batch, args.peak_flops,
-                                     args.max_step_seconds, device)
-                    rows.append(row)
+    for size in args.sizes.split(","):
+        for seq_len in (int(s) for s in args.seq_lens.split(",")):
+            for preset in args.presets.split(","):
+                if not (REPO / "configs" / "models" / f"{preset}_{size}.yaml").is_file():
+                    raise SystemExit(f"configs/models/{preset}_{size}.yaml not found: check --presets/--sizes")
+                row = _row_in_child(preset, size, seq_len, args)
+                rows.append(row)
+                if "failed" in row:
+                    print(f"  {row['model']:<18} T={seq_len:<6} FAILED: {row['failed']}", flush=True)
+                else:
                     print(f"  {row['model']:<18} T={seq_len:<6} {row['tokens_per_s']:>10.1f} tok/s  "
                           f"MFU {100 * row['mfu']:.3f}%", flush=True)
-    finally:
-        mdist.destroy()
 
-    header = f"{'model':<18} {'params':>10} {'T':>6} {'step s':>9} {'tokens/s':>10} {'MFU %':>8} {'GFLOP/tok':>10}"
+    header = f"{'model':<18} {'params':>10} {'T':>6} {'step s':>9} {'tokens/s':>10} {'MFU %':>8} {'GFLOP/tok':>10} {'peak GiB':>9}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
+        if "failed" in r:
+            print(f"{r['model']:<18} {'':>10} {r['seq_len']:>6}  failed: {r['failed']}")
+            continue
+        mem = r.get("mem/cuda_max_alloc_gib", r.get("mem/cpu_max_rss_gib", float("nan")))
         print(f"{r['model']:<18} {r['params'] / 1e6:>9.1f}M {r['seq_len']:>6} {r['step_s']:>9.2f} "
-              f"{r['tokens_per_s']:>10.1f} {100 * r['mfu']:>8.3f} {r['flops_per_token'] / 1e9:>10.3f}")
+              f"{r['tokens_per_s']:>10.1f} {100 * r['mfu']:>8.3f} {r['flops_per_token'] / 1e9:>10.3f} {mem:>9.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    device = mdist.pick_device("auto")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     out.write_text(json.dumps({"device": device_name, "threads": torch.get_num_threads(), "rows": rows},
                               indent=1))
     print(f"\nwrote {out}")
-    return 0 if rows and all(math.isfinite(r["tokens_per_s"]) for r in rows) else 1
+    return 0 if rows and all("failed" not in r and math.isfinite(r["tokens_per_s"]) for r in rows) else 1
 
 
 if __name__ == "__main__":
