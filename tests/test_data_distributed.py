@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from miras_pretrain.parallel.local_launch import free_port
 
 from test_data_loader import cfg_for, id_rows, synthetic_docs, write_docs, write_rows
 
@@ -63,16 +64,12 @@ def _rank_main(work: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_cover_resume_and_share(tmp_path):
     write_rows(tmp_path / "rows", id_rows(N, T))
     write_docs(tmp_path / "docs", synthetic_docs(40, seed=4))
-    port = _free_port()
+    port = free_port()
     code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]; "
             f"import test_data_distributed as m; m._rank_main({str(tmp_path)!r})")
     procs = []

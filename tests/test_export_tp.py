@@ -10,23 +10,18 @@ ZeRO-2 training run, is tests/test_export_checkpoint.py.)
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from miras_pretrain.parallel.local_launch import free_port, run_local_workers
 
 pytestmark = pytest.mark.distributed
 
 CASES = {"yaad": ("yaad", "MA"), "titans": ("titans", "M")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gather_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -83,18 +78,8 @@ def test_tp2_gather_export_parity_and_back(tmp_path):
     from miras_pretrain.export.testing import tiny_tokenizer
 
     tok_path = tiny_tokenizer(tmp_path / "tok")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), str(tok_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError("TP workers did not finish within 240 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    run_local_workers(_worker, (free_port(), str(tmp_path), str(tok_path)), 2, timeout=240,
+                      what="TP workers")
     r0, r1 = (torch.load(tmp_path / f"out_{r}.pt") for r in (0, 1))
     for name in CASES:
         assert torch.equal(r0[name]["logits"], r1[name]["logits"])

@@ -11,15 +11,13 @@ and relative (fp32; TP changes only the summation order of the row-parallel redu
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from miras_pretrain.model import ModelConfig, build_model
+from miras_pretrain.parallel.local_launch import free_port, run_local_workers
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -35,10 +33,6 @@ CONFIGS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(name: str):
@@ -158,18 +152,8 @@ def _entry(rank: int, world: int, port: int, case: str, tp: int, pp: int, workdi
 
 
 def _spawn(world: int, case: str, tp: int, pp: int, workdir: Path, timeout: float = 240.0) -> None:
-    ctx = mp.start_processes(_entry, args=(world, _free_port(), case, tp, pp, str(workdir)),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):  # raises if a worker failed (and kills the others)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{case} workers did not finish within {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    run_local_workers(_entry, (world, free_port(), case, tp, pp, str(workdir)), world,
+                      timeout=timeout, what=f"{case} workers")
 
 
 @pytest.fixture(scope="module")

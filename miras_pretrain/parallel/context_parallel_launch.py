@@ -8,19 +8,12 @@ or the deadline passes, so a hang or a crash never leaves processes behind.
 from __future__ import annotations
 
 import os
-import socket
-import time
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .local_launch import free_port, run_local_workers
 
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, megatron: bool, args: tuple) -> None:
@@ -47,15 +40,5 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, megatron: b
 def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0, megatron: bool = False) -> None:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; raise if any fails or the
     deadline passes (children are killed in every case). ``fn`` must be importable by name."""
-    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), megatron, args), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=0.5):  # raises if a worker failed (and terminates the others)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"CP workers did not finish within {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    run_local_workers(_entry, (fn, world, free_port(), megatron, args), world, timeout=timeout,
+                      what="CP workers")

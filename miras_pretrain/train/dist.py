@@ -9,16 +9,11 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from miras_pretrain.parallel.local_launch import free_port
 
 
 # variables this process invented for its lone 1-process group; removed again by destroy() so
@@ -38,7 +33,7 @@ def _fill_env_for_single_process() -> None:
         return
     if "RANK" not in os.environ:
         added = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                 "MASTER_PORT": str(_free_port())}
+                 "MASTER_PORT": str(free_port())}
         if "MASTER_ADDR" not in os.environ:
             added["MASTER_ADDR"] = "127.0.0.1"
         for k, v in added.items():

@@ -1,0 +1,40 @@
+"""Run a few local worker processes and never leave one behind (tests, CPU benchmarks).
+
+One place for what every multi-process check needs: a free loopback port for the rendezvous,
+and a join loop with a deadline that kills every child when one fails, hangs or the caller is
+interrupted.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_local_workers(entry: Callable[..., Any], args: tuple, nprocs: int, *, timeout: float,
+                      what: str = "workers") -> None:
+    """``entry(rank, *args)`` in ``nprocs`` fresh processes (start method ``spawn``).
+
+    Raises if a worker fails (torch terminates the others) or ``timeout`` seconds pass
+    (``TimeoutError`` naming ``what``); every child still alive is killed on the way out."""
+    ctx = mp.start_processes(entry, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=0.5):  # raises if a worker failed (and terminates the others)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not finish within {timeout} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
