@@ -4,7 +4,9 @@
 
 For every preset and sequence length it times forward + backward (sum(y * g) with a fixed random
 cotangent; gradients w.r.t. q, k, v, all gates and the initial state; best of --repeats runs for
-the chunked form, one run of the token loop) and measures peak
+the chunked form, one run of the token loop), in wall time and in process CPU time (with one
+torch thread the CPU time does not swell while other jobs hold the shared cores, so its speed-up,
+printed in brackets, is the robust one on a busy machine), and measures peak
 memory in a second run, in a fresh process, as the growth of the peak resident set size (VmHWM in
 /proc/self/status, reset through /proc/self/clear_refs after malloc_trim) over the resident size
 before the run, with glibc's mmap threshold at 128 KiB so freed tensors leave the RSS (see
@@ -110,18 +112,21 @@ def make_inputs(spec: MirasSpec, B: int, T: int, H: int, D: int, seed: int = 0) 
     return [q, k, v, alpha, eta], {**extra, "initial_state": state}
 
 
-def run_once(spec: MirasSpec, backend: str, T: int, B: int, H: int, D: int, chunk: int) -> tuple[float, int]:
+def run_once(spec: MirasSpec, backend: str, T: int, B: int, H: int, D: int, chunk: int) -> tuple[float, float, int]:
+    """(wall seconds, process CPU seconds, peak-RSS growth in bytes) of one forward + backward.
+    With one torch thread the CPU time is the time the run got on a core: unlike the wall time
+    it does not grow while other jobs hold the (shared) cores."""
     args, kw = make_inputs(spec, B, T, H, D)
     cot = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1))
     base = _reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     y, _ = miras_memory(*args, spec=spec, chunk_size=chunk, backend=backend, **kw)
     (y * cot).sum().backward()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = max(_proc_status()["VmHWM"] - base, 0) if base else 0
     if not bool(torch.isfinite(y).all()):
         raise RuntimeError(f"non-finite output for {spec} {backend} T={T}")
-    return elapsed, peak
+    return elapsed, cpu, peak
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             if measured:
                 spec = MirasSpec.preset(name)
                 run_once(spec, "chunked", chunk * 2, B, H, D, chunk)  # same warm-up as timing
-                peaks[f"{name},{backend},{T}"] = run_once(spec, backend, T, B, H, D, chunk)[1]
+                peaks[f"{name},{backend},{T}"] = run_once(spec, backend, T, B, H, D, chunk)[2]
         print(json.dumps(peaks))
         return 0
     torch.manual_seed(0)
@@ -162,16 +167,18 @@ def main(argv: list[str] | None = None) -> int:
         if not measured:
             prev = next(r for r in rows if r["preset"] == name and r["backend"] == backend and r["T"] == lengths[-2])
             rows.append(dict(preset=name, memory=spec.memory, T=T, backend=backend,
-                             time_s=prev["time_s"] * T / lengths[-2], measured=False))
+                             time_s=prev["time_s"] * T / lengths[-2], cpu_s=prev["cpu_s"] * T / lengths[-2],
+                             measured=False))
             continue
         if T == lengths[0] and backend == "chunked":
             run_once(spec, "chunked", chunk * 2, B, H, D, chunk)  # warm-up (lazy init, allocator)
         # best of --repeats for the chunked form (cheap; the machine is shared, so single runs are
         # noisy); the slow token loop runs once
         reps = args.repeats if backend == "chunked" else 1
-        t = min(run_once(spec, backend, T, B, H, D, chunk)[0] for _ in range(reps))
-        rows.append(dict(preset=name, memory=spec.memory, T=T, backend=backend, time_s=t, measured=True))
-        print(f"  {name:12s} T={T:5d} {backend:9s} {t:8.3f} s", flush=True)
+        runs = [run_once(spec, backend, T, B, H, D, chunk) for _ in range(reps)]
+        t, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
+        rows.append(dict(preset=name, memory=spec.memory, T=T, backend=backend, time_s=t, cpu_s=cpu, measured=True))
+        print(f"  {name:12s} T={T:5d} {backend:9s} {t:8.3f} s (cpu {cpu:.3f} s)", flush=True)
     if args.no_memory:
         peaks = {}
     else:
@@ -195,23 +202,27 @@ def main(argv: list[str] | None = None) -> int:
     mid, last = lengths[-2], lengths[-1]
     summary = []
     print(f"\nforward+backward, B={B} H={H} D={D} chunk={chunk}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}; "
-          "peak = growth of peak RSS; '~' = recurrent extrapolated linearly from the previous T")
+          f"load average {os.getloadavg()[0]:.1f}; wall seconds (speedup), and in brackets the speedup "
+          "in process CPU time (robust when other jobs share the cores); peak = growth of peak RSS; "
+          "'~' = recurrent extrapolated linearly from the previous T")
     header = f"{'preset':12s} {'mem':6s}" + "".join(
-        f" | T={T:<5d} chunk s  rec s    speedup  chunk MiB rec MiB" for T in lengths) + f" | T{last}/T{mid}"
+        f" | T={T:<5d} chunk s  rec s    speedup  (cpu)  chunk MiB rec MiB" for T in lengths) + f" | T{last}/T{mid}"
     print(header)
     for name in presets:
         line = f"{name:12s} {MirasSpec.preset(name).memory:6s}"
         entry = {"preset": name, "memory": MirasSpec.preset(name).memory}
         for T in lengths:
             c, r = get(name, T, "chunked"), get(name, T, "recurrent")
-            sp = r["time_s"] / c["time_s"]
+            sp, sp_cpu = r["time_s"] / c["time_s"], r["cpu_s"] / c["cpu_s"]
             mark = "" if r["measured"] else "~"
             line += (f" | {'':7s} {c['time_s']:7.3f} {mark + format(r['time_s'], '.2f'):>8s} {sp:7.1f}x"
-                     f" {c['peak_mb']:9.1f} {mark + format(r['peak_mb'], '.0f'):>7s}")
+                     f" ({sp_cpu:4.1f}x) {c['peak_mb']:9.1f} {mark + format(r['peak_mb'], '.0f'):>7s}")
             entry[f"speedup_T{T}"] = sp
+            entry[f"cpu_speedup_T{T}"] = sp_cpu
         ratio = get(name, last, "chunked")["time_s"] / get(name, mid, "chunked")["time_s"]
         entry[f"chunked_ratio_T{last}_over_T{mid}"] = ratio
+        entry[f"chunked_cpu_ratio_T{last}_over_T{mid}"] = (
+            get(name, last, "chunked")["cpu_s"] / get(name, mid, "chunked")["cpu_s"])
         line += f" | {ratio:6.2f}"
         summary.append(entry)
         print(line)

@@ -21,11 +21,12 @@ Reads: for retentions whose materialize is the identity (``none``, ``decay``) W_
 GLA-like masked product ``cX_t W0 x_t + cS_t S0 x_t - ((x bᵀ) * G) a``, applied layer by layer
 for the MLP memory. ``lq`` weights are ``X_t * s_t`` with one scalar ``s_t`` per token and
 matrix, so reads are the affine product times ``s_t``; only the q-norms need X_t itself. ``kl``
-weights ``c * softmax(X_t)`` are read per token. For both, X_t is materialised for the tokens of
-ONE chunk (``[B, H, C, r, c]``, by a short in-chunk scan with the known gradient factors, see
-``_states_in_chunk``) inside activation checkpointing, so it is recomputed in backward and memory
-stays O(T * D) plus one chunk's block and the per-chunk states. The loop over chunks is
-sequential Python; everything inside a chunk is batched over B and H.
+weights ``c * softmax(X_t)`` are read per token. For both, the chunk loop only records the
+chunk-start states and gradient factors (the chunk-end state is affine, so the loop needs no
+per-token block); afterwards ``per_token_scan`` runs the in-chunk recurrences of groups of
+chunks in lock-step (C Python steps per group) inside a custom autograd Function with an
+analytic reverse scan, so memory stays O(T * D) plus the per-chunk states and one group's transient blocks. The
+loop over chunks is sequential Python; everything inside a chunk is batched over B and H.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .inputs import State, prepare_inputs, run_documents
-from .rules import Factors, grad_factors, matvec, read_memory
+from .per_token_scan import ChunkScanInputs, lq_scales, softmax_reads
+from .rules import grad_factors, read_memory
 from .spec import MirasSpec
 
 
@@ -53,9 +54,6 @@ class _Coefs:
     cS: torch.Tensor | None
     sG: torch.Tensor | None
     sX: torch.Tensor | None
-
-
-_Gates = tuple  # (alpha, eta, mu) of one chunk, raw (not log); alpha / mu may be None
 
 
 def _masked_decay(L: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -129,47 +127,6 @@ def _momentum_end(S0: torch.Tensor, co: _Coefs, a: torch.Tensor, b: torch.Tensor
     return S0 * co.sX[:, :, None, None] - (a * co.sG.unsqueeze(-1)).transpose(-1, -2) @ b
 
 
-def _states_in_chunk(X0: torch.Tensor, S0: torch.Tensor | None, gates: _Gates, a: torch.Tensor,
-                     b: torch.Tensor) -> torch.Tensor:
-    """X_t for every token of the chunk, [B, H, c, rows, cols] (one chunk only, transient).
-
-    Runs the in-chunk recurrence with the already-known gradient factors: two fused elementwise
-    ops per token on one [rows, cols] block per head. The alternative, one einsum of the [c, c]
-    coefficient matrix with the outer products, does c times more multiply-adds; measured on the
-    2-core CPU (d = 64, MLP weights, forward + backward of the q-norms) it took 210-370 ms per
-    chunk and weight against 120 ms for this scan."""
-    alpha, eta, mu = gates
-    neg = -(eta.unsqueeze(-1) * a)  # -eta_i a_i: [B, H, c, rows]
-    x, st = X0, S0
-    out = []
-    for t in range(a.shape[2]):
-        upd = neg[:, :, t, :, None] * b[:, :, t, None, :]  # -eta_t g_t
-        if st is not None:
-            st = torch.addcmul(upd, st, mu[:, :, t, None, None])
-            upd = st
-        if alpha is None:
-            x = x + upd
-        elif alpha.dim() == 4:
-            x = torch.addcmul(upd, x, alpha[:, :, t, None, :])
-        else:
-            x = torch.addcmul(upd, x, alpha[:, :, t, None, None])
-        out.append(x)
-    return torch.stack(out, dim=2)
-
-
-def _lq_scales(spec: MirasSpec, X: State, S: State, gates: _Gates, factors: Factors) -> dict[str, torch.Tensor]:
-    """Moneta's per-token factor (||X_t||_q + eps)^(2-q) for every weight: name -> [B, H, c, 1]."""
-    return {n: spec.lq_scale(_states_in_chunk(X[n], S.get(n), gates, *factors[n])).squeeze(-1) for n in X}
-
-
-def _read_softmax(spec: MirasSpec, q: torch.Tensor, X: State, S: State, gates: _Gates,
-                  factors: Factors) -> torch.Tensor:
-    """Memora's read with per-token weights c * softmax(X_t) (the scale c applied to the
-    [c, rows] products instead of the [c, rows, cols] weights)."""
-    probs = {n: torch.softmax(_states_in_chunk(X[n], S.get(n), gates, *factors[n]), dim=-1) for n in X}
-    return read_memory(spec, lambda n, x: spec.c * matvec(probs[n], x), q)
-
-
 def chunked_core(
     spec: MirasSpec,
     chunk_size: int,
@@ -201,36 +158,59 @@ def chunked_core(
         # slice's backward would allocate and fill a full [B, H, T, ...] gradient
         return [None] * n_chunks if t is None else list(t.split(chunk_size, dim=2))
 
-    raw_gates = (None, None, None) if affine else (alpha, eta, mu)  # for the in-chunk scan
-    pieces = zip(*(split(t) for t in (q, k, v, delta, la, eta, lmu, *raw_gates)))
-    for qc, kc, vc, dc, lac, etac, lmuc, *gates in pieces:
+    pieces = zip(*(split(t) for t in (q, k, v, delta, la, eta, lmu)))
+    # lq / kl: what the per-token scan needs, gathered over the chunk loop (see per_token_scan)
+    starts: dict[str, list] = {n: [] for n in names}
+    mstarts: dict[str, list] = {n: [] for n in names}
+    fac: dict[str, list] = {n: [] for n in names}
+    chunks = []
+    for qc, kc, vc, dc, lac, etac, lmuc in pieces:
         c = qc.shape[2]
         if c not in masks:
             masks[c] = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
         frozen = {n: spec.materialize(X[n]) for n in names}
         factors = grad_factors(spec, frozen, kc, vc, dc)
         co = _coefficients(lac, etac, lmuc, masks[c])
-        if spec.retention == "kl":
-            ys.append(checkpoint(
-                _read_softmax, spec, qc, X, S, gates, factors, use_reentrant=False, preserve_rng_state=False,
-            ))
-        elif affine:
+        if affine:
             ys.append(read_memory(
                 spec, lambda n, x: _apply_affine(x, X[n], S.get(n), co, *factors[n]), qc
             ))
         else:
-            # lq: W_t = X_t * scale_t with a scalar scale per token, so W_t x = scale_t * (X_t x)
-            # reuses the affine read; only the q-norms need the per-token X_t block.
-            scales = checkpoint(
-                _lq_scales, spec, X, S, gates, factors, use_reentrant=False, preserve_rng_state=False,
-            )
-            ys.append(read_memory(
-                spec, lambda n, x: scales[n] * _apply_affine(x, X[n], S.get(n), co, *factors[n]), qc
-            ))
+            for n in names:
+                starts[n].append(X[n])
+                if momentum:
+                    mstarts[n].append(S[n])
+                fac[n].append(factors[n])
+            if spec.retention == "lq":
+                chunks.append((qc, dict(X), dict(S), co, factors))
         newX = {n: _state_end(X[n], S.get(n), co, *factors[n]) for n in names}
         if momentum:
             S = {n: _momentum_end(S[n], co, *factors[n]) for n in names}
         X = newX
+    if not affine and T > 0:
+        scan = {
+            n: ChunkScanInputs(
+                X0=torch.stack(starts[n], dim=2),
+                S0=torch.stack(mstarts[n], dim=2) if momentum else None,
+                a=torch.cat([f[0] for f in fac[n]], dim=2),
+                b=torch.cat([f[1] for f in fac[n]], dim=2),
+                eta=eta, alpha=alpha, mu=mu,
+            )
+            for n in names
+        }
+        if spec.retention == "kl":
+            # Memora: per-token reads c * softmax(X_t) x_t, every chunk at once
+            ys.append(read_memory(spec, lambda n, x: softmax_reads(spec, scan[n], x, chunk_size), q))
+        else:
+            # lq: W_t = X_t * s_t with a scalar s_t per token, so W_t x = s_t * (X_t x) reuses the
+            # affine read; only the scales need the per-token X_t (computed for every chunk at once)
+            scales = {n: lq_scales(spec, scan[n], chunk_size).split(chunk_size, dim=2) for n in names}
+            for i, (qc, X0, S0, co, factors) in enumerate(chunks):
+                ys.append(read_memory(
+                    spec,
+                    lambda n, x: scales[n][i].unsqueeze(-1) * _apply_affine(x, X0[n], S0.get(n), co, *factors[n]),
+                    qc,
+                ))
     y = torch.cat(ys, dim=2) if ys else v.new_zeros(v.shape)
     final = dict(X)
     final.update({"S_" + n: t for n, t in S.items()})
