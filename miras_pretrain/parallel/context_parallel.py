@@ -186,10 +186,16 @@ def slice_batch_for_cp(
 @dataclass
 class CPGroup:
     """The ranks of one CP group, in sequence order. ``ranks[i]`` is the global rank holding
-    slice i; ``group`` the process group (None only for a group of one)."""
+    slice i; ``group`` the process group (None only for a group of one); ``p2p`` the process
+    group the point-to-point state/halo messages use (None = the default group).
+
+    Why a separate ``p2p`` group: isolation. CP messages may still be in flight (non-blocking
+    sends complete in ``finish_step``) while DeepSpeed and the trainer run collectives; on a
+    group of their own they can never be confused with another library's traffic."""
 
     ranks: list[int]
     group: Any = None
+    p2p: Any = None
 
     @property
     def size(self) -> int:
@@ -210,12 +216,25 @@ class CPGroup:
         return self.ranks[r + 1] if r < self.size - 1 else None
 
     @classmethod
-    def from_megatron(cls) -> "CPGroup":
+    def from_megatron(cls, *, dedicated_p2p: bool = True) -> "CPGroup":
         """The context-parallel group of megatron's ``parallel_state`` (see
-        ``miras_pretrain.parallel.state.initialize_parallel(cp=...)``)."""
+        ``miras_pretrain.parallel.state.initialize_parallel(cp=...)``).
+
+        ``dedicated_p2p``: give the point-to-point messages a process group of their own that
+        carries nothing else (see the class docstring). Collective over ALL ranks (every rank
+        creates every CP group's p2p group, in the same order)."""
         from . import state
 
-        return cls(state.context_parallel_global_ranks(), state.context_parallel_group())
+        ranks = state.context_parallel_global_ranks()
+        p2p = None
+        if dedicated_p2p and dist.is_initialized() and dist.get_world_size() > 1:
+            every: list = [None] * dist.get_world_size()
+            dist.all_gather_object(every, ranks)
+            for rs in sorted({tuple(r) for r in every}):
+                g = dist.new_group(list(rs))
+                if dist.get_rank() in rs:
+                    p2p = g
+        return cls(ranks, state.context_parallel_group(), p2p)
 
 
 # ----------------------------------------------------------------------------- stats

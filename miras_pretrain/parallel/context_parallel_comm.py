@@ -3,8 +3,9 @@
 Every message is ONE flat buffer (tensors packed in order, cast back on arrival) in fp32, or
 fp64 when any of its tensors is fp64 (:func:`wire_dtype`; both sides derive it from the same
 shapes and dtypes): fewer messages, and bf16 inputs round-trip exactly through fp32. Point-to-point messages use global
-ranks on the default group with a tag per exchange (``ContextParallel.next_tag``; backward uses
-``tag + 1``) so several messages between the same pair can be in flight.
+ranks on ``CPGroup.p2p`` (a group that carries no collectives; the default group when None) with
+a tag per exchange (``ContextParallel.next_tag``; backward uses ``tag + 1``) so several messages
+between the same pair can be in flight.
 
 Sends are non-blocking (``isend``; the work is kept in ``ContextParallel`` until
 ``finish_step``). Receives are posted early (``irecv``) and waited for only where the data is
@@ -53,7 +54,7 @@ def unpack(buf: torch.Tensor, like: Sequence[tuple[tuple[int, ...], torch.dtype]
 
 
 def _isend(cp: ContextParallel, buf: torch.Tensor, dst: int, tag: int) -> None:
-    cp.add_pending(dist.isend(buf, dst=dst, tag=tag))
+    cp.add_pending(dist.isend(buf, dst=dst, tag=tag, group=cp.group.p2p))
     cp.stats.bytes_sent += buf.numel() * buf.element_size()
     cp.stats.messages += 1
 
@@ -65,7 +66,7 @@ class PostedRecv:
     def __init__(self, cp: ContextParallel, like: Like, src: int, tag: int) -> None:
         numel = sum(math.prod(s) for s, _ in like)
         self.cp, self.buf = cp, torch.empty(numel, dtype=wire_dtype([d for _, d in like]))
-        self.work = dist.irecv(self.buf, src=src, tag=tag)
+        self.work = dist.irecv(self.buf, src=src, tag=tag, group=cp.group.p2p)
 
     def wait(self, counter: str) -> torch.Tensor:
         t0 = time.perf_counter()

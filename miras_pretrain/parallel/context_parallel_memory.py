@@ -162,6 +162,22 @@ class MirasLayerCP:
                 out[key] = (t.unsqueeze(0) if t.dim() == 3 else t).to(self.sdt).expand(rows, self.heads, r, c)
         return out
 
+    def _touch_init(self, state_in: State | None) -> State | None:
+        """``state_in`` plus 0 x the model's learned initial state (exactly ``state_in``).
+
+        Why: a rank whose slice continues a document never uses the initial state, so its
+        parameters would get no gradient there while rank 0's do. Data-parallel engines
+        (DeepSpeed ZeRO, reducing over DP x CP) need every rank to produce the same gradients
+        in the same order; the zero term gives the initial state its (zero) gradient at the
+        same point of the backward pass as on the rank that uses it."""
+        if state_in is None or not self.init:
+            return state_in
+        out = dict(state_in)
+        for key, t in self.init.items():
+            if key in out:
+                out[key] = out[key] + 0.0 * t.to(out[key].dtype)
+        return out
+
     def _tail_like(self, tok: Tok, length: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [((t.shape[0], length, *t.shape[2:]), t.dtype) for t in tok.values()]
 
@@ -174,7 +190,7 @@ class MirasLayerCP:
             if seg.continues_in:
                 if tail_in:
                     part, drop = _cat(tail_in, part), self.l_in
-                init = state_in
+                init = self._touch_init(state_in)
             if split_out and seg.continues_out:
                 n = _length(part)
                 n_al = n // self.chunk * self.chunk

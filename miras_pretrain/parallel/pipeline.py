@@ -6,7 +6,8 @@ stage builds only its layers. Activations between stages are ``h`` [B, T, D] or,
 documents, the tuple ``(h, cu_seqlens)``; the engine's data iterator yields
 ``(input_ids, labels)`` or ``((input_ids, cu_seqlens), labels)``. Under TP the topology is
 ``PipeModelDataParallelTopology(pp, dp, tp)`` whose rank layout equals megatron's, so the TP
-groups megatron's layers use and DeepSpeed's grid agree.
+groups megatron's layers use and DeepSpeed's grid agree. Under context parallelism the grid's
+data axis is DP x CP and the labels carry a loss factor (see :func:`pipeline_loss`).
 """
 
 from __future__ import annotations
@@ -73,8 +74,15 @@ def tied_logits(embedding: EmbeddingPipe, h: torch.Tensor) -> torch.Tensor:
     return F.linear(h, embedding.word.weight)
 
 
-def pipeline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token loss of one micro-batch (labels aligned with inputs, -100 ignored)."""
+def pipeline_loss(logits: torch.Tensor, labels) -> torch.Tensor:
+    """Mean token loss of one micro-batch (labels aligned with inputs, -100 ignored).
+
+    ``labels`` is [B, T] long, or ``(labels, factor)`` with a float tensor ``factor`` the loss is
+    multiplied by: under context parallelism each rank's factor is CP x its share of the
+    micro-batch's counted labels, because the engine averages over its data axis (DP x CP)."""
+    if isinstance(labels, (tuple, list)):
+        labels, factor = labels
+        return tpl.lm_cross_entropy(logits, labels) * factor.to(torch.float32).reshape(())
     return tpl.lm_cross_entropy(logits, labels)
 
 
@@ -119,8 +127,11 @@ def build_pipeline_module(
         cfg = ModelConfig.from_dict(cfg)
     check_tp_divisibility(cfg)
     if state.is_initialized():
+        # DeepSpeed's grid has no CP axis: its data axis is DP x CP (megatron's tp-cp-dp-pp
+        # order puts CP right inside DP, the grid's order puts data right outside model = TP, so
+        # the two agree rank for rank); gradients are then averaged over DP x CP
         pp, tp, dp = (state.pipeline_parallel_world_size(), state.tensor_parallel_world_size(),
-                      state.data_parallel_world_size())
+                      state.data_context_parallel_world_size())
         if num_stages is not None and num_stages != pp:
             raise ValueError(
                 f"build_pipeline_module: num_stages={num_stages} differs from the pipeline size "

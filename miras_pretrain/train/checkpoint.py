@@ -71,6 +71,29 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     return json.loads((Path(ckpt_dir) / META).read_text())
 
 
+# layout keys a resume must match (a checkpoint without "cp" predates context parallelism: 1)
+RESUME_KEYS = ("world_size", "tp", "pp", "cp", "zero_stage")
+_KEY_NAMES = {"world_size": "the number of processes", "tp": "train.tensor_parallel",
+              "pp": "train.pipeline_parallel", "cp": "parallel.context_parallel_size",
+              "zero_stage": "train.zero_stage"}
+
+
+def check_resume_layout(meta: dict[str, Any], mine: dict[str, Any], ckpt_dir: str | Path) -> None:
+    """Refuse (one-line ValueError) to resume a checkpoint written with another parallel layout.
+
+    The DeepSpeed shards are per (TP, PP, DP x CP) rank and the loader/RNG state per rank, so a
+    different world size, TP, PP, CP size or ZeRO stage cannot load them. ``cp_scheme`` may
+    differ (both schemes are exact and keep no state between steps)."""
+    for key in RESUME_KEYS:
+        have = meta.get(key, 1 if key == "cp" else None)
+        if have != mine[key]:
+            raise ValueError(
+                f"checkpoint {ckpt_dir} was written with {key}={have} but this run has {key}={mine[key]} "
+                f"({_KEY_NAMES[key]}): resume with the same layout, or consolidate the weights with "
+                "tools/consolidate.py and start a new run from them"
+            )
+
+
 def params_finite(engine) -> bool:
     """True on every rank iff every rank's (local shard of the) weights is finite."""
     ok = True

@@ -7,6 +7,7 @@ A training YAML (``configs/<name>.yaml``) has these top-level sections::
                 optionally with ``from: <model yaml>`` as the base the other keys override
     data:       a mapping of DataConfig fields (miras_pretrain.data), optionally ``from: <yaml>``
     train:      optimisation and parallel layout (TrainConfig)
+    parallel:   context (sequence) parallelism (ParallelConfig; tp/pp stay in ``train``)
     eval:       validation cadence (EvalConfig)
     checkpoint: cadence, retention, directory (CheckpointConfig)
     log:        metrics cadence, progress bar, W&B (LogConfig)
@@ -165,7 +166,8 @@ class TrainConfig:
     """Optimisation and parallel layout.
 
     ``global batch = micro_batch_size * grad_accum_steps * data_parallel_size`` sequences of
-    the data section's sequence length.
+    the data section's sequence length (data-parallel size = world / (tp * pp * cp): the ranks
+    of a context-parallel group share their sequences).
     """
 
     max_steps: int = 1000
@@ -222,6 +224,27 @@ class TrainConfig:
         _require(self.max_consecutive_skips >= 1, f"{p}.max_consecutive_skips", "must be >= 1")
         _require(self.time_limit_minutes is None or self.time_limit_minutes > 0,
                  f"{p}.time_limit_minutes", "must be > 0 or null")
+
+
+@dataclass
+class ParallelConfig:
+    """Context (sequence) parallelism: one sequence split into ``context_parallel_size``
+    contiguous slices, one per rank of a CP group (docs/context_parallel.md).
+
+    The world size must be a multiple of ``train.tensor_parallel * train.pipeline_parallel *
+    context_parallel_size``; the rest is data parallelism. ``context_parallel_scheme``:
+    ``auto`` = all-gather for affine memories (linear memory, dot/l2 bias, none/decay
+    retention), state passing otherwise; ``state_passing`` for every Miras layer;
+    ``all_gather`` (affine memories only). The checks that need the model and data sections
+    (sequence length, scheme vs memory, halos) run in :func:`miras_pretrain.train.cp.check_cp_config`.
+    """
+
+    context_parallel_size: int = 1
+    context_parallel_scheme: Literal["auto", "state_passing", "all_gather"] = "auto"
+
+    def validate(self, p: str) -> None:
+        _require(self.context_parallel_size >= 1, f"{p}.context_parallel_size",
+                 f"= {self.context_parallel_size} must be >= 1 (1 = no context parallelism)")
 
 
 @dataclass
@@ -299,6 +322,7 @@ class RunConfig:
     model: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -320,7 +344,7 @@ class RunConfig:
         return d
 
 
-SECTIONS = ("run", "model", "data", "train", "eval", "checkpoint", "log", "debug")
+SECTIONS = ("run", "model", "data", "train", "parallel", "eval", "checkpoint", "log", "debug")
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from typing import Any, Iterator, Optional
 import torch
 
 from miras_pretrain.train import dist as mdist
-from miras_pretrain.train.checkpoint import CheckpointManager, find_latest, read_meta
+from miras_pretrain.train.checkpoint import CheckpointManager, check_resume_layout, find_latest, read_meta
 from miras_pretrain.train.config import RunConfig, dump_config, resolve_model_config
+from miras_pretrain.train.cp import TrainerCP, check_cp_config, launch_world_size
 from miras_pretrain.train import data_bridge
 from miras_pretrain.train.engine import build_engine, resolve_precision
 from miras_pretrain.train.metrics import device_peak_flops, memory_gib, mfu
@@ -57,26 +58,33 @@ class TrainResult:
 class _Layout:
     tp: int
     pp: int
-    dp: int
+    dp: int  # data parallel size WITHOUT the CP dimension (the loader's view)
     dp_rank: int
     world: int
+    cp: int = 1
+
+    @property
+    def megatron(self) -> bool:
+        """Whether megatron's parallel_state owns the process groups."""
+        return self.tp > 1 or self.pp > 1 or self.cp > 1
 
 
 def _setup_parallel(cfg: RunConfig, device: torch.device) -> _Layout:
     t = cfg.train
-    if t.tensor_parallel > 1 or t.pipeline_parallel > 1:
+    cp = cfg.parallel.context_parallel_size
+    if t.tensor_parallel > 1 or t.pipeline_parallel > 1 or cp > 1:
         from miras_pretrain.parallel import state as pstate
 
         mdist._fill_env_for_single_process()
-        pstate.initialize_parallel(t.tensor_parallel, t.pipeline_parallel, seed=cfg.run.seed)
+        pstate.initialize_parallel(t.tensor_parallel, t.pipeline_parallel, cp=cp, seed=cfg.run.seed)
         return _Layout(t.tensor_parallel, t.pipeline_parallel, pstate.data_parallel_world_size(),
-                       pstate.data_parallel_rank(), mdist.world_size())
+                       pstate.data_parallel_rank(), mdist.world_size(), cp)
     mdist.init_distributed(device)
     return _Layout(1, 1, mdist.world_size(), mdist.rank(), mdist.world_size())
 
 
 def _teardown(layout: _Layout) -> None:
-    if layout.tp > 1 or layout.pp > 1:
+    if layout.megatron:
         from miras_pretrain.parallel import state as pstate
 
         pstate.destroy_parallel()
@@ -155,17 +163,22 @@ class Trainer:
             self.model_cfg = dataclasses.replace(self.model_cfg, activation_checkpointing=True)
         self.data_cfg = data_bridge.resolve(cfg)
         self.seq_len = data_bridge.seq_len_of(self.data_cfg)
+        check_cp_config(cfg, self.model_cfg, self.seq_len, launch_world_size(), data_layout=self.data_cfg.layout)
         self.device = pick_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.layout = _setup_parallel(cfg, self.device)
         self.rank = mdist.rank()
         self.is_main = self.rank == 0
         seed_all(cfg.run.seed)
+        # the CP runtime (None without CP): ranks of one CP group share every batch, each runs its slice
+        self.cp = (TrainerCP(cfg.parallel.context_parallel_scheme, self.model_cfg.chunk_size)
+                   if self.layout.cp > 1 else None)
 
         model = _build_model(self.model_cfg, self.layout, cfg)
         mpu = None
-        if self.layout.tp > 1 and self.layout.pp == 1:
-            # a PipelineModule brings its own grid (topology); DeepSpeed takes no mpu with it
+        if (self.layout.tp > 1 or self.layout.cp > 1) and self.layout.pp == 1:
+            # a PipelineModule brings its own grid (topology); DeepSpeed takes no mpu with it.
+            # Under CP the mpu's sequence-parallel names make DeepSpeed reduce over DP x CP
             from miras_pretrain.parallel.mpu import MegatronMPU
 
             mpu = MegatronMPU()
@@ -202,7 +215,8 @@ class Trainer:
 
     def _layout_meta(self) -> dict[str, Any]:
         return {"world_size": self.layout.world, "tp": self.layout.tp, "pp": self.layout.pp,
-                "dp": self.layout.dp, "zero_stage": self.cfg.train.zero_stage}
+                "cp": self.layout.cp, "dp": self.layout.dp, "zero_stage": self.cfg.train.zero_stage,
+                "cp_scheme": self.cfg.parallel.context_parallel_scheme}
 
     def _resume(self) -> None:
         root = self.cfg.checkpoint_dir
@@ -219,14 +233,7 @@ class Trainer:
                     f"--resume {self.resume}: not a complete checkpoint directory (no meta.json); "
                     "use --resume auto or a step_* directory"
                 )
-        meta = read_meta(ckpt_dir)
-        mine = self._layout_meta()
-        for key in ("world_size", "tp", "pp", "zero_stage"):
-            if meta.get(key) != mine[key]:
-                raise ValueError(
-                    f"checkpoint {ckpt_dir} was written with {key}={meta.get(key)} but this run has "
-                    f"{key}={mine[key]}: resume with the same layout (or consolidate it with tools/consolidate.py)"
-                )
+        check_resume_layout(read_meta(ckpt_dir), self._layout_meta(), ckpt_dir)
         state = self.ckpt.load(self.engine, ckpt_dir)
         self.step = int(state["step"])
         self.skipped_total = int(state["skipped_total"])
@@ -247,19 +254,42 @@ class Trainer:
             batch = next(self.train_iter)
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(loss to backpropagate, mean loss of this rank's tokens, their count)`` for one
+        micro-batch. Without CP the first two are the same. Under CP the first is this rank's
+        share of the micro-batch mean (``mean * cp_loss_scale``: the shares sum to the CP = 1
+        loss over the CP group) and the count is the labels of this rank's slice."""
         ids, labels, cu = data_bridge.model_inputs(batch)
-        if cu is not None:
-            return self.engine(ids, labels=labels, cu_seqlens=cu)
-        return self.engine(ids, labels=labels)
+        if self.cp is None:
+            loss = self.engine(ids, labels=labels, cu_seqlens=cu) if cu is not None else self.engine(ids, labels=labels)
+            return loss, loss, int((labels != -100).sum())
+        local = self.cp.slice(ids, labels, cu)
+        with self.cp.runtime.batch(local["cp_slice"]):
+            if local.get("cu_seqlens") is not None:
+                loss = self.engine(local["input_ids"], labels=local["labels"], cu_seqlens=local["cu_seqlens"])
+            else:
+                loss = self.engine(local["input_ids"], labels=local["labels"])
+        return loss * local["cp_loss_scale"], loss, int((local["labels"] != -100).sum())
 
-    @staticmethod
-    def _pipe_iter(batches: list) -> Iterator:
+    def _pipe_iter(self, batches: list) -> Iterator:
         """Micro-batches in the pipeline engine's format: ``(input_ids, labels)`` or, with
-        packed documents, ``((input_ids, cu_seqlens), labels)``."""
+        packed documents, ``((input_ids, cu_seqlens), labels)``. Under CP this rank's slice with
+        ``(labels, loss factor)`` as the labels (``pipeline_loss`` multiplies by the factor)."""
         for b in batches:
             ids, labels, cu = data_bridge.model_inputs(b)
+            if self.cp is not None:  # dense rows only (check_cp_config refuses documents + PP)
+                local = self.cp.slice(ids, labels, None)
+                scale = torch.tensor(self.cp.pipe_loss_scale(local), dtype=torch.float32, device=ids.device)
+                yield local["input_ids"], (local["labels"], scale)
+                continue
             yield ((ids, cu), labels) if cu is not None else (ids, labels)
+
+    def _pipe_layout(self, micro: list):
+        """The CP layout shared by this step's (dense, equal-length) pipeline micro-batches."""
+        from miras_pretrain.parallel.context_parallel import CPSlice
+
+        ids, _, _ = data_bridge.model_inputs(micro[0])
+        return CPSlice(self.cp.rank, self.cp.size, ids.shape[1])
 
     def train_step(self) -> tuple[float, bool, float]:
         """One optimizer step (grad_accum micro-batches). Returns (mean loss, applied, grad norm)."""
@@ -271,16 +301,25 @@ class Trainer:
             # while the pipeline schedule would have the stages read at different times (the
             # last stage first waits for activations) -> deadlock
             micro = [self._next_batch() for _ in range(ga)]
-            loss = self.engine.train_batch(data_iter=self._pipe_iter(micro))
+            if self.cp is None:
+                loss = self.engine.train_batch(data_iter=self._pipe_iter(micro))
+            else:
+                # the CP exchanges happen inside each stage's layers, for every micro-batch of
+                # the schedule; backward may run after the block (autograd holds the runtime)
+                with self.cp.runtime.batch(self._pipe_layout(micro)):
+                    loss = self.engine.train_batch(data_iter=self._pipe_iter(micro))
+                self.cp.runtime.finish_step()
             loss_val = float(loss.item())
         else:
             total = 0.0
             for _ in range(ga):
                 batch = self._next_batch()
-                loss = self._forward_loss(batch)
+                loss, _, _ = self._forward_loss(batch)
                 if inject_nan:
                     loss = loss * float("nan")
                 self.engine.backward(loss)
+                if self.cp is not None:
+                    self.cp.runtime.finish_step()  # outstanding state sends
                 self.engine.step()
                 total += float(loss.detach().float().item())
             loss_val = total / ga
@@ -289,14 +328,27 @@ class Trainer:
         # agree across ranks: a non-finite loss anywhere means the (synchronised) update was
         # discarded everywhere; the local loss alone would disagree between ranks
         bad = mdist.all_reduce_max(0.0 if (applied and math.isfinite(loss_val)) else 1.0) > 0
-        loss_mean = mdist.all_reduce_mean(loss_val, group=self._dp_group()) if not self.pipeline else loss_val
+        if self.pipeline:  # already the mean over the engine's data axis (DP x CP)
+            loss_mean = loss_val
+        elif self.cp is not None:  # sum of the CP shares, mean over DP
+            loss_mean = mdist.all_reduce_mean(loss_val, group=self._dp_cp_group()) * self.layout.cp
+        else:
+            loss_mean = mdist.all_reduce_mean(loss_val, group=self._dp_group())
         return loss_mean, not bad, gnorm
 
     def _dp_group(self):
-        if self.layout.tp > 1 or self.layout.pp > 1:
+        if self.layout.megatron:
             from miras_pretrain.parallel import state as pstate
 
             return pstate._ps().get_data_parallel_group()
+        return None
+
+    def _dp_cp_group(self):
+        """DP x CP (what metrics reduce over when every rank holds part of the batch)."""
+        if self.layout.megatron:
+            from miras_pretrain.parallel import state as pstate
+
+            return pstate.data_context_parallel_group()
         return None
 
     @torch.no_grad()
@@ -320,7 +372,11 @@ class Trainer:
                         micro = [nxt() for _ in range(ga)]
                     except StopIteration:
                         break
-                    losses.append(float(self.engine.eval_batch(self._pipe_iter(micro)).item()))
+                    if self.cp is None:
+                        losses.append(float(self.engine.eval_batch(self._pipe_iter(micro)).item()))
+                    else:
+                        with self.cp.runtime.batch(self._pipe_layout(micro)):
+                            losses.append(float(self.engine.eval_batch(self._pipe_iter(micro)).item()))
                     weights.append(1)
             else:
                 for _ in range(n):
@@ -331,20 +387,25 @@ class Trainer:
                     # weight by real tokens: the loader pads the last eval batch with -100 rows
                     # (the forward runs even for an all-padding batch: under ZeRO-3 it is a
                     # collective every rank must join)
-                    count = int((batch["labels"] != -100).sum())
-                    loss = float(self._forward_loss(batch).float().item())
+                    # (under CP: this rank's slice and its labels; summed over DP x CP below)
+                    _, mean, count = self._forward_loss(batch)
+                    loss = float(mean.float().item())
                     if count:
                         losses.append(loss * count)
                         weights.append(count)
         finally:
             self.engine.train()
+            if self.cp is not None:
+                self.cp.runtime.finish_step()
+                self.cp.discard_stats()  # the cp/* metrics describe training steps only
         if self.pipeline:
             if not losses:
                 raise ValueError("the validation split yielded no batch: make it larger or train.micro_batch_size smaller")
             return sum(losses) / len(losses)
-        # token-weighted mean over all data-parallel ranks
-        tot = mdist.all_reduce_mean(sum(losses), group=self._dp_group())
-        cnt = mdist.all_reduce_mean(float(sum(weights)), group=self._dp_group())
+        # token-weighted mean over all data-parallel ranks (and the CP slices)
+        group = self._dp_cp_group() if self.cp is not None else self._dp_group()
+        tot = mdist.all_reduce_mean(sum(losses), group=group)
+        cnt = mdist.all_reduce_mean(float(sum(weights)), group=group)
         if cnt == 0:
             raise ValueError("the validation split yielded no tokens: make it larger or train.micro_batch_size smaller")
         return tot / cnt
@@ -410,8 +471,21 @@ class Trainer:
                 self.val_history.append((0, v))
                 logger.log(0, {"val/loss": v, "val/ppl": math.exp(min(v, 50.0))})
                 say(f"step 0: val loss {v:.4f}  ppl {math.exp(min(v, 50.0)):.2f}")
+            # per-rank tokens of one optimizer step (this rank's slices under CP)
+            tokens_per_rank = t.micro_batch_size * t.grad_accum_steps * self.seq_len / self.layout.cp
+            if self.cp is not None:
+                self.cp.discard_stats()
+            check_order = self.cp is not None
             while self.step < t.max_steps:
+                step_t0 = time.perf_counter()
+                if check_order:
+                    self.cp.arm_grad_order_check(self.engine.module)
                 loss, applied, gnorm = self.train_step()
+                if check_order:  # once per job: the first step's backward
+                    self.cp.verify_grad_order()
+                    check_order = False
+                if self.cp is not None:
+                    self.cp.end_step(time.perf_counter() - step_t0)
                 self.step += 1
                 window_steps += 1
                 self.tokens_seen += tokens_per_step
@@ -447,6 +521,8 @@ class Trainer:
                         "train/skipped_steps": self.skipped_total,
                         **memory_gib(self.device),
                         **self._memory_stats(),
+                        # collective over all ranks (every rank logs at the same steps)
+                        **(self.cp.window_metrics(tokens_per_rank) if self.cp is not None else {}),
                     }
                     logger.log(self.step, row)
                     if bar is not None:
