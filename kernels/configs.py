@@ -1,17 +1,22 @@
-"""The shipped kernel configurations: every (kernel, BT, BK, BV, num_warps, num_stages) that
-dispatch can launch, per learner class. ``tools/kernel_report.py`` compiles exactly these for
-sm_80 and sm_90 and fails on a compile error, a register spill or shared memory over the device
-limit, so a config is listed here only once it compiles cleanly; a call with no listed config
-falls back to the PyTorch path (``kernels.supports`` names why).
+"""The shipped kernel configurations: every (kernel, BT, BK, BV, num_warps, num_stages, learner)
+that dispatch can launch. ``tools/kernel_report.py`` compiles exactly these for sm_80 and sm_90
+and fails on a compile error, a register spill or shared memory over the device limit, so a
+config is listed here only once it compiles cleanly; a call with no listed config falls back to
+the PyTorch path (``kernels.supports`` names why).
 
-* ``BT`` is the chunk size (16, 32, 64); ``BK`` the key head dim padded to a power of two >= 32
-  (masked loads cover dk in 1..BK); ``BV`` the value block one program owns (huber needs the
-  whole value row in one block, so it runs only where ``BV`` covers the padded dv).
-* ``learner``: ``gd`` or ``momentum`` (momentum keeps a second state tile, so it needs its own,
-  often smaller, set). Each config is compiled in its class's heaviest code variant (huber bias).
-* Kernels: ``chunk_fwd``, ``chunk_bwd_dstate``, ``chunk_bwd_dqg`` / ``chunk_bwd_dkv`` (the two
-  launches of ``miras_linear_chunk_bwd_grads_kernel``, PART 0/1) (:mod:`kernels.miras_linear.chunk_kernels`); ``recurrent_fwd``
-  (:mod:`kernels.miras_linear.fused_recurrent`, BT unused = 1, BV = whole padded dv).
+* ``BT`` is the chunk size (16, 32, 64); ``BK`` / ``BV`` the key / value block the chunk kernels
+  loop over (dk and dv are runtime arguments, any value up to ``MAX_HEAD_DIM``, masked; dv is
+  split into ``ceil(dv / BV)`` programs, or looped over by one program in the huber state pass).
+  One compiled binary per entry therefore serves every head dim: registers depend on the
+  blocks, not on how many there are.
+* ``learner``: ``gd`` or ``momentum`` (momentum keeps a second state, so it gets its own entries).
+  Each config is compiled in its class's heaviest code variant (huber bias).
+* Kernels (:mod:`kernels.miras_linear.chunk_kernels`): ``chunk_state`` (sequential state pass),
+  ``chunk_out`` (outputs), ``chunk_bwd_du`` (state-independent part of dU), ``chunk_bwd_dstate``
+  (sequential adjoint pass), ``chunk_bwd_dqg`` / ``chunk_bwd_dkv`` / ``chunk_bwd_dgate`` /
+  ``chunk_bwd_dmu`` (the launches of ``miras_linear_chunk_bwd_grads_kernel``, PART 0/1/2/3; dmu
+  only for momentum); ``recurrent_fwd`` (:mod:`kernels.miras_linear.fused_recurrent`, BT unused
+  = 1, the whole padded state in one program: BK = padded dk, BV = padded dv).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CHUNK_SIZES = (16, 32, 64)
-CHUNK_KERNELS = ("chunk_fwd", "chunk_bwd_dstate", "chunk_bwd_dqg", "chunk_bwd_dkv")
+CHUNK_KERNELS = ("chunk_state", "chunk_out", "chunk_bwd_du", "chunk_bwd_dstate", "chunk_bwd_dqg", "chunk_bwd_dkv",
+                 "chunk_bwd_dgate", "chunk_bwd_dmu")
+MAX_HEAD_DIM = 128
 MIN_BLOCK = 32
 
 
@@ -37,32 +44,48 @@ class KernelConfig:
         return f"{self.learner} BT={self.BT} BK={self.BK} BV={self.BV} w={self.num_warps} s={self.num_stages}"
 
 
-# (kernel, learner, BT, BK) -> (BV, num_warps). Only entries whose heaviest variant compiled
-# spill-free for sm_80 and sm_90 in tools/kernel_report.py are listed (tuned by hand from its
-# table: more warps or a narrower value block where a first choice spilled).
-_CHUNK_TABLE: dict[tuple[str, str, int, int], tuple[int, int]] = {
-    # gd: C=16 with dk <= 64, C=32 with dk <= 32
-    ("chunk_fwd", "gd", 16, 32): (32, 1), ("chunk_fwd", "gd", 16, 64): (32, 2), ("chunk_fwd", "gd", 32, 32): (32, 4),
-    ("chunk_bwd_dstate", "gd", 16, 32): (32, 1), ("chunk_bwd_dstate", "gd", 16, 64): (32, 2),
-    ("chunk_bwd_dstate", "gd", 32, 32): (32, 4),
-    ("chunk_bwd_dqg", "gd", 16, 32): (32, 2), ("chunk_bwd_dqg", "gd", 16, 64): (32, 4), ("chunk_bwd_dqg", "gd", 32, 32): (32, 8),
-    ("chunk_bwd_dkv", "gd", 16, 32): (32, 2), ("chunk_bwd_dkv", "gd", 16, 64): (32, 2), ("chunk_bwd_dkv", "gd", 32, 32): (32, 4),
-    # momentum: C=16 with dk <= 32
-    ("chunk_fwd", "momentum", 16, 32): (32, 2), ("chunk_bwd_dstate", "momentum", 16, 32): (32, 4),
-    ("chunk_bwd_dqg", "momentum", 16, 32): (32, 4), ("chunk_bwd_dkv", "momentum", 16, 32): (32, 2),
+# (kernel, learner, BT) -> (BK, BV, num_warps), every entry spill-free on sm_80 and sm_90 in its
+# heaviest variant (tools/kernel_report.py). Tuned by hand from the report: the first of
+# (32, 32, 4), (32, 32, 8), (32, 16, 8), (16, 32, 8), (16, 16, 8) that compiled without spills.
+# The kernels' live set is dominated by the [BT, BT] and [BT, BV] tiles, so larger chunks need
+# 8 warps (never more: at 16 warps ptxas caps a thread at 128 registers) and narrower blocks.
+_DEFAULT = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8)}
+_OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
+    ("chunk_state", "momentum", 32): (32, 32, 8), ("chunk_state", "momentum", 64): (32, 16, 8),
+    ("chunk_out", "momentum", 64): (32, 16, 8),
+    ("chunk_bwd_dstate", "gd", 32): (32, 32, 8), ("chunk_bwd_dstate", "gd", 64): (16, 16, 8),
+    ("chunk_bwd_dstate", "momentum", 32): (32, 16, 8), ("chunk_bwd_dstate", "momentum", 64): (16, 16, 8),
+    ("chunk_bwd_dqg", "momentum", 64): (32, 16, 8),
+    ("chunk_bwd_dkv", "gd", 64): (32, 16, 8), ("chunk_bwd_dkv", "momentum", 16): (32, 32, 8),
+    ("chunk_bwd_dkv", "momentum", 32): (32, 32, 8), ("chunk_bwd_dkv", "momentum", 64): (32, 16, 8),
+    ("chunk_bwd_dgate", "gd", 64): (32, 16, 8), ("chunk_bwd_dgate", "momentum", 16): (32, 32, 8),
+    ("chunk_bwd_dgate", "momentum", 32): (32, 16, 8), ("chunk_bwd_dgate", "momentum", 64): (16, 16, 8),
+    ("chunk_bwd_dmu", "momentum", 16): (32, 32, 8), ("chunk_bwd_dmu", "momentum", 32): (32, 16, 8),
+    ("chunk_bwd_dmu", "momentum", 64): (16, 16, 8),
 }
-# Tried and dropped (spills on sm_80 and/or sm_90 in the heaviest variant): every C=64 config,
-# every dk=128 config, gd C=32 dk=64 (chunk_bwd_dqg), momentum C=32 (chunk_bwd_dqg/dstate).
-_RECURRENT_TABLE: dict[tuple[int, int], int] = {(32, 32): 2, (32, 64): 4, (64, 32): 4, (64, 64): 4}
+
+
+def kernels_for(learner: str) -> tuple[str, ...]:
+    """The chunk kernels a training call with this learner launches (d log mu only with momentum)."""
+    return tuple(k for k in CHUNK_KERNELS if learner == "momentum" or k != "chunk_bwd_dmu")
+
+
+def _chunk_entry(kernel: str, learner: str, BT: int) -> tuple[int, int, int]:
+    return _OVERRIDES.get((kernel, learner, BT), _DEFAULT[BT])
 
 
 def _build() -> tuple[KernelConfig, ...]:
-    out = [KernelConfig(kernel, BT, BK, BV, w, 1, learner)
-           for (kernel, learner, BT, BK), (BV, w) in _CHUNK_TABLE.items()]
+    out = []
+    for learner in ("gd", "momentum"):
+        for kernel in kernels_for(learner):
+            for BT in CHUNK_SIZES:
+                BK, BV, w = _chunk_entry(kernel, learner, BT)
+                out.append(KernelConfig(kernel, BT, BK, BV, w, 1, learner))
     out += [KernelConfig("recurrent_fwd", 1, BK, BV, w, 1, "any") for (BK, BV), w in _RECURRENT_TABLE.items()]
     return tuple(out)
 
 
+_RECURRENT_TABLE: dict[tuple[int, int], int] = {(32, 32): 2, (32, 64): 4, (64, 32): 4, (64, 64): 4}
 SHIPPED: tuple[KernelConfig, ...] = _build()
 
 
@@ -75,15 +98,19 @@ def block_size(dim: int) -> int:
     return b
 
 
-def pick_config(kernel: str, BT: int, BK: int, BV_full: int, full_v: bool, learner: str = "gd") -> KernelConfig | None:
-    """The config dispatch launches, or ``None`` when none is shipped. ``full_v`` (huber; the
-    recurrent kernel) needs one block covering the padded dv (``BV == BV_full``); otherwise the
-    value dim is split into ``BV``-wide blocks run by separate programs."""
+def pick_config(kernel: str, BT: int, K: int, BV_full: int, full_v: bool = False, learner: str = "gd") -> KernelConfig | None:
+    """The config dispatch launches, or ``None`` when none is shipped.
+
+    Chunk kernels: the head dims are runtime arguments (one binary per config serves every
+    dk, dv <= ``MAX_HEAD_DIM``: the kernels loop over key and value blocks). ``recurrent_fwd``
+    keeps the whole state in one program: ``BK == K`` and ``BV == BV_full`` (``full_v``)."""
     for c in SHIPPED:
-        if c.kernel != kernel or c.BT != BT or c.BK != BK:
+        if c.kernel != kernel or c.BT != BT:
             continue
-        if kernel != "recurrent_fwd" and c.learner != learner:
+        if kernel == "recurrent_fwd":
+            if c.BK == K and (c.BV == BV_full if full_v else BV_full % c.BV == 0):
+                return c
             continue
-        if (c.BV == BV_full) if full_v else (c.BV <= BV_full and BV_full % c.BV == 0):
+        if c.learner == learner and K <= MAX_HEAD_DIM:
             return c
     return None

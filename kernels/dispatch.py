@@ -4,12 +4,12 @@ back to the PyTorch path with a one-time warning naming the reason.
 Memory ``mlp`` is delegated to ``kernels.miras_mlp.supports`` (a separate kernel family).
 
 Coverage (``kernel="chunk"``, training, forward + backward): memory ``linear``; bias dot, l2, lp,
-huber; retention none, decay; learner gd, momentum; fp32/fp16/bf16 inputs; varlen; CUDA tensors,
-or CPU tensors under ``TRITON_INTERPRET=1`` -- for the shapes that have a spill-free shipped
-config (``kernels/configs.py``): gd with chunk 16 and dk <= 64 or chunk 32 and dk <= 32,
-momentum with chunk 16 and dk <= 32 (dv split into 32-wide blocks; huber needs dv <= 32).
-Everything else falls back with the reason: retention lq/kl, chunk 64, dk > 64 (so every
-D = 128 model), other chunk sizes, float64 inputs.
+huber; retention none, decay; learner gd, momentum; chunk sizes 16, 32, 64; head dims dk, dv <= 128
+(independently: dv may differ from dk); fp32/fp16/bf16 inputs; ``initial_state``, final state,
+varlen; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` -- every shape has a spill-free
+shipped config (``kernels/configs.py``). Everything else falls back with the reason: retention
+lq/kl (the read needs the per-token state's q-norm / row softmax, i.e. an in-chunk token scan
+forward and backward: not implemented), other chunk sizes, head dims > 128, float64 inputs.
 
 ``kernel="recurrent"`` (decoding, forward only) additionally covers retention lq and kl.
 """
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from kernels.configs import CHUNK_KERNELS, CHUNK_SIZES, block_size, pick_config
+from kernels.configs import CHUNK_SIZES, block_size, kernels_for, pick_config
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,20 +54,19 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         return mlp_supports(spec, q, k, v, chunk_size=chunk_size, **kwargs)
     if kernel == "chunk" and spec.retention not in ("none", "decay"):
         return False, (f"retention={spec.retention!r}: the linear chunk kernels cover none/decay "
-                       "(lq/kl need per-token materialisation; not implemented)")
+                       "(lq/kl reads need the per-token state: an in-chunk token scan, not implemented)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t is not None and t.dtype not in _DTYPES:
             return False, f"{name}.dtype={t.dtype}: the kernels take float32/float16/bfloat16"
     dk = q.shape[-1]
     dv = (v if v is not None else q).shape[-1]
     if dk > 128 or dv > 128:
-        return False, f"head dims dk={dk}, dv={dv}: the kernels keep the state in registers and cover dims <= 128"
+        return False, f"head dims dk={dk}, dv={dv}: the kernels cover dims <= 128 (configs for padded dk 32/64/128)"
     if kernel == "chunk":
         if chunk_size not in CHUNK_SIZES:
             return False, f"chunk_size={chunk_size}: the chunk kernels cover {CHUNK_SIZES}"
-        full_v = spec.bias == "huber"
-        for name in CHUNK_KERNELS:
-            if pick_config(name, chunk_size, block_size(dk), block_size(dv), full_v, spec.learner) is None:
+        for name in kernels_for(spec.learner):
+            if pick_config(name, chunk_size, block_size(dk), block_size(dv), False, spec.learner) is None:
                 return False, (f"no spill-free shipped {name} config for chunk_size={chunk_size}, dk={dk}, dv={dv}, "
                                f"bias={spec.bias}, learner={spec.learner} (kernels/configs.py)")
     else:

@@ -4,6 +4,11 @@ installed).
 
     python tools/bench_kernels.py [--out bench_results/bench_kernels.json]   # CUDA: B=4 H=16 D=128 bf16
     python tools/bench_kernels.py --quick                                    # CPU interpreter, tiny shapes
+    python tools/bench_kernels.py --specs gated_delta gated_delta+bias=huber+learner=momentum \
+        --chunk-size 16 32 64 --dims 128x128 64x128                           # any covered config
+
+A spec is a ``MirasSpec`` preset name with optional ``+field=value`` overrides; ``--dims`` are
+``dkxdv`` pairs. Every (spec, chunk size, dims, T) is one row.
 
 Prints a table and writes JSON. NOTE: fla's gated delta rule is the exact per-token delta rule
 (WY form), a different semantics from this project's chunk-start-gradient rule at C > 1; its
@@ -22,17 +27,40 @@ FLA_NOTE = ("note: fla chunk_gated_delta_rule is the exact per-token delta rule 
             "from the Miras chunk-start-gradient rule at C > 1: its column is a speed reference, not a numerics check")
 
 
-def _inputs(B, T, H, D, dtype, device, seed=0):
+def _inputs(B, T, H, dk, dv, dtype, device, seed=0):
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
-    v = torch.randn(B, T, H, D, generator=g)
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, dk, generator=g), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, dk, generator=g), dim=-1)
+    v = torch.randn(B, T, H, dv, generator=g)
     alpha = torch.sigmoid(torch.randn(B, T, H, generator=g) + 3.0)
     eta = torch.sigmoid(torch.randn(B, T, H, generator=g))
-    out = dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), alpha=alpha, eta=eta)
+    delta = 0.5 + torch.rand(B, T, H, generator=g)
+    mu = 0.9 * torch.sigmoid(torch.randn(B, T, H, generator=g))
+    out = dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), alpha=alpha, eta=eta, delta=delta, mu=mu)
     return {n: t.to(device).requires_grad_() for n, t in out.items()}
+
+
+def parse_spec(text: str):
+    """``preset[+field=value...]`` -> MirasSpec (e.g. ``gated_delta+bias=huber+learner=momentum``)."""
+    from miras_pretrain.ops import MirasSpec
+
+    name, *over = text.split("+")
+    kw = {}
+    for item in over:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise ValueError(f"--specs {text!r}: override {item!r} must be field=value")
+        kw[key] = float(val) if key in ("p", "q", "c", "lq_eps") else val
+    return MirasSpec.preset(name, **kw)
+
+
+def parse_dims(text: str) -> tuple[int, int]:
+    dk, sep, dv = text.partition("x")
+    if not sep or not dk.isdigit() or not dv.isdigit():
+        raise ValueError(f"--dims {text!r}: use DKxDV, e.g. 128x64")
+    return int(dk), int(dv)
 
 
 def _timed(fn, device, reps):
@@ -56,8 +84,6 @@ def _timed(fn, device, reps):
 
 
 def _fwd_bwd(call, x):
-    import torch
-
     def run():
         for t in x.values():
             t.grad = None
@@ -76,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Triton vs PyTorch chunked Miras linear memory (fwd+bwd)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU shapes in the Triton interpreter")
     ap.add_argument("--out", default="bench_results/bench_kernels.json")
-    ap.add_argument("--presets", nargs="+", default=["gated_delta", "gla", "deltanet"])
+    ap.add_argument("--specs", nargs="+", default=None,
+                    help="preset[+field=value...] (default: the three linear presets and gated_delta with lp, "
+                         "huber and momentum)")
     ap.add_argument("--T", type=int, nargs="+", default=None)
-    ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--chunk-size", type=int, nargs="+", default=None, help="default 64 (GPU), 16 and 64 (--quick)")
+    ap.add_argument("--dims", nargs="+", default=None, help="DKxDV head dims (default 128x128; --quick 16x16 64x32)")
     ap.add_argument("--reps", type=int, default=None)
     args = ap.parse_args(argv)
 
@@ -88,15 +117,30 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import kernels
-    from miras_pretrain.ops import MirasSpec, miras_memory
+    from miras_pretrain.ops import miras_memory
 
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("no CUDA device: run with --quick (Triton interpreter) or on a GPU machine")
     if args.quick:
-        B, H, D, dtype, Ts, C, reps = 1, 2, 16, torch.float32, args.T or [64], 16, args.reps or 1
+        B, H, dtype, Ts, reps = 1, 2, torch.float32, args.T or [70], args.reps or 1
+        specs = args.specs or ["gated_delta", "gated_delta+bias=huber+learner=momentum"]
+        cs = args.chunk_size or [16, 64]
+        dims = args.dims or ["16x16", "64x32"]
     else:
-        B, H, D, dtype, Ts, C, reps = 4, 16, 128, torch.bfloat16, args.T or [2048, 4096, 8192, 16384], args.chunk_size, args.reps or 5
+        B, H, dtype, Ts, reps = 4, 16, torch.bfloat16, args.T or [2048, 4096, 8192, 16384], args.reps or 5
+        specs = args.specs or ["gated_delta", "gla", "deltanet", "gated_delta+bias=lp",
+                               "gated_delta+bias=huber", "gated_delta+learner=momentum"]
+        cs = args.chunk_size or [64]
+        dims = args.dims or ["128x128"]
+    dims = [parse_dims(d) for d in dims]
+    grid = [(C, dk, dv) for C in cs for dk, dv in dims]
+    if args.quick and args.specs is None and args.chunk_size is None and args.dims is None:
+        # smoke test, kept short: the gated-delta preset at C=16 and the heaviest variant (huber +
+        # momentum, several key/value blocks) at C=64
+        runs = [(specs[0], 16, 16, 16), (specs[1], 64, 64, 32)]
+    else:
+        runs = [(name, C, dk, dv) for name in specs for C, dk, dv in grid]
     from kernels.miras_linear import chunk_miras_linear
 
     try:
@@ -105,18 +149,24 @@ def main(argv: list[str] | None = None) -> int:
         chunk_gated_delta_rule = None
 
     rows = []
-    for preset in args.presets:
-        spec = MirasSpec.preset(preset)
+    for name, C, dk, dv in runs:
+        spec = parse_spec(name)
         for T in Ts:
-            x = _inputs(B, T, H, D, dtype, device)
-            row = dict(preset=preset, B=B, T=T, H=H, D=D, C=C, dtype=str(dtype).replace("torch.", ""))
+            x = _inputs(B, T, H, dk, dv, dtype, device)
+            row = dict(preset=name, B=B, T=T, H=H, dk=dk, dv=dv, C=C, dtype=str(dtype).replace("torch.", ""))
+            kw = dict(spec=spec, chunk_size=C)
+
+            def gates(x):
+                return dict(delta=x["delta"] if spec.needs_delta else None, mu=x["mu"] if spec.needs_mu else None)
+
             alpha_of = (lambda x: x["alpha"]) if spec.needs_alpha else (lambda x: None)
 
             def chunked(x):
-                return miras_memory(x["q"], x["k"], x["v"], alpha_of(x), x["eta"], spec=spec, chunk_size=C, backend="chunked")[0]
+                return miras_memory(x["q"], x["k"], x["v"], alpha_of(x), x["eta"], **kw, **gates(x),
+                                    backend="chunked")[0]
 
             def triton_path(x):
-                return chunk_miras_linear(x["q"], x["k"], x["v"], alpha_of(x), x["eta"], spec=spec, chunk_size=C)[0]
+                return chunk_miras_linear(x["q"], x["k"], x["v"], alpha_of(x), x["eta"], **kw, **gates(x))[0]
 
             ok, reason = kernels.supports(spec, x["q"], x["k"], x["v"], chunk_size=C)
             row["chunked_ms"], row["chunked_peak_mib"], ref = _timed(_fwd_bwd(chunked, x), device, reps)
@@ -127,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 row["triton_ms"] = None
                 row["fallback"] = reason
-            if chunk_gated_delta_rule is not None and preset == "gated_delta" and device == "cuda":
+            if (chunk_gated_delta_rule is not None and name == "gated_delta" and device == "cuda"
+                    and dk == dv):
                 def fla_call(x):
                     return chunk_gated_delta_rule(x["q"], x["k"], x["v"], torch.log(x["alpha"]), x["eta"])[0]
 
@@ -135,15 +186,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             del x
 
-    cols = ["preset", "T", "C", "dtype", "chunked_ms", "triton_ms", "speedup", "fla_ms", "chunked_peak_mib",
+    cols = ["preset", "T", "C", "dk", "dv", "dtype", "chunked_ms", "triton_ms", "speedup", "fla_ms", "chunked_peak_mib",
             "triton_peak_mib", "max_rel_err"]
     print(f"device: {device}" + ("" if device == "cuda" else " (Triton interpreter: timings say nothing about GPU speed)"))
-    print(" ".join(f"{c:>16}" for c in cols))
+    print(" ".join(f"{c:>{40 if c == 'preset' else 16}}" for c in cols))
     for r in rows:
         cells = []
         for c in cols:
             val = r.get(c)
-            cells.append(f"{val:>16.4g}" if isinstance(val, float) else f"{str(val if val is not None else '-'):>16}")
+            w = 40 if c == "preset" else 16
+            cells.append(f"{val:>{w}.4g}" if isinstance(val, float) else f"{str(val if val is not None else '-'):>{w}}")
         print(" ".join(cells) + (f"  fallback: {r['fallback']}" if "fallback" in r else ""))
     print(FLA_NOTE + ("" if chunk_gated_delta_rule is not None else " (fla not installed: column empty)"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

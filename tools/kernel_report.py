@@ -40,11 +40,15 @@ _DOT_RE = re.compile(r"tt\.dot\s[^\n]*?:\s*tensor<([0-9x]+)x(\w+)>\s*\*\s*tensor
 
 
 def _kernel_fn(kernel: str):
-    if kernel == "chunk_fwd":
-        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_fwd_kernel as fn
+    if kernel == "chunk_state":
+        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_state_kernel as fn
+    elif kernel == "chunk_out":
+        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_out_kernel as fn
+    elif kernel == "chunk_bwd_du":
+        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_du_kernel as fn
     elif kernel == "chunk_bwd_dstate":
         from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_dstate_kernel as fn
-    elif kernel in ("chunk_bwd_dqg", "chunk_bwd_dkv"):
+    elif kernel in ("chunk_bwd_dqg", "chunk_bwd_dkv", "chunk_bwd_dgate", "chunk_bwd_dmu"):
         from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_grads_kernel as fn
     else:
         from kernels.miras_linear.fused_recurrent import miras_linear_recurrent_fwd_kernel as fn
@@ -57,7 +61,7 @@ def _signature(fn, constexprs: dict) -> dict:
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("T", "H", "CS", "NTOK"):
+        elif name in ("T", "H", "CS", "NTOK") or (name in ("K", "V") and name not in constexprs):
             sig[name] = "i32"
         elif name in ("p", "qexp", "lq_eps", "c"):
             sig[name] = "fp32"
@@ -70,16 +74,36 @@ def _signature(fn, constexprs: dict) -> dict:
     return sig
 
 
+# value dim the chunk kernels are compiled with: the largest covered (the huber state pass loops
+# over all V / BV value blocks; registers depend on the block, not the trip count)
+CHUNK_V = 128
+
+
+def _attrs(fn, sig: dict) -> dict:
+    """The specialisation a launch gives: every pointer 16-byte aligned (whole torch tensors are),
+    integers unspecialised (the chunk kernels declare them ``do_not_specialize``; the recurrent
+    kernel's launches are compiled the same way here, without divisibility hints)."""
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+
+
 def _constexprs(kernel: str, cfg, variant: dict) -> dict:
     c = dict(K=cfg.BK, V=cfg.BV, BK=cfg.BK, BV=cfg.BV, EPS=1e-6, HAS_ALPHA=True, IS_VARLEN=True, USE_H0=True)
     c.update(variant)
-    if kernel == "chunk_fwd":
-        c.update(BT=cfg.BT, STORE_FINAL=True, SAVE_STATES=True)
+    if kernel.startswith("chunk_"):
+        del c["K"], c["V"]  # runtime head dims
+    if kernel == "chunk_state":
+        c.update(BT=cfg.BT, NVB=CHUNK_V // cfg.BV if variant.get("BIAS") == 3 else 1)
+    elif kernel == "chunk_out":
+        c.update(BT=cfg.BT)
+        c.pop("USE_H0")
+    elif kernel == "chunk_bwd_du":
+        c = {n: val for n, val in c.items() if n in ("BK", "BV", "HAS_ALPHA", "MOMENTUM", "IS_VARLEN")}
+        c.update(BT=cfg.BT)
     elif kernel == "chunk_bwd_dstate":
         c.update(BT=cfg.BT, USE_DHT=True)
         c.pop("USE_H0")
-    elif kernel in ("chunk_bwd_dqg", "chunk_bwd_dkv"):
-        c.update(BT=cfg.BT, PART=0 if kernel == "chunk_bwd_dqg" else 1)
+    elif kernel in ("chunk_bwd_dqg", "chunk_bwd_dkv", "chunk_bwd_dgate", "chunk_bwd_dmu"):
+        c.update(BT=cfg.BT, PART={"chunk_bwd_dqg": 0, "chunk_bwd_dkv": 1, "chunk_bwd_dgate": 2, "chunk_bwd_dmu": 3}[kernel])
         c.pop("USE_H0")
     return c
 
@@ -110,7 +134,8 @@ def compile_one(job: tuple) -> dict:
     try:
         fn = _kernel_fn(cfg.kernel)
         consts = _constexprs(cfg.kernel, cfg, variants_of(cfg)[vname])
-        src = ASTSource(fn=fn, signature=_signature(fn, consts), constexprs=consts)
+        sig = _signature(fn, consts)
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=_attrs(fn, sig))
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         row["shared_bytes"] = int(ck.metadata.shared)
@@ -175,7 +200,10 @@ def _run(fn, jobs, n_procs):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
-    ap.add_argument("--kernel", nargs="+", default=None, help="only these kernels (chunk_fwd, chunk_bwd_dstate, chunk_bwd_dqg, chunk_bwd_dkv, recurrent_fwd)")
+    ap.add_argument("--kernel", nargs="+", default=None,
+                    help="only these kernels (kernels.configs.CHUNK_KERNELS, recurrent_fwd)")
+    ap.add_argument("--bt", type=int, nargs="+", default=None, help="only these chunk sizes")
+    ap.add_argument("--learner", nargs="+", default=None, help="only these learners (gd, momentum)")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     ap.add_argument("--family", choices=["linear", "mlp", "all"], default="linear",
                     help="linear: kernels.configs.SHIPPED (this report's default); mlp: kernels.miras_mlp.aot")
@@ -193,19 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows = []
     if args.family in ("linear", "all"):
-        cfgs = [c for c in SHIPPED if args.kernel is None or c.kernel in args.kernel]
+        cfgs = [c for c in SHIPPED if (args.kernel is None or c.kernel in args.kernel)
+                and (args.bt is None or c.BT in args.bt or c.kernel == "recurrent_fwd")
+                and (args.learner is None or c.learner in args.learner)]
         rows += _run(compile_one, [(c, v, a) for c in cfgs for v in variants_of(c) for a in args.arch], args.jobs)
     if args.family in ("mlp", "all"):
         from kernels.miras_mlp import aot
 
         n = len(aot.aot_specs())
         rows += _run(compile_mlp_one, [(i, a) for i in range(n) for a in args.arch], args.jobs)
-    head = f"{'kernel':<16} {'config':<40} {'variant':<13} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
+    head = f"{'kernel':<16} {'config':<46} {'variant':<13} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
     print(head)
     print("-" * len(head))
     for r in rows:
         status = r["error"] or "ok"
-        print(f"{r['kernel']:<16} {r['config']:<40} {r['variant']:<13} {r['arch']:<6} "
+        print(f"{r['kernel']:<16} {r['config']:<46} {r['variant']:<13} {r['arch']:<6} "
               f"{r['registers'] if r['registers'] is not None else '-':>5} "
               f"{r['spill_bytes'] if r['spill_bytes'] is not None else '-':>6} "
               f"{r['shared_bytes'] if r['shared_bytes'] is not None else '-':>7}  {status}")

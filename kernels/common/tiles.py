@@ -121,3 +121,41 @@ def bias_map_grad(e, du, delta, p, BIAS: tl.constexpr, EPS: tl.constexpr):
         de = tl.where(small[:, None], du, du * delta[:, None] * EPS * r * r * r)
         dd = tl.where(small, 0.0, tl.sum(du * e * r, axis=1))
     return de, dd
+
+
+@triton.jit
+def bias_map_n(e, v, nrm, delta, p, BIAS: tl.constexpr, EPS: tl.constexpr):
+    """:func:`bias_map` for a value *block* of the residual: huber takes the row norm
+    ``nrm = ||e||_2`` over the whole dv (``[BT]``, reduced over every value block beforehand)
+    instead of reducing the tile, so dv may be split into blocks."""
+    if BIAS == 0:
+        u = -v
+    elif BIAS == 1:
+        u = e
+    elif BIAS == 2:
+        s = e * e + EPS
+        u = p * e * tl.exp((p - 2.0) * 0.5 * tl.log(s))
+    else:
+        s = e * e + EPS
+        u = tl.where((nrm <= delta)[:, None], e, delta[:, None] * e * tl.rsqrt(s))
+    return u
+
+
+@triton.jit
+def bias_map_grad_n(e, nrm, du, delta, p, BIAS: tl.constexpr, EPS: tl.constexpr):
+    """:func:`bias_map_grad` for a value block with the precomputed huber row norm ``nrm``;
+    ``ddelta`` (``[BT]``) is this block's partial sum (the caller adds the blocks)."""
+    if BIAS == 1:
+        de = du
+        dd = tl.sum(du * 0.0, axis=1)
+    elif BIAS == 2:
+        s = e * e + EPS
+        de = du * p * tl.exp((p - 4.0) * 0.5 * tl.log(s)) * ((p - 1.0) * e * e + EPS)
+        dd = tl.sum(du * 0.0, axis=1)
+    else:
+        small = nrm <= delta
+        s = e * e + EPS
+        r = tl.rsqrt(s)
+        de = tl.where(small[:, None], du, du * delta[:, None] * EPS * r * r * r)
+        dd = tl.where(small, 0.0, tl.sum(du * e * r, axis=1))
+    return de, dd

@@ -7,12 +7,26 @@ import os
 
 import torch
 
-from .chunk import BIAS_CODES, _mlp_bwd_kernel, _mlp_fwd_kernel
+from .chunk import BIAS_CODES, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY, scratch_floats
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_EXPANSIONS = (1, 2, 4)
 SUPPORTED_CHUNKS = (16, 32, 64)
 SUPPORTED_RETENTIONS = ("none", "decay")
+# Candidate GPU configurations (head dim, expansion, chunk size); 340M: D = 64, e = 4, C = 64.
+CANDIDATES = [(d, e, c) for d in (32, 64, 128) for e in (2, 4) for c in (16, 64)]
+SHIPPED_ARCHS = (80, 90)
+# Candidates the AOT report found spilling (on both archs): not shipped, supports() falls back
+# on a GPU naming this reason. d = 128 with C = 64 keeps [64, 128] fp32 tiles (32 registers per
+# thread each at 8 warps) live in the hidden-block loops of several phases (fwd hidden, bwd
+# readout2 / state / first spill 128-4820 bytes); 16 warps did not help. Use C = 16 for d = 128.
+NOT_SHIPPED: dict[tuple[int, int, int], str] = {
+    (128, 2, 64): "head dim 128 with chunk 64 spills registers (AOT report); use chunk_size=16",
+    (128, 4, 64): "head dim 128 with chunk 64 spills registers (AOT report); use chunk_size=16",
+}
+# Configurations compiled and checked ahead of time (kernels.miras_mlp.aot, tools/kernel_report.py
+# --family mlp): every phase kernel is spill-free with shared memory in bounds on sm_80 and sm_90.
+SHIPPED = [c for c in CANDIDATES if c not in NOT_SHIPPED]
 # No software pipelining: the hidden-block loops are compute bound and every pipeline stage would
 # buffer weight tiles in shared memory and keep extra registers live (spills on sm_80/sm_90).
 NUM_STAGES = 1
@@ -27,9 +41,17 @@ def hidden_block(d: int, e: int, chunk: int) -> int:
 
 
 def num_warps_for(d: int, chunk: int) -> int:
-    """8 warps from d = 32 up: the backward's many live [C, d] / [C, C] tiles spill far less
-    spread over 256 threads (AOT: D=32,C=64 bwd 4.3 KB -> 1.9 KB spills; D=64,C=16 840 -> 120)."""
-    return 8 if d >= 32 else 4
+    """Default warps of the phase kernels (see :func:`phase_warps`)."""
+    return 8 if (d >= 64 or chunk >= 64) else 4
+
+
+def phase_warps(name: str, d: int, chunk: int) -> int:
+    """Warps of one phase kernel (``name`` as in ``chunk.FWD_KERNELS``/``BWD_KERNELS``); chosen
+    with the AOT report so that no phase spills on sm_80/sm_90."""
+    if name == "mlp_bwd_read":
+        # at 8 warps ptxas held this phase to 128 registers on sm_80 and spilled (d = 64, C = 64)
+        return 4
+    return num_warps_for(d, chunk)
 
 
 def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
@@ -60,6 +82,24 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         return False, f"dtype {q.dtype} not supported by the kernels (float32/bfloat16/float16)"
     if initial_state is None:
         return False, "memory='mlp' needs initial_state (the model's learned initial weights)"
+    if q.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return gpu_config_supported(d, int(spec.expansion), chunk_size, 10 * major + minor)
+    return True, ""
+
+
+def gpu_config_supported(d: int, e: int, chunk: int, arch: int) -> tuple[bool, str]:
+    """On a GPU only the AOT-checked configurations run (zero register spills, shared memory in
+    bounds); the interpreter (CPU) runs every supported shape."""
+    if arch not in SHIPPED_ARCHS:
+        return False, (f"sm_{arch}: the MLP kernels are compiled and checked for "
+                       f"{', '.join(f'sm_{a}' for a in SHIPPED_ARCHS)} only")
+    why = NOT_SHIPPED.get((d, e, chunk))
+    if why:
+        return False, f"not shipped: {why}"
+    if (d, e, chunk) not in SHIPPED:
+        return False, (f"head dim {d}, expansion {e}, chunk_size {chunk} is not a shipped (AOT-checked) "
+                       f"configuration: see kernels.miras_mlp.api.SHIPPED")
     return True, ""
 
 
@@ -71,7 +111,7 @@ def _gate(x: torch.Tensor | None, like: torch.Tensor, fill: float) -> torch.Tens
 
 class _ChunkMirasMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, chunk, bias, p, momentum):
+    def forward(ctx, q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, nt_max, chunk, bias, p, momentum):
         B, T, H, D = q.shape
         E = W1.shape[-1]
         N = cu.numel() - 1
@@ -95,14 +135,16 @@ class _ChunkMirasMLP(torch.autograd.Function):
         y = torch.empty_like(qf)
         BH = hidden_block(D, E // D, chunk)
         SW = max(D, chunk)
-        scr = torch.empty(N * H, 2 * chunk * SW + 4 * chunk, dtype=torch.float32, device=dev)
-        _mlp_fwd_kernel[(N * H,)](
-            qf, kf, vf, *gates, y, st1, st2, ss1, ss2, scr, cu, coff, float(p),
-            H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
-            num_warps=num_warps_for(D, chunk), num_stages=NUM_STAGES,
-        )
+        scr = torch.empty(N * H, scratch_floats(chunk, SW, E), dtype=torch.float32, device=dev)
+        # forward phases only read q, k, v, gates and states; the gradient slots get stand-ins
+        args = (qf, kf, vf, *gates, y, y, y, y, *gates, st1, st2, ss1, ss2, st1, st2, ss1, ss2, scr, cu, coff, float(p))
+        phases = [(n, kern) for n, kern in FWD_KERNELS if momentum or n not in MOMENTUM_ONLY]
+        for step in range(nt_max):
+            for name, kern in phases:
+                kern[(N * H,)](*args, step, H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
+                               REV=False, num_warps=phase_warps(name, D, chunk), num_stages=NUM_STAGES)
         ctx.save_for_backward(qf, kf, vf, *gates, st1, st2, ss1, ss2, cu, coff, idx0, idx1)
-        ctx.meta = (B, T, H, D, E, chunk, bias, p, momentum, q.dtype, N)
+        ctx.meta = (B, T, H, D, E, chunk, bias, p, momentum, q.dtype, N, nt_max)
         outs = [y.view(B, T, H, D), st1[idx1], st2[idx1]]
         if momentum:
             outs += [ss1[idx1], ss2[idx1]]
@@ -116,7 +158,7 @@ class _ChunkMirasMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dW1, dW2, dS1, dS2):
         qf, kf, vf, la, eta, dlt, lmu, st1, st2, ss1, ss2, cu, coff, idx0, idx1 = ctx.saved_tensors
-        B, T, H, D, E, chunk, bias, p, momentum, dtype, N = ctx.meta
+        B, T, H, D, E, chunk, bias, p, momentum, dtype, N, nt_max = ctx.meta
         dev = qf.device
         dst1 = torch.zeros_like(st1)
         dst2 = torch.zeros_like(st2)
@@ -139,21 +181,22 @@ class _ChunkMirasMLP(torch.autograd.Function):
         dv = torch.zeros_like(dq)
         dla, deta, ddlt, dlmu = (torch.zeros(B * T, H, dtype=torch.float32, device=dev) for _ in range(4))
         SW = max(D, chunk)
-        scr = torch.empty(N * H, 8 * chunk * SW + 2 * chunk * E, dtype=torch.float32, device=dev)
         BH = hidden_block(D, E // D, chunk)
-        _mlp_bwd_kernel[(N * H,)](
-            qf, kf, vf, la, eta, dlt, lmu, dyf, dq, dk, dv, dla, deta, ddlt, dlmu,
-            st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, float(p),
-            H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
-            num_warps=num_warps_for(D, chunk), num_stages=NUM_STAGES,
-        )
+        scr = torch.empty(N * H, scratch_floats(chunk, SW, E), dtype=torch.float32, device=dev)
+        args = (qf, kf, vf, la, eta, dlt, lmu, dyf, dq, dk, dv, dla, deta, ddlt, dlmu,
+                st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, float(p))
+        phases = [(n, kern) for n, kern in BWD_KERNELS if momentum or n not in MOMENTUM_ONLY]
+        for step in range(nt_max):  # chunk NTn-1-step of every sequence
+            for name, kern in phases:
+                kern[(N * H,)](*args, step, H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
+                               REV=True, num_warps=phase_warps(name, D, chunk), num_stages=NUM_STAGES)
         sh = (B, T, H, D)
         gsh = (B, T, H)
         grads = [dq.view(sh).to(dtype), dk.view(sh).to(dtype), dv.view(sh).to(dtype),
                  dla.view(gsh), deta.view(gsh), ddlt.view(gsh), dlmu.view(gsh),
                  dst1[idx0], dst2[idx0]]
         grads += [dss1[idx0], dss2[idx0]] if momentum else [None, None]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor | None,
@@ -210,6 +253,7 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
     coff64 = torch.zeros(N + 1, dtype=torch.int64, device=dev)
     coff64[1:] = torch.cumsum(counts, 0)
     nt_total = int(coff64[-1])
+    nt_max = int(counts.max()) if N > 0 else 0
     coff = coff64.to(torch.int32)
 
     def _state(name: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -233,7 +277,7 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
     else:
         S1 = S2 = None
     y, W1T, W2T, S1T, S2T = _ChunkMirasMLP.apply(
-        q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, int(chunk_size),
+        q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, nt_max, int(chunk_size),
         BIAS_CODES[spec.bias], float(spec.p), momentum)
     final = None
     if output_final_state:
@@ -243,4 +287,5 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
     return y, final
 
 
-__all__ = ["chunk_miras_mlp", "supports", "hidden_block", "num_warps_for"]
+__all__ = ["chunk_miras_mlp", "supports", "gpu_config_supported", "hidden_block", "num_warps_for",
+           "phase_warps", "CANDIDATES", "SHIPPED", "SHIPPED_ARCHS", "NOT_SHIPPED"]

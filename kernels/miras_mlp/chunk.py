@@ -17,22 +17,29 @@ products (``g_W1 = do_i h_i^T``, ``g_W2 = dz_i k_i^T``) the reads never build pe
     z'_t = c_t W2_0 q_t [+ b_t S2_0 q_t] - sum_i Gam_ti dz_i (k_i . q_t)
     o'_t = c_t W1_0 h'_t [+ b_t S1_0 h'_t] - sum_i Gam_ti do_i (h_i . h'_t),   h'_t = gelu(z'_t)
 
-Kernels (one program per (sequence, head); chunks are walked in order because the gradients of a
-chunk depend non-linearly on its start state):
+Structure (register budget: zero spills on sm_80/sm_90 for every shipped configuration). The
+chunks of a sequence are sequential (a chunk's gradients depend non-linearly on its start state),
+so the host walks the chunk steps and launches, per step, a few *phase* kernels with grid
+``(N * H,)`` (one program per sequence and head). Each phase keeps only its own working set in
+registers; everything a later phase needs goes through a per-program fp32 scratch region (L2
+resident, layout below), so no value is live across phases:
 
-* ``_mlp_fwd_kernel`` writes ``y`` and every chunk-end state into the per-chunk state buffer (the
-  only saved activation besides the inputs: no per-token weights anywhere).
-* ``_mlp_bwd_kernel`` walks the chunks backwards, recomputes each chunk from its saved start
-  state and back-propagates through the read, the inner gradient (a second-order path through LN
-  and gelu) and the state update, carrying d(state) chunk to chunk.
+* forward: ``prep`` / ``prep2`` (inner forward on the keys, LN, bias map, ``do``) -> ``coef``
+  (chunk coefficients, ``Gam``, ``A2 = Gam * (Q K^T)``) -> ``qw`` (``Q W2^T``, ``Q S2^T``) ->
+  ``fwd_hidden`` (per hidden block: ``dz``, the read's hidden layer) -> ``fwd_state`` (chunk-end
+  state) -> ``fwd_gram`` (``o'`` and the Gram matrix) -> ``fwd_out`` (Gram term, LN, ``y``).
+* backward (chunks in reverse, d(state) carried through the per-boundary buffers): the same
+  ``prep``/``prep2``/``coef``/``qw`` (recompute) -> ``read``/``read2`` (recompute the read) ->
+  ``readout``/``readout2`` (the read's output LN backward, Gram term) -> ``readgrad``/
+  ``readgrad2``/``readdst`` (the read's hidden-layer backward) -> ``state_mom``/``state``/
+  ``state_do``/``state_dk`` (the chunk-end state's gradient and the inner gradient's chain) ->
+  ``dq``/``dkm``/``dgam`` (the ``A2`` term) -> ``mid`` (second-order path through the LN backward
+  and the bias) -> ``first`` (first-layer weights, ``dk``) -> ``gates_m``/``gates``.
+  (``state_mom`` and ``gates_m`` run for momentum only.)
 
-The hidden dimension ``E`` is tiled by ``BH`` so a ``D=128, E=512`` weight never sits in
-registers whole. Register discipline (no spills on sm_80/sm_90): only accumulators and ``[BT]``
-vectors stay live across a hidden-block loop; the ``[BT, D]`` / ``[BT, BT]`` tiles a loop needs
-(q, k, do, the masked Gram matrices) are staged in a small per-program fp32 scratch in global
-memory (L2 resident) and re-read inside the loop (``tl.range(..., disable_licm=True)`` keeps the
-compiler from hoisting them back into registers). The backward also stages one ``[BT, E]`` partial
-gradient that needs the whole-row LN backward before it can be finished.
+The hidden dimension ``E`` is tiled by ``BH`` inside the phases that touch the weights; tiles a
+hidden-block loop needs are re-read from scratch inside the loop (``tl.range(...,
+disable_licm=True)`` keeps the compiler from hoisting them back into registers).
 """
 
 from __future__ import annotations
@@ -172,340 +179,791 @@ def _load_gates(la, eta, dlt, lmu, go, tm):
     return la_c, et_c, dl_c, lm_c
 
 
+# ----------------------------------------------------------------------------- scratch layout
+# Per program (sequence, head) one fp32 scratch region, reused chunk after chunk:
+#   NSLOT tiles [BT, SW] | NE_REG tiles [BT, E] | NVEC vectors [BT] | NSCA scalars.
+# Every phase kernel reads what earlier phases of the same chunk wrote; a kernel never writes a
+# location it also reads (threads of one program are not ordered without a barrier), except the
+# read-modify-write of d(state) tiles through the same pointer tensor.
+NSLOT = tl.constexpr(21)
+NE_REG = tl.constexpr(6)
+NVEC = tl.constexpr(16)
+NSCA = tl.constexpr(16)
+# tile slots
+S_DO = tl.constexpr(0)      # do_i = LN backward of the inner loss at the keys   [BT, D]
+S_A2 = tl.constexpr(1)      # Gam * (Q K^T)                                      [BT, BT]
+S_XH = tl.constexpr(2)      # LN(o) at the keys                                  [BT, D]
+S_U = tl.constexpr(3)       # u = dl/dM                                          [BT, D]
+S_DOQ = tl.constexpr(4)     # d(o') of the read                                  [BT, D]
+S_DS1 = tl.constexpr(5)     # dA1 * Gam                                          [BT, BT]
+S_DGR = tl.constexpr(6)     # d(Gam) from the read's output layer                [BT, BT]
+S_GDR = tl.constexpr(7)     # d(do) from the read's output layer                 [BT, D]
+S_OC = tl.constexpr(8)      # sum_blocks Hq W1^T (fwd: the read's o' before the Gram term)
+S_OS = tl.constexpr(9)      # sum_blocks Hq S1^T                                 [BT, D]
+S_SHH = tl.constexpr(10)    # Hq Hh^T                                            [BT, BT]
+S_DQ = tl.constexpr(11)     # dq (partial)                                       [BT, D]
+S_DK = tl.constexpr(12)     # dk (partial, after B1b)                            [BT, D]
+S_DA2 = tl.constexpr(13)    # d(A2)                                              [BT, BT]
+S_GDN = tl.constexpr(14)    # d(do) total                                        [BT, D]
+S_DGAM = tl.constexpr(15)   # d(Gam) total                                       [BT, BT]
+S_DOIN = tl.constexpr(16)   # d(o) at the keys (first layer)                     [BT, D]
+S_DKM = tl.constexpr(17)    # dk after the A2 term                               [BT, D]
+S_KT = tl.constexpr(18)     # K^T, fp32 (weight-gradient dots want M = D, not BH) [D, BT]
+S_QT = tl.constexpr(19)     # Q^T, fp32                                          [D, BT]
+S_GAMM = tl.constexpr(20)   # Gam, the in-chunk coefficient matrix               [BT, BT]
+# [BT, E] regions
+R_GDZ = tl.constexpr(0)     # d(dz_i) from the read
+R_GH = tl.constexpr(1)      # d(h_i) from the read
+R_DZ = tl.constexpr(2)      # momentum: Q S2^T (read) | later d(z_i) partial (all but the LN-of-o path)
+# R_GDZ also holds Q W2^T from phase qw until the backward's readgrad2 overwrites it
+R_A = tl.constexpr(3)       # phase temporaries: fwd Hq | readgrad dZq | state d(dh) = d(dz) gelu'(z)
+R_B = tl.constexpr(4)       # fwd Hh | readgrad Hq
+R_C = tl.constexpr(5)       # dz_i
+# backward before B2b: R_GDZ holds Q W2^T and R_GH holds h_i = gelu(z_i) (from the read phase)
+# vectors
+V_C = tl.constexpr(0)
+V_GAM = tl.constexpr(1)
+V_B = tl.constexpr(2)
+V_PI = tl.constexpr(3)
+V_RSTD = tl.constexpr(4)
+V_DC0 = tl.constexpr(5)     # dc, db after the read's output layer
+V_DB0 = tl.constexpr(6)
+V_DGAM = tl.constexpr(7)
+V_DPI = tl.constexpr(8)
+V_DC = tl.constexpr(9)      # dc, db complete
+V_DB = tl.constexpr(10)
+V_GAR = tl.constexpr(11)    # row / column sums of dA * Dm (momentum gates)
+V_GAC = tl.constexpr(12)
+V_DETA = tl.constexpr(13)   # d(eta) through E = Dm Bm (momentum gates)
+# scalars
+C_CC = tl.constexpr(0)
+C_BC = tl.constexpr(1)
+C_PC = tl.constexpr(2)
+C_DCC = tl.constexpr(3)
+C_DBC = tl.constexpr(4)
+C_DPC = tl.constexpr(5)
+
+
+def scratch_floats(BT: int, SW: int, E: int) -> int:
+    """fp32 scratch elements per program (see the layout above)."""
+    return 21 * BT * SW + 6 * BT * E + 16 * BT + 16
+
+
 @triton.jit
-def _mlp_fwd_kernel(
-    q, k, v, la, eta, dlt, lmu,           # [Ntok, H, D] x3, [Ntok, H] x4 (fp32)
-    y,                                    # [Ntok, H, D]
-    st1, st2, ss1, ss2,                   # chunk states [J, H, D, E], [J, H, E, D] (+ momentum)
-    scr,                                  # [N*H, 2, BT, SW] fp32 staging tiles
-    cu, coff,                             # int32 [N+1] token offsets, [N+1] chunk offsets
-    p,                                    # lp exponent (fp32)
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr,
-):
-    # Register budget: only accumulators stay live across a hidden-block loop; q/k and the staged
-    # do / A2 tiles are re-read inside it (L1/L2 hits) instead of being held in registers.
+def scr_base_offset(i_nh, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr):
+    return i_nh.to(tl.int64) * (NSLOT * BT * SW + NE_REG * BT * E + NVEC * BT + NSCA)
+
+
+@triton.jit
+def _pro(cu, coff, step, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr,
+         SW: tl.constexpr, REV: tl.constexpr):
+    """This program's chunk for launch ``step`` (chunks of each sequence in order, or in reverse
+    for the backward): returns (valid, tm, tb, go, b_in, b_out, scratch base)."""
     i_nh = tl.program_id(0)
     n = i_nh // H
     h = i_nh % H
     bos = tl.load(cu + n)
     eos = tl.load(cu + n + 1)
-    j0 = tl.load(coff + n) + n
     NTn = tl.cdiv(eos - bos, BT)
+    if REV:
+        c = NTn - 1 - step
+    else:
+        c = step + 0 * NTn
+    t = bos + c * BT + tl.arange(0, BT)
+    tm = t < eos
+    tb = (bos + c * BT).to(tl.int64) * (H * D) + h * D
+    go = t.to(tl.int64) * H + h
+    j = (tl.load(coff + n) + n + c).to(tl.int64)
+    b_in = (j * H + h) * (D * E)
+    b_out = b_in + H * D * E
+    scr_p = scr_base_offset(i_nh, BT, SW, E)
+    return step < NTn, tm, tb, go, b_in, b_out, scr_p
 
-    rows = tl.arange(0, BT)
-    od = tl.arange(0, D)
-    oh = tl.arange(0, BH)
-    scr_p = scr + i_nh.to(tl.int64) * (2 * BT * SW + 4 * BT)
-    # slots: 0 do [BT, D], 1 A2 [BT, BT], then the [BT] vectors c, gam, b, pi
-    for c in tl.range(0, NTn, disable_licm=True):
-        t = bos + c * BT + rows
-        tm = t < eos
-        t64 = t.to(tl.int64)
-        tb = (bos + c * BT).to(tl.int64) * (H * D) + h * D
-        go = t64 * H + h
-        j = (j0 + c).to(tl.int64)
-        b_in = (j * H + h) * (D * E)
-        b_out = ((j + 1) * H + h) * (D * E)
 
-        # pass 1: inner forward at W_0 on the keys -> o = W1 gelu(W2 k)
-        K = _ld_tok(k + tb, tm, H, D, BT)
+@triton.jit
+def _slT(scr_p, SLOT: tl.constexpr, D: tl.constexpr, SW: tl.constexpr, BT: tl.constexpr):
+    """Pointers of a transposed [D, BT] tile in slot SLOT."""
+    return scr_p + SLOT * BT * SW + tl.arange(0, D)[:, None] * BT + tl.arange(0, BT)[None, :]
+
+
+@triton.jit
+def _er(scr_p, R: tl.constexpr, hh, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr):
+    """Pointers of the [BT, BH] block ``hh`` of [BT, E] region R."""
+    return scr_p + NSLOT * BT * SW + R * BT * E + tl.arange(0, BT)[:, None] * E + hh[None, :]
+
+
+@triton.jit
+def _vp(scr_p, IDX: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr):
+    """Pointers of vector IDX ([BT])."""
+    return scr_p + NSLOT * BT * SW + NE_REG * BT * E + IDX * BT + tl.arange(0, BT)
+
+
+@triton.jit
+def _cp(scr_p, IDX: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr):
+    """Pointer of scalar IDX."""
+    return scr_p + NSLOT * BT * SW + NE_REG * BT * E + NVEC * BT + IDX
+
+
+# The phase kernels share one argument list (the host and the AOT list stay simple; a phase
+# ignores what it does not use). Grid: (N * H,), one launch per chunk step.
+@triton.jit
+def _mlp_prep_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Phase 1a (forward and backward): the inner forward at W_0 on the keys, o = W1 gelu(W2 k)
+    (parked); K^T and Q^T staged in fp32."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
         O = tl.zeros([BT, D], dtype=tl.float32)
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             W2b = tl.load(st2 + b_in + hh[:, None] * D + od[None, :])          # [BH, D]
             W1b = tl.load(st1 + b_in + od[:, None] * E + hh[None, :])          # [D, BH]
-            O += tl.dot(_gelu(tl.dot(K, tl.trans(W2b))), tl.trans(W1b))
-        xh, rstd = _ln_rows(O, D)
-        la_c, et_c, dl_c, lm_c = _load_gates(la, eta, dlt, lmu, go, tm)
-        V = _ld_tok(v + tb, tm, H, D, BT)
-        U = _bias_grad(K + xh - V, V, dl_c, p, BIAS)
-        cvec, cC, Dm, Gam, gam, bvec, bC, pi, PC = _chunk_coefs(la_c, lm_c, et_c, tm, BT, MOMENTUM)
-        tl.store(_sl(scr_p, 0, BT, D, SW, BT), _ln_bwd(xh, rstd, U, D))                                # do_i [BT, D]
-        tl.store(_sl(scr_p, 1, BT, BT, SW, BT), Gam * tl.dot(_ld_tok(q + tb, tm, H, D, BT), tl.trans(K)))
-        tl.store((scr_p + 2 * BT * SW + tl.arange(0, BT)), cvec)
-        tl.store((scr_p + 2 * BT * SW + tl.arange(0, BT)) + BT, gam)
-        tl.store((scr_p + 2 * BT * SW + tl.arange(0, BT)) + 2 * BT, bvec)
-        tl.store((scr_p + 2 * BT * SW + tl.arange(0, BT)) + 3 * BT, pi)
-        tl.debug_barrier()
+            O += tl.dot(_gelu(tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(W2b))), tl.trans(W1b))
+        tl.store(_sl(scr_p, S_OC, BT, D, SW, BT), O)
+        tl.store(_slT(scr_p, S_KT, D, SW, BT), tl.trans(_ld_tok(k + tb, tm, H, D, BT)))
+        tl.store(_slT(scr_p, S_QT, D, SW, BT), tl.trans(_ld_tok(q + tb, tm, H, D, BT)))
 
-        # pass 2: per hidden block, dz_i, the read's hidden layer, the chunk-end state
-        Oq = tl.zeros([BT, D], dtype=tl.float32)
-        Shh = tl.zeros([BT, BT], dtype=tl.float32)
+
+@triton.jit
+def _mlp_prep2_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Phase 1b (forward and backward): LN of o, the bias map u = dl/dM, do = LN_bwd(u)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        xh, rstd = _ln_rows(tl.load(_sl(scr_p, S_OC, BT, D, SW, BT)), D)
+        dl_c = tl.load(dlt + go, mask=tm, other=1.0)
+        V = _ld_tok(v + tb, tm, H, D, BT)
+        U = _bias_grad(_ld_tok(k + tb, tm, H, D, BT) + xh - V, V, dl_c, p, BIAS)
+        tl.store(_sl(scr_p, S_DO, BT, D, SW, BT), _ln_bwd(xh, rstd, U, D))
+        tl.store(_sl(scr_p, S_XH, BT, D, SW, BT), xh)
+        tl.store(_sl(scr_p, S_U, BT, D, SW, BT), U)
+        tl.store(_vp(scr_p, V_RSTD, BT, SW, E), rstd)
+
+
+@triton.jit
+def _mlp_coef_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Phase 1c (forward and backward): the in-chunk coefficients (c, gam, b, pi, cC, bC, PC, Gam)
+    and A2 = Gam * (Q K^T)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        la_c, et_c, dl_c, lm_c = _load_gates(la, eta, dlt, lmu, go, tm)
+        cvec, cC, Dm, Gam, gam, bvec, bC, pi, PC = _chunk_coefs(la_c, lm_c, et_c, tm, BT, MOMENTUM)
+        tl.store(_sl(scr_p, S_GAMM, BT, BT, SW, BT), Gam)
+        tl.store(_sl(scr_p, S_A2, BT, BT, SW, BT),
+                 Gam * tl.dot(_ld_tok(q + tb, tm, H, D, BT), tl.load(_slT(scr_p, S_KT, D, SW, BT))))
+        tl.store(_vp(scr_p, V_C, BT, SW, E), cvec)
+        tl.store(_vp(scr_p, V_GAM, BT, SW, E), gam)
+        tl.store(_vp(scr_p, V_B, BT, SW, E), bvec)
+        tl.store(_vp(scr_p, V_PI, BT, SW, E), pi)
+        tl.store(_cp(scr_p, C_CC, BT, SW, E), cC)
+        tl.store(_cp(scr_p, C_BC, BT, SW, E), bC)
+        tl.store(_cp(scr_p, C_PC, BT, SW, E), PC)
+
+
+@triton.jit
+def _mlp_qw_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Phase 1d (forward and backward), per hidden block: Q W2_0^T (and Q S2_0^T for momentum)
+    into scratch, kept out of the register-heavy hidden-layer phases."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o2t = hh[None, :] * D + od[:, None]
+            tl.store(_er(scr_p, R_GDZ, hh, BT, SW, E), tl.dot(_ld_tok(q + tb, tm, H, D, BT), tl.load(st2 + b_in + o2t)))
+            if MOMENTUM:
+                tl.store(_er(scr_p, R_DZ, hh, BT, SW, E), tl.dot(_ld_tok(q + tb, tm, H, D, BT), tl.load(ss2 + b_in + o2t)))
+
+
+@triton.jit
+def _mlp_fwd_hidden_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Forward phase 2a, per hidden block: dz_i and the read's hidden layer Hq; Hq, Hh = gelu(z)
+    and dz_i are parked for the state and Gram phases."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             o2 = hh[:, None] * D + od[None, :]
             o1 = od[:, None] * E + hh[None, :]
             Kl = _ld_tok(k + tb, tm, H, D, BT)
-            Ql = _ld_tok(q + tb, tm, H, D, BT)
-            Dn = tl.load(_sl(scr_p, 0, BT, D, SW, BT))
-            cvec = tl.load((scr_p + 2 * BT * SW + tl.arange(0, BT)))
-            gam = tl.load((scr_p + 2 * BT * SW + tl.arange(0, BT)) + BT)
+            Dn = tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))
+            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
             W2b = tl.load(st2 + b_in + o2)
             W1b = tl.load(st1 + b_in + o1)
             Z = tl.dot(Kl, tl.trans(W2b))
             Hh = _gelu(Z)
             DZ = tl.dot(Dn, W1b) * _gelu_d(Z)                                   # dz_i [BT, BH]
-            Zq = cvec[:, None] * tl.dot(Ql, tl.trans(W2b)) - tl.dot(tl.load(_sl(scr_p, 1, BT, BT, SW, BT)), DZ)
-            W2n = cC * W2b - tl.dot(tl.trans(DZ * gam[:, None]), Kl)
-            W1n = cC * W1b - tl.dot(tl.trans(Dn * gam[:, None]), Hh)
+            Zq = cvec[:, None] * tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E)) - tl.dot(tl.load(_sl(scr_p, S_A2, BT, BT, SW, BT)), DZ)
             if MOMENTUM:
-                bvec = tl.load((scr_p + 2 * BT * SW + tl.arange(0, BT)) + 2 * BT)
-                pi = tl.load((scr_p + 2 * BT * SW + tl.arange(0, BT)) + 3 * BT)
-                S2b = tl.load(ss2 + b_in + o2)
-                S1b = tl.load(ss1 + b_in + o1)
-                Zq += bvec[:, None] * tl.dot(Ql, tl.trans(S2b))
-                Hq = _gelu(Zq)
-                Oq += bvec[:, None] * tl.dot(Hq, tl.trans(S1b))
-                W2n += bC * S2b
-                W1n += bC * S1b
-                tl.store(ss2 + b_out + o2, PC * S2b - tl.dot(tl.trans(DZ * pi[:, None]), Kl))
-                tl.store(ss1 + b_out + o1, PC * S1b - tl.dot(tl.trans(Dn * pi[:, None]), Hh))
-            else:
-                Hq = _gelu(Zq)
-            Oq += cvec[:, None] * tl.dot(Hq, tl.trans(W1b))
-            Shh += tl.dot(Hq, tl.trans(Hh))
-            tl.store(st2 + b_out + o2, W2n)
-            tl.store(st1 + b_out + o1, W1n)
-        la_c, et_c, dl_c, lm_c = _load_gates(la, eta, dlt, lmu, go, tm)
-        cvec, cC, Dm, Gam, gam, bvec, bC, pi, PC = _chunk_coefs(la_c, lm_c, et_c, tm, BT, MOMENTUM)
-        Oq -= tl.dot(Gam * Shh, tl.load(_sl(scr_p, 0, BT, D, SW, BT)))
-        xq, rq = _ln_rows(Oq, D)
-        tl.store(y + tb + _tok_off(H, D, BT), (_ld_tok(q + tb, tm, H, D, BT) + xq).to(y.dtype.element_ty), mask=tm[:, None])
-        # the next chunk reads the state (and reuses the scratch) this program just wrote
-        tl.debug_barrier()
+                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
+                Zq += bvec[:, None] * tl.load(_er(scr_p, R_DZ, hh, BT, SW, E))
+            tl.store(_er(scr_p, R_A, hh, BT, SW, E), _gelu(Zq))
+            tl.store(_er(scr_p, R_B, hh, BT, SW, E), Hh)
+            tl.store(_er(scr_p, R_C, hh, BT, SW, E), DZ)
 
 
 @triton.jit
-def _mlp_bwd_kernel(
-    q, k, v, la, eta, dlt, lmu, dy,
-    dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2,                   # saved chunk-start states
-    dst1, dst2, dss1, dss2,               # d(state) per chunk boundary (end entries pre-filled)
-    scr,                                  # [N*H, 8*BT*SW + 2*BT*E] fp32 staging tiles
-    cu, coff, p,
+def _mlp_fwd_state_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
 ):
-    # Same register discipline as the forward: tiles needed inside a hidden-block loop are staged
-    # in this program's scratch slots and re-read there; only accumulators and [BT] vectors stay
-    # live across loops.
-    i_nh = tl.program_id(0)
-    n = i_nh // H
-    h = i_nh % H
-    bos = tl.load(cu + n)
-    eos = tl.load(cu + n + 1)
-    j0 = tl.load(coff + n) + n
-    NTn = tl.cdiv(eos - bos, BT)
-
-    rows = tl.arange(0, BT)
-    od = tl.arange(0, D)
-    oh = tl.arange(0, BH)
-    causal = rows[:, None] >= rows[None, :]
-    scr_p = scr + i_nh.to(tl.int64) * (8 * BT * SW + 2 * BT * E)
-    # slots: 0 do, 1 A2, 2 xhat, 3 u, 4 d(o'), 5 dS1, 6 dGam, 7 d(o) total; then two [BT, E]
-    # regions: d/d(dz) -> d/dz (partial), d/dh
-    for ci in tl.range(0, NTn, disable_licm=True):
-        c = NTn - 1 - ci
-        t = bos + c * BT + rows
-        tm = t < eos
-        t64 = t.to(tl.int64)
-        tb = (bos + c * BT).to(tl.int64) * (H * D) + h * D
-        go = t64 * H + h
-        j = (j0 + c).to(tl.int64)
-        b_in = (j * H + h) * (D * E)
-        b_out = ((j + 1) * H + h) * (D * E)
-
-        # ---- recompute the chunk's forward (pass 1 and the read)
-        K = _ld_tok(k + tb, tm, H, D, BT)
-        O = tl.zeros([BT, D], dtype=tl.float32)
+    """Forward phase 2b, per hidden block: the chunk-end state X' = cC X [+ bC S] - sum_i gam_i
+    g_i (and S' = PC S - sum_i pi_i g_i) from the parked dz_i, h_i."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        cC = tl.load(_cp(scr_p, C_CC, BT, SW, E))
+        bC = tl.load(_cp(scr_p, C_BC, BT, SW, E))
+        PC = tl.load(_cp(scr_p, C_PC, BT, SW, E))
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
-            W2b = tl.load(st2 + b_in + hh[:, None] * D + od[None, :])
-            W1b = tl.load(st1 + b_in + od[:, None] * E + hh[None, :])
-            O += tl.dot(_gelu(tl.dot(K, tl.trans(W2b))), tl.trans(W1b))
-        xh, rstd = _ln_rows(O, D)
-        la_c, et_c, dl_c, lm_c = _load_gates(la, eta, dlt, lmu, go, tm)
-        V = _ld_tok(v + tb, tm, H, D, BT)
-        U = _bias_grad(K + xh - V, V, dl_c, p, BIAS)
-        cvec, cC, Dm, Gam, gam, bvec, bC, pi, PC = _chunk_coefs(la_c, lm_c, et_c, tm, BT, MOMENTUM)
-        tl.store(_sl(scr_p, 0, BT, D, SW, BT), _ln_bwd(xh, rstd, U, D))
-        tl.store(_sl(scr_p, 1, BT, BT, SW, BT), Gam * tl.dot(_ld_tok(q + tb, tm, H, D, BT), tl.trans(K)))
-        tl.store(_sl(scr_p, 2, BT, D, SW, BT), xh)
-        tl.store(_sl(scr_p, 3, BT, D, SW, BT), U)
-        tl.debug_barrier()
+            o2 = hh[:, None] * D + od[None, :]
+            o1 = od[:, None] * E + hh[None, :]
+            o2 = hh[None, :] * D + od[:, None]      # W2 block as [D, BH] (dot with M = D)
+            KT = tl.load(_slT(scr_p, S_KT, D, SW, BT))
+            Dn = tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))
+            gam = tl.load(_vp(scr_p, V_GAM, BT, SW, E))
+            DZ = tl.load(_er(scr_p, R_C, hh, BT, SW, E))
+            Hh = tl.load(_er(scr_p, R_B, hh, BT, SW, E))
+            W2n = cC * tl.load(st2 + b_in + o2) - tl.dot(KT, DZ * gam[:, None])
+            W1n = cC * tl.load(st1 + b_in + o1) - tl.dot(tl.trans(Dn * gam[:, None]), Hh)
+            if MOMENTUM:
+                pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
+                S2b = tl.load(ss2 + b_in + o2)
+                S1b = tl.load(ss1 + b_in + o1)
+                W2n += bC * S2b
+                W1n += bC * S1b
+                tl.store(ss2 + b_out + o2, PC * S2b - tl.dot(KT, DZ * pi[:, None]))
+                tl.store(ss1 + b_out + o1, PC * S1b - tl.dot(tl.trans(Dn * pi[:, None]), Hh))
+            tl.store(st2 + b_out + o2, W2n)
+            tl.store(st1 + b_out + o1, W1n)
 
+
+@triton.jit
+def _mlp_fwd_gram_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Forward phase 3, per hidden block: the read's o' without the Gram term (c Hq W1^T [+ b Hq
+    S1^T]) and the Gram matrix Hq Hh^T."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        Oq = tl.zeros([BT, D], dtype=tl.float32)
+        Shh = tl.zeros([BT, BT], dtype=tl.float32)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o1 = od[:, None] * E + hh[None, :]
+            Hq = tl.load(_er(scr_p, R_A, hh, BT, SW, E))
+            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
+            Oq += tl.dot(Hq * cvec[:, None], tl.trans(tl.load(st1 + b_in + o1)))
+            if MOMENTUM:
+                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
+                Oq += tl.dot(Hq * bvec[:, None], tl.trans(tl.load(ss1 + b_in + o1)))
+            Shh += tl.dot(Hq, tl.trans(tl.load(_er(scr_p, R_B, hh, BT, SW, E))))
+        tl.store(_sl(scr_p, S_OC, BT, D, SW, BT), Oq)
+        tl.store(_sl(scr_p, S_SHH, BT, BT, SW, BT), Shh)
+
+
+@triton.jit
+def _mlp_fwd_out_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Forward phase 3: o' -= (Gam * Shh) do, y = q + LN(o')."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        A1 = tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT)) * tl.load(_sl(scr_p, S_SHH, BT, BT, SW, BT))
+        Oq = tl.load(_sl(scr_p, S_OC, BT, D, SW, BT)) - tl.dot(A1, tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)))
+        xq, rq = _ln_rows(Oq, D)
+        tl.store(y + tb + _tok_off(H, D, BT), (_ld_tok(q + tb, tm, H, D, BT) + xq).to(y.dtype.element_ty),
+                 mask=tm[:, None])
+
+
+@triton.jit
+def _mlp_bwd_read_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B0a, per hidden block: recompute and park dz_i and h_i = gelu(z_i)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o2 = hh[:, None] * D + od[None, :]
+            o1 = od[:, None] * E + hh[None, :]
+            W2b = tl.load(st2 + b_in + o2)
+            Z = tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(W2b))
+            tl.store(_er(scr_p, R_C, hh, BT, SW, E), tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), tl.load(st1 + b_in + o1)) * _gelu_d(Z))
+            tl.store(_er(scr_p, R_GH, hh, BT, SW, E), _gelu(Z))
+
+
+@triton.jit
+def _mlp_bwd_read2_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B0b, per hidden block: the read's hidden layer from the parked pieces -> Oc, Os,
+    Shh."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
         Oc = tl.zeros([BT, D], dtype=tl.float32)    # sum_blocks Hq W1^T (coefficient c_t)
         Os = tl.zeros([BT, D], dtype=tl.float32)    # sum_blocks Hq S1^T (coefficient b_t)
         Shh = tl.zeros([BT, BT], dtype=tl.float32)
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
             o1 = od[:, None] * E + hh[None, :]
-            Kl = _ld_tok(k + tb, tm, H, D, BT)
-            Ql = _ld_tok(q + tb, tm, H, D, BT)
-            W2b = tl.load(st2 + b_in + o2)
-            W1b = tl.load(st1 + b_in + o1)
-            Z = tl.dot(Kl, tl.trans(W2b))
-            DZ = tl.dot(tl.load(_sl(scr_p, 0, BT, D, SW, BT)), W1b) * _gelu_d(Z)
-            Zq = cvec[:, None] * tl.dot(Ql, tl.trans(W2b)) - tl.dot(tl.load(_sl(scr_p, 1, BT, BT, SW, BT)), DZ)
+            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
+            Zq = cvec[:, None] * tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E)) \
+                - tl.dot(tl.load(_sl(scr_p, S_A2, BT, BT, SW, BT)), tl.load(_er(scr_p, R_C, hh, BT, SW, E)))
             if MOMENTUM:
-                S2b = tl.load(ss2 + b_in + o2)
-                S1b = tl.load(ss1 + b_in + o1)
-                Zq += bvec[:, None] * tl.dot(Ql, tl.trans(S2b))
+                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
+                Zq += bvec[:, None] * tl.load(_er(scr_p, R_DZ, hh, BT, SW, E))
                 Hq = _gelu(Zq)
-                Os += tl.dot(Hq, tl.trans(S1b))
+                Os += tl.dot(Hq, tl.trans(tl.load(ss1 + b_in + o1)))
             else:
                 Hq = _gelu(Zq)
-            Oc += tl.dot(Hq, tl.trans(W1b))
-            Shh += tl.dot(Hq, tl.trans(_gelu(Z)))
-        Dn = tl.load(_sl(scr_p, 0, BT, D, SW, BT))
-        A1 = Gam * Shh
-        Oq = cvec[:, None] * Oc - tl.dot(A1, Dn)
+            Oc += tl.dot(Hq, tl.trans(tl.load(st1 + b_in + o1)))
+            Shh += tl.dot(Hq, tl.trans(tl.load(_er(scr_p, R_GH, hh, BT, SW, E))))
+        tl.store(_sl(scr_p, S_OC, BT, D, SW, BT), Oc)
+        tl.store(_sl(scr_p, S_SHH, BT, BT, SW, BT), Shh)
         if MOMENTUM:
-            Oq += bvec[:, None] * Os
+            tl.store(_sl(scr_p, S_OS, BT, D, SW, BT), Os)
+
+
+@triton.jit
+def _mlp_bwd_readout_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B1: the read's output layer o' = c Oc [+ b Os] - (Gam * Shh) do and its LN."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
+        A1 = tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT)) * tl.load(_sl(scr_p, S_SHH, BT, BT, SW, BT))
+        Oc = tl.load(_sl(scr_p, S_OC, BT, D, SW, BT))
+        Oq = cvec[:, None] * Oc - tl.dot(A1, tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)))
+        if MOMENTUM:
+            Oq += tl.load(_vp(scr_p, V_B, BT, SW, E))[:, None] * tl.load(_sl(scr_p, S_OS, BT, D, SW, BT))
         xq, rq = _ln_rows(Oq, D)
+        dOq = _ln_bwd(xq, rq, _ld_tok(y + tb, tm, H, D, BT), D)
+        tl.store(_vp(scr_p, V_DC0, BT, SW, E), tl.sum(dOq * Oc, axis=1))
+        if MOMENTUM:
+            tl.store(_vp(scr_p, V_DB0, BT, SW, E), tl.sum(dOq * tl.load(_sl(scr_p, S_OS, BT, D, SW, BT)), axis=1))
+        else:
+            tl.store(_vp(scr_p, V_DB0, BT, SW, E), tl.zeros([BT], dtype=tl.float32))
+        tl.store(_sl(scr_p, S_DOQ, BT, D, SW, BT), dOq)
 
-        # ---- backward of the read's output layer
-        dOq = _ln_bwd(xq, rq, _ld_tok(dy + tb, tm, H, D, BT), D)
-        dc = tl.sum(dOq * Oc, axis=1)
-        db = tl.sum(dOq * Os, axis=1)
-        dA1 = -tl.dot(dOq, tl.trans(Dn))
-        # d/d(do_i), parked in slot 7 until B1b (slot 7 gets d(o) total later)
-        tl.store(_sl(scr_p, 7, BT, D, SW, BT), -tl.dot(tl.trans(A1), dOq))
-        tl.store(_sl(scr_p, 6, BT, BT, SW, BT), dA1 * Shh)
-        tl.store(_sl(scr_p, 5, BT, BT, SW, BT), dA1 * Gam)
-        tl.store(_sl(scr_p, 4, BT, D, SW, BT), dOq)
-        tl.debug_barrier()
-        dQ = tl.zeros([BT, D], dtype=tl.float32)
-        dK = tl.zeros([BT, D], dtype=tl.float32)
-        dA2 = tl.zeros([BT, BT], dtype=tl.float32)
-        dgam = tl.zeros([BT], dtype=tl.float32)
-        dpi = tl.zeros([BT], dtype=tl.float32)
-        dcC = tl.sum(dgam, axis=0)
-        dbC = dcC
-        dPC = dcC
 
-        # ---- pass B1a: per hidden block, the backward of the read (Zq -> Hq -> o')
+@triton.jit
+def _mlp_bwd_readout2_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B1b: through the Gram term of the read's output, A1 = Gam * Shh."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        dOq = tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT))
+        Shh = tl.load(_sl(scr_p, S_SHH, BT, BT, SW, BT))
+        Gam = tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT))
+        dA1 = -tl.dot(dOq, tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))))
+        tl.store(_sl(scr_p, S_GDR, BT, D, SW, BT), -tl.dot(tl.trans(Gam * Shh), dOq))   # d(do) from the read
+        tl.store(_sl(scr_p, S_DGR, BT, BT, SW, BT), dA1 * Shh)
+        tl.store(_sl(scr_p, S_DS1, BT, BT, SW, BT), dA1 * Gam)
+
+
+@triton.jit
+def _mlp_bwd_readgrad_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B2a, per hidden block: the read's hidden layer backward (Zq -> Hq -> o'), dc,
+    db (Q W2^T, h_i, dz_i [, Q S2^T] parked by the read phase); dZq, Hq parked for B2b."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        dc = tl.load(_vp(scr_p, V_DC0, BT, SW, E))
+        db = tl.load(_vp(scr_p, V_DB0, BT, SW, E))
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
             o1 = od[:, None] * E + hh[None, :]
-            Ql = _ld_tok(q + tb, tm, H, D, BT)
-            W2b = tl.load(st2 + b_in + o2)
-            W1b = tl.load(st1 + b_in + o1)
-            Z = tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(W2b))
-            Hh = _gelu(Z)
-            DZ = tl.dot(tl.load(_sl(scr_p, 0, BT, D, SW, BT)), W1b) * _gelu_d(Z)
-            QW = tl.dot(Ql, tl.trans(W2b))
-            Zq = cvec[:, None] * QW - tl.dot(tl.load(_sl(scr_p, 1, BT, BT, SW, BT)), DZ)
+            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
+            QW = tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E))
+            Zq = cvec[:, None] * QW - tl.dot(tl.load(_sl(scr_p, S_A2, BT, BT, SW, BT)), tl.load(_er(scr_p, R_C, hh, BT, SW, E)))
             if MOMENTUM:
-                S2b = tl.load(ss2 + b_in + o2)
-                QS = tl.dot(Ql, tl.trans(S2b))
+                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
+                QS = tl.load(_er(scr_p, R_DZ, hh, BT, SW, E))
                 Zq += bvec[:, None] * QS
             Hq = _gelu(Zq)
-            dOql = tl.load(_sl(scr_p, 4, BT, D, SW, BT))
-            dHq = cvec[:, None] * tl.dot(dOql, W1b) + tl.dot(tl.load(_sl(scr_p, 5, BT, BT, SW, BT)), Hh)
+            dOql = tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT))
+            dHq = cvec[:, None] * tl.dot(dOql, tl.load(st1 + b_in + o1)) \
+                + tl.dot(tl.load(_sl(scr_p, S_DS1, BT, BT, SW, BT)), tl.load(_er(scr_p, R_GH, hh, BT, SW, E)))
             if MOMENTUM:
                 dHq += bvec[:, None] * tl.dot(dOql, tl.load(ss1 + b_in + o1))
             dZq = dHq * _gelu_d(Zq)
-            dQ += cvec[:, None] * tl.dot(dZq, W2b)
             dc += tl.sum(dZq * QW, axis=1)
-            dA2 -= tl.dot(dZq, tl.trans(DZ))
-            tl.store(dst1 + b_in + o1, tl.dot(tl.trans(dOql * cvec[:, None]), Hq))
-            tl.store(dst2 + b_in + o2, tl.dot(tl.trans(dZq * cvec[:, None]), Ql))
             if MOMENTUM:
-                dQ += bvec[:, None] * tl.dot(dZq, S2b)
                 db += tl.sum(dZq * QS, axis=1)
-                tl.store(dss1 + b_in + o1, tl.dot(tl.trans(dOql * bvec[:, None]), Hq))
-                tl.store(dss2 + b_in + o2, tl.dot(tl.trans(dZq * bvec[:, None]), Ql))
-            # d/d(dz_i) and d/d(h_i) from the read, finished in B1b
-            tl.store(scr_p + 8 * BT * SW + rows[:, None] * E + hh[None, :],
-                     -tl.dot(tl.trans(tl.load(_sl(scr_p, 1, BT, BT, SW, BT))), dZq))
-            tl.store(scr_p + 8 * BT * SW + BT * E + rows[:, None] * E + hh[None, :],
-                     tl.dot(tl.trans(tl.load(_sl(scr_p, 5, BT, BT, SW, BT))), Hq))
-        tl.debug_barrier()
+            tl.store(_er(scr_p, R_A, hh, BT, SW, E), dZq)
+            tl.store(_er(scr_p, R_B, hh, BT, SW, E), Hq)
+        tl.store(_vp(scr_p, V_DC, BT, SW, E), dc)
+        tl.store(_vp(scr_p, V_DB, BT, SW, E), db)
 
-        # ---- pass B1b: the chunk-end state's gradient and the inner-gradient chain dz = dh*gelu'(z)
-        gDn = tl.load(_sl(scr_p, 7, BT, D, SW, BT))
+
+@triton.jit
+def _mlp_bwd_readgrad2_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B2b, per hidden block: dq of the read, d(A2), and d/d(dz_i), d/d(h_i) from the
+    read (parked for B3)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        dQ = tl.zeros([BT, D], dtype=tl.float32)
+        dA2 = tl.zeros([BT, BT], dtype=tl.float32)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o2 = hh[:, None] * D + od[None, :]
+            dZq = tl.load(_er(scr_p, R_A, hh, BT, SW, E))
+            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
+            dQ += tl.dot(dZq * cvec[:, None], tl.load(st2 + b_in + o2))
+            if MOMENTUM:
+                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
+                dQ += tl.dot(dZq * bvec[:, None], tl.load(ss2 + b_in + o2))
+            dA2 -= tl.dot(dZq, tl.trans(tl.load(_er(scr_p, R_C, hh, BT, SW, E))))
+            tl.store(_er(scr_p, R_GDZ, hh, BT, SW, E), -tl.dot(tl.trans(tl.load(_sl(scr_p, S_A2, BT, BT, SW, BT))), dZq))
+            tl.store(_er(scr_p, R_GH, hh, BT, SW, E),
+                     tl.dot(tl.trans(tl.load(_sl(scr_p, S_DS1, BT, BT, SW, BT))), tl.load(_er(scr_p, R_B, hh, BT, SW, E))))
+        tl.store(_sl(scr_p, S_DQ, BT, D, SW, BT), dQ)
+        tl.store(_sl(scr_p, S_DA2, BT, BT, SW, BT), dA2)
+
+
+@triton.jit
+def _mlp_bwd_readdst_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B2c, per hidden block: the read's share of d(chunk-start state) (written, not
+    accumulated: B3c and B5 add the rest)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             o2 = hh[:, None] * D + od[None, :]
             o1 = od[:, None] * E + hh[None, :]
+            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
+            dZq = tl.load(_er(scr_p, R_A, hh, BT, SW, E))
+            Hq = tl.load(_er(scr_p, R_B, hh, BT, SW, E))
+            tl.store(dst1 + b_in + o1, tl.dot(tl.trans(tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT)) * cvec[:, None]), Hq))
+            o2 = hh[None, :] * D + od[:, None]      # [D, BH] view of the W2 block
+            tl.store(dst2 + b_in + o2, tl.dot(tl.load(_slT(scr_p, S_QT, D, SW, BT)), dZq * cvec[:, None]))
+            if MOMENTUM:
+                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
+                tl.store(dss1 + b_in + o1, tl.dot(tl.trans(tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT)) * bvec[:, None]), Hq))
+                tl.store(dss2 + b_in + o2, tl.dot(tl.load(_slT(scr_p, S_QT, D, SW, BT)), dZq * bvec[:, None]))
+
+
+@triton.jit
+def _mlp_bwd_state_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B3a, per hidden block: through the chunk-end state (X' = cC X [+ bC S] -
+    sum gam_i g_i, S' = PC S - sum pi_i g_i) to d(dz_i) and d(h_i), the inner-gradient chain
+    dz = (W1^T do) gelu'(z); d(gam), d(pi). d(dh) = d(dz) gelu'(z) is parked for B3b/B3c."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        dgam = tl.zeros([BT], dtype=tl.float32)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o2 = hh[:, None] * D + od[None, :]
+            o1 = od[:, None] * E + hh[None, :]
+            gam = tl.load(_vp(scr_p, V_GAM, BT, SW, E))
             Kl = _ld_tok(k + tb, tm, H, D, BT)
-            Dnl = tl.load(_sl(scr_p, 0, BT, D, SW, BT))
+            Dnl = tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))
             W2b = tl.load(st2 + b_in + o2)
             W1b = tl.load(st1 + b_in + o1)
             dW2e = tl.load(dst2 + b_out + o2)
             dW1e = tl.load(dst1 + b_out + o1)
             Z = tl.dot(Kl, tl.trans(W2b))
-            Hh = _gelu(Z)
             gz = _gelu_d(Z)
             dH = tl.dot(Dnl, W1b)
             DZ = dH * gz
-            gDZ = tl.load(scr_p + 8 * BT * SW + rows[:, None] * E + hh[None, :])
-            gH = tl.load(scr_p + 8 * BT * SW + BT * E + rows[:, None] * E + hh[None, :])
-            # chunk-end state X' = cC X [+ bC S] - sum gam_i g_i
             KdW2 = tl.dot(Kl, tl.trans(dW2e))
-            HdW1 = tl.dot(Hh, tl.trans(dW1e))
-            gDZ -= gam[:, None] * KdW2
-            gDn -= gam[:, None] * HdW1
-            dK -= gam[:, None] * tl.dot(DZ, dW2e)
-            gH -= gam[:, None] * tl.dot(Dnl, dW1e)
-            dgam -= tl.sum(DZ * KdW2, axis=1) + tl.sum(Dnl * HdW1, axis=1)
-            dcC += tl.sum(tl.sum(dW2e * W2b, axis=1), axis=0) + tl.sum(tl.sum(dW1e * W1b, axis=1), axis=0)
-            dW1acc = tl.load(dst1 + b_in + o1) + cC * dW1e
-            dW2acc = tl.load(dst2 + b_in + o2) + cC * dW2e
+            DdW1 = tl.dot(Dnl, dW1e)      # [C, BH]; <do_i, dW1' h_i> = sum_j h_ij (do_i dW1')_j
+            gDZ = tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E)) - gam[:, None] * KdW2
+            gH = tl.load(_er(scr_p, R_GH, hh, BT, SW, E)) - gam[:, None] * DdW1
+            dgam -= tl.sum(DZ * KdW2, axis=1) + tl.sum(_gelu(Z) * DdW1, axis=1)
+            # dz = dh * gelu'(z), dh = W1^T do
+            tl.store(_er(scr_p, R_A, hh, BT, SW, E), gDZ * gz)
+            # d/dz, partial (the LN-of-o part is added in B5)
+            tl.store(_er(scr_p, R_DZ, hh, BT, SW, E), gDZ * dH * _gelu_dd(Z) + gH * gz)
+        tl.store(_vp(scr_p, V_DGAM, BT, SW, E), dgam)
+
+
+@triton.jit
+def _mlp_bwd_state_mom_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Momentum only, backward B3m (before B3a), per hidden block: the chunk-end momentum
+    S' = PC S - sum_i pi_i g_i into d(dz_i), d(h_i) (accumulated in scratch) and d(pi)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        dpi = tl.zeros([BT], dtype=tl.float32)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o2 = hh[:, None] * D + od[None, :]
+            o1 = od[:, None] * E + hh[None, :]
+            pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
+            Kl = _ld_tok(k + tb, tm, H, D, BT)
+            dS2e = tl.load(dss2 + b_out + o2)
+            KdS2 = tl.dot(Kl, tl.trans(dS2e))
+            dpi -= tl.sum(tl.load(_er(scr_p, R_C, hh, BT, SW, E)) * KdS2, axis=1)
+            tl.store(_er(scr_p, R_GDZ, hh, BT, SW, E), tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E)) - pi[:, None] * KdS2)
+            DdS1 = tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), tl.load(dss1 + b_out + o1))
+            dpi -= tl.sum(_gelu(tl.dot(Kl, tl.trans(tl.load(st2 + b_in + o2)))) * DdS1, axis=1)
+            tl.store(_er(scr_p, R_GH, hh, BT, SW, E), tl.load(_er(scr_p, R_GH, hh, BT, SW, E)) - pi[:, None] * DdS1)
+        tl.store(_vp(scr_p, V_DPI, BT, SW, E), dpi)
+
+
+@triton.jit
+def _mlp_bwd_state_do_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B3b, per hidden block: d(do_i) total = read part - gam_i h_i dW1'^T [- pi_i h_i
+    dS1'^T] + d(dh_i) W1^T."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        gDn = tl.load(_sl(scr_p, S_GDR, BT, D, SW, BT))
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o2 = hh[:, None] * D + od[None, :]
+            o1 = od[:, None] * E + hh[None, :]
+            gam = tl.load(_vp(scr_p, V_GAM, BT, SW, E))
+            Hh = _gelu(tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(tl.load(st2 + b_in + o2))))
+            gDn -= tl.dot(Hh * gam[:, None], tl.trans(tl.load(dst1 + b_out + o1)))
             if MOMENTUM:
-                S2b = tl.load(ss2 + b_in + o2)
-                S1b = tl.load(ss1 + b_in + o1)
+                pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
+                gDn -= tl.dot(Hh * pi[:, None], tl.trans(tl.load(dss1 + b_out + o1)))
+            gDn += tl.dot(tl.load(_er(scr_p, R_A, hh, BT, SW, E)), tl.trans(tl.load(st1 + b_in + o1)))
+        tl.store(_sl(scr_p, S_GDN, BT, D, SW, BT), gDn)
+
+
+@triton.jit
+def _mlp_bwd_state_dk_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B3c, per hidden block: dk from the chunk-end state, -gam_i dz_i^T dW2' [- pi_i
+    dz_i^T dS2'] (dz_i parked by B2a); d(chunk-start state) += cC dX' [+ bC, PC terms] +
+    do^T d(dh); d(cC), d(bC), d(PC)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        cC = tl.load(_cp(scr_p, C_CC, BT, SW, E))
+        dK = tl.zeros([BT, D], dtype=tl.float32)
+        dcC = cC * 0.0
+        dbC = dcC
+        dPC = dcC
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o2 = hh[:, None] * D + od[None, :]
+            o1 = od[:, None] * E + hh[None, :]
+            DZ = tl.load(_er(scr_p, R_C, hh, BT, SW, E))
+            gam = tl.load(_vp(scr_p, V_GAM, BT, SW, E))
+            dW2e = tl.load(dst2 + b_out + o2)
+            dW1e = tl.load(dst1 + b_out + o1)
+            dK -= tl.dot(DZ * gam[:, None], dW2e)
+            dcC += tl.sum(tl.sum(dW2e * tl.load(st2 + b_in + o2), axis=1), axis=0) \
+                + tl.sum(tl.sum(dW1e * tl.load(st1 + b_in + o1), axis=1), axis=0)
+            tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + cC * dW1e
+                     + tl.dot(tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))), tl.load(_er(scr_p, R_A, hh, BT, SW, E))))
+            tl.store(dst2 + b_in + o2, tl.load(dst2 + b_in + o2) + cC * dW2e)
+            if MOMENTUM:
+                pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
+                bC = tl.load(_cp(scr_p, C_BC, BT, SW, E))
+                PC = tl.load(_cp(scr_p, C_PC, BT, SW, E))
                 dS2e = tl.load(dss2 + b_out + o2)
                 dS1e = tl.load(dss1 + b_out + o1)
-                # S' = PC S - sum pi_i g_i ;  X' also holds bC S
-                KdS2 = tl.dot(Kl, tl.trans(dS2e))
-                HdS1 = tl.dot(Hh, tl.trans(dS1e))
-                gDZ -= pi[:, None] * KdS2
-                gDn -= pi[:, None] * HdS1
-                dK -= pi[:, None] * tl.dot(DZ, dS2e)
-                gH -= pi[:, None] * tl.dot(Dnl, dS1e)
-                dpi -= tl.sum(DZ * KdS2, axis=1) + tl.sum(Dnl * HdS1, axis=1)
+                S2b = tl.load(ss2 + b_in + o2)
+                S1b = tl.load(ss1 + b_in + o1)
+                dK -= tl.dot(DZ * pi[:, None], dS2e)
                 dbC += tl.sum(tl.sum(dW2e * S2b, axis=1), axis=0) + tl.sum(tl.sum(dW1e * S1b, axis=1), axis=0)
                 dPC += tl.sum(tl.sum(dS2e * S2b, axis=1), axis=0) + tl.sum(tl.sum(dS1e * S1b, axis=1), axis=0)
                 tl.store(dss1 + b_in + o1, tl.load(dss1 + b_in + o1) + bC * dW1e + PC * dS1e)
                 tl.store(dss2 + b_in + o2, tl.load(dss2 + b_in + o2) + bC * dW2e + PC * dS2e)
-            # dz = dh * gelu'(z), dh = W1^T do
-            gdH = gDZ * gz
-            gDn += tl.dot(gdH, tl.trans(W1b))
-            dW1acc += tl.dot(tl.trans(Dnl), gdH)
-            # d/dz, partial (the LN-of-o part is added in B2)
-            tl.store(scr_p + 8 * BT * SW + rows[:, None] * E + hh[None, :], gDZ * dH * _gelu_dd(Z) + gH * gz)
-            tl.store(dst1 + b_in + o1, dW1acc)
-            tl.store(dst2 + b_in + o2, dW2acc)
+        tl.store(_sl(scr_p, S_DK, BT, D, SW, BT), dK)
+        tl.store(_cp(scr_p, C_DCC, BT, SW, E), dcC)
+        tl.store(_cp(scr_p, C_DBC, BT, SW, E), dbC)
+        tl.store(_cp(scr_p, C_DPC, BT, SW, E), dPC)
 
-        # ---- A2 = Gam * (Q K^T): its gradient completes dQ
-        la_c, et_c, dl_c, lm_c = _load_gates(la, eta, dlt, lmu, go, tm)
-        cvec, cC, Dm, Gam, gam, bvec, bC, pi, PC = _chunk_coefs(la_c, lm_c, et_c, tm, BT, MOMENTUM)
-        Q = _ld_tok(q + tb, tm, H, D, BT)
-        K = _ld_tok(k + tb, tm, H, D, BT)
-        dS2 = dA2 * Gam
-        dQ += tl.dot(dS2, K) + _ld_tok(dy + tb, tm, H, D, BT)
+
+@triton.jit
+def _mlp_bwd_dq_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B4a: A2 = Gam * (Q K^T): completes dq."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        dA2 = tl.load(_sl(scr_p, S_DA2, BT, BT, SW, BT))
+        dS2 = dA2 * tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT))
+        dQ = tl.load(_sl(scr_p, S_DQ, BT, D, SW, BT)) + tl.dot(dS2, _ld_tok(k + tb, tm, H, D, BT)) + _ld_tok(y + tb, tm, H, D, BT)
         tl.store(dq + tb + _tok_off(H, D, BT), dQ, mask=tm[:, None])
-        dK += tl.dot(tl.trans(dS2), Q)
-        dGam = tl.load(_sl(scr_p, 6, BT, BT, SW, BT)) + dA2 * tl.dot(Q, tl.trans(K))
 
-        # ---- through do = LN_bwd(o, u) (second order), the bias, and LN(o) itself
-        xh = tl.load(_sl(scr_p, 2, BT, D, SW, BT))
-        U = tl.load(_sl(scr_p, 3, BT, D, SW, BT))
-        dU = _ln_bwd(xh, rstd, gDn, D)
-        P = tl.sum(U * xh, axis=1) / D
-        mgx = tl.sum(gDn * xh, axis=1) / D
-        gx = -rstd[:, None] * (P[:, None] * gDn + mgx[:, None] * U)
-        gr = tl.sum(gDn * tl.load(_sl(scr_p, 0, BT, D, SW, BT)), axis=1) / rstd
+
+@triton.jit
+def _mlp_bwd_dkm_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B4b: dk += (dA2 * Gam)^T Q."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        dS2 = tl.load(_sl(scr_p, S_DA2, BT, BT, SW, BT)) * tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT))
+        tl.store(_sl(scr_p, S_DKM, BT, D, SW, BT), tl.load(_sl(scr_p, S_DK, BT, D, SW, BT)) + tl.dot(tl.trans(dS2), _ld_tok(q + tb, tm, H, D, BT)))
+
+
+@triton.jit
+def _mlp_bwd_dgam_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B4b: d(Gam) total = read part + dA2 * (Q K^T) (recomputed: A2 / Gam is unsafe
+    where Gam = 0)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        dA2 = tl.load(_sl(scr_p, S_DA2, BT, BT, SW, BT))
+        tl.store(_sl(scr_p, S_DGAM, BT, BT, SW, BT), tl.load(_sl(scr_p, S_DGR, BT, BT, SW, BT))
+                 + dA2 * tl.dot(_ld_tok(q + tb, tm, H, D, BT), tl.load(_slT(scr_p, S_KT, D, SW, BT))))
+
+
+@triton.jit
+def _mlp_bwd_mid_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B4b: the second-order path through do = LN_bwd(o, u), the bias map (dv,
+    d delta) and LN(o) -> d(o) at the keys."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        dl_c = tl.load(dlt + go, mask=tm, other=1.0)
+        # through do = LN_bwd(o, u) (second order), the bias, and LN(o) itself
+        xh = tl.load(_sl(scr_p, S_XH, BT, D, SW, BT))
+        rstd = tl.load(_vp(scr_p, V_RSTD, BT, SW, E))
+        dU = _ln_bwd(xh, rstd, tl.load(_sl(scr_p, S_GDN, BT, D, SW, BT)), D)
         dd_c = tl.zeros([BT], dtype=tl.float32)
         if BIAS == 0:
             dV = -dU
         else:
-            Ein = K + xh - _ld_tok(v + tb, tm, H, D, BT)
+            Ein = _ld_tok(k + tb, tm, H, D, BT) + xh - _ld_tok(v + tb, tm, H, D, BT)
             if BIAS == 1:
                 dE = dU
             elif BIAS == 2:
@@ -517,52 +975,129 @@ def _mlp_bwd_kernel(
                 inv = 1.0 / tl.sqrt(e2)
                 dE = tl.where(big[:, None], dU * dl_c[:, None] * 1e-6 * inv / e2, dU)
                 dd_c = tl.where(big, tl.sum(dU * Ein * inv, axis=1), 0.0)
-            dK += dE
             dV = -dE
-            gx += dE
         tl.store(dv + tb + _tok_off(H, D, BT), dV, mask=tm[:, None])
-        tl.debug_barrier()
-        tl.store(_sl(scr_p, 6, BT, BT, SW, BT), dGam)
-        tl.store(_sl(scr_p, 7, BT, D, SW, BT), _ln_bwd(xh, rstd, gx, D) - (gr * rstd * rstd / D)[:, None] * xh)
-        tl.debug_barrier()
+        tl.store(ddlt + go, dd_c, mask=tm)
+        # dk so far (+ dE), finished by B5 (slot S_DQ is free now: dq is written)
+        if BIAS == 0:
+            tl.store(_sl(scr_p, S_DQ, BT, D, SW, BT), tl.load(_sl(scr_p, S_DKM, BT, D, SW, BT)))
+        else:
+            tl.store(_sl(scr_p, S_DQ, BT, D, SW, BT), tl.load(_sl(scr_p, S_DKM, BT, D, SW, BT)) - dV)
+        gDn = tl.load(_sl(scr_p, S_GDN, BT, D, SW, BT))
+        U = tl.load(_sl(scr_p, S_U, BT, D, SW, BT))
+        P = tl.sum(U * xh, axis=1) / D
+        mgx = tl.sum(gDn * xh, axis=1) / D
+        gx = -rstd[:, None] * (P[:, None] * gDn + mgx[:, None] * U)
+        if BIAS != 0:
+            gx -= dV          # + dE
+        gr = tl.sum(gDn * tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), axis=1) / rstd
+        tl.store(_sl(scr_p, S_DOIN, BT, D, SW, BT), _ln_bwd(xh, rstd, gx, D) - (gr * rstd * rstd / D)[:, None] * xh)
 
-        # ---- pass B2: finish d/dz and the first-layer weight gradients
+
+@triton.jit
+def _mlp_bwd_first_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B5, per hidden block: finish d/dz and the first-layer weight gradients; dk."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        dK = tl.load(_sl(scr_p, S_DQ, BT, D, SW, BT))
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             o2 = hh[:, None] * D + od[None, :]
             o1 = od[:, None] * E + hh[None, :]
             Kl = _ld_tok(k + tb, tm, H, D, BT)
-            dOin = tl.load(_sl(scr_p, 7, BT, D, SW, BT))
+            dOin = tl.load(_sl(scr_p, S_DOIN, BT, D, SW, BT))
             W2b = tl.load(st2 + b_in + o2)
             W1b = tl.load(st1 + b_in + o1)
             Z = tl.dot(Kl, tl.trans(W2b))
-            dZt = tl.load(scr_p + 8 * BT * SW + rows[:, None] * E + hh[None, :]) + tl.dot(dOin, W1b) * _gelu_d(Z)
+            dZt = tl.load(_er(scr_p, R_DZ, hh, BT, SW, E)) + tl.dot(dOin, W1b) * _gelu_d(Z)
             tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + tl.dot(tl.trans(dOin), _gelu(Z)))
-            tl.store(dst2 + b_in + o2, tl.load(dst2 + b_in + o2) + tl.dot(tl.trans(dZt), Kl))
+            o2t = hh[None, :] * D + od[:, None]
+            tl.store(dst2 + b_in + o2t, tl.load(dst2 + b_in + o2t) + tl.dot(tl.load(_slT(scr_p, S_KT, D, SW, BT)), dZt))
             dK += tl.dot(dZt, W2b)
         tl.store(dk + tb + _tok_off(H, D, BT), dK, mask=tm[:, None])
 
-        # ---- gate gradients (through L = cumsum log alpha and M = cumsum log mu)
-        dGam = tl.load(_sl(scr_p, 6, BT, BT, SW, BT))
-        wend = tl.where(tm, tl.exp(tl.sum(la_c, axis=0) - tl.cumsum(la_c, axis=0)), 0.0)
+
+@triton.jit
+def _mlp_bwd_gates_m_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Momentum only, backward B6m: the dA = d(Gam) eta B^T + db exp(M)^T part of the gate
+    gradients, reduced to row/column sums of dA * Dm, and d(eta) through E = Dm Bm."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        rows = tl.arange(0, BT)
+        causal = rows[:, None] >= rows[None, :]
+        la_c, et_c, dl_c, lm_c = _load_gates(la, eta, dlt, lmu, go, tm)
+        L = tl.cumsum(la_c, axis=0)
+        Dm = tl.where(causal, tl.exp(tl.where(causal, L[:, None] - L[None, :], 0.0)), 0.0)
+        M = tl.cumsum(lm_c, axis=0)
+        Bm = tl.where(causal, tl.exp(tl.where(causal, M[:, None] - M[None, :], 0.0)), 0.0)
+        dGam = tl.load(_sl(scr_p, S_DGAM, BT, BT, SW, BT))
+        tl.store(_vp(scr_p, V_DETA, BT, SW, E), tl.sum(dGam * tl.dot(Dm, Bm), axis=0))
+        dA = tl.dot(dGam * et_c[None, :], tl.trans(Bm)) \
+            + tl.load(_vp(scr_p, V_DB, BT, SW, E))[:, None] * tl.exp(M)[None, :]
+        GA = dA * Dm
+        tl.store(_vp(scr_p, V_GAR, BT, SW, E), tl.sum(GA, axis=1))
+        tl.store(_vp(scr_p, V_GAC, BT, SW, E), tl.sum(GA, axis=0))
+
+
+@triton.jit
+def _mlp_bwd_gates_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+):
+    """Backward B6: gate gradients through L = cumsum log alpha, M = cumsum log mu and eta."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        rows = tl.arange(0, BT)
+        causal = rows[:, None] >= rows[None, :]
+        la_c, et_c, dl_c, lm_c = _load_gates(la, eta, dlt, lmu, go, tm)
+        L = tl.cumsum(la_c, axis=0)
+        Ltot = tl.sum(la_c, axis=0)
+        cvec = tl.exp(L)
+        cC = tl.exp(Ltot)
+        Dm = tl.where(causal, tl.exp(tl.where(causal, L[:, None] - L[None, :], 0.0)), 0.0)
+        dGam = tl.load(_sl(scr_p, S_DGAM, BT, BT, SW, BT))
+        dgam = tl.load(_vp(scr_p, V_DGAM, BT, SW, E))
+        dc = tl.load(_vp(scr_p, V_DC, BT, SW, E))
+        dcC = tl.load(_cp(scr_p, C_DCC, BT, SW, E))
+        wend = tl.where(tm, tl.exp(Ltot - L), 0.0)
         if MOMENTUM:
             # Gam = eta_i E_ti, E = A B (A_ts = exp(L_t-L_s), B_si = exp(M_s-M_i));
             # gam_i = eta_i sum_s wend_s B_si ; b_t = sum_s A_ts exp(M_s) ; bC = sum_s wend_s exp(M_s)
+            # (the dA part was reduced by the gates_m phase)
+            db = tl.load(_vp(scr_p, V_DB, BT, SW, E))
+            dpi = tl.load(_vp(scr_p, V_DPI, BT, SW, E))
+            dbC = tl.load(_cp(scr_p, C_DBC, BT, SW, E))
+            dPC = tl.load(_cp(scr_p, C_DPC, BT, SW, E))
             M = tl.cumsum(lm_c, axis=0)
             Mtot = tl.sum(lm_c, axis=0)
             Bm = tl.where(causal, tl.exp(tl.where(causal, M[:, None] - M[None, :], 0.0)), 0.0)
             eM = tl.exp(M)
-            dEm = dGam * et_c[None, :]
-            deta_c = tl.sum(dGam * tl.dot(Dm, Bm), axis=0)
-            dA = tl.dot(dEm, tl.trans(Bm)) + db[:, None] * eM[None, :]
-            dB = tl.dot(tl.trans(Dm), dEm)
+            pi = et_c * tl.exp(Mtot - M)
+            PC = tl.exp(Mtot)
+            dB = tl.dot(tl.trans(Dm), dGam * et_c[None, :])
             dgw = dgam * et_c
-            deta_c += dgam * tl.sum(wend[:, None] * Bm, axis=0) + dpi * tl.exp(Mtot - M)
+            deta_c = tl.load(_vp(scr_p, V_DETA, BT, SW, E)) + dgam * tl.sum(wend[:, None] * Bm, axis=0) + dpi * tl.exp(Mtot - M)
             dB += wend[:, None] * dgw[None, :]
             dwend = tl.sum(Bm * dgw[None, :], axis=1) + dbC * eM
-            GA = dA * Dm
             GB = dB * Bm
-            dL = tl.sum(GA, axis=1) - tl.sum(GA, axis=0) + dc * cvec
+            dL = tl.load(_vp(scr_p, V_GAR, BT, SW, E)) - tl.load(_vp(scr_p, V_GAC, BT, SW, E)) + dc * cvec
             dM = tl.sum(GB, axis=1) - tl.sum(GB, axis=0)
             Hw = dwend * wend                     # wend_s = exp(Ltot - L_s)
             dLC = tl.sum(Hw, axis=0) + dcC * cC
@@ -574,7 +1109,8 @@ def _mlp_bwd_kernel(
             dlm_c = tl.sum(dM, axis=0) - tl.cumsum(dM, axis=0) + dM + dMC
             tl.store(dlmu + go, dlm_c, mask=tm)
         else:
-            G = dGam * Gam
+            G = dGam * Dm * et_c[None, :]                  # dGam * Gam
+            gam = et_c * wend
             deta_c = tl.sum(dGam * Dm, axis=0) + dgam * wend
             dL = tl.sum(G, axis=1) - tl.sum(G, axis=0) + dc * cvec
             Hg = dgam * gam
@@ -583,6 +1119,24 @@ def _mlp_bwd_kernel(
         dla_c = tl.sum(dL, axis=0) - tl.cumsum(dL, axis=0) + dL + dLC
         tl.store(dla + go, dla_c, mask=tm)
         tl.store(deta + go, deta_c, mask=tm)
-        tl.store(ddlt + go, dd_c, mask=tm)
-        # the previous chunk reads the d(state) this chunk just wrote (and reuses the scratch)
-        tl.debug_barrier()
+
+
+FWD_KERNELS = (("mlp_fwd_prep", _mlp_prep_kernel), ("mlp_fwd_prep2", _mlp_prep2_kernel),
+               ("mlp_fwd_coef", _mlp_coef_kernel), ("mlp_fwd_qw", _mlp_qw_kernel), ("mlp_fwd_hidden", _mlp_fwd_hidden_kernel),
+               ("mlp_fwd_state", _mlp_fwd_state_kernel), ("mlp_fwd_gram", _mlp_fwd_gram_kernel),
+               ("mlp_fwd_out", _mlp_fwd_out_kernel))
+BWD_KERNELS = (("mlp_bwd_prep", _mlp_prep_kernel), ("mlp_bwd_prep2", _mlp_prep2_kernel),
+               ("mlp_bwd_coef", _mlp_coef_kernel), ("mlp_bwd_qw", _mlp_qw_kernel), ("mlp_bwd_read", _mlp_bwd_read_kernel),
+               ("mlp_bwd_read2", _mlp_bwd_read2_kernel),
+               ("mlp_bwd_readout", _mlp_bwd_readout_kernel), ("mlp_bwd_readout2", _mlp_bwd_readout2_kernel),
+               ("mlp_bwd_readgrad", _mlp_bwd_readgrad_kernel), ("mlp_bwd_readgrad2", _mlp_bwd_readgrad2_kernel),
+               ("mlp_bwd_readdst", _mlp_bwd_readdst_kernel), ("mlp_bwd_state_mom", _mlp_bwd_state_mom_kernel),
+               ("mlp_bwd_state", _mlp_bwd_state_kernel), ("mlp_bwd_state_do", _mlp_bwd_state_do_kernel),
+               ("mlp_bwd_state_dk", _mlp_bwd_state_dk_kernel), ("mlp_bwd_dq", _mlp_bwd_dq_kernel), ("mlp_bwd_dkm", _mlp_bwd_dkm_kernel),
+               ("mlp_bwd_dgam", _mlp_bwd_dgam_kernel), ("mlp_bwd_mid", _mlp_bwd_mid_kernel),
+               ("mlp_bwd_first", _mlp_bwd_first_kernel), ("mlp_bwd_gates_m", _mlp_bwd_gates_m_kernel),
+               ("mlp_bwd_gates", _mlp_bwd_gates_kernel))
+# phases that only run (and are only compiled) for learner='momentum'
+MOMENTUM_ONLY = ("mlp_bwd_state_mom", "mlp_bwd_gates_m")
+# phases whose code depends on the bias (the others are compiled once per learner)
+BIAS_KERNELS = ("mlp_fwd_prep2", "mlp_bwd_prep2", "mlp_bwd_mid")
