@@ -79,48 +79,12 @@ def pick_row(x, idx, BT: tl.constexpr):
 
 @triton.jit
 def bias_map(e, v, delta, p, BIAS: tl.constexpr, EPS: tl.constexpr):
-    """``u = dl/dM`` per token from the residual ``e = W k - v`` (``[BT, BV]``).
-
-    dot: ``-v``; l2: ``e``; lp: ``p e (e^2+eps)^((p-2)/2)``; huber: ``e`` where the row's
-    ``||e||_2 <= delta`` else ``delta e (e^2+eps)^(-1/2)``. Huber needs the whole value row in
-    the tile (the caller launches with ``BV >= dv``).
-    """
-    if BIAS == 0:
-        u = -v
-    elif BIAS == 1:
-        u = e
-    elif BIAS == 2:
-        s = e * e + EPS
-        u = p * e * tl.exp((p - 2.0) * 0.5 * tl.log(s))
-    else:
-        n = tl.sqrt(tl.sum(e * e, axis=1))
-        s = e * e + EPS
-        u = tl.where((n <= delta)[:, None], e, delta[:, None] * e * tl.rsqrt(s))
-    return u
-
-
-@triton.jit
-def bias_map_grad(e, du, delta, p, BIAS: tl.constexpr, EPS: tl.constexpr):
-    """Adjoint of :func:`bias_map` for l2/lp/huber: returns ``(de, ddelta)``; ``ddelta`` is a
-    ``[BT]`` tile (zero unless huber). The huber branch test is piecewise constant, so only the
-    taken branch is differentiated."""
-    if BIAS == 1:
-        de = du
-        dd = tl.sum(du * 0.0, axis=1)
-    elif BIAS == 2:
-        s = e * e + EPS
-        # d/de [p e s^((p-2)/2)] = p s^((p-4)/2) ((p-1) e^2 + eps)
-        de = du * p * tl.exp((p - 4.0) * 0.5 * tl.log(s)) * ((p - 1.0) * e * e + EPS)
-        dd = tl.sum(du * 0.0, axis=1)
-    else:
-        n = tl.sqrt(tl.sum(e * e, axis=1))
-        small = n <= delta
-        s = e * e + EPS
-        r = tl.rsqrt(s)
-        # l1 branch: d/de [delta e s^(-1/2)] = delta eps s^(-3/2)
-        de = tl.where(small[:, None], du, du * delta[:, None] * EPS * r * r * r)
-        dd = tl.where(small, 0.0, tl.sum(du * e * r, axis=1))
-    return de, dd
+    """``u = dl/dM`` per token from the residual ``e = W k - v`` (``[BT, BV]``) when the tile
+    holds the whole value row: huber's row norm ``||e||_2`` is reduced here, then
+    :func:`bias_map_n` applies the rule (dot ``-v``; l2 ``e``; lp ``p e (e^2+eps)^((p-2)/2)``;
+    huber ``e`` where ``||e||_2 <= delta`` else ``delta e (e^2+eps)^(-1/2)``)."""
+    nrm = tl.sqrt(tl.sum(e * e, axis=1))
+    return bias_map_n(e, v, nrm, delta, p, BIAS, EPS)
 
 
 @triton.jit
@@ -143,7 +107,8 @@ def bias_map_n(e, v, nrm, delta, p, BIAS: tl.constexpr, EPS: tl.constexpr):
 
 @triton.jit
 def bias_map_grad_n(e, nrm, du, delta, p, BIAS: tl.constexpr, EPS: tl.constexpr):
-    """:func:`bias_map_grad` for a value block with the precomputed huber row norm ``nrm``;
+    """Adjoint of :func:`bias_map_n` for l2/lp/huber, with the precomputed huber row norm ``nrm``
+    (the branch test is piecewise constant, so only the taken branch is differentiated);
     ``ddelta`` (``[BT]``) is this block's partial sum (the caller adds the blocks)."""
     if BIAS == 1:
         de = du
