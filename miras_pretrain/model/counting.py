@@ -1,15 +1,16 @@
 """Analytic parameter and FLOP counts (no model is built, so 1.3B configs count instantly).
 
 FLOP convention: a multiply-add is 2 FLOPs; training FLOPs per token = 3 x forward (backward
-= 2 x forward); recomputation (activation checkpointing, and the chunked op's in-chunk weight
-block for lq/kl, which it recomputes in backward) is NOT counted, nor are norms, activations and
+= 2 x forward); recomputation (activation checkpointing, and the chunked op's per-token weights
+for lq/kl, which its backward recomputes from segment checkpoints) is NOT counted, nor are norms, activations and
 other elementwise work outside the memory. The embedding lookup is free; the output head is a
 matmul. The memory is counted as the ``chunked`` backend computes it (see ops/chunked.py): per
 token and head, the forward of the frozen memory at the key and the backprop vectors for the
 inner gradient, the chunk-end state update (sum of outer products), and the read at the query
 -- for ``none``/``decay`` retention a frozen-weights read plus GLA-like in-chunk products
-(4*C*(rows+cols)), for ``lq``/``kl`` the per-token weights of the chunk (2*C*rows*cols per
-weight matrix), their materialisation (~5 FLOPs per entry) and a full matvec.
+(4*C*(rows+cols)), for ``lq``/``kl`` the per-token weights of the chunk built by the in-chunk
+scan (one scaled rank-1 update, 2 FLOPs per entry, twice with momentum; ops/per_token_scan.py),
+their materialisation (~5 FLOPs per entry) and a full matvec.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def memory_flops_per_token_head(spec: MirasSpec, d: int, chunk: int) -> float:
         read = 2 * entries * (2 if momentum else 1)  # frozen X0 (and S0) reads
         read += sum(4 * chunk * (r + c) for r, c in shapes)  # in-chunk masked products
     else:
-        read = sum(2 * chunk * r * c for r, c in shapes)  # per-token weights in the chunk
+        read = 2 * entries * (2 if momentum else 1)  # per-token weights: in-chunk scan of X (and S)
         read += MATERIALIZE_FLOPS_PER_ENTRY * entries + 2 * entries  # materialise + matvec
     frozen = 0 if spec.retention in ("none", "decay") else MATERIALIZE_FLOPS_PER_ENTRY * entries / chunk
     return float(fwd_keys + backprop + update + read + frozen)
