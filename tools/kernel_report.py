@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
     ap.add_argument("--kernel", nargs="+", default=None,
-                    help="only these kernels (kernels.configs.CHUNK_KERNELS, recurrent_fwd)")
+                    help="only these kernels (kernels.configs.CHUNK_KERNELS, recurrent_fwd; MLP phase names such as mlp_fwd_out)")
     ap.add_argument("--bt", type=int, nargs="+", default=None, help="only these chunk sizes")
     ap.add_argument("--learner", nargs="+", default=None, help="only these learners (gd, momentum)")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
@@ -228,14 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.family in ("mlp", "all"):
         from kernels.miras_mlp import aot
 
-        n = len(aot.aot_specs())
-        rows += _run(compile_mlp_one, [(i, a) for i in range(n) for a in args.arch], args.jobs)
-    head = f"{'kernel':<16} {'config':<46} {'variant':<13} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
+        picked = [i for i, entry in enumerate(aot.aot_specs())
+                  if args.kernel is None or entry[3].split("[")[0] in args.kernel]
+        rows += _run(compile_mlp_one, [(i, a) for i in picked for a in args.arch], args.jobs)
+    # the MLP family's phase names and configs are longer than the linear ones
+    kw, cw = max([16] + [len(r["kernel"]) for r in rows]), max([46] + [len(r["config"]) for r in rows])
+    head = f"{'kernel':<{kw}} {'config':<{cw}} {'variant':<13} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
     print(head)
     print("-" * len(head))
     for r in rows:
         status = r["error"] or "ok"
-        print(f"{r['kernel']:<16} {r['config']:<46} {r['variant']:<13} {r['arch']:<6} "
+        print(f"{r['kernel']:<{kw}} {r['config']:<{cw}} {r['variant']:<13} {r['arch']:<6} "
               f"{r['registers'] if r['registers'] is not None else '-':>5} "
               f"{r['spill_bytes'] if r['spill_bytes'] is not None else '-':>6} "
               f"{r['shared_bytes'] if r['shared_bytes'] is not None else '-':>7}  {status}")
