@@ -12,8 +12,8 @@ the built-in table / CPU estimate of ``miras_pretrain.train.metrics``).
     python tools/bench_train.py --quick               # seconds: tiny, T=64, 1 step (used by the test)
 
 Prints a table and writes JSON (default bench_results/bench_train.json). On CPU the large rows
-are slow and memory-hungry (Moneta/Memora materialise per-token weights inside each chunk:
-moneta_170m at T=512 peaked at 14 GB RSS on CPU): every row runs in its own child process, so
+are slow and memory-hungry (every 170M model at T=8192 exceeds 24 GiB on the PyTorch path):
+every row runs in its own child process, so
 an out-of-memory kill marks that row failed and the table goes on; ``--max-step-seconds`` skips
 the remaining timed steps of a row whose warm-up step already took longer.
 """
