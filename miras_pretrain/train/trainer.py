@@ -261,15 +261,19 @@ class Trainer:
         loss over the CP group) and the count is the labels of this rank's slice."""
         ids, labels, cu = data_bridge.model_inputs(batch)
         if self.cp is None:
-            loss = self.engine(ids, labels=labels, cu_seqlens=cu) if cu is not None else self.engine(ids, labels=labels)
+            loss = self._engine_loss(ids, labels, cu)
             return loss, loss, int((labels != -100).sum())
         local = self.cp.slice(ids, labels, cu)
         with self.cp.runtime.batch(local["cp_slice"]):
-            if local.get("cu_seqlens") is not None:
-                loss = self.engine(local["input_ids"], labels=local["labels"], cu_seqlens=local["cu_seqlens"])
-            else:
-                loss = self.engine(local["input_ids"], labels=local["labels"])
+            loss = self._engine_loss(local["input_ids"], local["labels"], local.get("cu_seqlens"))
         return loss * local["cp_loss_scale"], loss, int((local["labels"] != -100).sum())
+
+    def _engine_loss(self, ids: torch.Tensor, labels: torch.Tensor, cu: Optional[torch.Tensor]) -> torch.Tensor:
+        """The engine's mean loss over ``labels``; ``cu_seqlens`` is passed only for packed
+        documents (dense batches keep the model's plain signature)."""
+        if cu is not None:
+            return self.engine(ids, labels=labels, cu_seqlens=cu)
+        return self.engine(ids, labels=labels)
 
     def _pipe_iter(self, batches: list) -> Iterator:
         """Micro-batches in the pipeline engine's format: ``(input_ids, labels)`` or, with
