@@ -26,6 +26,11 @@ from dataclasses import dataclass
 CHUNK_SIZES = (16, 32, 64)
 CHUNK_KERNELS = ("chunk_state", "chunk_out", "chunk_bwd_du", "chunk_bwd_dstate", "chunk_bwd_dqg", "chunk_bwd_dkv",
                  "chunk_bwd_dgate", "chunk_bwd_dmu")
+# lq/kl retention only (kernels/miras_linear/chunk_mat_kernels.py): the per-token sweeps keep a
+# [BV, padded dk] state tile in registers, so their binaries depend on the padded key width: their
+# configs have BK = that width (32, 64, 128), one entry each, like ``recurrent_fwd``.
+MAT_KERNELS = ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk", "chunk_bwd_dstate_mat")
+SCAN_KERNELS = ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk")
 MAX_HEAD_DIM = 128
 MIN_BLOCK = 32
 
@@ -50,6 +55,14 @@ class KernelConfig:
 # The kernels' live set is dominated by the [BT, BT] and [BT, BV] tiles, so larger chunks need
 # 8 warps (never more: at 16 warps ptxas caps a thread at 128 registers) and narrower blocks.
 _DEFAULT = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8)}
+# per-token sweeps: 16 value rows x the whole padded key width; warps per (kernel, learner, BT)
+# with per-width exceptions, from the report (at 8 warps ptxas held the narrow momentum dk sweep
+# to 128 registers on sm_80 and spilled; at 4 warps the 128-wide one spilled)
+_SCAN_WARPS = {16: 4, 32: 4, 64: 8}
+_SCAN_WARP_OVERRIDES: dict[tuple[str, str, int, int], int] = {
+    **{("chunk_scan_bwd", "momentum", bt, bkp): 8 for bt in (16, 32) for bkp in (32, 64, 128)},
+    ("chunk_scan_bwd_dk", "momentum", 64, 32): 4, ("chunk_scan_bwd_dk", "momentum", 64, 64): 4,
+}
 _OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
     ("chunk_state", "momentum", 32): (32, 32, 8), ("chunk_state", "momentum", 64): (32, 16, 8),
     ("chunk_out", "momentum", 64): (32, 16, 8),
@@ -62,12 +75,19 @@ _OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
     ("chunk_bwd_dgate", "momentum", 32): (32, 16, 8), ("chunk_bwd_dgate", "momentum", 64): (16, 16, 8),
     ("chunk_bwd_dmu", "momentum", 16): (32, 32, 8), ("chunk_bwd_dmu", "momentum", 32): (32, 16, 8),
     ("chunk_bwd_dmu", "momentum", 64): (16, 16, 8),
+    ("chunk_bwd_dstate_mat", "gd", 16): (32, 32, 8), ("chunk_bwd_dstate_mat", "gd", 32): (32, 32, 8),
+    ("chunk_bwd_dstate_mat", "gd", 64): (32, 16, 8), ("chunk_bwd_dstate_mat", "momentum", 16): (32, 32, 8),
+    ("chunk_bwd_dstate_mat", "momentum", 32): (32, 16, 8), ("chunk_bwd_dstate_mat", "momentum", 64): (16, 16, 8),
 }
 
 
-def kernels_for(learner: str) -> tuple[str, ...]:
-    """The chunk kernels a training call with this learner launches (d log mu only with momentum)."""
-    return tuple(k for k in CHUNK_KERNELS if learner == "momentum" or k != "chunk_bwd_dmu")
+def kernels_for(learner: str, retention: str = "decay") -> tuple[str, ...]:
+    """The chunk kernels a training call with this learner (and retention) launches (d log mu only
+    with momentum; the per-token sweeps and the Jacobian-aware adjoint pass only for lq/kl)."""
+    base = tuple(k for k in CHUNK_KERNELS if learner == "momentum" or k != "chunk_bwd_dmu")
+    if retention in ("lq", "kl"):
+        return base + MAT_KERNELS
+    return base
 
 
 def _chunk_entry(kernel: str, learner: str, BT: int) -> tuple[int, int, int]:
@@ -77,8 +97,13 @@ def _chunk_entry(kernel: str, learner: str, BT: int) -> tuple[int, int, int]:
 def _build() -> tuple[KernelConfig, ...]:
     out = []
     for learner in ("gd", "momentum"):
-        for kernel in kernels_for(learner):
+        for kernel in kernels_for(learner, "lq"):
             for BT in CHUNK_SIZES:
+                if kernel in SCAN_KERNELS:
+                    for bkp in (32, 64, MAX_HEAD_DIM):
+                        w = _SCAN_WARP_OVERRIDES.get((kernel, learner, BT, bkp), _SCAN_WARPS[BT])
+                        out.append(KernelConfig(kernel, BT, bkp, 16, w, 1, learner))
+                    continue
                 BK, BV, w = _chunk_entry(kernel, learner, BT)
                 out.append(KernelConfig(kernel, BT, BK, BV, w, 1, learner))
     out += [KernelConfig("recurrent_fwd", 1, BK, BV, w, 1, "any") for (BK, BV), w in _RECURRENT_TABLE.items()]
@@ -103,13 +128,16 @@ def pick_config(kernel: str, BT: int, K: int, BV_full: int, full_v: bool = False
 
     Chunk kernels: the head dims are runtime arguments (one binary per config serves every
     dk, dv <= ``MAX_HEAD_DIM``: the kernels loop over key and value blocks). ``recurrent_fwd``
-    keeps the whole state in one program: ``BK == K`` and ``BV == BV_full`` (``full_v``)."""
+    keeps the whole state in one program: ``BK == K`` and ``BV == BV_full`` (``full_v``); the
+    lq/kl sweeps (``SCAN_KERNELS``) keep whole rows: ``BK == K`` (the padded key width)."""
     for c in SHIPPED:
         if c.kernel != kernel or c.BT != BT:
             continue
         if kernel == "recurrent_fwd":
             if c.BK == K and (c.BV == BV_full if full_v else BV_full % c.BV == 0):
                 return c
+            continue
+        if kernel in SCAN_KERNELS and c.BK != K:
             continue
         if c.learner == learner and K <= MAX_HEAD_DIM:
             return c

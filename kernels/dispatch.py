@@ -4,14 +4,13 @@ back to the PyTorch path with a one-time warning naming the reason.
 Memory ``mlp`` is delegated to ``kernels.miras_mlp.supports`` (a separate kernel family).
 
 Coverage (``kernel="chunk"``, training, forward + backward): memory ``linear``; bias dot, l2, lp,
-huber; retention none, decay; learner gd, momentum; chunk sizes 16, 32, 64; head dims dk, dv <= 128
-(independently: dv may differ from dk); fp32/fp16/bf16 inputs; ``initial_state``, final state,
-varlen; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` -- every shape has a spill-free
-shipped config (``kernels/configs.py``). Everything else falls back with the reason: retention
-lq/kl (the read needs the per-token state's q-norm / row softmax, i.e. an in-chunk token scan
-forward and backward: not implemented), other chunk sizes, head dims > 128, float64 inputs.
+huber; retention none, decay, lq, kl; learner gd, momentum; chunk sizes 16, 32, 64; head dims
+dk, dv <= 128 (independently: dv may differ from dk); fp32/fp16/bf16 inputs; ``initial_state``,
+final state, varlen; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` -- every shape has
+a spill-free shipped config (``kernels/configs.py``). Everything else falls back with the reason:
+other chunk sizes, head dims > 128, float64 inputs.
 
-``kernel="recurrent"`` (decoding, forward only) additionally covers retention lq and kl.
+``kernel="recurrent"`` (decoding, forward only) covers the same grid.
 """
 
 from __future__ import annotations
@@ -52,9 +51,6 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         from kernels.miras_mlp import supports as mlp_supports
 
         return mlp_supports(spec, q, k, v, chunk_size=chunk_size, **kwargs)
-    if kernel == "chunk" and spec.retention not in ("none", "decay"):
-        return False, (f"retention={spec.retention!r}: the linear chunk kernels cover none/decay "
-                       "(lq/kl reads need the per-token state: an in-chunk token scan, not implemented)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t is not None and t.dtype not in _DTYPES:
             return False, f"{name}.dtype={t.dtype}: the kernels take float32/float16/bfloat16"
@@ -65,7 +61,7 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
     if kernel == "chunk":
         if chunk_size not in CHUNK_SIZES:
             return False, f"chunk_size={chunk_size}: the chunk kernels cover {CHUNK_SIZES}"
-        for name in kernels_for(spec.learner):
+        for name in kernels_for(spec.learner, spec.retention):
             if pick_config(name, chunk_size, block_size(dk), block_size(dv), False, spec.learner) is None:
                 return False, (f"no spill-free shipped {name} config for chunk_size={chunk_size}, dk={dk}, dv={dv}, "
                                f"bias={spec.bias}, learner={spec.learner} (kernels/configs.py)")

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench_results/bench_kernels.json")
     ap.add_argument("--specs", nargs="+", default=None,
                     help="preset[+field=value...] (default: the three linear presets and gated_delta with lp, "
-                         "huber and momentum)")
+                         "huber, momentum, lp + lq retention (linear Moneta) and kl retention (linear Memora))")
     ap.add_argument("--T", type=int, nargs="+", default=None)
     ap.add_argument("--chunk-size", type=int, nargs="+", default=None, help="default 64 (GPU), 16 and 64 (--quick)")
     ap.add_argument("--dims", nargs="+", default=None, help="DKxDV head dims (default 128x128; --quick 16x16 64x32)")
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         B, H, dtype, Ts, reps = 4, 16, torch.bfloat16, args.T or [2048, 4096, 8192, 16384], args.reps or 5
         specs = args.specs or ["gated_delta", "gla", "deltanet", "gated_delta+bias=lp",
-                               "gated_delta+bias=huber", "gated_delta+learner=momentum"]
+                               "gated_delta+bias=huber", "gated_delta+learner=momentum",
+                               "gated_delta+bias=lp+retention=lq", "gated_delta+retention=kl"]
         cs = args.chunk_size or [64]
         dims = args.dims or ["128x128"]
     dims = [parse_dims(d) for d in dims]

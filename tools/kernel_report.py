@@ -34,8 +34,26 @@ RECURRENT_VARIANTS = {"mom-huber-lq": dict(BIAS=3, MOMENTUM=True, RET=1),
                       "mom-huber-kl": dict(BIAS=3, MOMENTUM=True, RET=2)}
 
 
+# lq/kl (kernels/miras_linear/chunk_mat_kernels.py): the state pass and the dk launch get their
+# MAT / LOCAL_DU variants; the per-token sweeps are compiled for every padded key width (their
+# tile spans all of it) and both retentions.
+MAT_NAMES = {1: "lq", 2: "kl"}
+
+
 def variants_of(cfg) -> dict:
-    return RECURRENT_VARIANTS if cfg.kernel == "recurrent_fwd" else CHUNK_VARIANTS[cfg.learner]
+    if cfg.kernel == "recurrent_fwd":
+        return RECURRENT_VARIANTS
+    base = CHUNK_VARIANTS[cfg.learner]
+    (bname, bvar), = base.items()
+    if cfg.kernel == "chunk_state":
+        return {bname: bvar, **{f"{bname}-{n}": dict(bvar, MAT=m) for m, n in MAT_NAMES.items()}}
+    if cfg.kernel == "chunk_bwd_dkv":
+        return {bname: bvar, f"{bname}-local": dict(bvar, LOCAL_DU=True)}
+    if cfg.kernel in ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk"):
+        return {f"{bname}-{n}": dict(bvar, MAT=m, BKP=cfg.BK) for m, n in MAT_NAMES.items()}
+    if cfg.kernel == "chunk_bwd_dstate_mat":
+        return {f"{bname}-{n}": dict(bvar, MAT=m, HAS_DY=m == 1) for m, n in MAT_NAMES.items()}
+    return base
 _DOT_RE = re.compile(r"tt\.dot\s[^\n]*?:\s*tensor<([0-9x]+)x(\w+)>\s*\*\s*tensor<([0-9x]+)x(\w+)>")
 
 
@@ -50,6 +68,12 @@ def _kernel_fn(kernel: str):
         from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_dstate_kernel as fn
     elif kernel in ("chunk_bwd_dqg", "chunk_bwd_dkv", "chunk_bwd_dgate", "chunk_bwd_dmu"):
         from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_grads_kernel as fn
+    elif kernel == "chunk_scan_fwd":
+        from kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_scan_fwd_kernel as fn
+    elif kernel in ("chunk_scan_bwd", "chunk_scan_bwd_dk"):
+        from kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_scan_bwd_kernel as fn
+    elif kernel == "chunk_bwd_dstate_mat":
+        from kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_bwd_dstate_mat_kernel as fn
     else:
         from kernels.miras_linear.fused_recurrent import miras_linear_recurrent_fwd_kernel as fn
     return fn
@@ -92,7 +116,17 @@ def _constexprs(kernel: str, cfg, variant: dict) -> dict:
     if kernel.startswith("chunk_"):
         del c["K"], c["V"]  # runtime head dims
     if kernel == "chunk_state":
+        c.setdefault("MAT", 0)
         c.update(BT=cfg.BT, NVB=CHUNK_V // cfg.BV if variant.get("BIAS") == 3 else 1)
+    elif kernel in ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk"):
+        c.update(BT=cfg.BT)
+        if kernel != "chunk_scan_fwd":
+            c["PART"] = int(kernel == "chunk_scan_bwd_dk")
+        for n in ("K", "V", "BK", "USE_H0"):
+            c.pop(n, None)
+    elif kernel == "chunk_bwd_dstate_mat":
+        c.update(BT=cfg.BT, USE_DHT=True, NVB=CHUNK_V // cfg.BV if variant["MAT"] == 1 else 1)
+        c.pop("USE_H0")
     elif kernel == "chunk_out":
         c.update(BT=cfg.BT)
         c.pop("USE_H0")
@@ -104,6 +138,7 @@ def _constexprs(kernel: str, cfg, variant: dict) -> dict:
         c.pop("USE_H0")
     elif kernel in ("chunk_bwd_dqg", "chunk_bwd_dkv", "chunk_bwd_dgate", "chunk_bwd_dmu"):
         c.update(BT=cfg.BT, PART={"chunk_bwd_dqg": 0, "chunk_bwd_dkv": 1, "chunk_bwd_dgate": 2, "chunk_bwd_dmu": 3}[kernel])
+        c.setdefault("LOCAL_DU", False)
         c.pop("USE_H0")
     return c
 
@@ -135,6 +170,8 @@ def compile_one(job: tuple) -> dict:
         fn = _kernel_fn(cfg.kernel)
         consts = _constexprs(cfg.kernel, cfg, variants_of(cfg)[vname])
         sig = _signature(fn, consts)
+        if cfg.kernel == "chunk_scan_fwd" and consts.get("MAT") == 2:
+            sig["out"] = "*bf16"  # kl writes the read in the inputs' dtype
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=_attrs(fn, sig))
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -233,12 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += _run(compile_mlp_one, [(i, a) for i in picked for a in args.arch], args.jobs)
     # the MLP family's phase names and configs are longer than the linear ones
     kw, cw = max([16] + [len(r["kernel"]) for r in rows]), max([46] + [len(r["config"]) for r in rows])
-    head = f"{'kernel':<{kw}} {'config':<{cw}} {'variant':<13} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
+    head = f"{'kernel':<{kw}} {'config':<{cw}} {'variant':<18} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
     print(head)
     print("-" * len(head))
     for r in rows:
         status = r["error"] or "ok"
-        print(f"{r['kernel']:<{kw}} {r['config']:<{cw}} {r['variant']:<13} {r['arch']:<6} "
+        print(f"{r['kernel']:<{kw}} {r['config']:<{cw}} {r['variant']:<18} {r['arch']:<6} "
               f"{r['registers'] if r['registers'] is not None else '-':>5} "
               f"{r['spill_bytes'] if r['spill_bytes'] is not None else '-':>6} "
               f"{r['shared_bytes'] if r['shared_bytes'] is not None else '-':>7}  {status}")

@@ -229,8 +229,8 @@ def chunk_miras_linear(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """Chunk-parallel linear-memory Miras rule (retention none/decay, learner gd/momentum, any
-    bias) with every gradient on Triton.
+    """Chunk-parallel linear-memory Miras rule (any bias, retention, learner) with every gradient
+    on Triton (retention lq/kl: ``chunk_mat.py``; lq with q = 2 is the decay rule).
 
     Args:
         q, k: ``[B, T, H, dk]``; v: ``[B, T, H, dv]`` (fp32, fp16 or bf16; state math in fp32).
@@ -252,7 +252,10 @@ def chunk_miras_linear(
     if not ok:
         raise ValueError(f"chunk_miras_linear cannot run this call: {reason}")
     x = prepare(spec, q, k, v, alpha, eta, delta, mu, initial_state, cu_seqlens)
-    y, ht, st = MirasLinearChunkFunction.apply(
+    fn = MirasLinearChunkFunction
+    if spec.retention == "kl" or (spec.retention == "lq" and spec.q != 2.0):
+        from kernels.miras_linear.chunk_mat import MirasLinearMatFunction as fn  # noqa: N813
+    y, ht, st = fn.apply(
         x.q, x.k, x.v, x.la, x.lmu, x.eta, x.delta, x.h0, x.s0, x.cu_seqlens, spec, chunk_size
     )
     if not output_final_state:

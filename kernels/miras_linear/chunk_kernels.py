@@ -206,8 +206,13 @@ def miras_linear_chunk_state_kernel(
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
     USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    qexp=4.0, lq_eps=1e-6, c=1.0, MAT: tl.constexpr = 0,
 ):
-    """One program per (value-block group of ``NVB`` blocks, sequence * head)."""
+    """One program per (value-block group of ``NVB`` blocks, sequence * head).
+
+    ``MAT`` (``chunk_mat_kernels``): the residual uses the chunk-start *weights*
+    ``W0 = materialize(X0)``: 1 lq (``s(X0) X0``; the q-norm spans every value block, so the host
+    launches one program per head, ``NVB`` = all blocks), 2 kl (``c softmax_rows(X0)``)."""
     NK = tl.cdiv(K, BK)
     i_vg = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -253,14 +258,43 @@ def miras_linear_chunk_state_kernel(
         else:
             b_delta = b_eta
         if BIAS != 0:
+            if MAT == 1:
+                # lq: s0 = (||X0||_q + eps)^(2-q) over the whole state of the head
+                b_nq = 0.0
+                for jv in tl.range(0, NVB, disable_licm=True):
+                    for i_k in tl.range(0, NK, disable_licm=True):
+                        b_ax = tl.abs(_ld_blk(hs + cur, i_vg * NVB + jv, i_k, K, V, BK, BV))
+                        b_nq += tl.sum(tl.sum(tl.where(b_ax > 0.0, tl.exp(qexp * tl.log(tl.maximum(b_ax, 1e-36))), 0.0), axis=1), axis=0)
+                b_s0 = tl.exp((2.0 - qexp) * tl.log(tl.exp(tl.log(tl.maximum(b_nq, 1e-36)) / qexp) + lq_eps))
             # residual E = K W0^T - V per value block (key dim accumulated block by block)
             b_n2 = tl.zeros([BT], dtype=tl.float32)
             for jv in tl.range(0, NVB, disable_licm=True):
                 i_v = i_vg * NVB + jv
-                b_e = -_ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                if MAT == 1:
+                    b_e = tl.zeros([BT, BV], dtype=tl.float32)
+                else:
+                    b_e = -_ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                if MAT == 2:
+                    # kl: row max and softmax denominator of X0 (rows of this value block)
+                    b_m = tl.zeros([BV], dtype=tl.float32) - float("inf")
+                    for i_k in tl.range(0, NK, disable_licm=True):
+                        o_k = i_k * BK + tl.arange(0, BK)
+                        z = tl.where((o_k < K)[None, :], _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
+                        b_m = tl.maximum(b_m, tl.max(z, axis=1))
+                    b_l = tl.zeros([BV], dtype=tl.float32)
+                    for i_k in tl.range(0, NK, disable_licm=True):
+                        o_k = i_k * BK + tl.arange(0, BK)
+                        z = tl.where((o_k < K)[None, :], _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
+                        b_l += tl.sum(tl.exp(z - b_m[:, None]), axis=1)
                 for i_k in tl.range(0, NK, disable_licm=True):
                     b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                    b_e += dot32(b_k, tl.trans(_ld_blk(hs + cur, i_v, i_k, K, V, BK, BV)))
+                    b_w0 = _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV)
+                    if MAT == 2:
+                        o_k = i_k * BK + tl.arange(0, BK)
+                        b_w0 = tl.where((o_k < K)[None, :], tl.exp(b_w0 - b_m[:, None]), 0.0) * (c / b_l)[:, None]
+                    b_e += dot32(b_k, tl.trans(b_w0))
+                if MAT == 1:
+                    b_e = b_e * b_s0 - _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 _st_tok(ebuf, b_e, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 if BIAS == 3:
                     b_n2 += tl.sum(b_e * b_e, axis=1)
@@ -515,10 +549,14 @@ def miras_linear_chunk_bwd_grads_kernel(
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
     IS_VARLEN: tl.constexpr, PART: tl.constexpr,
+    dul=None, LOCAL_DU: tl.constexpr = False,
 ):
     """PART 0: dq, deta; PART 1: dk, dv, ddelta; PART 2: dla; PART 3: dlmu (separate launches,
     so none holds the whole backward live set).
-    W0/S0 are the states at the chunk's slot, dW/dS the adjoints at the next slot (chunk end)."""
+    W0/S0 are the states at the chunk's slot, dW/dS the adjoints at the next slot (chunk end).
+    ``LOCAL_DU`` (lq/kl, ``chunk_mat_kernels``): PART 1 adds the per-token reads' share of dL/du
+    (``dul`` ``[B*T, H, V]``), and the host passes the chunk-start *weights* as ``hs`` (the only
+    use of ``hs`` in PART 1 is the residual's ``dk += dE W0``)."""
     NK = tl.cdiv(K, BK)
     i_v = tl.program_id(0)
     i_c = tl.program_id(1)
@@ -654,6 +692,8 @@ def miras_linear_chunk_bwd_grads_kernel(
         b_du = -dot32(tl.trans(b_qk * b_g * b_eta[None, :]), b_dy) - b_b[:, None] * b_kdw
         if MOMENTUM:
             b_du -= b_bm[:, None] * b_kds
+        if LOCAL_DU:
+            b_du += _ld_tok(dul + (bos * H + i_h) * V, t0, seq_len, H * V, i_v * BV, V, BT, BV)
         if BIAS == 0:
             b_de = b_du
             _st_tok(dv, -b_du, t0, seq_len, H * V, i_v * BV, V, BT, BV)  # u = -v

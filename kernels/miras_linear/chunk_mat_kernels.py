@@ -1,0 +1,466 @@
+"""Triton kernels for the non-affine retentions of the linear memory: ``lq`` (Moneta's l_q
+normalisation) and ``kl`` (Memora's row softmax). Semantics: ``/work/shared/miras-notes.md``
+sections 2-3 and ``miras_pretrain/ops/chunked.py`` (the PyTorch reference of the same chunking).
+
+The free variable ``X`` (the state the kernels carry) follows the same affine chunk recurrence as
+for ``decay`` (``chunk_kernels.py``); only the *weights* differ: ``W = s(X) X`` with one scalar
+``s(X) = (||X||_q + eps)^(2-q)`` per head (lq), or ``W = c softmax_rows(X)`` (kl). Inner
+gradients of a chunk are taken at ``W0 = materialize(X0)`` (the chunk-start weights), reads use
+the per-token ``W_t = materialize(X_t)``. So, compared with decay, three things change:
+
+* the residual ``E = K W0^T - V`` of the sequential state pass (``chunk_state`` with ``MAT``),
+* the reads need a per-token quantity of ``X_t`` (``scan_fwd`` below): its q-norm (lq: the read is
+  then ``s_t`` times the affine read of ``chunk_out``) or its row softmax (kl: the read itself),
+* the backward gets a per-token state adjoint ``Gam_t = dL/dX_t`` from those reads, and the
+  chunk-start adjoint goes through the Jacobian of ``materialize`` (``bwd_dstate_mat``).
+
+**Why the backward needs no reverse token scan.** Inside a chunk ``X_t = cX_t X0 + cS_t S0 -
+sum_{i<=t} A_ti u_i k_i^T`` (``A = G * eta``, the coefficient matrix of ``chunk_kernels``), affine in
+every factor. So the whole effect of ``Gam_t`` is a sum over ``t`` of terms each known at ``t``:
+
+    du_i  += -sum_{t>=i} A_ti Gam_t k_i          dk_i += -sum_{t>=i} A_ti Gam_t^T u_i
+    dX0   +=  sum_t cX_t Gam_t                    dS0  +=  sum_t cS_t Gam_t
+    dA_ti  = -u_i^T Gam_t k_i                     dcX_t = <Gam_t, X0>,  dcS_t = <Gam_t, S0>
+
+``scan_bwd`` accumulates these in one *forward* sweep over the chunk's tokens (recomputing
+``X_t`` from the saved chunk-start state), with no division by decay products (alpha may be ~0);
+the host maps ``dA, dcX, dcS`` to the gate gradients through the chunk coefficients.
+
+Tiles: a program owns ``BV`` value rows and the whole (padded) key width ``BKP`` of the state
+(a kl row softmax needs every column; ``BKP <= 128``), so ``X_t`` lives in registers during the
+token sweep.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.common.tiles import bias_map_grad_n, bias_map_n, dot32, pick, pick_row
+from kernels.miras_linear.chunk_kernels import (
+    RUNTIME_INTS,
+    _chunk_of,
+    _coef,
+    _end_coef,
+    _gates,
+    _ld_blk,
+    _ld_gate,
+    _ld_tok,
+    _seq_bounds,
+    _st_blk,
+    _st_tok,
+)
+
+MAT_CODES = {"lq": 1, "kl": 2}
+
+
+@triton.jit
+def _pow_abs(x, e):
+    """``|x|^e`` (0 at x = 0) for ``e > 0``."""
+    ax = tl.abs(x)
+    return tl.where(ax > 0.0, tl.exp(e * tl.log(tl.maximum(ax, 1e-36))), 0.0)
+
+
+@triton.jit
+def _lq_dnorm(x, ninv, qexp):
+    """``sign(x) |x / n|^(q-1)`` = ``d||X||_q / dX`` (``ninv = 1 / max(n, tiny)``; |x| <= n so no
+    overflow, and 0 where the state is 0)."""
+    r = _pow_abs(x * ninv, qexp - 1.0)
+    return tl.where(x < 0.0, -r, r)
+
+
+@triton.jit
+def _ld_rows(base, i_v, K, V, BKP: tl.constexpr, BV: tl.constexpr):
+    """Rows ``i_v*BV ..`` x every column of a ``[V, K]`` fp32 state (zero padded)."""
+    return _ld_blk(base, i_v, 0, K, V, BKP, BV)
+
+
+@triton.jit
+def _ld_vec(base, c0, D, BD: tl.constexpr):
+    o = c0 + tl.arange(0, BD)
+    return tl.load(base + o, mask=o < D, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_u(v, ebuf, nbuf, eta, delta, t0, seq_len, H, p, i_v, V,
+             BT: tl.constexpr, BV: tl.constexpr, BIAS: tl.constexpr, EPS: tl.constexpr):
+    """``U = f(E)`` of the chunk's tokens for value block ``i_v``: ``[BT, BV]`` (0 past the end)."""
+    b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    if BIAS != 0:
+        b_e = _ld_tok(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    else:
+        b_e = b_vv
+    if BIAS == 3:
+        b_delta = _ld_gate(delta, t0, seq_len, H, BT)
+        b_nrm = _ld_gate(nbuf, t0, seq_len, H, BT)
+    else:
+        b_delta = _ld_gate(eta, t0, seq_len, H, BT)
+        b_nrm = b_delta
+    return bias_map_n(b_e, b_vv, b_nrm, b_delta, p, BIAS, EPS)
+
+
+@triton.jit
+def _softmax_rows(x, o_k, K):
+    """Row softmax numerator and denominator of ``x`` ``[BV, BKP]`` over the first ``K`` columns
+    (padding columns get probability 0)."""
+    z = tl.where((o_k < K)[None, :], x, float("-inf"))
+    m = tl.max(z, axis=1)
+    pz = tl.exp(z - m[:, None])
+    return pz, tl.sum(pz, axis=1)
+
+
+# ----------------------------------------------------------------------------- forward: token sweep
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def miras_linear_chunk_scan_fwd_kernel(
+    q, k, v, la, lmu, eta, delta,
+    hs, ss, ebuf, nbuf,
+    out,  # kl: y [B*T, H, V] (q's dtype); lq: per-block partial sum_{rows} |X_t|^q [NV, B*T, H] fp32
+    cu_seqlens, chunk_indices,
+    T, H, NTOK, p, qexp, c,
+    K, V,
+    BT: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
+    BIAS: tl.constexpr, EPS: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr, IS_VARLEN: tl.constexpr, MAT: tl.constexpr,
+):
+    """One program per (value block, chunk, sequence * head): runs the chunk's token recurrence on
+    its ``[BV, BKP]`` rows of ``X`` (and ``S``) and writes, per token, the kl read or the lq
+    partial q-norm."""
+    i_v = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_nh = tl.program_id(2)
+    i_h = i_nh % H
+    i_n, i_t, bos, seq_len, slot = _chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    v += (bos * H + i_h) * V
+    ebuf += (bos * H + i_h) * V
+    nbuf += bos * H + i_h
+    eta += bos * H + i_h
+    delta += bos * H + i_h
+    la += bos * H + i_h
+    lmu += bos * H + i_h
+    hs += (slot * H + i_h) * V * K
+    ss += (slot * H + i_h) * V * K
+    if MAT == 2:
+        out += (bos * H + i_h) * V
+    else:
+        out += (i_v.to(tl.int64) * NTOK + bos) * H + i_h
+    t0 = i_t * BT
+    n_tok = tl.minimum(seq_len - t0, BT)
+
+    b_u = _chunk_u(v, ebuf, nbuf, eta, delta, t0, seq_len, H, p, i_v, V, BT, BV, BIAS, EPS)
+    b_eta = _ld_gate(eta, t0, seq_len, H, BT)
+    if HAS_ALPHA:
+        b_a = tl.exp(_ld_gate(la, t0, seq_len, H, BT))
+    else:
+        b_a = b_eta * 0.0 + 1.0
+    if MOMENTUM:
+        b_mu = tl.exp(_ld_gate(lmu, t0, seq_len, H, BT))
+        b_s = _ld_rows(ss, i_v, K, V, BKP, BV)
+    b_x = _ld_rows(hs, i_v, K, V, BKP, BV)
+    o_k = tl.arange(0, BKP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    for j in tl.range(0, n_tok):
+        row = (t0 + j).to(tl.int64) * H
+        b_k = _ld_vec(k + row * K, 0, K, BKP)
+        b_upd = (-pick(b_eta, j, BT) * pick_row(b_u, j, BT))[:, None] * b_k[None, :]
+        if MOMENTUM:
+            b_s = pick(b_mu, j, BT) * b_s + b_upd
+            b_x = pick(b_a, j, BT) * b_x + b_s
+        else:
+            b_x = pick(b_a, j, BT) * b_x + b_upd
+        if MAT == 2:
+            b_q = _ld_vec(q + row * K, 0, K, BKP)
+            pz, den = _softmax_rows(b_x, o_k, K)
+            b_y = c * tl.sum(pz * b_q[None, :], axis=1) / den
+            tl.store(out + row * V + o_v, b_y.to(out.dtype.element_ty), mask=o_v < V)
+        else:
+            tl.store(out + (t0 + j) * H, tl.sum(tl.sum(_pow_abs(b_x, qexp), axis=1), axis=0))
+
+
+# ----------------------------------------------------------------------------- backward: token sweep
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def miras_linear_chunk_scan_bwd_kernel(
+    q, k, v, la, lmu, eta, delta,
+    hs, ss, ebuf, nbuf,
+    dy,  # kl: dy [B*T, H, V]
+    gam_c, gam_n,  # lq: per-token coefficient of d s_t / d X_t and 1 / ||X_t||_q  [B*T, H] fp32
+    dul,  # out: local dL/du [B*T, H, V] fp32
+    dkl, dql,  # out: local dk, dq (kl) partials [NV, B*T, H, K] fp32
+    hrow,  # out: H[t, i] = u_i^T Gam_t k_i, partials [NV, B*T, H, BT] fp32 (row t of the chunk)
+    dcx, dcs,  # out: <Gam_t, X0>, <Gam_t, S0> partials [NV, B*T, H] fp32
+    dhs, dss,  # out: local adjoint of the chunk-start state (this program's rows) [NS, H, V, K]
+    cu_seqlens, chunk_indices,
+    T, H, NTOK, p, qexp, c,
+    K, V,
+    BT: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
+    BIAS: tl.constexpr, EPS: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr, IS_VARLEN: tl.constexpr, MAT: tl.constexpr,
+    PART: tl.constexpr,
+):
+    """One program per (value block, chunk, sequence * head): the forward-accumulation of the
+    per-token adjoints ``Gam_t`` (module docstring), in two launches that each redo the sweep
+    (one accumulator set live at a time; together they spilled at dk = 128): ``PART`` 0 du, the
+    ``H`` rows, dX0/dS0, dcX/dcS (and kl's dq), 1 the ``[BKP, BT]`` dk accumulator."""
+    i_v = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_nh = tl.program_id(2)
+    i_h = i_nh % H
+    i_n, i_t, bos, seq_len, slot = _chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
+    part = i_v.to(tl.int64) * NTOK
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    v += (bos * H + i_h) * V
+    dy += (bos * H + i_h) * V
+    ebuf += (bos * H + i_h) * V
+    dul += (bos * H + i_h) * V
+    nbuf += bos * H + i_h
+    eta += bos * H + i_h
+    delta += bos * H + i_h
+    la += bos * H + i_h
+    lmu += bos * H + i_h
+    gam_c += bos * H + i_h
+    gam_n += bos * H + i_h
+    dkl += ((part + bos) * H + i_h) * K
+    dql += ((part + bos) * H + i_h) * K
+    hrow += ((part + bos) * H + i_h) * BT
+    dcx += (part + bos) * H + i_h
+    dcs += (part + bos) * H + i_h
+    hs += (slot * H + i_h) * V * K
+    ss += (slot * H + i_h) * V * K
+    dhs += (slot * H + i_h) * V * K
+    dss += (slot * H + i_h) * V * K
+    t0 = i_t * BT
+    n_tok = tl.minimum(seq_len - t0, BT)
+
+    b_u = _chunk_u(v, ebuf, nbuf, eta, delta, t0, seq_len, H, p, i_v, V, BT, BV, BIAS, EPS)
+    b_ut = tl.trans(b_u)  # [BV, BT]
+    if PART == 0:
+        b_kt = tl.trans(_ld_tok(k, t0, seq_len, H * K, 0, K, BT, BKP))  # [BKP, BT]
+    b_eta = _ld_gate(eta, t0, seq_len, H, BT)
+    b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+    b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM)
+    b_A = b_g * b_eta[None, :]
+    b_eL = tl.exp(b_L)
+    if HAS_ALPHA:
+        b_a = tl.exp(_ld_gate(la, t0, seq_len, H, BT))
+    else:
+        b_a = b_eta * 0.0 + 1.0
+    if MOMENTUM:
+        b_mu = tl.exp(_ld_gate(lmu, t0, seq_len, H, BT))
+        b_s = _ld_rows(ss, i_v, K, V, BKP, BV)
+        if PART == 0:
+            b_ds0 = tl.zeros([BV, BKP], dtype=tl.float32)
+    if MAT == 1:
+        b_gc = _ld_gate(gam_c, t0, seq_len, H, BT)
+        b_gn = _ld_gate(gam_n, t0, seq_len, H, BT)
+    b_x = _ld_rows(hs, i_v, K, V, BKP, BV)
+    if PART == 0:
+        b_dx0 = tl.zeros([BV, BKP], dtype=tl.float32)
+        b_du = tl.zeros([BV, BT], dtype=tl.float32)
+    else:
+        b_dk = tl.zeros([BKP, BT], dtype=tl.float32)
+    o_k = tl.arange(0, BKP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    for j in tl.range(0, n_tok):
+        row = (t0 + j).to(tl.int64) * H
+        b_k = _ld_vec(k + row * K, 0, K, BKP)
+        b_upd = (-pick(b_eta, j, BT) * pick_row(b_u, j, BT))[:, None] * b_k[None, :]
+        if MOMENTUM:
+            b_s = pick(b_mu, j, BT) * b_s + b_upd
+            b_x = pick(b_a, j, BT) * b_x + b_s
+        else:
+            b_x = pick(b_a, j, BT) * b_x + b_upd
+        if MAT == 2:
+            # y_r = c sum_c P_rc q_c  =>  dL/dX_rc = dy_r P_rc (c q_c - y_r);  dq = c P^T dy
+            b_q = _ld_vec(q + row * K, 0, K, BKP)
+            pz, den = _softmax_rows(b_x, o_k, K)
+            b_p = pz / den[:, None]
+            b_y = c * tl.sum(b_p * b_q[None, :], axis=1)
+            b_dyj = tl.load(dy + row * V + o_v, mask=o_v < V, other=0.0).to(tl.float32)
+            b_gam = b_dyj[:, None] * b_p * (c * b_q[None, :] - b_y[:, None])
+            if PART == 0:
+                b_dq = c * tl.sum(b_p * b_dyj[:, None], axis=0)
+                tl.store(dql + (t0 + j) * H * K + o_k, b_dq, mask=o_k < K)
+        else:
+            # s_t = (n_t + eps)^(2-q):  dL/dX = ds_t (2-q) (n_t+eps)^(1-q) sign(X) |X/n_t|^(q-1)
+            b_gam = pick(b_gc, j, BT) * _lq_dnorm(b_x, pick(b_gn, j, BT), qexp)
+        b_arow = pick_row(b_A, j, BT)  # A[j, :]: zero for i > j
+        if PART == 0:
+            b_pk = dot32(b_gam, b_kt)  # [BV, BT]: Gam_j k_i
+            b_du -= b_pk * b_arow[None, :]
+            tl.store(hrow + (t0 + j) * H * BT + o_t, tl.sum(b_ut * b_pk, axis=0))
+            b_dx0 += pick(b_eL, j, BT) * b_gam
+            tl.store(dcx + (t0 + j) * H, tl.sum(tl.sum(b_gam * _ld_rows(hs, i_v, K, V, BKP, BV), axis=1), axis=0))
+            if MOMENTUM:
+                b_ds0 += pick(b_c, j, BT) * b_gam
+                tl.store(dcs + (t0 + j) * H, tl.sum(tl.sum(b_gam * _ld_rows(ss, i_v, K, V, BKP, BV), axis=1), axis=0))
+        else:
+            b_dk -= dot32(tl.trans(b_gam), b_ut) * b_arow[None, :]
+    if PART == 0:
+        _st_tok(dul, tl.trans(b_du), t0, seq_len, H * V, i_v * BV, V, BT, BV)
+        _st_blk(dhs, b_dx0, i_v, 0, K, V, BKP, BV)
+        if MOMENTUM:
+            _st_blk(dss, b_ds0, i_v, 0, K, V, BKP, BV)
+    else:
+        _st_tok(dkl, tl.trans(b_dk), t0, seq_len, H * K, 0, K, BT, BKP)
+
+
+# ----------------------------------------------------------------------------- backward: state adjoints
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def miras_linear_chunk_bwd_dstate_mat_kernel(
+    q, k, v, la, lmu, eta, delta,
+    hs, ebuf, nbuf,
+    dua,  # in: -(A^T dy) + local du [B*T, H, V] fp32; overwritten with dE (this kernel's scratch)
+    dy, dht, dst,
+    dhs, dss,  # in: local chunk-start adjoints (scan_bwd); out: adjoint of the state at every slot
+    s_slot, g_slot, n_slot,  # lq: s(X0), (2-q)(n0+eps)^(1-q), 1/max(n0, tiny) per slot [NS, H] fp32
+    cu_seqlens, chunk_offsets,
+    T, H, p, qexp, c,
+    K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
+    BIAS: tl.constexpr, EPS: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
+    USE_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, MAT: tl.constexpr, HAS_DY: tl.constexpr,
+):
+    """``chunk_bwd_dstate`` for lq/kl: one program per (value-block group of ``NVB``, sequence *
+    head), chunks in reverse. The chunk-start adjoint is
+
+        dX0 = exp(L_last) dX_end [+ c_last dS_end] + (affine-read term, lq) + (local, scan_bwd)
+              + J^T dW0,   dW0 = dE^T K  (the inner gradients were taken at W0 = materialize(X0))
+
+    with ``J^T dW0 = s0 dW0 + <dW0, X0> ds/dX0`` (lq: a reduction over the whole state, hence one
+    program per head: ``NVB`` = every value block) or ``W0 * (dW0 - <W0, dW0>_row / c)`` (kl)."""
+    NK = tl.cdiv(K, BK)
+    i_vg = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, seq_len, slot0 = _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    n_chunks = tl.cdiv(seq_len, BT)
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    v += (bos * H + i_h) * V
+    dy += (bos * H + i_h) * V
+    ebuf += (bos * H + i_h) * V
+    dua += (bos * H + i_h) * V
+    nbuf += bos * H + i_h
+    eta += bos * H + i_h
+    delta += bos * H + i_h
+    la += bos * H + i_h
+    lmu += bos * H + i_h
+    hs += (slot0 * H + i_h) * V * K
+    dhs += (slot0 * H + i_h) * V * K
+    dss += (slot0 * H + i_h) * V * K
+    s_slot += slot0 * H + i_h
+    g_slot += slot0 * H + i_h
+    n_slot += slot0 * H + i_h
+    dht += i_nh.to(tl.int64) * V * K
+    dst += i_nh.to(tl.int64) * V * K
+    slot_stride = H * V * K
+    fin = (slot0 * 0 + n_chunks) * slot_stride
+
+    for jv in tl.range(0, NVB, disable_licm=True):
+        i_v = i_vg * NVB + jv
+        for i_k in tl.range(0, NK, disable_licm=True):
+            if USE_DHT:
+                _st_blk(dhs + fin, _ld_blk(dht, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
+                if MOMENTUM:
+                    _st_blk(dss + fin, _ld_blk(dst, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
+            else:
+                _st_blk(dhs + fin, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
+                if MOMENTUM:
+                    _st_blk(dss + fin, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
+    tl.debug_barrier()
+
+    for i_r in tl.range(0, n_chunks, disable_licm=True):
+        i_t = n_chunks - 1 - i_r
+        t0 = i_t * BT
+        cur = (slot0 * 0 + i_t) * slot_stride
+        nxt = cur + slot_stride
+        last = tl.minimum(seq_len - t0, BT) - 1
+        b_eta = _ld_gate(eta, t0, seq_len, H, BT)
+        b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+        b_b, b_bm, eL_last, eM_last, c_last = _end_coef(b_L, b_M, b_eta, last, BT, MOMENTUM)
+        # 1) dE of every value block (staged over dua); lq: <dW0, W0> = sum_i dE_i . (E_i + v_i)
+        b_dw0x = 0.0
+        if BIAS != 0:
+            for jv in tl.range(0, NVB, disable_licm=True):
+                i_v = i_vg * NVB + jv
+                b_du = _ld_tok(dua, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                for i_k in tl.range(0, NK, disable_licm=True):
+                    b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                    b_du -= b_b[:, None] * dot32(b_k, tl.trans(_ld_blk(dhs + nxt, i_v, i_k, K, V, BK, BV)))
+                    if MOMENTUM:
+                        b_du -= b_bm[:, None] * dot32(b_k, tl.trans(_ld_blk(dss + nxt, i_v, i_k, K, V, BK, BV)))
+                b_e = _ld_tok(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                if BIAS == 3:
+                    b_delta = _ld_gate(delta, t0, seq_len, H, BT)
+                    b_nrm = _ld_gate(nbuf, t0, seq_len, H, BT)
+                else:
+                    b_delta = b_eta
+                    b_nrm = b_eta
+                b_de, b_dd = bias_map_grad_n(b_e, b_nrm, b_du, b_delta, p, BIAS, EPS)
+                _st_tok(dua, b_de, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                if MAT == 1:
+                    b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                    b_dw0x += tl.sum(tl.sum(b_de * (b_e + b_vv), axis=1), axis=0)
+            tl.debug_barrier()
+        if MAT == 1:
+            s0 = tl.load(s_slot + (slot0 * 0 + i_t) * H)
+            # <dW0, X0> = <dW0, W0> / s0; times ds/dX0 = g0 * sign(X0) |X0 / n0|^(q-1)
+            b_coef = b_dw0x / s0 * tl.load(g_slot + (slot0 * 0 + i_t) * H)
+            n0inv = tl.load(n_slot + (slot0 * 0 + i_t) * H)
+        if HAS_DY:
+            b_ydy_scale = tl.exp(b_L)
+            if MOMENTUM:
+                b_cc = tl.sum(tl.where(tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :],
+                                       tl.exp(b_L[:, None] - b_L[None, :]), 0.0) * tl.exp(b_M)[None, :], axis=1)
+        # 2) per value block: kl row statistics of X0 and <W0, dW0>_row, then the adjoints
+        for jv in tl.range(0, NVB, disable_licm=True):
+            i_v = i_vg * NVB + jv
+            if BIAS != 0:
+                b_de = _ld_tok(dua, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+            if HAS_DY:
+                b_dy = _ld_tok(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+            if MAT == 2 and BIAS != 0:
+                b_m = tl.zeros([BV], dtype=tl.float32) - float("inf")
+                for i_k in tl.range(0, NK, disable_licm=True):
+                    o_k = i_k * BK + tl.arange(0, BK)
+                    z = tl.where((o_k < K)[None, :], _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
+                    b_m = tl.maximum(b_m, tl.max(z, axis=1))
+                b_l = tl.zeros([BV], dtype=tl.float32)
+                b_rd = tl.zeros([BV], dtype=tl.float32)
+                for i_k in tl.range(0, NK, disable_licm=True):
+                    o_k = i_k * BK + tl.arange(0, BK)
+                    z = tl.where((o_k < K)[None, :], _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
+                    pz = tl.exp(z - b_m[:, None])
+                    b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                    b_l += tl.sum(pz, axis=1)
+                    b_rd += tl.sum(pz * dot32(tl.trans(b_de), b_k), axis=1)
+                b_rd = b_rd / b_l  # <P0, dW0>_row
+            for i_k in tl.range(0, NK, disable_licm=True):
+                b_dwn = _ld_blk(dhs + nxt, i_v, i_k, K, V, BK, BV)
+                b_dwp = eL_last * b_dwn + _ld_blk(dhs + cur, i_v, i_k, K, V, BK, BV)
+                if HAS_DY:
+                    b_q = _ld_tok(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                    b_dwp += dot32(tl.trans(b_ydy_scale[:, None] * b_dy), b_q)
+                if BIAS != 0:
+                    b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                    b_dw0 = dot32(tl.trans(b_de), b_k)
+                    b_x0 = _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV)
+                    if MAT == 1:
+                        b_dwp += s0 * b_dw0 + b_coef * _lq_dnorm(b_x0, n0inv, qexp)
+                    else:
+                        o_k = i_k * BK + tl.arange(0, BK)
+                        b_p0 = tl.where((o_k < K)[None, :], tl.exp(b_x0 - b_m[:, None]), 0.0) / b_l[:, None]
+                        b_dwp += c * b_p0 * (b_dw0 - b_rd[:, None])
+                if MOMENTUM:
+                    b_dsp = c_last * b_dwn + eM_last * _ld_blk(dss + nxt, i_v, i_k, K, V, BK, BV)
+                    b_dsp += _ld_blk(dss + cur, i_v, i_k, K, V, BK, BV)
+                    if HAS_DY:
+                        b_dsp += dot32(tl.trans(b_cc[:, None] * b_dy), b_q)
+                    _st_blk(dss + cur, b_dsp, i_v, i_k, K, V, BK, BV)
+                _st_blk(dhs + cur, b_dwp, i_v, i_k, K, V, BK, BV)
+        tl.debug_barrier()
