@@ -239,8 +239,9 @@ def miras_linear_chunk_scan_bwd_kernel(
         b_kt = tl.trans(_ld_tok(k, t0, seq_len, H * K, 0, K, BT, BKP))  # [BKP, BT]
     b_eta = _ld_gate(eta, t0, seq_len, H, BT)
     b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
-    b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM)
-    b_A = b_g * b_eta[None, :]
+    if MOMENTUM:
+        b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM)
+        b_A = b_g * b_eta[None, :]
     b_eL = tl.exp(b_L)
     if HAS_ALPHA:
         b_a = tl.exp(_ld_gate(la, t0, seq_len, H, BT))
@@ -286,7 +287,12 @@ def miras_linear_chunk_scan_bwd_kernel(
         else:
             # s_t = (n_t + eps)^(2-q):  dL/dX = ds_t (2-q) (n_t+eps)^(1-q) sign(X) |X/n_t|^(q-1)
             b_gam = pick(b_gc, j, BT) * _lq_dnorm(b_x, pick(b_gn, j, BT), qexp)
-        b_arow = pick_row(b_A, j, BT)  # A[j, :]: zero for i > j
+        # A[j, :] (zero for i > j): gd builds the row from the gates in O(BT) per token instead of
+        # keeping and picking from a [BT, BT] tile; momentum's G = D_L D_M has no such closed row
+        if MOMENTUM:
+            b_arow = pick_row(b_A, j, BT)
+        else:
+            b_arow = tl.where(o_t <= j, b_eta * tl.exp(tl.minimum(pick(b_L, j, BT) - b_L, 0.0)), 0.0)
         if PART == 0:
             b_pk = dot32(b_gam, b_kt)  # [BV, BT]: Gam_j k_i
             b_du -= b_pk * b_arow[None, :]
