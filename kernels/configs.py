@@ -57,11 +57,12 @@ class KernelConfig:
 _DEFAULT = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8)}
 # per-token sweeps: 16 value rows x the whole padded key width; warps per (kernel, learner, BT)
 # with per-width exceptions, from the report (at 8 warps ptxas held the narrow momentum dk sweep
-# to 128 registers on sm_80 and spilled; at 4 warps the 128-wide one spilled)
+# to 128 registers on sm_80 and spilled; at 4 warps the 128-wide sweeps spilled)
 _SCAN_WARPS = {16: 4, 32: 4, 64: 8}
 _SCAN_WARP_OVERRIDES: dict[tuple[str, str, int, int], int] = {
     **{("chunk_scan_bwd", "momentum", bt, bkp): 8 for bt in (16, 32) for bkp in (32, 64, 128)},
     ("chunk_scan_bwd_dk", "momentum", 64, 32): 4, ("chunk_scan_bwd_dk", "momentum", 64, 64): 4,
+    ("chunk_scan_bwd", "gd", 16, 128): 8, ("chunk_scan_bwd", "gd", 32, 128): 8,
 }
 _OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
     ("chunk_state", "momentum", 32): (32, 32, 8), ("chunk_state", "momentum", 64): (32, 16, 8),

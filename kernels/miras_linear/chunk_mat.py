@@ -6,12 +6,14 @@ lq: ``chunk_out`` (the affine read ``r``, fp32) and ``scan_fwd`` (per-token part
 ``y = s_t r``); kl: ``scan_fwd`` (the per-token softmax read). Backward: ``scan_bwd`` (the
 per-token adjoints, forward-accumulated), ``chunk_bwd_du`` (lq: the affine read's share of du),
 ``bwd_dstate_mat`` (sequential, with the Jacobian of ``materialize``), the four ``bwd_grads``
-launches (with the scaled/zero read cotangent and the local du) and, on the host, the gate
-gradients of the local terms through the chunk coefficients (:func:`_local_gate_grads`).
+launches (with the scaled/zero read cotangent and the local du); the gate gradients of the local
+terms go through the chunk coefficients inside the sweep (gd) or on the host (momentum,
+:func:`_momentum_gate_grads`).
 
 Memory beyond ``chunk.py``'s: lq saves the affine read ``r`` (fp32 ``[B, T, H, dv]``) and the
-per-token norms (``[B, T, H]``); the backward adds fp32 ``[NV, B, T, H, C]`` rows of the local
-``dA`` (and the host's ``[n_chunks, H, C, C]`` coefficient algebra).
+per-token norms (``[B, T, H]``). With momentum the backward adds fp32 ``[NV, B, T, H, C]`` rows of
+the local ``dA`` and the host's ``[n_chunks, H, C, C]`` coefficient algebra (gd does that algebra
+inside the sweep: ``[NV, B, T, H]`` partials only).
 """
 
 from __future__ import annotations
@@ -57,12 +59,12 @@ def _token_chunks(cu_seqlens, B: int, T: int, C: int, dev) -> tuple[torch.Tensor
     return rows.clamp_max(B * T - 1), valid
 
 
-def _local_gate_grads(spec, la, lmu, eta, hrow, dcx, dcs, cu_seqlens, C: int):
-    """Gate gradients of the per-token terms: the local adjoints say ``dL/dA_ti = -H[t, i]``,
-    ``dL/dcX_t = dcx_t``, ``dL/dcS_t = dcs_t`` for the chunk coefficients ``A = G * eta``,
+def _momentum_gate_grads(la, lmu, eta, hrow, dcx, dcs, cu_seqlens, C: int):
+    """Gate gradients of the per-token terms with momentum: the sweep gives ``dL/dA_ti = -H[t, i]``,
+    ``dL/dcX_t = dcx_t``, ``dL/dcS_t = dcs_t`` for the chunk coefficients ``A = (D_L D_M) * eta``,
     ``cX = exp(L)``, ``cS = D_L exp(M)``; differentiate those ``[C, C]`` formulas (autograd on a
-    few small tensors per chunk). Inputs ``[B, T, H]`` (hrow ``[B, T, H, C]``); returns
-    ``(dla, deta, dlmu)`` ``[B, T, H]`` (dlmu None without momentum)."""
+    few ``[n_chunks, H, C, C]`` tensors; gd does this algebra inside the sweep). Inputs
+    ``[B, T, H]`` (hrow ``[B, T, H, C]``); returns ``(dla, deta, dlmu)``, each ``[B, T, H]``."""
     B, T, H = eta.shape
     rows, valid = _token_chunks(cu_seqlens, B, T, C, eta.device)
     vm = valid[:, None, :]  # [NT, 1, C]
@@ -72,32 +74,26 @@ def _local_gate_grads(spec, la, lmu, eta, hrow, dcx, dcs, cu_seqlens, C: int):
 
     la_c = chunked(la).requires_grad_(True)
     eta_c = chunked(eta).requires_grad_(True)
-    lmu_c = chunked(lmu).requires_grad_(True) if lmu is not None else None
+    lmu_c = chunked(lmu).requires_grad_(True)
     h_c = hrow.reshape(B * T, H, C)[rows].permute(0, 2, 1, 3)  # [NT, H, t, i]
     h_c = torch.where(valid[:, None, :, None], h_c, 0.0)
     mask = torch.ones(C, C, dtype=torch.bool, device=eta.device).tril()
     with torch.enable_grad():
         L = la_c.cumsum(-1)
+        Mu = lmu_c.cumsum(-1)
         D = torch.exp(torch.where(mask, L[..., :, None] - L[..., None, :], float("-inf")))
-        obj = (chunked(dcx) * torch.exp(L)).sum()
-        if lmu_c is not None:
-            Mu = lmu_c.cumsum(-1)
-            G = D @ torch.exp(torch.where(mask, Mu[..., :, None] - Mu[..., None, :], float("-inf")))
-            obj = obj + (chunked(dcs) * (D @ torch.exp(Mu)[..., None]).squeeze(-1)).sum()
-        else:
-            G = D
+        G = D @ torch.exp(torch.where(mask, Mu[..., :, None] - Mu[..., None, :], float("-inf")))
+        obj = (chunked(dcx) * torch.exp(L)).sum() + (chunked(dcs) * (D @ torch.exp(Mu)[..., None]).squeeze(-1)).sum()
         obj = obj - (h_c * G * eta_c[..., None, :]).sum()
-        wrt = [la_c, eta_c] + ([lmu_c] if lmu_c is not None else [])
-        grads = torch.autograd.grad(obj, wrt)
+        grads = torch.autograd.grad(obj, [la_c, eta_c, lmu_c])
 
     def unchunk(g):  # [NT, H, C] -> [B, T, H]
         out = torch.zeros(B * T, H, dtype=torch.float32, device=eta.device)
-        g = g.transpose(1, 2)[valid]  # [n_valid, H]
-        out.index_add_(0, rows[valid], g)
+        out.index_add_(0, rows[valid], g.transpose(1, 2)[valid])
         return out.view(B, T, H)
 
-    out = [unchunk(g) for g in grads]
-    return out[0], out[1], (out[2] if lmu_c is not None else None)
+    dla, deta, dlmu = (unchunk(g) for g in grads)
+    return dla, deta, dlmu
 
 
 def _lq_slot_terms(spec, hs: torch.Tensor):
@@ -246,8 +242,10 @@ class MirasLinearMatFunction(torch.autograd.Function):
         dcx = torch.zeros(nvs, B, T, H, **f32)
         dkl = torch.zeros(nvk, B, T, H, dk, **f32)  # per-value-block partials of each launch
         dql = torch.zeros(nvs, B, T, H, dk, **f32) if mat == 2 else dcx  # lq never writes dq
-        hrow = torch.zeros(nvs, B, T, H, chunk_size, **f32)
-        dcs = torch.zeros(nvs, B, T, H, **f32) if momentum else dcx
+        # gd: the sweep maps its terms to d log alpha / d eta itself (dcx / dcs); momentum writes
+        # <Gam, X0>, <Gam, S0> and the H rows for the host (_momentum_gate_grads)
+        hrow = torch.zeros(nvs, B, T, H, chunk_size, **f32) if momentum else dcx
+        dcs = torch.zeros(nvs, B, T, H, **f32)
         for part, name in ((0, "chunk_scan_bwd"), (1, "chunk_scan_bwd_dk")):
             scfg = _launch_meta(spec, chunk_size, dk, name)
             if n_chunks > 0:
@@ -323,9 +321,11 @@ class MirasLinearMatFunction(torch.autograd.Function):
                     dul=dul, LOCAL_DU=part == 1, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages,
                 )
         # 5) the local terms' gate gradients, through the chunk coefficients (host)
-        dla_l, deta_l, dlmu_l = _local_gate_grads(
-            spec, la, lmu, eta, hrow.sum(0), dcx.sum(0), dcs.sum(0) if momentum else None, cu_seqlens, chunk_size
-        )
+        if momentum:
+            dla_l, deta_l, dlmu_l = _momentum_gate_grads(la, lmu, eta, hrow.sum(0), dcx.sum(0), dcs.sum(0),
+                                                         cu_seqlens, chunk_size)
+        else:
+            dla_l, deta_l, dlmu_l = dcx.sum(0), dcs.sum(0), None
         dq = grads["dq"].sum(0)
         if mat == 2:
             dq = dq + dql.sum(0)

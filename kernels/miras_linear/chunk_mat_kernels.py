@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.tiles import bias_map_grad_n, bias_map_n, dot32, pick, pick_row
+from kernels.common.tiles import bias_map_grad_n, bias_map_n, chunk_rev_cumsum, dot32, pick, pick_row
 from kernels.miras_linear.chunk_kernels import (
     RUNTIME_INTS,
     _chunk_of,
@@ -187,8 +187,9 @@ def miras_linear_chunk_scan_bwd_kernel(
     gam_c, gam_n,  # lq: per-token coefficient of d s_t / d X_t and 1 / ||X_t||_q  [B*T, H] fp32
     dul,  # out: local dL/du [B*T, H, V] fp32
     dkl, dql,  # out: local dk, dq (kl) partials [NV, B*T, H, K] fp32
-    hrow,  # out: H[t, i] = u_i^T Gam_t k_i, partials [NV, B*T, H, BT] fp32 (row t of the chunk)
-    dcx, dcs,  # out: <Gam_t, X0>, <Gam_t, S0> partials [NV, B*T, H] fp32
+    hrow,  # out (momentum): H[t, i] = u_i^T Gam_t k_i, partials [NV, B*T, H, BT] fp32 (row t)
+    dcx, dcs,  # out, partials [NV, B*T, H] fp32: momentum <Gam_t, X0>, <Gam_t, S0> (the host maps
+               # them and H to the gates); gd: the local d log alpha and d eta themselves
     dhs, dss,  # out: local adjoint of the chunk-start state (this program's rows) [NS, H, V, K]
     cu_seqlens, chunk_indices,
     T, H, NTOK, p, qexp, c,
@@ -259,6 +260,9 @@ def miras_linear_chunk_scan_bwd_kernel(
     if PART == 0:
         b_dx0 = tl.zeros([BV, BKP], dtype=tl.float32)
         b_du = tl.zeros([BV, BT], dtype=tl.float32)
+        if not MOMENTUM:
+            b_gl = tl.zeros([BT], dtype=tl.float32)  # dL/dL_m (L = in-chunk cumsum of log alpha)
+            b_ge = tl.zeros([BT], dtype=tl.float32)  # dL/d eta_i
     else:
         b_dk = tl.zeros([BKP, BT], dtype=tl.float32)
     o_k = tl.arange(0, BKP)
@@ -292,19 +296,32 @@ def miras_linear_chunk_scan_bwd_kernel(
         if MOMENTUM:
             b_arow = pick_row(b_A, j, BT)
         else:
-            b_arow = tl.where(o_t <= j, b_eta * tl.exp(tl.minimum(pick(b_L, j, BT) - b_L, 0.0)), 0.0)
+            b_drow = tl.where(o_t <= j, tl.exp(tl.minimum(pick(b_L, j, BT) - b_L, 0.0)), 0.0)
+            b_arow = b_eta * b_drow
         if PART == 0:
             b_pk = dot32(b_gam, b_kt)  # [BV, BT]: Gam_j k_i
             b_du -= b_pk * b_arow[None, :]
-            tl.store(hrow + (t0 + j) * H * BT + o_t, tl.sum(b_ut * b_pk, axis=0))
-            b_dx0 += pick(b_eL, j, BT) * b_gam
-            tl.store(dcx + (t0 + j) * H, tl.sum(tl.sum(b_gam * _ld_rows(hs, i_v, K, V, BKP, BV), axis=1), axis=0))
             if MOMENTUM:
+                tl.store(hrow + (t0 + j) * H * BT + o_t, tl.sum(b_ut * b_pk, axis=0))  # H[j, :]
+                b_dx0 += pick(b_eL, j, BT) * b_gam
+                tl.store(dcx + (t0 + j) * H, tl.sum(tl.sum(b_gam * _ld_rows(hs, i_v, K, V, BKP, BV), axis=1), axis=0))
                 b_ds0 += pick(b_c, j, BT) * b_gam
                 tl.store(dcs + (t0 + j) * H, tl.sum(tl.sum(b_gam * _ld_rows(ss, i_v, K, V, BKP, BV), axis=1), axis=0))
+            else:
+                b_h = tl.sum(b_ut * b_pk, axis=0)  # H[j, :]
+                b_dx0 += pick(b_eL, j, BT) * b_gam
+                b_dcx = tl.sum(tl.sum(b_gam * _ld_rows(hs, i_v, K, V, BKP, BV), axis=1), axis=0)
+                # through A_ji = eta_i exp(L_j - L_i) (dL/dA_ji = -H_ji) and cX_j = exp(L_j)
+                b_ha = b_h * b_arow
+                b_gl += b_ha + tl.where(o_t == j, pick(b_eL, j, BT) * b_dcx - tl.sum(b_ha, axis=0), 0.0)
+                b_ge -= b_h * b_drow
         else:
             b_dk -= dot32(tl.trans(b_gam), b_ut) * b_arow[None, :]
     if PART == 0:
+        if not MOMENTUM:
+            o_g = t0 + o_t
+            tl.store(dcx + o_g * H, chunk_rev_cumsum(b_gl, BT), mask=o_g < seq_len)
+            tl.store(dcs + o_g * H, b_ge, mask=o_g < seq_len)
         _st_tok(dul, tl.trans(b_du), t0, seq_len, H * V, i_v * BV, V, BT, BV)
         _st_blk(dhs, b_dx0, i_v, 0, K, V, BKP, BV)
         if MOMENTUM:
