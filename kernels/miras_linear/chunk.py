@@ -16,6 +16,8 @@ Memory (the backward recomputes, the forward saves only what is cheaper to keep)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 
@@ -34,7 +36,7 @@ from kernels.miras_linear.inputs import prepare
 SMOOTH_ABS_EPS = 1e-6  # same constant as miras_pretrain.ops.spec.SMOOTH_ABS_EPS
 
 
-def _launch_meta(spec, chunk_size: int, dk: int, kernel: str):
+def launch_meta(spec, chunk_size: int, dk: int, kernel: str):
     cfg = pick_config(kernel, chunk_size, block_size(dk), 0, False, spec.learner)
     if cfg is None:
         raise ValueError(f"no shipped {kernel} config for chunk_size={chunk_size}, dk={dk} (see kernels.supports)")
@@ -52,6 +54,174 @@ def _slots(cu_seqlens, offs, B: int, T: int, chunk_size: int, dev) -> tuple[torc
     return first, int(offs[-1]) + n
 
 
+@dataclass
+class LaunchArgs:
+    """What every launch of one call shares: the gate pointers (``la, lmu, eta, delta``; absent
+    ones replaced by a never-read stand-in), the constexprs common to the chunk kernels, the
+    cu_seqlens pointer, the token-count argument and the chunk-parallel grid (without its
+    value-block axis)."""
+
+    gates: tuple
+    common: dict
+    cu: torch.Tensor
+    t_arg: int
+    grid_rest: tuple[int, int]
+    dummy: torch.Tensor
+
+
+def launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size: int) -> LaunchArgs:
+    B, T, H, dk = q.shape
+    dummy = eta
+    gates = tuple(x if x is not None else dummy for x in (la, lmu, eta, delta))
+    common = dict(K=dk, V=v.shape[-1], BT=chunk_size, BIAS=BIAS_CODES[spec.bias], EPS=SMOOTH_ABS_EPS,
+                  HAS_ALPHA=la is not None, MOMENTUM=spec.learner == "momentum",
+                  IS_VARLEN=cu_seqlens is not None)
+    nt_total = chunk_offsets(cu_seqlens, B, T, chunk_size)[1]
+    grid_rest = (triton.cdiv(T, chunk_size), B * H) if cu_seqlens is None else (nt_total, H)
+    return LaunchArgs(gates, common, cu_seqlens if cu_seqlens is not None else dummy,
+                      T * B if cu_seqlens is not None else T, grid_rest, dummy)
+
+
+def launch_input_grads(spec, chunk_size: int, a: LaunchArgs, q, k, v, hs, ss, dhs, dss, ebuf, nbuf, dy,
+                       idx, *, hs_residual=None, dul=None) -> dict:
+    """Every input gradient from the state adjoints, one program per (value block, chunk, head),
+    in up to four launches (PART 0: dq, d eta; 1: dk, dv, d delta; 2: d log alpha; 3: d log mu),
+    so none holds the whole backward live set. Per-value-block partials are summed here.
+
+    ``hs_residual`` (lq/kl): the chunk-start weights for the residual's ``dk += dE W0`` (PART 1),
+    ``dul``: the per-token reads' share of dL/du added in PART 1. Returns fp32 ``dq, dk``
+    ``[B,T,H,dk]``, ``dv`` ``[B,T,H,dv]``, ``deta`` and (None when unused) ``ddelta, dla, dlmu``
+    ``[B,T,H]``."""
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    has_alpha, momentum = a.common["HAS_ALPHA"], a.common["MOMENTUM"]
+    has_delta = a.gates[3] is not a.dummy
+    grads = dict(dla=None, dlmu=None, ddelta=None)
+    launches = [(0, "chunk_bwd_dqg"), (1, "chunk_bwd_dkv")]
+    if has_alpha:
+        launches.append((2, "chunk_bwd_dgate"))
+    if momentum:
+        launches.append((3, "chunk_bwd_dmu"))
+    for part, name in launches:
+        cfg = launch_meta(spec, chunk_size, dk, name)
+        nv = triton.cdiv(dv, cfg.BV)
+        if part == 0:
+            out = dict(dq=torch.zeros(nv, B, T, H, dk, **f32), deta=torch.zeros(nv, B, T, H, **f32))
+        elif part == 1:
+            out = dict(dk=torch.zeros(nv, B, T, H, dk, **f32), dv=torch.zeros(B, T, H, dv, **f32),
+                       ddelta=torch.zeros(nv, B, T, H, **f32) if has_delta else None)
+        elif part == 2:
+            out = dict(dla=torch.zeros(nv, B, T, H, **f32))
+        else:
+            out = dict(dlmu=torch.zeros(nv, B, T, H, **f32))
+        spare = next(t for t in out.values() if t is not None)  # pointer for outputs this part never writes
+        ptr = {n: out.get(n) if out.get(n) is not None else spare
+               for n in ("dq", "dk", "dv", "dla", "dlmu", "deta", "ddelta")}
+        if a.grid_rest[0] > 0:
+            miras_linear_chunk_bwd_grads_kernel[(nv, *a.grid_rest)](
+                q, k, v, *a.gates, hs_residual if (part == 1 and hs_residual is not None) else hs, ss, dhs, dss,
+                ebuf, nbuf, dy,
+                ptr["dq"], ptr["dk"], ptr["dv"], ptr["dla"], ptr["dlmu"], ptr["deta"], ptr["ddelta"],
+                a.cu, idx, a.t_arg, H, B * T, float(spec.p), BK=cfg.BK, BV=cfg.BV, PART=part, **a.common,
+                dul=dul, LOCAL_DU=part == 1 and dul is not None,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        grads.update({n: (t if n == "dv" or t is None else t.sum(0)) for n, t in out.items()})
+    return grads
+
+
+@dataclass
+class StatePass:
+    """Result of the sequential state pass: states at every chunk start + final (``hs``, ``ss``
+    ``[NS, H, dv, dk]``), residual ``E`` and huber norm (or stand-ins), varlen chunk offsets and
+    indices, each sequence's first and last slot."""
+
+    hs: torch.Tensor
+    ss: torch.Tensor
+    ebuf: torch.Tensor
+    nbuf: torch.Tensor
+    offs: torch.Tensor | None
+    idx: torch.Tensor
+    first: torch.Tensor
+    last: torch.Tensor
+
+    def final_states(self, momentum: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(X_T, S_T)`` per sequence; S_T is an empty placeholder without momentum."""
+        st = self.ss[self.last] if momentum else torch.empty(0, dtype=torch.float32, device=self.hs.device)
+        return self.hs[self.last], st
+
+
+def run_state_pass(spec, chunk_size: int, a: LaunchArgs, q, k, v, h0, s0, cu_seqlens, mat: int = 0) -> StatePass:
+    """The sequential pass over chunks (``chunk_state``): one program per (value-block group,
+    sequence * head); huber and lq (``mat`` 1, whose chunk-start norm spans the state) loop over
+    every value block in one program per head. ``mat`` 2 = kl (see ``chunk_mat_kernels``)."""
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    offs, _ = chunk_offsets(cu_seqlens, B, T, chunk_size)
+    first, n_slots = _slots(cu_seqlens, offs, B, T, chunk_size, q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    hs = torch.empty(n_slots, H, dv, dk, **f32)
+    ss = torch.empty(n_slots, H, dv, dk, **f32) if spec.learner == "momentum" else hs
+    ebuf = torch.empty(B, T, H, dv, **f32) if spec.bias != "dot" else a.dummy
+    nbuf = torch.empty(B, T, H, **f32) if spec.bias == "huber" else a.dummy
+    cfg = launch_meta(spec, chunk_size, dk, "chunk_state")
+    nv = triton.cdiv(dv, cfg.BV)
+    nvb = nv if (spec.bias == "huber" or (mat == 1 and spec.bias != "dot")) else 1
+    miras_linear_chunk_state_kernel[(nv // nvb, n_seq * H)](
+        k, v, *a.gates, h0 if h0 is not None else hs, s0 if s0 is not None else ss,
+        hs, ss, ebuf, nbuf, a.cu, offs if offs is not None else a.dummy,
+        a.t_arg, H, float(spec.p), BK=cfg.BK, BV=cfg.BV, NVB=nvb, USE_H0=h0 is not None,
+        qexp=float(spec.q), lq_eps=float(spec.lq_eps), c=float(spec.c), MAT=mat, **a.common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    idx = a.dummy if cu_seqlens is None else chunk_indices(cu_seqlens, chunk_size)
+    # final state = the last slot of every sequence (first slot + its chunk count)
+    last = first + ((T + chunk_size - 1) // chunk_size if cu_seqlens is None else (offs[1:] - offs[:-1]).long())
+    return StatePass(hs, ss, ebuf, nbuf, offs, idx, first, last)
+
+
+def launch_chunk_out(spec, chunk_size: int, a: LaunchArgs, q, k, v, sp: StatePass, out: torch.Tensor) -> None:
+    """The affine reads ``exp(L) Q W0^T [+ c Q S0^T] - ((Q K^T) * G * eta) U`` into ``out``
+    ``[B, T, H, dv]`` (any float dtype), chunk-parallel."""
+    cfg = launch_meta(spec, chunk_size, q.shape[-1], "chunk_out")
+    if a.grid_rest[0] > 0:
+        miras_linear_chunk_out_kernel[(triton.cdiv(v.shape[-1], cfg.BV), *a.grid_rest)](
+            q, k, v, *a.gates, sp.hs, sp.ss, sp.ebuf, sp.nbuf, out, a.cu, sp.idx, a.t_arg, q.shape[2],
+            float(spec.p), BK=cfg.BK, BV=cfg.BV, **a.common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+
+def final_state_cotangents(dht, dst, momentum: bool, shape: tuple, device) -> tuple:
+    """``(use_dht, dX_T, dS_T)``: whether the final states got a gradient, and the fp32
+    cotangents (zeros for the one that got none) the adjoint pass starts from."""
+    use = dht is not None or (momentum and dst is not None and dst.numel() > 0)
+    if not use:
+        return False, None, None
+    zeros = dict(dtype=torch.float32, device=device)
+    dht = torch.zeros(shape, **zeros) if dht is None else dht.float().contiguous()
+    if momentum:
+        dst = torch.zeros(shape, **zeros) if dst is None else dst.float().contiguous()
+    return True, dht, dst
+
+
+def launch_bwd_du(spec, chunk_size: int, a: LaunchArgs, q, k, dy, idx) -> torch.Tensor:
+    """``-(A^T dy)`` ``[B, T, H, dv]`` fp32, the part of the residual's adjoint that does not depend
+    on the carried state adjoint (chunk-parallel, so the sequential pass holds no [C, C] tile)."""
+    B, T, H, dk = q.shape
+    dv = dy.shape[-1]
+    dua = torch.empty(B, T, H, dv, dtype=torch.float32, device=q.device)
+    if a.grid_rest[0] > 0:
+        cfg = launch_meta(spec, chunk_size, dk, "chunk_bwd_du")
+        miras_linear_chunk_bwd_du_kernel[(triton.cdiv(dv, cfg.BV), *a.grid_rest)](
+            q, k, a.gates[0], a.gates[1], a.gates[2], dy, dua, a.cu, idx, a.t_arg, H, K=dk, V=dv, BT=chunk_size,
+            BK=cfg.BK, BV=cfg.BV, HAS_ALPHA=a.common["HAS_ALPHA"], MOMENTUM=a.common["MOMENTUM"],
+            IS_VARLEN=a.common["IS_VARLEN"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return dua
+
+
 class MirasLinearChunkFunction(torch.autograd.Function):
     """Inputs: q, k ``[B,T,H,dk]``, v ``[B,T,H,dv]``, la/lmu/eta/delta ``[B,T,H]`` fp32 (or None),
     h0/s0 ``[N,H,dv,dk]`` fp32 (or None). Outputs: y ``[B,T,H,dv]`` (q's dtype), final X and S
@@ -59,52 +229,14 @@ class MirasLinearChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, la, lmu, eta, delta, h0, s0, cu_seqlens, spec, chunk_size):
-        B, T, H, dk = q.shape
-        dv = v.shape[-1]
-        n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        offs, nt_total = chunk_offsets(cu_seqlens, B, T, chunk_size)
-        first, n_slots = _slots(cu_seqlens, offs, B, T, chunk_size, q.device)
         momentum = spec.learner == "momentum"
-        huber = spec.bias == "huber"
-        dev = q.device
-        f32 = dict(dtype=torch.float32, device=dev)
-        y = torch.empty(B, T, H, dv, dtype=q.dtype, device=dev)
-        hs = torch.empty(n_slots, H, dv, dk, **f32)
-        ss = torch.empty(n_slots, H, dv, dk, **f32) if momentum else hs
-        ebuf = torch.empty(B, T, H, dv, **f32) if spec.bias != "dot" else eta
-        nbuf = torch.empty(B, T, H, **f32) if huber else eta
-        dummy = eta
-        gates = (la if la is not None else dummy, lmu if lmu is not None else dummy, eta,
-                 delta if delta is not None else dummy)
-        common = dict(K=dk, V=dv, BT=chunk_size, BIAS=BIAS_CODES[spec.bias], EPS=SMOOTH_ABS_EPS,
-                      HAS_ALPHA=la is not None, MOMENTUM=momentum, IS_VARLEN=cu_seqlens is not None)
-        cu = cu_seqlens if cu_seqlens is not None else dummy
-        t_arg = T * B if cu_seqlens is not None else T
-
-        # 1) sequential state pass (huber: one program per head loops over every value block)
-        cfg = _launch_meta(spec, chunk_size, dk, "chunk_state")
-        nv = triton.cdiv(dv, cfg.BV)
-        nvb = nv if huber else 1
-        miras_linear_chunk_state_kernel[(nv // nvb, n_seq * H)](
-            k, v, *gates, h0 if h0 is not None else hs, s0 if s0 is not None else ss,
-            hs, ss, ebuf, nbuf, cu, offs if offs is not None else dummy,
-            t_arg, H, float(spec.p), BK=cfg.BK, BV=cfg.BV, NVB=nvb, USE_H0=h0 is not None, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        # 2) outputs, chunk-parallel
-        cfg = _launch_meta(spec, chunk_size, dk, "chunk_out")
-        idx = dummy if cu_seqlens is None else chunk_indices(cu_seqlens, chunk_size)
-        grid = (triton.cdiv(dv, cfg.BV), triton.cdiv(T, chunk_size), B * H) if cu_seqlens is None \
-            else (triton.cdiv(dv, cfg.BV), nt_total, H)
-        if grid[1] > 0:
-            miras_linear_chunk_out_kernel[grid](
-                q, k, v, *gates, hs, ss, ebuf, nbuf, y, cu, idx, t_arg, H, float(spec.p),
-                BK=cfg.BK, BV=cfg.BV, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-        # final state = the last slot of every sequence (first slot + its chunk count)
-        last = first + ((T + chunk_size - 1) // chunk_size if cu_seqlens is None else (offs[1:] - offs[:-1]).long())
-        ht = hs[last]
-        st = ss[last] if momentum else torch.empty(0, **f32)
+        a = launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size)
+        # 1) sequential state pass, 2) outputs, chunk-parallel
+        sp = run_state_pass(spec, chunk_size, a, q, k, v, h0, s0, cu_seqlens)
+        y = torch.empty(*v.shape, dtype=q.dtype, device=q.device)
+        launch_chunk_out(spec, chunk_size, a, q, k, v, sp, y)
+        ht, st = sp.final_states(momentum)
+        hs, ss, ebuf, nbuf, offs, idx, first = sp.hs, sp.ss, sp.ebuf, sp.nbuf, sp.offs, sp.idx, sp.first
         ctx.save_for_backward(q, k, v, la, lmu, eta, delta, hs, ss, ebuf, nbuf, cu_seqlens, offs, idx, first)
         ctx.spec = spec
         ctx.chunk_size = chunk_size
@@ -123,93 +255,29 @@ class MirasLinearChunkFunction(torch.autograd.Function):
         B, T, H, dk = q.shape
         dv = v.shape[-1]
         n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        nt_total = chunk_offsets(cu_seqlens, B, T, chunk_size)[1]
-        dev = q.device
-        f32 = dict(dtype=torch.float32, device=dev)
-        use_dht = dht is not None or (momentum and dst is not None and dst.numel() > 0)
-        if use_dht:
-            dht = torch.zeros(n_seq, H, dv, dk, **f32) if dht is None else dht.float().contiguous()
-            if momentum:
-                dst = torch.zeros(n_seq, H, dv, dk, **f32) if dst is None else dst.float().contiguous()
+        use_dht, dht, dst = final_state_cotangents(dht, dst, momentum, (n_seq, H, dv, dk), q.device)
         dy = dy.contiguous()
-        dummy = eta
-        common = dict(K=dk, V=dv, BT=chunk_size, BIAS=BIAS_CODES[spec.bias], EPS=SMOOTH_ABS_EPS,
-                      HAS_ALPHA=la is not None, MOMENTUM=momentum, IS_VARLEN=cu_seqlens is not None)
-        gates = (la if la is not None else dummy, lmu if lmu is not None else dummy, eta,
-                 delta if delta is not None else dummy)
-        cu = cu_seqlens if cu_seqlens is not None else dummy
-        t_arg = T * B if cu_seqlens is not None else T
+        a = launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size)
 
         # 1) -(A^T dy), chunk-parallel (the state-independent part of du; not needed for dot)
-        grid_c = (triton.cdiv(T, chunk_size), B * H) if cu_seqlens is None else (nt_total, H)
-        dua = dummy
-        if spec.bias != "dot" and grid_c[0] > 0:
-            cfg = _launch_meta(spec, chunk_size, dk, "chunk_bwd_du")
-            dua = torch.empty(B, T, H, dv, **f32)
-            miras_linear_chunk_bwd_du_kernel[(triton.cdiv(dv, cfg.BV), *grid_c)](
-                q, k, gates[0], gates[1], eta, dy, dua, cu, idx, t_arg, H, K=dk, V=dv, BT=chunk_size,
-                BK=cfg.BK, BV=cfg.BV, HAS_ALPHA=la is not None, MOMENTUM=momentum,
-                IS_VARLEN=cu_seqlens is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+        dua = launch_bwd_du(spec, chunk_size, a, q, k, dy, idx) if spec.bias != "dot" else a.dummy
         # 2) adjoint of the state at every slot, sequential over chunks (reverse)
-        cfg = _launch_meta(spec, chunk_size, dk, "chunk_bwd_dstate")
+        cfg = launch_meta(spec, chunk_size, dk, "chunk_bwd_dstate")
         dhs = torch.empty_like(hs)
         dss = torch.empty_like(ss) if momentum else dhs
         miras_linear_chunk_bwd_dstate_kernel[(triton.cdiv(dv, cfg.BV), n_seq * H)](
-            q, k, v, *gates, ebuf, nbuf, dua, dy,
+            q, k, v, *a.gates, ebuf, nbuf, dua, dy,
             dht if use_dht else dhs, dst if (use_dht and momentum) else dhs,
-            dhs, dss, cu, offs if offs is not None else dummy,
-            t_arg, H, float(spec.p), BK=cfg.BK, BV=cfg.BV, USE_DHT=use_dht, **common,
+            dhs, dss, a.cu, offs if offs is not None else a.dummy,
+            a.t_arg, H, float(spec.p), BK=cfg.BK, BV=cfg.BV, USE_DHT=use_dht, **a.common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        dh0 = dhs[first]
-        ds0 = dss[first] if momentum else None
-
-        # 3) every input gradient, one program per (value block, chunk, head), in up to four
-        #    launches (PART 0: dq, d eta; 1: dk, dv, d delta; 2: d log alpha; 3: d log mu); q/k/gate
-        #    partials are [NV, ...] (one per value block) and summed below.
-        grads = {}
-        launches = [(0, "chunk_bwd_dqg"), (1, "chunk_bwd_dkv")]
-        if la is not None:
-            launches.append((2, "chunk_bwd_dgate"))
-        if momentum:
-            launches.append((3, "chunk_bwd_dmu"))
-        for part, name in launches:
-            cfg = _launch_meta(spec, chunk_size, dk, name)
-            nv = triton.cdiv(dv, cfg.BV)
-            if part == 0:
-                out = dict(dq=torch.zeros(nv, B, T, H, dk, **f32), deta=torch.zeros(nv, B, T, H, **f32))
-            elif part == 1:
-                out = dict(dk=torch.zeros(nv, B, T, H, dk, **f32), dv=torch.zeros(B, T, H, dv, **f32),
-                           ddelta=torch.zeros(nv, B, T, H, **f32) if delta is not None else None)
-            elif part == 2:
-                out = dict(dla=torch.zeros(nv, B, T, H, **f32))
-            else:
-                out = dict(dlmu=torch.zeros(nv, B, T, H, **f32))
-            grads.update(out)
-            spare = next(t for t in out.values() if t is not None)  # pointer for outputs this part never writes
-            ptr = {n: out.get(n) if out.get(n) is not None else spare
-                   for n in ("dq", "dk", "dv", "dla", "dlmu", "deta", "ddelta")}
-            grid = (nv, triton.cdiv(T, chunk_size), B * H) if cu_seqlens is None else (nv, nt_total, H)
-            if grid[1] > 0:
-                miras_linear_chunk_bwd_grads_kernel[grid](
-                    q, k, v, *gates, hs, ss, dhs, dss, ebuf, nbuf, dy,
-                    ptr["dq"], ptr["dk"], ptr["dv"], ptr["dla"], ptr["dlmu"], ptr["deta"], ptr["ddelta"],
-                    cu, idx, t_arg, H, B * T, float(spec.p), BK=cfg.BK, BV=cfg.BV, PART=part, **common,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                )
-        grads.setdefault("dla", None)
-        grads.setdefault("dlmu", None)
-        dq, dk_, dvv, deta = grads["dq"], grads["dk"], grads["dv"], grads["deta"]
-        dla, dlmu, ddelta = grads["dla"], grads["dlmu"], grads["ddelta"]
+        # 3) every input gradient
+        g = launch_input_grads(spec, chunk_size, a, q, k, v, hs, ss, dhs, dss, ebuf, nbuf, dy, idx)
         return (
-            dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype), dvv.to(v.dtype),
-            dla.sum(0) if dla is not None else None,
-            dlmu.sum(0) if dlmu is not None else None,
-            deta.sum(0),
-            ddelta.sum(0) if ddelta is not None else None,
-            dh0 if ctx.has_h0 else None,
-            ds0 if (momentum and ctx.has_s0) else None,
+            g["dq"].to(q.dtype), g["dk"].to(k.dtype), g["dv"].to(v.dtype), g["dla"], g["dlmu"], g["deta"],
+            g["ddelta"], dhs[first] if ctx.has_h0 else None,
+            dss[first] if (momentum and ctx.has_s0) else None,
             None, None, None,
         )
 

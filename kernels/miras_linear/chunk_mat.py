@@ -21,15 +21,17 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.common.tiles import BIAS_CODES
-from kernels.common.varlen import chunk_indices, chunk_offsets
-from kernels.configs import block_size
-from kernels.miras_linear.chunk import SMOOTH_ABS_EPS, _launch_meta, _slots
-from kernels.miras_linear.chunk_kernels import (
-    miras_linear_chunk_bwd_du_kernel,
-    miras_linear_chunk_bwd_grads_kernel,
-    miras_linear_chunk_out_kernel,
-    miras_linear_chunk_state_kernel,
+from kernels.common.varlen import chunk_indices
+from kernels.miras_linear.chunk import (
+    LaunchArgs,
+    StatePass,
+    launch_meta,
+    final_state_cotangents,
+    launch_args,
+    launch_bwd_du,
+    launch_chunk_out,
+    launch_input_grads,
+    run_state_pass,
 )
 from kernels.miras_linear.chunk_mat_kernels import (
     MAT_CODES,
@@ -120,106 +122,52 @@ class MirasLinearMatFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, la, lmu, eta, delta, h0, s0, cu_seqlens, spec, chunk_size):
         B, T, H, dk = q.shape
         dv = v.shape[-1]
-        n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        offs, nt_total = chunk_offsets(cu_seqlens, B, T, chunk_size)
-        first, n_slots = _slots(cu_seqlens, offs, B, T, chunk_size, q.device)
-        momentum = spec.learner == "momentum"
         mat = MAT_CODES[spec.retention]
-        dev = q.device
-        f32 = dict(dtype=torch.float32, device=dev)
-        hs = torch.empty(n_slots, H, dv, dk, **f32)
-        ss = torch.empty(n_slots, H, dv, dk, **f32) if momentum else hs
-        ebuf = torch.empty(B, T, H, dv, **f32) if spec.bias != "dot" else eta
-        nbuf = torch.empty(B, T, H, **f32) if spec.bias == "huber" else eta
-        dummy = eta
-        gates = (la, lmu if lmu is not None else dummy, eta, delta if delta is not None else dummy)
-        common = dict(K=dk, V=dv, BT=chunk_size, BIAS=BIAS_CODES[spec.bias], EPS=SMOOTH_ABS_EPS,
-                      HAS_ALPHA=True, MOMENTUM=momentum, IS_VARLEN=cu_seqlens is not None)
-        cu = cu_seqlens if cu_seqlens is not None else dummy
-        t_arg = T * B if cu_seqlens is not None else T
-        qexp, lq_eps, c = float(spec.q), float(spec.lq_eps), float(spec.c)
-
-        # 1) sequential state pass; lq needs the whole state's norm per chunk: one program per head
-        cfg = _launch_meta(spec, chunk_size, dk, "chunk_state")
-        nv = triton.cdiv(dv, cfg.BV)
-        nvb = nv if (spec.bias == "huber" or (mat == 1 and spec.bias != "dot")) else 1
-        miras_linear_chunk_state_kernel[(nv // nvb, n_seq * H)](
-            k, v, *gates, h0 if h0 is not None else hs, s0 if s0 is not None else ss,
-            hs, ss, ebuf, nbuf, cu, offs if offs is not None else dummy,
-            t_arg, H, float(spec.p), BK=cfg.BK, BV=cfg.BV, NVB=nvb, USE_H0=h0 is not None,
-            qexp=qexp, lq_eps=lq_eps, c=c, MAT=mat, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        idx = dummy if cu_seqlens is None else chunk_indices(cu_seqlens, chunk_size)
-        n_chunks = triton.cdiv(T, chunk_size) if cu_seqlens is None else nt_total
-        grid_rest = (n_chunks, B * H) if cu_seqlens is None else (nt_total, H)
-        scfg = _launch_meta(spec, chunk_size, dk, "chunk_scan_fwd")
-        nvs = triton.cdiv(dv, scfg.BV)
-        scan_common = dict(BT=chunk_size, BKP=block_size(dk), BV=scfg.BV, BIAS=BIAS_CODES[spec.bias],
-                           EPS=SMOOTH_ABS_EPS, HAS_ALPHA=True, MOMENTUM=momentum,
-                           IS_VARLEN=cu_seqlens is not None, MAT=mat)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        qexp, lq_eps = float(spec.q), float(spec.lq_eps)
+        a = launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size)
+        # 1) sequential state pass, residual at the chunk-start weights
+        sp = run_state_pass(spec, chunk_size, a, q, k, v, h0, s0, cu_seqlens, mat=mat)
+        # 2) lq: the affine read r_t (fp32) and per-token partial q-norms -> y = s_t r_t;
+        #    kl: the per-token softmax read straight into y
         r = nrm = None
         if mat == 1:
-            # 2) the affine read r_t (fp32) and the per-token q-norms; y = s_t r_t
             r = torch.empty(B, T, H, dv, **f32)
-            ocfg = _launch_meta(spec, chunk_size, dk, "chunk_out")
-            if n_chunks > 0:
-                miras_linear_chunk_out_kernel[(triton.cdiv(dv, ocfg.BV), *grid_rest)](
-                    q, k, v, *gates, hs, ss, ebuf, nbuf, r, cu, idx, t_arg, H, float(spec.p),
-                    BK=ocfg.BK, BV=ocfg.BV, **common, num_warps=ocfg.num_warps, num_stages=ocfg.num_stages,
-                )
-            part = torch.zeros(nvs, B, T, H, **f32)
-            out = part
+            launch_chunk_out(spec, chunk_size, a, q, k, v, sp, r)
+            cfg = launch_meta(spec, chunk_size, dk, "chunk_scan_fwd")
+            out = torch.zeros(triton.cdiv(dv, cfg.BV), B, T, H, **f32)
         else:
-            y = torch.empty(B, T, H, dv, dtype=q.dtype, device=dev)
-            out = y
-        if n_chunks > 0:
-            miras_linear_chunk_scan_fwd_kernel[(nvs, *grid_rest)](
-                q, k, v, *gates, hs, ss, ebuf, nbuf, out, cu, idx, t_arg, H, B * T, float(spec.p), qexp, c,
-                dk, dv, **scan_common, num_warps=scfg.num_warps, num_stages=scfg.num_stages,
-            )
+            out = y = torch.empty(B, T, H, dv, dtype=q.dtype, device=q.device)
+        _launch_scan(spec, chunk_size, a, q, k, v, sp, "chunk_scan_fwd", miras_linear_chunk_scan_fwd_kernel, out)
         if mat == 1:
-            nrm = part.sum(0).pow(1.0 / qexp)
+            nrm = out.sum(0).pow(1.0 / qexp)
             y = ((nrm + lq_eps).pow(2.0 - qexp)[..., None] * r).to(q.dtype)
-        last = first + ((T + chunk_size - 1) // chunk_size if cu_seqlens is None else (offs[1:] - offs[:-1]).long())
-        ht = hs[last]
-        st = ss[last] if momentum else torch.empty(0, **f32)
-        ctx.save_for_backward(q, k, v, la, lmu, eta, delta, hs, ss, ebuf, nbuf, cu_seqlens, offs, idx, first, r, nrm)
+        ht, st = sp.final_states(spec.learner == "momentum")
+        ctx.save_for_backward(q, k, v, la, lmu, eta, delta, sp.hs, sp.ss, sp.ebuf, sp.nbuf, cu_seqlens, sp.offs,
+                              sp.idx, sp.first, sp.last, r, nrm)
         ctx.spec = spec
         ctx.chunk_size = chunk_size
         ctx.has_h0 = h0 is not None
         ctx.has_s0 = s0 is not None
-        if not momentum:
+        if spec.learner != "momentum":
             ctx.mark_non_differentiable(st)
         return y, ht, st
 
     @staticmethod
     def backward(ctx, dy, dht, dst):
-        q, k, v, la, lmu, eta, delta, hs, ss, ebuf, nbuf, cu_seqlens, offs, idx, first, r, nrm = ctx.saved_tensors
+        q, k, v, la, lmu, eta, delta, hs, ss, ebuf, nbuf, cu_seqlens, offs, idx, first, last, r, nrm = ctx.saved_tensors
         spec, chunk_size = ctx.spec, ctx.chunk_size
         momentum = spec.learner == "momentum"
         mat = MAT_CODES[spec.retention]
         B, T, H, dk = q.shape
         dv = v.shape[-1]
         n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        nt_total = chunk_offsets(cu_seqlens, B, T, chunk_size)[1]
-        dev = q.device
-        f32 = dict(dtype=torch.float32, device=dev)
-        qexp, lq_eps, c = float(spec.q), float(spec.lq_eps), float(spec.c)
-        use_dht = dht is not None or (momentum and dst is not None and dst.numel() > 0)
-        if use_dht:
-            dht = torch.zeros(n_seq, H, dv, dk, **f32) if dht is None else dht.float().contiguous()
-            if momentum:
-                dst = torch.zeros(n_seq, H, dv, dk, **f32) if dst is None else dst.float().contiguous()
+        f32 = dict(dtype=torch.float32, device=q.device)
+        qexp, lq_eps = float(spec.q), float(spec.lq_eps)
+        use_dht, dht, dst = final_state_cotangents(dht, dst, momentum, (n_seq, H, dv, dk), q.device)
         dy = dy.contiguous()
-        dummy = eta
-        gates = (la, lmu if lmu is not None else dummy, eta, delta if delta is not None else dummy)
-        common = dict(K=dk, V=dv, BT=chunk_size, BIAS=BIAS_CODES[spec.bias], EPS=SMOOTH_ABS_EPS,
-                      HAS_ALPHA=True, MOMENTUM=momentum, IS_VARLEN=cu_seqlens is not None)
-        cu = cu_seqlens if cu_seqlens is not None else dummy
-        t_arg = T * B if cu_seqlens is not None else T
-        n_chunks = triton.cdiv(T, chunk_size) if cu_seqlens is None else nt_total
-        grid_rest = (n_chunks, B * H) if cu_seqlens is None else (nt_total, H)
+        a = launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size)
+        sp = StatePass(hs, ss, ebuf, nbuf, offs, idx, first, last)
 
         # the reads' cotangent on the affine machinery: lq scales it by s_t, kl has none
         if mat == 1:
@@ -230,112 +178,80 @@ class MirasLinearMatFunction(torch.autograd.Function):
             gam_n = (1.0 / nrm.clamp_min(_TINY)).contiguous()
         else:
             dy_eff = torch.zeros(B, T, H, dv, **f32)
-            gam_c = gam_n = dummy
+            gam_c = gam_n = a.dummy
 
         # 1) per-token adjoints, forward-accumulated per chunk (writes the local chunk-start
-        #    adjoints into dhs/dss at every chunk slot; the final slots come from dstate)
-        nvs = triton.cdiv(dv, _launch_meta(spec, chunk_size, dk, "chunk_scan_bwd").BV)
-        nvk = triton.cdiv(dv, _launch_meta(spec, chunk_size, dk, "chunk_scan_bwd_dk").BV)
+        #    adjoints into dhs/dss at every chunk slot; the final slots come from dstate).
+        #    gd: the sweep maps its terms to d log alpha / d eta itself (dcx / dcs); momentum
+        #    writes <Gam, X0>, <Gam, S0> and the H rows for the host (_momentum_gate_grads)
+        nvs = triton.cdiv(dv, launch_meta(spec, chunk_size, dk, "chunk_scan_bwd").BV)
+        nvk = triton.cdiv(dv, launch_meta(spec, chunk_size, dk, "chunk_scan_bwd_dk").BV)
         dhs = torch.zeros_like(hs)
         dss = torch.zeros_like(ss) if momentum else dhs
         dul = torch.zeros(B, T, H, dv, **f32)
         dcx = torch.zeros(nvs, B, T, H, **f32)
+        dcs = torch.zeros(nvs, B, T, H, **f32)
         dkl = torch.zeros(nvk, B, T, H, dk, **f32)  # per-value-block partials of each launch
         dql = torch.zeros(nvs, B, T, H, dk, **f32) if mat == 2 else dcx  # lq never writes dq
-        # gd: the sweep maps its terms to d log alpha / d eta itself (dcx / dcs); momentum writes
-        # <Gam, X0>, <Gam, S0> and the H rows for the host (_momentum_gate_grads)
         hrow = torch.zeros(nvs, B, T, H, chunk_size, **f32) if momentum else dcx
-        dcs = torch.zeros(nvs, B, T, H, **f32)
+        outs = (dy, gam_c, gam_n, dul, dkl, dql, hrow, dcx, dcs, dhs, dss)
         for part, name in ((0, "chunk_scan_bwd"), (1, "chunk_scan_bwd_dk")):
-            scfg = _launch_meta(spec, chunk_size, dk, name)
-            if n_chunks > 0:
-                miras_linear_chunk_scan_bwd_kernel[(triton.cdiv(dv, scfg.BV), *grid_rest)](
-                    q, k, v, *gates, hs, ss, ebuf, nbuf, dy, gam_c, gam_n,
-                    dul, dkl, dql, hrow, dcx, dcs, dhs, dss, cu, idx, t_arg, H, B * T, float(spec.p), qexp, c,
-                    dk, dv, BT=chunk_size, BKP=block_size(dk), BV=scfg.BV, BIAS=BIAS_CODES[spec.bias],
-                    EPS=SMOOTH_ABS_EPS, HAS_ALPHA=True, MOMENTUM=momentum, IS_VARLEN=cu_seqlens is not None,
-                    MAT=mat, PART=part, num_warps=scfg.num_warps, num_stages=scfg.num_stages,
-                )
+            _launch_scan(spec, chunk_size, a, q, k, v, sp, name, miras_linear_chunk_scan_bwd_kernel, *outs, PART=part)
         # 2) du: the affine read's share (lq) plus the local one; dstate overwrites it with dE
-        if spec.bias != "dot":
-            if mat == 1 and n_chunks > 0:
-                dcfg = _launch_meta(spec, chunk_size, dk, "chunk_bwd_du")
-                dua = torch.empty(B, T, H, dv, **f32)
-                miras_linear_chunk_bwd_du_kernel[(triton.cdiv(dv, dcfg.BV), *grid_rest)](
-                    q, k, la, gates[1], eta, dy_eff, dua, cu, idx, t_arg, H, K=dk, V=dv, BT=chunk_size,
-                    BK=dcfg.BK, BV=dcfg.BV, HAS_ALPHA=True, MOMENTUM=momentum,
-                    IS_VARLEN=cu_seqlens is not None, num_warps=dcfg.num_warps, num_stages=dcfg.num_stages,
-                )
-                dua += dul
-            else:
-                dua = dul.clone()
+        if spec.bias == "dot":
+            dua = a.dummy
+        elif mat == 1:
+            dua = launch_bwd_du(spec, chunk_size, a, q, k, dy_eff, idx)
+            dua += dul
         else:
-            dua = dummy
+            dua = dul.clone()
         # 3) sequential adjoint pass with the Jacobian of materialize
         if mat == 1:
             s_slot, g_slot, n_slot = _lq_slot_terms(spec, hs)
         else:
-            s_slot = g_slot = n_slot = None
-        cfg = _launch_meta(spec, chunk_size, dk, "chunk_bwd_dstate_mat")
+            s_slot = g_slot = n_slot = a.dummy
+        cfg = launch_meta(spec, chunk_size, dk, "chunk_bwd_dstate_mat")
         nv = triton.cdiv(dv, cfg.BV)
         nvb = nv if (mat == 1 and spec.bias != "dot") else 1
         miras_linear_chunk_bwd_dstate_mat_kernel[(nv // nvb, n_seq * H)](
-            q, k, v, *gates, hs, ebuf, nbuf, dua, dy_eff,
+            q, k, v, *a.gates, hs, ebuf, nbuf, dua, dy_eff,
             dht if use_dht else dhs, dst if (use_dht and momentum) else dhs,
-            dhs, dss, s_slot if s_slot is not None else dummy, g_slot if g_slot is not None else dummy,
-            n_slot if n_slot is not None else dummy, cu, offs if offs is not None else dummy,
-            t_arg, H, float(spec.p), qexp, c, BK=cfg.BK, BV=cfg.BV, NVB=nvb, USE_DHT=use_dht,
-            MAT=mat, HAS_DY=mat == 1, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            dhs, dss, s_slot, g_slot, n_slot, a.cu, offs if offs is not None else a.dummy,
+            a.t_arg, H, float(spec.p), qexp, float(spec.c), BK=cfg.BK, BV=cfg.BV, NVB=nvb, USE_DHT=use_dht,
+            MAT=mat, HAS_DY=mat == 1, **a.common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        dh0 = dhs[first]
-        ds0 = dss[first] if momentum else None
-
-        # 4) input gradients from the state adjoints (chunk.py's launches; PART 1 reads the
-        #    chunk-start weights for the residual and adds the local du)
-        hw = _materialized(spec, hs, s_slot)
-        grads = {}
-        launches = [(0, "chunk_bwd_dqg"), (1, "chunk_bwd_dkv"), (2, "chunk_bwd_dgate")]
-        if momentum:
-            launches.append((3, "chunk_bwd_dmu"))
-        for part, name in launches:
-            gcfg = _launch_meta(spec, chunk_size, dk, name)
-            nvg = triton.cdiv(dv, gcfg.BV)
-            if part == 0:
-                out = dict(dq=torch.zeros(nvg, B, T, H, dk, **f32), deta=torch.zeros(nvg, B, T, H, **f32))
-            elif part == 1:
-                out = dict(dk=torch.zeros(nvg, B, T, H, dk, **f32), dv=torch.zeros(B, T, H, dv, **f32),
-                           ddelta=torch.zeros(nvg, B, T, H, **f32) if delta is not None else None)
-            elif part == 2:
-                out = dict(dla=torch.zeros(nvg, B, T, H, **f32))
-            else:
-                out = dict(dlmu=torch.zeros(nvg, B, T, H, **f32))
-            grads.update(out)
-            spare = next(t for t in out.values() if t is not None)
-            ptr = {n: out.get(n) if out.get(n) is not None else spare
-                   for n in ("dq", "dk", "dv", "dla", "dlmu", "deta", "ddelta")}
-            if n_chunks > 0:
-                miras_linear_chunk_bwd_grads_kernel[(nvg, *grid_rest)](
-                    q, k, v, *gates, hw if part == 1 else hs, ss, dhs, dss, ebuf, nbuf, dy_eff,
-                    ptr["dq"], ptr["dk"], ptr["dv"], ptr["dla"], ptr["dlmu"], ptr["deta"], ptr["ddelta"],
-                    cu, idx, t_arg, H, B * T, float(spec.p), BK=gcfg.BK, BV=gcfg.BV, PART=part, **common,
-                    dul=dul, LOCAL_DU=part == 1, num_warps=gcfg.num_warps, num_stages=gcfg.num_stages,
-                )
-        # 5) the local terms' gate gradients, through the chunk coefficients (host)
+        # 4) input gradients from the state adjoints (chunk.py's launches with the chunk-start
+        #    weights for the residual and the local du)
+        g = launch_input_grads(spec, chunk_size, a, q, k, v, hs, ss, dhs, dss, ebuf, nbuf, dy_eff, idx,
+                               hs_residual=_materialized(spec, hs, s_slot), dul=dul)
+        # 5) the local terms' gate gradients (gd: from the sweep; momentum: on the host)
         if momentum:
             dla_l, deta_l, dlmu_l = _momentum_gate_grads(la, lmu, eta, hrow.sum(0), dcx.sum(0), dcs.sum(0),
                                                          cu_seqlens, chunk_size)
         else:
             dla_l, deta_l, dlmu_l = dcx.sum(0), dcs.sum(0), None
-        dq = grads["dq"].sum(0)
-        if mat == 2:
-            dq = dq + dql.sum(0)
-        dk_ = grads["dk"].sum(0) + dkl.sum(0)
-        dla = grads["dla"].sum(0) + dla_l
-        dlmu = grads["dlmu"].sum(0) + dlmu_l if momentum else None
-        deta = grads["deta"].sum(0) + deta_l
-        ddelta = grads["ddelta"].sum(0) if delta is not None else None
+        dq = g["dq"] + dql.sum(0) if mat == 2 else g["dq"]
         return (
-            dq.to(q.dtype), dk_.to(k.dtype), grads["dv"].to(v.dtype), dla, dlmu, deta, ddelta,
-            dh0 if ctx.has_h0 else None, ds0 if (momentum and ctx.has_s0) else None,
+            dq.to(q.dtype), (g["dk"] + dkl.sum(0)).to(k.dtype), g["dv"].to(v.dtype), g["dla"] + dla_l,
+            g["dlmu"] + dlmu_l if momentum else None, g["deta"] + deta_l, g["ddelta"],
+            dhs[first] if ctx.has_h0 else None, dss[first] if (momentum and ctx.has_s0) else None,
             None, None, None,
         )
+
+
+def _launch_scan(spec, chunk_size: int, a: LaunchArgs, q, k, v, sp: StatePass, name: str, kernel, *outs,
+                 PART: int | None = None) -> None:
+    """One of the per-token sweeps (``chunk_scan_fwd``, ``chunk_scan_bwd``, ``chunk_scan_bwd_dk``):
+    grid (value block of 16 rows, chunk, sequence * head) over the padded key width."""
+    B, T, H, dk = q.shape
+    cfg = launch_meta(spec, chunk_size, dk, name)
+    if a.grid_rest[0] == 0:
+        return
+    extra = {} if PART is None else dict(PART=PART)
+    kernel[(triton.cdiv(v.shape[-1], cfg.BV), *a.grid_rest)](
+        q, k, v, *a.gates, sp.hs, sp.ss, sp.ebuf, sp.nbuf, *outs, a.cu, sp.idx, a.t_arg, H, B * T,
+        float(spec.p), float(spec.q), float(spec.c), dk, v.shape[-1], BT=chunk_size, BKP=cfg.BK, BV=cfg.BV,
+        BIAS=a.common["BIAS"], EPS=a.common["EPS"], HAS_ALPHA=True, MOMENTUM=a.common["MOMENTUM"],
+        IS_VARLEN=a.common["IS_VARLEN"], MAT=MAT_CODES[spec.retention], **extra,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
