@@ -192,6 +192,62 @@ def _end_coef(b_L, b_M, b_eta, last, BT: tl.constexpr, MOMENTUM: tl.constexpr):
     return b_eta * gam, bm, tl.exp(L_last), eM_last, c_last
 
 
+@triton.jit
+def _init_final_adjoint(dhs, dss, dht, dst, fin, i_v, K, V, BK: tl.constexpr, BV: tl.constexpr,
+                        USE_DHT: tl.constexpr, MOMENTUM: tl.constexpr):
+    """Value-block row ``i_v`` of the adjoint at a sequence's final slot: the final-state
+    cotangents, or zeros."""
+    for i_k in tl.range(0, tl.cdiv(K, BK), disable_licm=True):
+        if USE_DHT:
+            _st_blk(dhs + fin, _ld_blk(dht, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
+            if MOMENTUM:
+                _st_blk(dss + fin, _ld_blk(dst, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
+        else:
+            _st_blk(dhs + fin, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
+            if MOMENTUM:
+                _st_blk(dss + fin, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
+
+
+@triton.jit
+def _residual_adjoint(dua, k, ebuf, nbuf, delta, dwn, dsn, b_b, b_bm, b_eta, t0, seq_len, H, p, i_v, K, V,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BIAS: tl.constexpr,
+                      EPS: tl.constexpr, MOMENTUM: tl.constexpr):
+    """dL/dE of a chunk's value block ``[BT, BV]`` (l2/lp/huber): ``du = dua - b * (K dW^T)
+    [- bm * (K dS^T)]`` with the chunk-end adjoints ``dwn``/``dsn``, through the bias map."""
+    b_du = _ld_tok(dua, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    for i_k in tl.range(0, tl.cdiv(K, BK), disable_licm=True):
+        b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+        b_du -= b_b[:, None] * dot32(b_k, tl.trans(_ld_blk(dwn, i_v, i_k, K, V, BK, BV)))
+        if MOMENTUM:
+            b_du -= b_bm[:, None] * dot32(b_k, tl.trans(_ld_blk(dsn, i_v, i_k, K, V, BK, BV)))
+    b_e = _ld_tok(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    if BIAS == 3:
+        b_delta = _ld_gate(delta, t0, seq_len, H, BT)
+        b_nrm = _ld_gate(nbuf, t0, seq_len, H, BT)
+    else:
+        b_delta = b_eta
+        b_nrm = b_eta
+    b_de, b_dd = bias_map_grad_n(b_e, b_nrm, b_du, b_delta, p, BIAS, EPS)
+    return b_de, b_e
+
+
+@triton.jit
+def _row_softmax_stats(base, i_v, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """Row max and softmax denominator ``[BV]`` of the rows ``i_v*BV ..`` of a ``[V, K]`` fp32
+    matrix (kl: the chunk-start weights are ``c softmax_rows(X0)``), two passes over key blocks."""
+    b_m = tl.zeros([BV], dtype=tl.float32) - float("inf")
+    for i_k in tl.range(0, tl.cdiv(K, BK), disable_licm=True):
+        o_k = i_k * BK + tl.arange(0, BK)
+        z = tl.where((o_k < K)[None, :], _ld_blk(base, i_v, i_k, K, V, BK, BV), float("-inf"))
+        b_m = tl.maximum(b_m, tl.max(z, axis=1))
+    b_l = tl.zeros([BV], dtype=tl.float32)
+    for i_k in tl.range(0, tl.cdiv(K, BK), disable_licm=True):
+        o_k = i_k * BK + tl.arange(0, BK)
+        z = tl.where((o_k < K)[None, :], _ld_blk(base, i_v, i_k, K, V, BK, BV), float("-inf"))
+        b_l += tl.sum(tl.exp(z - b_m[:, None]), axis=1)
+    return b_m, b_l
+
+
 # ----------------------------------------------------------------------------- forward: state pass
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def miras_linear_chunk_state_kernel(
@@ -275,17 +331,7 @@ def miras_linear_chunk_state_kernel(
                 else:
                     b_e = -_ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 if MAT == 2:
-                    # kl: row max and softmax denominator of X0 (rows of this value block)
-                    b_m = tl.zeros([BV], dtype=tl.float32) - float("inf")
-                    for i_k in tl.range(0, NK, disable_licm=True):
-                        o_k = i_k * BK + tl.arange(0, BK)
-                        z = tl.where((o_k < K)[None, :], _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
-                        b_m = tl.maximum(b_m, tl.max(z, axis=1))
-                    b_l = tl.zeros([BV], dtype=tl.float32)
-                    for i_k in tl.range(0, NK, disable_licm=True):
-                        o_k = i_k * BK + tl.arange(0, BK)
-                        z = tl.where((o_k < K)[None, :], _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
-                        b_l += tl.sum(tl.exp(z - b_m[:, None]), axis=1)
+                    b_m, b_l = _row_softmax_stats(hs + cur, i_v, K, V, BK, BV)
                 for i_k in tl.range(0, NK, disable_licm=True):
                     b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
                     b_w0 = _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV)
@@ -475,15 +521,7 @@ def miras_linear_chunk_bwd_dstate_kernel(
     slot_stride = H * V * K
     fin = (slot0 * 0 + n_chunks) * slot_stride
 
-    for i_k in tl.range(0, NK, disable_licm=True):
-        if USE_DHT:
-            _st_blk(dhs + fin, _ld_blk(dht, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
-            if MOMENTUM:
-                _st_blk(dss + fin, _ld_blk(dst, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
-        else:
-            _st_blk(dhs + fin, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
-            if MOMENTUM:
-                _st_blk(dss + fin, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
+    _init_final_adjoint(dhs, dss, dht, dst, fin, i_v, K, V, BK, BV, USE_DHT, MOMENTUM)
     tl.debug_barrier()
 
     for i_r in tl.range(0, n_chunks, disable_licm=True):
@@ -500,20 +538,8 @@ def miras_linear_chunk_bwd_dstate_kernel(
             # du = -A^T dy - b * (K dW^T) [- bm * (K dS^T)],  A = (Q K^T) * G * eta; the first
             # term does not depend on the carried adjoint, so a chunk-parallel launch computed it
             # (this sequential kernel then holds no [BT, BT] tile)
-            b_du = _ld_tok(dua, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-            for i_k in tl.range(0, NK, disable_licm=True):
-                b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                b_du -= b_b[:, None] * dot32(b_k, tl.trans(_ld_blk(dhs + nxt, i_v, i_k, K, V, BK, BV)))
-                if MOMENTUM:
-                    b_du -= b_bm[:, None] * dot32(b_k, tl.trans(_ld_blk(dss + nxt, i_v, i_k, K, V, BK, BV)))
-            b_e = _ld_tok(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-            if BIAS == 3:
-                b_delta = _ld_gate(delta, t0, seq_len, H, BT)
-                b_nrm = _ld_gate(nbuf, t0, seq_len, H, BT)
-            else:
-                b_delta = b_eta
-                b_nrm = b_eta
-            b_de, b_dd = bias_map_grad_n(b_e, b_nrm, b_du, b_delta, p, BIAS, EPS)
+            b_de, b_e = _residual_adjoint(dua, k, ebuf, nbuf, delta, dhs + nxt, dss + nxt, b_b, b_bm, b_eta, t0,
+                                          seq_len, H, p, i_v, K, V, BT, BK, BV, BIAS, EPS, MOMENTUM)
         else:
             b_de = b_dy
         if MOMENTUM:

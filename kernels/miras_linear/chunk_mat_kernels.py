@@ -36,9 +36,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.tiles import bias_map_grad_n, bias_map_n, chunk_rev_cumsum, dot32, pick, pick_row
+from kernels.common.tiles import bias_map_n, chunk_rev_cumsum, dot32, pick, pick_row
 from kernels.miras_linear.chunk_kernels import (
     RUNTIME_INTS,
+    _init_final_adjoint,
+    _residual_adjoint,
+    _row_softmax_stats,
     _chunk_of,
     _coef,
     _end_coef,
@@ -385,16 +388,7 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
     fin = (slot0 * 0 + n_chunks) * slot_stride
 
     for jv in tl.range(0, NVB, disable_licm=True):
-        i_v = i_vg * NVB + jv
-        for i_k in tl.range(0, NK, disable_licm=True):
-            if USE_DHT:
-                _st_blk(dhs + fin, _ld_blk(dht, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
-                if MOMENTUM:
-                    _st_blk(dss + fin, _ld_blk(dst, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
-            else:
-                _st_blk(dhs + fin, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
-                if MOMENTUM:
-                    _st_blk(dss + fin, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
+        _init_final_adjoint(dhs, dss, dht, dst, fin, i_vg * NVB + jv, K, V, BK, BV, USE_DHT, MOMENTUM)
     tl.debug_barrier()
 
     for i_r in tl.range(0, n_chunks, disable_licm=True):
@@ -411,20 +405,8 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
         if BIAS != 0:
             for jv in tl.range(0, NVB, disable_licm=True):
                 i_v = i_vg * NVB + jv
-                b_du = _ld_tok(dua, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-                for i_k in tl.range(0, NK, disable_licm=True):
-                    b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                    b_du -= b_b[:, None] * dot32(b_k, tl.trans(_ld_blk(dhs + nxt, i_v, i_k, K, V, BK, BV)))
-                    if MOMENTUM:
-                        b_du -= b_bm[:, None] * dot32(b_k, tl.trans(_ld_blk(dss + nxt, i_v, i_k, K, V, BK, BV)))
-                b_e = _ld_tok(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-                if BIAS == 3:
-                    b_delta = _ld_gate(delta, t0, seq_len, H, BT)
-                    b_nrm = _ld_gate(nbuf, t0, seq_len, H, BT)
-                else:
-                    b_delta = b_eta
-                    b_nrm = b_eta
-                b_de, b_dd = bias_map_grad_n(b_e, b_nrm, b_du, b_delta, p, BIAS, EPS)
+                b_de, b_e = _residual_adjoint(dua, k, ebuf, nbuf, delta, dhs + nxt, dss + nxt, b_b, b_bm, b_eta,
+                                              t0, seq_len, H, p, i_v, K, V, BT, BK, BV, BIAS, EPS, MOMENTUM)
                 _st_tok(dua, b_de, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 if MAT == 1:
                     b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
@@ -448,20 +430,13 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
             if HAS_DY:
                 b_dy = _ld_tok(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
             if MAT == 2 and BIAS != 0:
-                b_m = tl.zeros([BV], dtype=tl.float32) - float("inf")
-                for i_k in tl.range(0, NK, disable_licm=True):
-                    o_k = i_k * BK + tl.arange(0, BK)
-                    z = tl.where((o_k < K)[None, :], _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
-                    b_m = tl.maximum(b_m, tl.max(z, axis=1))
-                b_l = tl.zeros([BV], dtype=tl.float32)
+                b_m, b_l = _row_softmax_stats(hs + cur, i_v, K, V, BK, BV)
                 b_rd = tl.zeros([BV], dtype=tl.float32)
                 for i_k in tl.range(0, NK, disable_licm=True):
                     o_k = i_k * BK + tl.arange(0, BK)
                     z = tl.where((o_k < K)[None, :], _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
-                    pz = tl.exp(z - b_m[:, None])
                     b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                    b_l += tl.sum(pz, axis=1)
-                    b_rd += tl.sum(pz * dot32(tl.trans(b_de), b_k), axis=1)
+                    b_rd += tl.sum(tl.exp(z - b_m[:, None]) * dot32(tl.trans(b_de), b_k), axis=1)
                 b_rd = b_rd / b_l  # <P0, dW0>_row
             for i_k in tl.range(0, NK, disable_licm=True):
                 b_dwn = _ld_blk(dhs + nxt, i_v, i_k, K, V, BK, BV)
