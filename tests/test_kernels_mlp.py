@@ -10,10 +10,14 @@ Tolerances (written down here, see ``_close``): fp32 kernel vs float64 loop: max
 Huber (Yaad) 1e-3: its l1 branch has curvature delta*eps/(e^2+eps)^1.5 ~ 1e3*delta near e_j = 0,
 which amplifies fp32 rounding of e in the second-order gradient terms (observed ~4e-4);
 bf16 inputs: 3e-2 * (max |ref| + 1) (bf16 output rounding is ~4e-3 relative).
+The lq retention (Moneta; lq + momentum; q = 3) uses the same bounds (observed max err / (max|ref|
++ 1): 9e-7 moneta fp32, 2e-6 lq + momentum fp32, 2.8e-3 moneta bf16): its oracle materialises
+W = X (||X||_q + eps)^(2-q) per token (``_weights``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -47,14 +51,24 @@ def _bias_u(spec, e, v, delta):
     return torch.where(big, delta[:, None] * e * (e * e + 1e-6).rsqrt(), e)
 
 
+def _weights(spec, X):
+    """The weights of the free variable X [H, r, c]: identity, or Moneta's W = X (||X||_q + eps)^(2-q)
+    (q-norm over all entries of each head's matrix), written out here independently of MirasSpec."""
+    if spec.retention != "lq":
+        return X
+    n = X.abs().pow(spec.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / spec.q)
+    return X * (n + spec.lq_eps).pow(2.0 - spec.q)
+
+
 def token_loop(spec, C, q, k, v, alpha, eta, delta, mu, st):
-    """One sequence, token by token: q, k, v [T, H, D]; gates [T, H]; st {name: [H, r, c]}.
-    Gradients at the chunk-start weights, read after write. Returns (y [T, H, D], final dict)."""
+    """One sequence, token by token: q, k, v [T, H, D]; gates [T, H]; st {name: [H, r, c]} (the
+    free variables). Gradients at the chunk-start weights, read after write. Returns (y [T, H, D],
+    final dict)."""
     W1, W2 = st["W1"], st["W2"]
     S1, S2 = st.get("S_W1"), st.get("S_W2")
     ys = []
     for t0 in range(0, q.shape[0], C):
-        W10, W20 = W1, W2
+        W10, W20 = _weights(spec, W1), _weights(spec, W2)
         for i in range(t0, min(t0 + C, q.shape[0])):
             m = _mem(W10, W20, k[i])
             u = _bias_u(spec, m - v[i], v[i], delta[i])
@@ -67,7 +81,7 @@ def token_loop(spec, C, q, k, v, alpha, eta, delta, mu, st):
                 W1, W2 = a * W1 + S1, a * W2 + S2
             else:
                 W1, W2 = a * W1 - et * g1, a * W2 - et * g2
-            ys.append(_mem(W1, W2, q[i]))
+            ys.append(_mem(_weights(spec, W1), _weights(spec, W2), q[i]))
     fin = {"W1": W1, "W2": W2}
     if spec.learner == "momentum":
         fin.update(S_W1=S1, S_W2=S2)
@@ -184,6 +198,12 @@ SPECS = {
     "titans": MirasSpec.preset("titans", expansion=2),
     "lp_decay": MirasSpec(memory="mlp", bias="lp", retention="decay", p=3.0, expansion=2),
     "dot_none_momentum": MirasSpec(memory="mlp", bias="dot", retention="none", learner="momentum", expansion=2),
+    # Moneta (lp p=3 + lq q=4 with decay): W_t = s_t X_t (kernels/miras_mlp/chunk_lq.py)
+    "moneta": MirasSpec.preset("moneta", expansion=2),
+    # lq with q = 3 and l2: the kernels' generic-q branch (|x|^(q-2) by exp2/log2)
+    "lq_q3_l2": MirasSpec(memory="mlp", bias="l2", retention="lq", q=3.0, expansion=2),
+    # lq with the momentum learner (Titans' rule on the accumulator): S_t tiles in the norm scan
+    "lq_momentum": MirasSpec(memory="mlp", bias="l2", retention="lq", learner="momentum", expansion=2),
 }
 
 
@@ -194,33 +214,37 @@ def test_fp32_matches_token_loop(name):
     _check(SPECS[name], 16, _inputs(2, 37, 2, 16, 2, state_batch=2), tol=_tol(SPECS[name]))
 
 
-def test_chunk64_expansion4_broadcast_state():
+@pytest.mark.parametrize("name", ["titans", "moneta"])
+def test_chunk64_expansion4_broadcast_state(name):
     """C = 64 (one partial and one full chunk), e = 4 (hidden 64), [H, ..] initial state."""
-    _check(MirasSpec.preset("titans"), 64, _inputs(1, 70, 1, 16, 4))
+    _check(MirasSpec.preset(name), 64, _inputs(1, 70, 1, 16, 4))
 
 
-@pytest.mark.parametrize("name,dtype", [("yaad", torch.bfloat16), ("yaad", torch.float16), ("titans", torch.bfloat16)])
+@pytest.mark.parametrize("name,dtype", [("yaad", torch.bfloat16), ("yaad", torch.float16), ("titans", torch.bfloat16),
+                                        ("moneta", torch.bfloat16)])
 def test_half_inputs(name, dtype):
     _check(SPECS[name], 16, _inputs(1, 33, 2, 16, 2), dtype=dtype, tol=3e-2)
 
 
-@pytest.mark.parametrize("name", ["yaad", "titans"])
+@pytest.mark.parametrize("name", ["yaad", "titans", "moneta"])
 def test_varlen_documents(name):
     """Packed documents: the state and the chunk grid restart at every document start."""
     cu = torch.tensor([0, 5, 26, 40], dtype=torch.int32)
-    g = _inputs(1, 40, 2, 16, 2, state_batch=3 if name == "titans" else None)
+    g = _inputs(1, 40, 2, 16, 2, state_batch=3 if name in ("titans", "moneta") else None)
     _check(SPECS[name], 16, g, cu=cu, tol=_tol(SPECS[name]))
 
 
-def test_matches_ops_chunked_backend():
-    """Same answer as the team's PyTorch chunked operator (forward, state and gradients)."""
-    spec = MirasSpec.preset("yaad", expansion=4)
+@pytest.mark.parametrize("name", ["yaad", "moneta", "lq_momentum"])
+def test_matches_ops_chunked_backend(name):
+    """Same answer as the team's PyTorch chunked operator (forward, state and gradients); for
+    the lq retention that operator reads through per_token_scan's lq scales."""
+    spec = dataclasses.replace(SPECS[name], expansion=4)
     g = _inputs(1, 21, 2, 16, 4)
     kl, ky, kfin = _kernel(spec, 16, g, torch.float32)
     ol = {n: x.detach().float().requires_grad_() for n, x in g.items()}
     oy, ofin = miras_memory(ol["q"], ol["k"], ol["v"], ol["alpha"], ol["eta"], spec=spec, chunk_size=16,
-                            delta=ol["delta"], initial_state=_state(spec, ol), output_final_state=True,
-                            backend="chunked")
+                            delta=ol["delta"] if spec.needs_delta else None, mu=ol["mu"] if spec.needs_mu else None,
+                            initial_state=_state(spec, ol), output_final_state=True, backend="chunked")
     _close("y", ky, oy, 1e-4)
     for n in spec.state_keys():
         _close(n, kfin[n], ofin[n], 1e-4)
@@ -259,8 +283,9 @@ def test_supports_and_errors():
     q = torch.zeros(1, 8, 2, 16)
     st = {"W1": torch.zeros(2, 16, 32), "W2": torch.zeros(2, 32, 16)}
     assert supports(SPECS["yaad"], q, chunk_size=16, initial_state=st) == (True, "")
-    for bad, word in ((MirasSpec.preset("moneta"), "lq"), (MirasSpec.preset("memora"), "kl"),
-                      (MirasSpec.preset("gated_delta"), "mlp")):
+    # Moneta (lq) runs on the kernels; Memora (kl) falls back, naming why
+    assert supports(MirasSpec.preset("moneta", expansion=2), q, chunk_size=16, initial_state=st) == (True, "")
+    for bad, word in ((MirasSpec.preset("memora"), "kl"), (MirasSpec.preset("gated_delta"), "mlp")):
         ok, why = supports(bad, q, chunk_size=16, initial_state=st)
         assert not ok and word in why
     assert not supports(SPECS["yaad"], torch.zeros(1, 8, 2, 24), chunk_size=16, initial_state=st)[0]
@@ -274,11 +299,17 @@ def test_supports_and_errors():
     assert "not a shipped" in gpu_config_supported(16, 2, 16, 90)[1]
     assert "spills" in gpu_config_supported(128, 4, 64, 90)[1]   # see api.NOT_SHIPPED
     assert "sm_86" in gpu_config_supported(64, 4, 64, 86)[1]
+    # the lq phases are compiled per exponent q (constexpr): only the AOT-checked q = 4 runs on a GPU
+    assert gpu_config_supported(64, 4, 64, 90, lq_q=4.0) == (True, "")
+    assert "q=3" in gpu_config_supported(64, 4, 64, 90, lq_q=3.0)[1]
     gates = torch.rand(1, 8, 2)
     with pytest.raises(ValueError, match="delta"):
         chunk_miras_mlp(q, q, q, gates, gates, spec=SPECS["yaad"], chunk_size=16, initial_state=st)
     with pytest.raises(ValueError, match="W2"):
         chunk_miras_mlp(q, q, q, gates, gates, spec=SPECS["ttt_mlp"], chunk_size=16, initial_state={"W1": st["W1"]})
+    with pytest.raises(ValueError, match="no MLP decoding kernel"):
+        fused_recurrent_miras_mlp(q, q, q, gates, gates, spec=MirasSpec.preset("moneta", expansion=2), chunk_size=1,
+                                  initial_state=st)
     with pytest.raises(ValueError, match="B == 1"):
         q2 = torch.zeros(2, 8, 2, 16)
         chunk_miras_mlp(q2, q2, q2, None, torch.rand(2, 8, 2), spec=SPECS["ttt_mlp"], chunk_size=16,
@@ -290,8 +321,10 @@ def test_aot_list_covers_every_phase():
     learner (bias-independent phases once), plus the decoding kernel."""
     from kernels.miras_mlp.aot import SHIPPED, aot_specs
     from kernels.miras_mlp.chunk import BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
+    from kernels.miras_mlp.chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS
 
-    names = [e[3] for e in aot_specs()]
+    entries = aot_specs()
+    names = [e[3] for e in entries]
     assert len(names) == len(set(names))
     for d, e, c in SHIPPED:
         for mom in (False, True):
@@ -300,13 +333,22 @@ def test_aot_list_covers_every_phase():
                     continue
                 tag = f",{'momentum' if mom else 'gd'} D{d} E{d * e} C{c} "
                 assert any(n.startswith(kname + "[") and tag in n for n in names), (kname, tag)
+        # the lq path (Moneta; lq + momentum): every phase it launches, compiled with LQ=True
+        for mom in (False, True):
+            for kname, _ in FWD_LQ_KERNELS + BWD_LQ_KERNELS:
+                if kname in MOMENTUM_ONLY and not mom:
+                    continue
+                tag = f",{'momentum' if mom else 'gd'},lq D{d} E{d * e} C{c} "
+                hits = [x for x in entries if x[3].startswith(kname + "[") and tag in x[3]]
+                assert len(hits) == 1 and hits[0][2]["LQ"] is True and hits[0][2]["MOMENTUM"] is mom, (kname, tag)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_aot_compile_340m_config(arch, tmp_path):
-    """The 340M configuration (D = 64, e = 4, C = 64, bf16 inputs; Yaad's Huber GD and Titans' l2
-    momentum: every forward/backward phase kernel, and the decoding kernel at C = 1) compiles for
+    """The 340M configuration (D = 64, e = 4, C = 64, bf16 inputs; Yaad's Huber GD, Titans' l2
+    momentum and Moneta's lp + lq: every forward/backward phase kernel, and the decoding kernel at
+    C = 1) compiles for
     sm_80/sm_90 without a GPU with ZERO register spills and shared memory within the card's limit
     (A100 164 KiB, H100 227 KiB). The full matrix (every shipped config and bias) is
     tools/kernel_report.py --family mlp's job; its results are in docs/kernels_mlp.md."""
@@ -329,8 +371,11 @@ def test_aot_compile_340m_config(arch, tmp_path):
 
     limit = 164 * 1024 if arch == 80 else 227 * 1024
     reports = json.loads(out.stdout.strip().splitlines()[-1])
+    from kernels.miras_mlp.chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS
+
     phases = {r["config"].split("[")[0] for r in reports}
-    assert phases == {n for n, _ in FWD_KERNELS + BWD_KERNELS} | {"mlp_recurrent"}, phases
+    assert phases == {n for n, _ in FWD_KERNELS + BWD_KERNELS + FWD_LQ_KERNELS + BWD_LQ_KERNELS} | {"mlp_recurrent"}, phases
+    assert any(",gd,lq " in r["config"] for r in reports) and any(",momentum,lq " in r["config"] for r in reports)
     for rep in reports:
         assert rep["registers"] <= 255, rep
         assert rep["shared_bytes"] <= limit, rep
@@ -346,10 +391,11 @@ def test_bench_quick_mode(tmp_path):
     mod = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(mod)
     out = tmp_path / "bench.json"
-    assert mod.main(["--quick", "--presets", "yaad,moneta", "--out", str(out)]) == 0
+    assert mod.main(["--quick", "--presets", "yaad,moneta,memora", "--out", str(out)]) == 0
     rows = {r["preset"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["yaad"]["triton_status"] == "ok" and rows["yaad"]["triton_ms"] > 0
-    assert rows["moneta"]["triton_status"].startswith("fallback") and rows["moneta"]["chunked_ms"] > 0
-    assert "lq" in rows["moneta"]["triton_status"]
+    for name in ("yaad", "moneta"):
+        assert rows[name]["triton_status"] == "ok" and rows[name]["triton_ms"] > 0, rows[name]
+    assert rows["memora"]["triton_status"].startswith("fallback") and rows["memora"]["chunked_ms"] > 0
+    assert "kl" in rows["memora"]["triton_status"]
     with pytest.raises(ValueError, match="--presets"):
         mod.main(["--quick", "--presets", "gla", "--out", str(out)])

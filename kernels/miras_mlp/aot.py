@@ -16,11 +16,15 @@ import tempfile
 
 from .api import NUM_STAGES, SHIPPED, hidden_block, phase_warps
 from .chunk import BIAS_CODES, BIAS_KERNELS, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
+from .chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
 from .fused_recurrent import _mlp_recurrent_kernel, recurrent_block
 
 # Shipped configurations (head dim, expansion, chunk size): kernels.miras_mlp.api.SHIPPED.
 # Variant flags that change the generated code: (bias, momentum).
 VARIANTS = [("l2", False), ("huber", False), ("lp", False), ("dot", False), ("l2", True)]
+# The l_q retention (q = 4): the lq phase list (chunk_lq) compiled with LQ=True, as (bias, q,
+# momentum): Moneta's lp + gd, and l2 + momentum. ``aot_specs(lq=...)`` selects them.
+LQ_VARIANTS = [("lp", 4.0, False), ("l2", 4.0, True)]   # q values: api.SHIPPED_LQ_Q
 
 _PTR = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "y": "*bf16", "dy": "*bf16",
         "cu": "*i32", "coff": "*i32"}
@@ -29,9 +33,9 @@ _PTR = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "y": "*bf16", "dy": "*bf16",
 def _signature(kernel) -> dict[str, str]:
     sig = {}
     for name in kernel.arg_names:
-        if name in ("H", "D", "E", "BT", "BH", "SW", "C", "BIAS", "MOMENTUM", "REV"):
+        if name in ("H", "D", "E", "BT", "BH", "SW", "C", "BIAS", "MOMENTUM", "REV", "LQ", "LQQ"):
             sig[name] = "constexpr"
-        elif name == "p":
+        elif name in ("p", "lqe"):
             sig[name] = "fp32"
         elif name in ("pos0", "step"):
             sig[name] = "i32"
@@ -48,10 +52,13 @@ def aot_num_warps(config_name: str) -> int:
     return int(m.group(1))
 
 
-def aot_specs(variants=None, shipped=None) -> list[tuple]:
+def aot_specs(variants=None, shipped=None, lq=None) -> list[tuple]:
     """Every phase kernel x shipped config x code variant, as ``(kernel, signature, constexprs,
     name)``. Inputs are bf16 (the training dtype), state and gates fp32, H = 16. Phases whose code
-    does not depend on the bias are listed once per learner (named with the first bias asked)."""
+    does not depend on the bias are listed once per learner (named with the first bias asked).
+    ``lq``: the l_q (Moneta) variants ``[(bias, q, momentum), ...]`` (default :data:`LQ_VARIANTS`;
+    ``[]`` for none): every phase of the lq path (``chunk_lq``) with ``LQ=True``, tagged ``,gd,lq`` /
+    ``,momentum,lq``."""
     out = []
     seen = set()
     for d, e, c in (shipped or SHIPPED):
@@ -64,8 +71,19 @@ def aot_specs(variants=None, shipped=None) -> list[tuple]:
                 seen.add(key)
                 nw = phase_warps(kname, d, c)
                 cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
-                      "MOMENTUM": mom, "REV": rev}
+                      "MOMENTUM": mom, "REV": rev, "LQ": False}
                 tag = f"{bias},{'momentum' if mom else 'gd'} D{d} E{d * e} C{c} BH{bh} w{nw}"
+                out.append((kern, _signature(kern), cx, f"{kname}[{tag}]"))
+        for bias, qexp, mom in (LQ_VARIANTS if lq is None else lq):
+            for kname, kern, rev in ([(n, k, False) for n, k in FWD_LQ_KERNELS] + [(n, k, True) for n, k in BWD_LQ_KERNELS]):
+                if kname in MOMENTUM_ONLY and not mom:
+                    continue
+                nw = phase_warps(kname, d, c, lq=True)
+                cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
+                      "MOMENTUM": mom, "REV": rev, "LQ": True}
+                if kern in LQ_ARG_KERNELS:
+                    cx["LQQ"] = float(qexp)
+                tag = f"{bias},{'momentum' if mom else 'gd'},lq D{d} E{d * e} C{c} BH{bh} w{nw}"
                 out.append((kern, _signature(kern), cx, f"{kname}[{tag}]"))
     # decoding kernel: chunk semantics C = 1 (the exact rule) and the shipped training chunk sizes
     for d, e, C in sorted({(d, e, C) for d, e, c in (shipped or SHIPPED) for C in (1, c)}):

@@ -8,11 +8,12 @@ import os
 import torch
 
 from .chunk import BIAS_CODES, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY, scratch_floats
+from .chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_EXPANSIONS = (1, 2, 4)
 SUPPORTED_CHUNKS = (16, 32, 64)
-SUPPORTED_RETENTIONS = ("none", "decay")
+SUPPORTED_RETENTIONS = ("none", "decay", "lq")
 # Candidate GPU configurations (head dim, expansion, chunk size); 340M: D = 64, e = 4, C = 64.
 CANDIDATES = [(d, e, c) for d in (32, 64, 128) for e in (2, 4) for c in (16, 64)]
 SHIPPED_ARCHS = (80, 90)
@@ -45,11 +46,19 @@ def num_warps_for(d: int, chunk: int) -> int:
     return 8 if (d >= 64 or chunk >= 64) else 4
 
 
-def phase_warps(name: str, d: int, chunk: int) -> int:
-    """Warps of one phase kernel (``name`` as in ``chunk.FWD_KERNELS``/``BWD_KERNELS``); chosen
+def phase_warps(name: str, d: int, chunk: int, lq: bool = False) -> int:
+    """Warps of one phase kernel (``name`` as in ``chunk.FWD_KERNELS``/``BWD_KERNELS`` or
+    ``chunk_lq.FWD_LQ_KERNELS``/``BWD_LQ_KERNELS``; ``lq``: compiled with ``LQ=True``); chosen
     with the AOT report so that no phase spills on sm_80/sm_90."""
-    if name == "mlp_bwd_read":
+    if name in ("mlp_bwd_read", "mlp_fwd_read"):
         # at 8 warps ptxas held this phase to 128 registers on sm_80 and spilled (d = 64, C = 64)
+        return 4
+    if name == "mlp_bwd_lq_adj2k":
+        # at 8 warps ptxas spilled 40 bytes at 80 registers on sm_80 (d = 64, C = 64, gd); 4: none
+        return 4
+    if lq and name == "mlp_bwd_state_dk":
+        # with LQ and momentum ptxas held it to 128 registers at 8 warps on sm_80 and spilled
+        # 24 bytes (d = 64, C = 16); 4 warps: none on sm_80/sm_90
         return 4
     return num_warps_for(d, chunk)
 
@@ -84,13 +93,19 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         return False, "memory='mlp' needs initial_state (the model's learned initial weights)"
     if q.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(q.device)
-        return gpu_config_supported(d, int(spec.expansion), chunk_size, 10 * major + minor)
+        lq_q = float(spec.q) if spec.retention == "lq" and float(spec.q) != 2.0 else None
+        return gpu_config_supported(d, int(spec.expansion), chunk_size, 10 * major + minor, lq_q=lq_q)
     return True, ""
 
 
-def gpu_config_supported(d: int, e: int, chunk: int, arch: int) -> tuple[bool, str]:
+# exponents q of the lq retention compiled and checked ahead of time (aot.LQ_VARIANTS)
+SHIPPED_LQ_Q = (4.0,)
+
+
+def gpu_config_supported(d: int, e: int, chunk: int, arch: int, lq_q: float | None = None) -> tuple[bool, str]:
     """On a GPU only the AOT-checked configurations run (zero register spills, shared memory in
-    bounds); the interpreter (CPU) runs every supported shape."""
+    bounds); the interpreter (CPU) runs every supported shape. ``lq_q``: the exponent of the lq
+    retention (its phases are compiled with q as a constexpr), None otherwise."""
     if arch not in SHIPPED_ARCHS:
         return False, (f"sm_{arch}: the MLP kernels are compiled and checked for "
                        f"{', '.join(f'sm_{a}' for a in SHIPPED_ARCHS)} only")
@@ -100,6 +115,9 @@ def gpu_config_supported(d: int, e: int, chunk: int, arch: int) -> tuple[bool, s
     if (d, e, chunk) not in SHIPPED:
         return False, (f"head dim {d}, expansion {e}, chunk_size {chunk} is not a shipped (AOT-checked) "
                        f"configuration: see kernels.miras_mlp.api.SHIPPED")
+    if lq_q is not None and lq_q not in SHIPPED_LQ_Q:
+        return False, (f"retention='lq' with q={lq_q:g} is not AOT-checked on a GPU "
+                       f"(shipped q: {', '.join(f'{x:g}' for x in SHIPPED_LQ_Q)})")
     return True, ""
 
 
@@ -111,7 +129,8 @@ def _gate(x: torch.Tensor | None, like: torch.Tensor, fill: float) -> torch.Tens
 
 class _ChunkMirasMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, nt_max, chunk, bias, p, momentum):
+    def forward(ctx, q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, nt_max, chunk, bias, p, momentum,
+                lq, lqq, lqe):
         B, T, H, D = q.shape
         E = W1.shape[-1]
         N = cu.numel() - 1
@@ -137,14 +156,14 @@ class _ChunkMirasMLP(torch.autograd.Function):
         SW = max(D, chunk)
         scr = torch.empty(N * H, scratch_floats(chunk, SW, E), dtype=torch.float32, device=dev)
         # forward phases only read q, k, v, gates and states; the gradient slots get stand-ins
-        args = (qf, kf, vf, *gates, y, y, y, y, *gates, st1, st2, ss1, ss2, st1, st2, ss1, ss2, scr, cu, coff, float(p))
-        phases = [(n, kern) for n, kern in FWD_KERNELS if momentum or n not in MOMENTUM_ONLY]
-        for step in range(nt_max):
-            for name, kern in phases:
-                kern[(N * H,)](*args, step, H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
-                               REV=False, num_warps=phase_warps(name, D, chunk), num_stages=NUM_STAGES)
-        ctx.save_for_backward(qf, kf, vf, *gates, st1, st2, ss1, ss2, cu, coff, idx0, idx1)
-        ctx.meta = (B, T, H, D, E, chunk, bias, p, momentum, q.dtype, N, nt_max)
+        args = (qf, kf, vf, *gates, y, y, y, y, *gates, st1, st2, ss1, ss2, st1, st2, ss1, ss2, st1, st2, scr, cu, coff,
+                float(p))
+        # lq: per-token q-norms of X1, X2 ([T, H, 2], saved for the backward; else a stand-in)
+        nrm = torch.empty(B * T, H, 2, dtype=torch.float32, device=dev) if lq else torch.zeros(0, device=dev)
+        _run_phases(FWD_LQ_KERNELS if lq else FWD_KERNELS, args, nt_max, N, H, D, E, chunk, BH, SW, bias,
+                    momentum, False, lq, lqq, lqe, nrm)
+        ctx.save_for_backward(qf, kf, vf, *gates, st1, st2, ss1, ss2, cu, coff, idx0, idx1, nrm)
+        ctx.meta = (B, T, H, D, E, chunk, bias, p, momentum, q.dtype, N, nt_max, lq, lqq, lqe)
         outs = [y.view(B, T, H, D), st1[idx1], st2[idx1]]
         if momentum:
             outs += [ss1[idx1], ss2[idx1]]
@@ -157,8 +176,8 @@ class _ChunkMirasMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dW1, dW2, dS1, dS2):
-        qf, kf, vf, la, eta, dlt, lmu, st1, st2, ss1, ss2, cu, coff, idx0, idx1 = ctx.saved_tensors
-        B, T, H, D, E, chunk, bias, p, momentum, dtype, N, nt_max = ctx.meta
+        qf, kf, vf, la, eta, dlt, lmu, st1, st2, ss1, ss2, cu, coff, idx0, idx1, nrm = ctx.saved_tensors
+        B, T, H, D, E, chunk, bias, p, momentum, dtype, N, nt_max, lq, lqq, lqe = ctx.meta
         dev = qf.device
         dst1 = torch.zeros_like(st1)
         dst2 = torch.zeros_like(st2)
@@ -175,6 +194,12 @@ class _ChunkMirasMLP(torch.autograd.Function):
                 dss2[idx1] = dS2.float()
         else:
             dss1, dss2 = dst1, dst2
+        if lq:
+            # per-program cotangent of the inner gradients' weights W_0 = s_0 X_0 (chunk_lq)
+            dw1 = torch.empty(N * H, D * E, dtype=torch.float32, device=dev)
+            dw2 = torch.empty(N * H, D * E, dtype=torch.float32, device=dev)
+        else:
+            dw1, dw2 = dst1, dst2   # never read (LQ=False)
         dyf = dy.reshape(B * T, H, D).contiguous()
         dq = torch.zeros(B * T, H, D, dtype=torch.float32, device=dev)
         dk = torch.zeros_like(dq)
@@ -184,19 +209,29 @@ class _ChunkMirasMLP(torch.autograd.Function):
         BH = hidden_block(D, E // D, chunk)
         scr = torch.empty(N * H, scratch_floats(chunk, SW, E), dtype=torch.float32, device=dev)
         args = (qf, kf, vf, la, eta, dlt, lmu, dyf, dq, dk, dv, dla, deta, ddlt, dlmu,
-                st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, float(p))
-        phases = [(n, kern) for n, kern in BWD_KERNELS if momentum or n not in MOMENTUM_ONLY]
-        for step in range(nt_max):  # chunk NTn-1-step of every sequence
-            for name, kern in phases:
-                kern[(N * H,)](*args, step, H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
-                               REV=True, num_warps=phase_warps(name, D, chunk), num_stages=NUM_STAGES)
+                st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, float(p))
+        # chunk NTn-1-step of every sequence at launch step `step`
+        _run_phases(BWD_LQ_KERNELS if lq else BWD_KERNELS, args, nt_max, N, H, D, E, chunk, BH, SW, bias,
+                    momentum, True, lq, lqq, lqe, nrm)
         sh = (B, T, H, D)
         gsh = (B, T, H)
         grads = [dq.view(sh).to(dtype), dk.view(sh).to(dtype), dv.view(sh).to(dtype),
                  dla.view(gsh), deta.view(gsh), ddlt.view(gsh), dlmu.view(gsh),
                  dst1[idx0], dst2[idx0]]
         grads += [dss1[idx0], dss2[idx0]] if momentum else [None, None]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+
+
+def _run_phases(kernels, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, rev, lq, lqq, lqe, nrm):
+    """Launch the phase kernels of every chunk step in order (grid (N*H,), one program per
+    sequence and head); the lq phases also take the runtime eps, the per-token norms ``nrm``
+    ([T, H, 2]) and the constexpr exponent q."""
+    phases = [(n, kern) for n, kern in kernels if momentum or n not in MOMENTUM_ONLY]
+    for step in range(nt_max):
+        for name, kern in phases:
+            extra, kw = ((lqe, nrm), {"LQQ": lqq}) if kern in LQ_ARG_KERNELS else ((), {})
+            kern[(N * H,)](*args, step, *extra, H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
+                           REV=rev, LQ=lq, num_warps=phase_warps(name, D, chunk, lq), num_stages=NUM_STAGES, **kw)
 
 
 def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor | None,
@@ -272,13 +307,15 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
     W1 = _state("W1", (D, E))
     W2 = _state("W2", (E, D))
     momentum = spec.learner == "momentum"
+    # lq with q = 2 is the identity map (MirasSpec.materialize): the decay kernels
+    lq = spec.retention == "lq" and float(spec.q) != 2.0
     if momentum:
         S1, S2 = _state("S_W1", (D, E)), _state("S_W2", (E, D))
     else:
         S1 = S2 = None
     y, W1T, W2T, S1T, S2T = _ChunkMirasMLP.apply(
         q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, nt_max, int(chunk_size),
-        BIAS_CODES[spec.bias], float(spec.p), momentum)
+        BIAS_CODES[spec.bias], float(spec.p), momentum, lq, float(spec.q), float(spec.lq_eps))
     final = None
     if output_final_state:
         final = {"W1": W1T, "W2": W2T}
@@ -288,4 +325,4 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
 
 
 __all__ = ["chunk_miras_mlp", "supports", "gpu_config_supported", "hidden_block", "num_warps_for",
-           "phase_warps", "CANDIDATES", "SHIPPED", "SHIPPED_ARCHS", "NOT_SHIPPED"]
+           "phase_warps", "CANDIDATES", "SHIPPED", "SHIPPED_ARCHS", "SHIPPED_LQ_Q", "NOT_SHIPPED"]

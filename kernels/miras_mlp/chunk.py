@@ -185,9 +185,9 @@ def _load_gates(la, eta, dlt, lmu, go, tm):
 # Every phase kernel reads what earlier phases of the same chunk wrote; a kernel never writes a
 # location it also reads (threads of one program are not ordered without a barrier), except the
 # read-modify-write of d(state) tiles through the same pointer tensor.
-NSLOT = tl.constexpr(21)
+NSLOT = tl.constexpr(22)
 NE_REG = tl.constexpr(6)
-NVEC = tl.constexpr(16)
+NVEC = tl.constexpr(24)
 NSCA = tl.constexpr(16)
 # tile slots
 S_DO = tl.constexpr(0)      # do_i = LN backward of the inner loss at the keys   [BT, D]
@@ -211,6 +211,7 @@ S_DKM = tl.constexpr(17)    # dk after the A2 term                              
 S_KT = tl.constexpr(18)     # K^T, fp32 (weight-gradient dots want M = D, not BH) [D, BT]
 S_QT = tl.constexpr(19)     # Q^T, fp32                                          [D, BT]
 S_GAMM = tl.constexpr(20)   # Gam, the in-chunk coefficient matrix               [BT, BT]
+S_LQDK = tl.constexpr(21)   # lq: dk from the norms' adjoint (chunk_lq)           [BT, D]
 # [BT, E] regions
 R_GDZ = tl.constexpr(0)     # d(dz_i) from the read
 R_GH = tl.constexpr(1)      # d(h_i) from the read
@@ -235,6 +236,16 @@ V_DB = tl.constexpr(10)
 V_GAR = tl.constexpr(11)    # row / column sums of dA * Dm (momentum gates)
 V_GAC = tl.constexpr(12)
 V_DETA = tl.constexpr(13)   # d(eta) through E = Dm Bm (momentum gates)
+# retention lq (Moneta, chunk_lq): per-token q-norms n_t and scales s_t of X1, X2, their
+# cotangents d s_t, and dc after the W2 norms' adjoint
+V_N1 = tl.constexpr(14)
+V_N2 = tl.constexpr(15)
+V_S1 = tl.constexpr(16)
+V_S2 = tl.constexpr(17)
+V_DS1 = tl.constexpr(18)
+V_DS2 = tl.constexpr(19)
+V_LQDC = tl.constexpr(20)
+V_LQDB = tl.constexpr(21)    # lq + momentum: db after the W2 norms' adjoint
 # scalars
 C_CC = tl.constexpr(0)
 C_BC = tl.constexpr(1)
@@ -242,11 +253,15 @@ C_PC = tl.constexpr(2)
 C_DCC = tl.constexpr(3)
 C_DBC = tl.constexpr(4)
 C_DPC = tl.constexpr(5)
+C_N01 = tl.constexpr(6)     # lq: q-norm and scale s_0 of the chunk-start X1, X2 (inner gradients at s_0 X_0)
+C_N02 = tl.constexpr(7)
+C_S01 = tl.constexpr(8)
+C_S02 = tl.constexpr(9)
 
 
 def scratch_floats(BT: int, SW: int, E: int) -> int:
     """fp32 scratch elements per program (see the layout above)."""
-    return 21 * BT * SW + 6 * BT * E + 16 * BT + 16
+    return 22 * BT * SW + 6 * BT * E + 24 * BT + 16
 
 
 @triton.jit
@@ -304,14 +319,22 @@ def _cp(scr_p, IDX: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.cons
     return scr_p + NSLOT * BT * SW + NE_REG * BT * E + NVEC * BT + IDX
 
 
+@triton.jit
+def _w0_off(D: tl.constexpr, E: tl.constexpr):
+    """lq: offset of this program's [D, E] / [E, D] block in the per-program d(W_0) buffers dw1,
+    dw2 (the inner-gradient weights' cotangent, kept apart from d(X_0) until chunk_lq's dw0
+    phase)."""
+    return tl.program_id(0).to(tl.int64) * (D * E)
+
+
 # The phase kernels share one argument list (the host and the AOT list stay simple; a phase
 # ignores what it does not use). Grid: (N * H,), one launch per chunk step.
 @triton.jit
 def _mlp_prep_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Phase 1a (forward and backward): the inner forward at W_0 on the keys, o = W1 gelu(W2 k)
     (parked); K^T and Q^T staged in fp32."""
@@ -325,6 +348,9 @@ def _mlp_prep_kernel(
             hh = jb + oh
             W2b = tl.load(st2 + b_in + hh[:, None] * D + od[None, :])          # [BH, D]
             W1b = tl.load(st1 + b_in + od[:, None] * E + hh[None, :])          # [D, BH]
+            if LQ:   # inner gradients at the weights W_0 = s_0 X_0
+                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
+                W1b = W1b * tl.load(_cp(scr_p, C_S01, BT, SW, E))
             O += tl.dot(_gelu(tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(W2b))), tl.trans(W1b))
         tl.store(_sl(scr_p, S_OC, BT, D, SW, BT), O)
         tl.store(_slT(scr_p, S_KT, D, SW, BT), tl.trans(_ld_tok(k + tb, tm, H, D, BT)))
@@ -334,9 +360,9 @@ def _mlp_prep_kernel(
 @triton.jit
 def _mlp_prep2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Phase 1b (forward and backward): LN of o, the bias map u = dl/dM, do = LN_bwd(u)."""
     valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
@@ -355,9 +381,9 @@ def _mlp_prep2_kernel(
 @triton.jit
 def _mlp_coef_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Phase 1c (forward and backward): the in-chunk coefficients (c, gam, b, pi, cC, bC, PC, Gam)
     and A2 = Gam * (Q K^T)."""
@@ -381,9 +407,9 @@ def _mlp_coef_kernel(
 @triton.jit
 def _mlp_qw_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Phase 1d (forward and backward), per hidden block: Q W2_0^T (and Q S2_0^T for momentum)
     into scratch, kept out of the register-heavy hidden-layer phases."""
@@ -403,9 +429,9 @@ def _mlp_qw_kernel(
 @triton.jit
 def _mlp_fwd_hidden_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Forward phase 2a, per hidden block: dz_i and the read's hidden layer Hq; Hq, Hh = gelu(z)
     and dz_i are parked for the state and Gram phases."""
@@ -423,6 +449,9 @@ def _mlp_fwd_hidden_kernel(
             cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
             W2b = tl.load(st2 + b_in + o2)
             W1b = tl.load(st1 + b_in + o1)
+            if LQ:
+                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
+                W1b = W1b * tl.load(_cp(scr_p, C_S01, BT, SW, E))
             Z = tl.dot(Kl, tl.trans(W2b))
             Hh = _gelu(Z)
             DZ = tl.dot(Dn, W1b) * _gelu_d(Z)                                   # dz_i [BT, BH]
@@ -430,6 +459,8 @@ def _mlp_fwd_hidden_kernel(
             if MOMENTUM:
                 bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
                 Zq += bvec[:, None] * tl.load(_er(scr_p, R_DZ, hh, BT, SW, E))
+            if LQ:   # lq read of layer 2: z'_t = s2_t (affine read of X2_t)
+                Zq = Zq * tl.load(_vp(scr_p, V_S2, BT, SW, E))[:, None]
             tl.store(_er(scr_p, R_A, hh, BT, SW, E), _gelu(Zq))
             tl.store(_er(scr_p, R_B, hh, BT, SW, E), Hh)
             tl.store(_er(scr_p, R_C, hh, BT, SW, E), DZ)
@@ -438,9 +469,9 @@ def _mlp_fwd_hidden_kernel(
 @triton.jit
 def _mlp_fwd_state_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Forward phase 2b, per hidden block: the chunk-end state X' = cC X [+ bC S] - sum_i gam_i
     g_i (and S' = PC S - sum_i pi_i g_i) from the parked dz_i, h_i."""
@@ -479,9 +510,9 @@ def _mlp_fwd_state_kernel(
 @triton.jit
 def _mlp_fwd_gram_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Forward phase 3, per hidden block: the read's o' without the Gram term (c Hq W1^T [+ b Hq
     S1^T]) and the Gram matrix Hq Hh^T."""
@@ -509,9 +540,9 @@ def _mlp_fwd_gram_kernel(
 @triton.jit
 def _mlp_fwd_out_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Forward phase 3: o' -= (Gam * Shh) do, y = q + LN(o')."""
     valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
@@ -519,6 +550,8 @@ def _mlp_fwd_out_kernel(
         scr_p = scr + so
         A1 = tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT)) * tl.load(_sl(scr_p, S_SHH, BT, BT, SW, BT))
         Oq = tl.load(_sl(scr_p, S_OC, BT, D, SW, BT)) - tl.dot(A1, tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)))
+        if LQ:   # lq read of layer 1: o'_t = s1_t (affine read of X1_t)
+            Oq = Oq * tl.load(_vp(scr_p, V_S1, BT, SW, E))[:, None]
         xq, rq = _ln_rows(Oq, D)
         tl.store(y + tb + _tok_off(H, D, BT), (_ld_tok(q + tb, tm, H, D, BT) + xq).to(y.dtype.element_ty),
                  mask=tm[:, None])
@@ -527,9 +560,9 @@ def _mlp_fwd_out_kernel(
 @triton.jit
 def _mlp_bwd_read_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B0a, per hidden block: recompute and park dz_i and h_i = gelu(z_i)."""
     valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
@@ -542,17 +575,23 @@ def _mlp_bwd_read_kernel(
             o2 = hh[:, None] * D + od[None, :]
             o1 = od[:, None] * E + hh[None, :]
             W2b = tl.load(st2 + b_in + o2)
+            if LQ:
+                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
             Z = tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(W2b))
-            tl.store(_er(scr_p, R_C, hh, BT, SW, E), tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), tl.load(st1 + b_in + o1)) * _gelu_d(Z))
+            if LQ:
+                W1b = tl.load(st1 + b_in + o1) * tl.load(_cp(scr_p, C_S01, BT, SW, E))
+            else:
+                W1b = tl.load(st1 + b_in + o1)
+            tl.store(_er(scr_p, R_C, hh, BT, SW, E), tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), W1b) * _gelu_d(Z))
             tl.store(_er(scr_p, R_GH, hh, BT, SW, E), _gelu(Z))
 
 
 @triton.jit
 def _mlp_bwd_read2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B0b, per hidden block: the read's hidden layer from the parked pieces -> Oc, Os,
     Shh."""
@@ -573,9 +612,13 @@ def _mlp_bwd_read2_kernel(
             if MOMENTUM:
                 bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
                 Zq += bvec[:, None] * tl.load(_er(scr_p, R_DZ, hh, BT, SW, E))
+                if LQ:   # z'_t = s2_t (affine read of X2_t)
+                    Zq = Zq * tl.load(_vp(scr_p, V_S2, BT, SW, E))[:, None]
                 Hq = _gelu(Zq)
                 Os += tl.dot(Hq, tl.trans(tl.load(ss1 + b_in + o1)))
             else:
+                if LQ:
+                    Zq = Zq * tl.load(_vp(scr_p, V_S2, BT, SW, E))[:, None]
                 Hq = _gelu(Zq)
             Oc += tl.dot(Hq, tl.trans(tl.load(st1 + b_in + o1)))
             Shh += tl.dot(Hq, tl.trans(tl.load(_er(scr_p, R_GH, hh, BT, SW, E))))
@@ -588,9 +631,9 @@ def _mlp_bwd_read2_kernel(
 @triton.jit
 def _mlp_bwd_readout_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B1: the read's output layer o' = c Oc [+ b Os] - (Gam * Shh) do and its LN."""
     valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
@@ -602,8 +645,16 @@ def _mlp_bwd_readout_kernel(
         Oq = cvec[:, None] * Oc - tl.dot(A1, tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)))
         if MOMENTUM:
             Oq += tl.load(_vp(scr_p, V_B, BT, SW, E))[:, None] * tl.load(_sl(scr_p, S_OS, BT, D, SW, BT))
-        xq, rq = _ln_rows(Oq, D)
-        dOq = _ln_bwd(xq, rq, _ld_tok(y + tb, tm, H, D, BT), D)
+        if LQ:
+            # o'_t = s1_t r_t: d s1_t = <d o'_t, r_t>; the affine read r gets s1_t d o'_t
+            s1 = tl.load(_vp(scr_p, V_S1, BT, SW, E))
+            xq, rq = _ln_rows(Oq * s1[:, None], D)
+            dOq = _ln_bwd(xq, rq, _ld_tok(y + tb, tm, H, D, BT), D)
+            tl.store(_vp(scr_p, V_DS1, BT, SW, E), tl.sum(dOq * Oq, axis=1))
+            dOq = dOq * s1[:, None]
+        else:
+            xq, rq = _ln_rows(Oq, D)
+            dOq = _ln_bwd(xq, rq, _ld_tok(y + tb, tm, H, D, BT), D)
         tl.store(_vp(scr_p, V_DC0, BT, SW, E), tl.sum(dOq * Oc, axis=1))
         if MOMENTUM:
             tl.store(_vp(scr_p, V_DB0, BT, SW, E), tl.sum(dOq * tl.load(_sl(scr_p, S_OS, BT, D, SW, BT)), axis=1))
@@ -615,9 +666,9 @@ def _mlp_bwd_readout_kernel(
 @triton.jit
 def _mlp_bwd_readout2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B1b: through the Gram term of the read's output, A1 = Gam * Shh."""
     valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
@@ -635,9 +686,9 @@ def _mlp_bwd_readout2_kernel(
 @triton.jit
 def _mlp_bwd_readgrad_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B2a, per hidden block: the read's hidden layer backward (Zq -> Hq -> o'), dc,
     db (Q W2^T, h_i, dz_i [, Q S2^T] parked by the read phase); dZq, Hq parked for B2b."""
@@ -648,6 +699,7 @@ def _mlp_bwd_readgrad_kernel(
         oh = tl.arange(0, BH)
         dc = tl.load(_vp(scr_p, V_DC0, BT, SW, E))
         db = tl.load(_vp(scr_p, V_DB0, BT, SW, E))
+        ds2 = tl.zeros([BT], dtype=tl.float32)
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             o1 = od[:, None] * E + hh[None, :]
@@ -658,13 +710,23 @@ def _mlp_bwd_readgrad_kernel(
                 bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
                 QS = tl.load(_er(scr_p, R_DZ, hh, BT, SW, E))
                 Zq += bvec[:, None] * QS
-            Hq = _gelu(Zq)
+            if LQ:
+                s2 = tl.load(_vp(scr_p, V_S2, BT, SW, E))
+                Hq = _gelu(Zq * s2[:, None])
+            else:
+                Hq = _gelu(Zq)
             dOql = tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT))
             dHq = cvec[:, None] * tl.dot(dOql, tl.load(st1 + b_in + o1)) \
                 + tl.dot(tl.load(_sl(scr_p, S_DS1, BT, BT, SW, BT)), tl.load(_er(scr_p, R_GH, hh, BT, SW, E)))
             if MOMENTUM:
                 dHq += bvec[:, None] * tl.dot(dOql, tl.load(ss1 + b_in + o1))
-            dZq = dHq * _gelu_d(Zq)
+            if LQ:
+                # z'_t = s2_t r_t: d s2_t = <d z'_t, r_t>; the affine read r gets s2_t d z'_t
+                dZq = dHq * _gelu_d(Zq * s2[:, None])
+                ds2 += tl.sum(dZq * Zq, axis=1)
+                dZq = dZq * s2[:, None]
+            else:
+                dZq = dHq * _gelu_d(Zq)
             dc += tl.sum(dZq * QW, axis=1)
             if MOMENTUM:
                 db += tl.sum(dZq * QS, axis=1)
@@ -672,14 +734,16 @@ def _mlp_bwd_readgrad_kernel(
             tl.store(_er(scr_p, R_B, hh, BT, SW, E), Hq)
         tl.store(_vp(scr_p, V_DC, BT, SW, E), dc)
         tl.store(_vp(scr_p, V_DB, BT, SW, E), db)
+        if LQ:
+            tl.store(_vp(scr_p, V_DS2, BT, SW, E), ds2)
 
 
 @triton.jit
 def _mlp_bwd_readgrad2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B2b, per hidden block: dq of the read, d(A2), and d/d(dz_i), d/d(h_i) from the
     read (parked for B3)."""
@@ -710,9 +774,9 @@ def _mlp_bwd_readgrad2_kernel(
 @triton.jit
 def _mlp_bwd_readdst_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B2c, per hidden block: the read's share of d(chunk-start state) (written, not
     accumulated: B3c and B5 add the rest)."""
@@ -740,9 +804,9 @@ def _mlp_bwd_readdst_kernel(
 @triton.jit
 def _mlp_bwd_state_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B3a, per hidden block: through the chunk-end state (X' = cC X [+ bC S] -
     sum gam_i g_i, S' = PC S - sum pi_i g_i) to d(dz_i) and d(h_i), the inner-gradient chain
@@ -762,6 +826,9 @@ def _mlp_bwd_state_kernel(
             Dnl = tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))
             W2b = tl.load(st2 + b_in + o2)
             W1b = tl.load(st1 + b_in + o1)
+            if LQ:
+                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
+                W1b = W1b * tl.load(_cp(scr_p, C_S01, BT, SW, E))
             dW2e = tl.load(dst2 + b_out + o2)
             dW1e = tl.load(dst1 + b_out + o1)
             Z = tl.dot(Kl, tl.trans(W2b))
@@ -783,9 +850,9 @@ def _mlp_bwd_state_kernel(
 @triton.jit
 def _mlp_bwd_state_mom_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Momentum only, backward B3m (before B3a), per hidden block: the chunk-end momentum
     S' = PC S - sum_i pi_i g_i into d(dz_i), d(h_i) (accumulated in scratch) and d(pi)."""
@@ -806,7 +873,10 @@ def _mlp_bwd_state_mom_kernel(
             dpi -= tl.sum(tl.load(_er(scr_p, R_C, hh, BT, SW, E)) * KdS2, axis=1)
             tl.store(_er(scr_p, R_GDZ, hh, BT, SW, E), tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E)) - pi[:, None] * KdS2)
             DdS1 = tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), tl.load(dss1 + b_out + o1))
-            dpi -= tl.sum(_gelu(tl.dot(Kl, tl.trans(tl.load(st2 + b_in + o2)))) * DdS1, axis=1)
+            if LQ:
+                dpi -= tl.sum(_gelu(tl.dot(Kl, tl.trans(tl.load(st2 + b_in + o2) * tl.load(_cp(scr_p, C_S02, BT, SW, E))))) * DdS1, axis=1)
+            else:
+                dpi -= tl.sum(_gelu(tl.dot(Kl, tl.trans(tl.load(st2 + b_in + o2)))) * DdS1, axis=1)
             tl.store(_er(scr_p, R_GH, hh, BT, SW, E), tl.load(_er(scr_p, R_GH, hh, BT, SW, E)) - pi[:, None] * DdS1)
         tl.store(_vp(scr_p, V_DPI, BT, SW, E), dpi)
 
@@ -814,9 +884,9 @@ def _mlp_bwd_state_mom_kernel(
 @triton.jit
 def _mlp_bwd_state_do_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B3b, per hidden block: d(do_i) total = read part - gam_i h_i dW1'^T [- pi_i h_i
     dS1'^T] + d(dh_i) W1^T."""
@@ -831,21 +901,27 @@ def _mlp_bwd_state_do_kernel(
             o2 = hh[:, None] * D + od[None, :]
             o1 = od[:, None] * E + hh[None, :]
             gam = tl.load(_vp(scr_p, V_GAM, BT, SW, E))
-            Hh = _gelu(tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(tl.load(st2 + b_in + o2))))
+            if LQ:
+                Hh = _gelu(tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(tl.load(st2 + b_in + o2) * tl.load(_cp(scr_p, C_S02, BT, SW, E)))))
+            else:
+                Hh = _gelu(tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(tl.load(st2 + b_in + o2))))
             gDn -= tl.dot(Hh * gam[:, None], tl.trans(tl.load(dst1 + b_out + o1)))
             if MOMENTUM:
                 pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
                 gDn -= tl.dot(Hh * pi[:, None], tl.trans(tl.load(dss1 + b_out + o1)))
-            gDn += tl.dot(tl.load(_er(scr_p, R_A, hh, BT, SW, E)), tl.trans(tl.load(st1 + b_in + o1)))
+            if LQ:
+                gDn += tl.dot(tl.load(_er(scr_p, R_A, hh, BT, SW, E)), tl.trans(tl.load(st1 + b_in + o1) * tl.load(_cp(scr_p, C_S01, BT, SW, E))))
+            else:
+                gDn += tl.dot(tl.load(_er(scr_p, R_A, hh, BT, SW, E)), tl.trans(tl.load(st1 + b_in + o1)))
         tl.store(_sl(scr_p, S_GDN, BT, D, SW, BT), gDn)
 
 
 @triton.jit
 def _mlp_bwd_state_dk_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B3c, per hidden block: dk from the chunk-end state, -gam_i dz_i^T dW2' [- pi_i
     dz_i^T dS2'] (dz_i parked by B2a); d(chunk-start state) += cC dX' [+ bC, PC terms] +
@@ -856,7 +932,10 @@ def _mlp_bwd_state_dk_kernel(
         od = tl.arange(0, D)
         oh = tl.arange(0, BH)
         cC = tl.load(_cp(scr_p, C_CC, BT, SW, E))
-        dK = tl.zeros([BT, D], dtype=tl.float32)
+        if LQ:   # dk from the norms' adjoint (chunk_lq)
+            dK = tl.load(_sl(scr_p, S_LQDK, BT, D, SW, BT))
+        else:
+            dK = tl.zeros([BT, D], dtype=tl.float32)
         dcC = cC * 0.0
         dbC = dcC
         dPC = dcC
@@ -871,8 +950,15 @@ def _mlp_bwd_state_dk_kernel(
             dK -= tl.dot(DZ * gam[:, None], dW2e)
             dcC += tl.sum(tl.sum(dW2e * tl.load(st2 + b_in + o2), axis=1), axis=0) \
                 + tl.sum(tl.sum(dW1e * tl.load(st1 + b_in + o1), axis=1), axis=0)
-            tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + cC * dW1e
-                     + tl.dot(tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))), tl.load(_er(scr_p, R_A, hh, BT, SW, E))))
+            if LQ:
+                # d(X_0) and d(W_0) (inner gradients' weights) kept apart: chunk_lq's dw0 phase
+                # maps d(W_0) through W_0 = s(X_0) X_0
+                tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + cC * dW1e)
+                tl.store(dw1 + _w0_off(D, E) + o1,
+                         tl.dot(tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))), tl.load(_er(scr_p, R_A, hh, BT, SW, E))))
+            else:
+                tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + cC * dW1e
+                         + tl.dot(tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))), tl.load(_er(scr_p, R_A, hh, BT, SW, E))))
             tl.store(dst2 + b_in + o2, tl.load(dst2 + b_in + o2) + cC * dW2e)
             if MOMENTUM:
                 pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
@@ -896,9 +982,9 @@ def _mlp_bwd_state_dk_kernel(
 @triton.jit
 def _mlp_bwd_dq_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B4a: A2 = Gam * (Q K^T): completes dq."""
     valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
@@ -913,9 +999,9 @@ def _mlp_bwd_dq_kernel(
 @triton.jit
 def _mlp_bwd_dkm_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B4b: dk += (dA2 * Gam)^T Q."""
     valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
@@ -928,9 +1014,9 @@ def _mlp_bwd_dkm_kernel(
 @triton.jit
 def _mlp_bwd_dgam_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B4b: d(Gam) total = read part + dA2 * (Q K^T) (recomputed: A2 / Gam is unsafe
     where Gam = 0)."""
@@ -945,9 +1031,9 @@ def _mlp_bwd_dgam_kernel(
 @triton.jit
 def _mlp_bwd_mid_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B4b: the second-order path through do = LN_bwd(o, u), the bias map (dv,
     d delta) and LN(o) -> d(o) at the keys."""
@@ -997,9 +1083,9 @@ def _mlp_bwd_mid_kernel(
 @triton.jit
 def _mlp_bwd_first_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B5, per hidden block: finish d/dz and the first-layer weight gradients; dk."""
     valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
@@ -1016,11 +1102,20 @@ def _mlp_bwd_first_kernel(
             dOin = tl.load(_sl(scr_p, S_DOIN, BT, D, SW, BT))
             W2b = tl.load(st2 + b_in + o2)
             W1b = tl.load(st1 + b_in + o1)
+            if LQ:
+                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
+                W1b = W1b * tl.load(_cp(scr_p, C_S01, BT, SW, E))
             Z = tl.dot(Kl, tl.trans(W2b))
             dZt = tl.load(_er(scr_p, R_DZ, hh, BT, SW, E)) + tl.dot(dOin, W1b) * _gelu_d(Z)
-            tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + tl.dot(tl.trans(dOin), _gelu(Z)))
-            o2t = hh[None, :] * D + od[:, None]
-            tl.store(dst2 + b_in + o2t, tl.load(dst2 + b_in + o2t) + tl.dot(tl.load(_slT(scr_p, S_KT, D, SW, BT)), dZt))
+            if LQ:   # d(W_0), mapped to d(X_0) by chunk_lq's dw0 phase
+                w0 = _w0_off(D, E)
+                tl.store(dw1 + w0 + o1, tl.load(dw1 + w0 + o1) + tl.dot(tl.trans(dOin), _gelu(Z)))
+                o2t = hh[None, :] * D + od[:, None]
+                tl.store(dw2 + w0 + o2t, tl.dot(tl.load(_slT(scr_p, S_KT, D, SW, BT)), dZt))
+            else:
+                tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + tl.dot(tl.trans(dOin), _gelu(Z)))
+                o2t = hh[None, :] * D + od[:, None]
+                tl.store(dst2 + b_in + o2t, tl.load(dst2 + b_in + o2t) + tl.dot(tl.load(_slT(scr_p, S_KT, D, SW, BT)), dZt))
             dK += tl.dot(dZt, W2b)
         tl.store(dk + tb + _tok_off(H, D, BT), dK, mask=tm[:, None])
 
@@ -1028,9 +1123,9 @@ def _mlp_bwd_first_kernel(
 @triton.jit
 def _mlp_bwd_gates_m_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Momentum only, backward B6m: the dA = d(Gam) eta B^T + db exp(M)^T part of the gate
     gradients, reduced to row/column sums of dA * Dm, and d(eta) through E = Dm Bm."""
@@ -1056,9 +1151,9 @@ def _mlp_bwd_gates_m_kernel(
 @triton.jit
 def _mlp_bwd_gates_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, scr, cu, coff, p, step,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
 ):
     """Backward B6: gate gradients through L = cumsum log alpha, M = cumsum log mu and eta."""
     valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)

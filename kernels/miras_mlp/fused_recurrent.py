@@ -133,6 +133,9 @@ def fused_recurrent_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     if spec.memory != "mlp" or spec.retention not in ("none", "decay"):
         ok, why = supports(spec, q, chunk_size=16, initial_state=initial_state)
+        if ok:  # covered by the chunk (training) kernels, not by this decoding kernel
+            why = (f"retention={spec.retention!r} has no MLP decoding kernel yet (the chunk kernels cover "
+                   "it for training); decode with miras_memory(backend='recurrent')")
         raise ValueError(f"fused_recurrent_miras_mlp: {why}")
     if q.dim() != 4 or q.shape[-1] not in (16, 32, 64, 128):
         raise ValueError(f"fused_recurrent_miras_mlp: q must be [B, T, H, D] with D in 16/32/64/128 (got {tuple(q.shape)})")
