@@ -235,8 +235,9 @@ def test_chunk_bf16_matches_token_loop(bias, learner, C, dk, dv):
                             torch.bfloat16, TOL_BF16)
 
 
-def test_chunk_fp16_forward():
-    spec = MirasSpec.preset("gated_delta")
+@pytest.mark.parametrize("retention", ["decay", "lq", "kl"])
+def test_chunk_fp16_forward(retention):
+    spec = MirasSpec.preset("gated_delta", retention=retention)
     x = make_inputs(1, 21, 2, 16, 16)
     _, y, state = run_kernel(chunk_miras_linear, spec, 16, x, torch.float16, grad=False)
     _, yr, Xr, _ = run_reference(spec, 16, x, torch.float16)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
-from miras_pretrain.ops import MirasSpec, miras_memory, resolve_backend
+from miras_pretrain.ops import MirasSpec, miras_memory
 
 B, T, H, D = 2, 6, 2, 4
 

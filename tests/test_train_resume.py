@@ -92,7 +92,7 @@ def test_resume_after_sigkill_reproduces_losses(tmp_path, corpus, reference):
     assert done and max(done) < STEPS
     resumed = testing.run_train(cfg, tmp_path, extra=["--resume", "auto"])
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     assert testing.step_losses(out) == ref_loss  # exact, every step
     assert testing.step_losses(out, "val/loss") == ref_val
 
