@@ -49,13 +49,13 @@ def _bench_one(preset: str, size: str, seq_len: int, steps: int, batch: int, pea
     engine, _ = build_engine(model, cfg, device)
     x = torch.randint(0, mcfg.vocab_size, (batch, seq_len), device=device)
 
-    def step() -> float:
+    def step(eng=engine) -> float:  # a default, not a closure over the name `del`-ed below
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = engine(x, labels=x)
-        engine.backward(loss)
-        engine.step()
+        loss = eng(x, labels=x)
+        eng.backward(loss)
+        eng.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
