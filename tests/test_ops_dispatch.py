@@ -34,8 +34,9 @@ def test_auto_on_cpu_is_the_chunked_path():
 
 
 @pytest.mark.triton
-def test_triton_backend_runs_kernels_and_matches_chunked(monkeypatch):
-    spec = MirasSpec.preset("gated_delta")
+@pytest.mark.parametrize("retention", ["decay", "lq", "kl"])
+def test_triton_backend_runs_kernels_and_matches_chunked(monkeypatch, retention):
+    spec = MirasSpec.preset("gated_delta", retention=retention)
     q, k, v, alpha, eta = _inputs()
     ok, reason = __import__("kernels").supports(spec, q, k, v, chunk_size=16)
     assert ok, reason
