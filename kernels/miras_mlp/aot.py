@@ -14,8 +14,9 @@ import re
 import subprocess
 import tempfile
 
-from .api import NUM_STAGES, SHIPPED, hidden_block, phase_warps
+from .api import NUM_STAGES, SHIPPED, SHIPPED_KL, hidden_block, phase_warps
 from .chunk import BIAS_CODES, BIAS_KERNELS, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
+from .chunk_kl import BWD_KL_KERNELS, FWD_KL_KERNELS
 from .chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
 from .fused_recurrent import _mlp_recurrent_kernel, recurrent_block
 
@@ -25,6 +26,9 @@ VARIANTS = [("l2", False), ("huber", False), ("lp", False), ("dot", False), ("l2
 # The l_q retention (q = 4): the lq phase list (chunk_lq) compiled with LQ=True, as (bias, q,
 # momentum): Moneta's lp + gd, and l2 + momentum. ``aot_specs(lq=...)`` selects them.
 LQ_VARIANTS = [("lp", 4.0, False), ("l2", 4.0, True)]   # q values: api.SHIPPED_LQ_Q
+# The kl retention (Memora, gd only): the kl phase list (chunk_kl; shared phases with LQ = REV) per
+# bias, for the configurations of api.SHIPPED_KL. ``aot_specs(kl=...)`` selects them.
+KL_VARIANTS = ["l2"]
 
 _PTR = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "y": "*bf16", "dy": "*bf16",
         "cu": "*i32", "coff": "*i32"}
@@ -35,7 +39,7 @@ def _signature(kernel) -> dict[str, str]:
     for name in kernel.arg_names:
         if name in ("H", "D", "E", "BT", "BH", "SW", "C", "BIAS", "MOMENTUM", "REV", "LQ", "LQQ"):
             sig[name] = "constexpr"
-        elif name in ("p", "lqe"):
+        elif name in ("p", "lqe", "kc"):
             sig[name] = "fp32"
         elif name in ("pos0", "step"):
             sig[name] = "i32"
@@ -52,13 +56,15 @@ def aot_num_warps(config_name: str) -> int:
     return int(m.group(1))
 
 
-def aot_specs(variants=None, shipped=None, lq=None) -> list[tuple]:
+def aot_specs(variants=None, shipped=None, lq=None, kl=None) -> list[tuple]:
     """Every phase kernel x shipped config x code variant, as ``(kernel, signature, constexprs,
     name)``. Inputs are bf16 (the training dtype), state and gates fp32, H = 16. Phases whose code
     does not depend on the bias are listed once per learner (named with the first bias asked).
     ``lq``: the l_q (Moneta) variants ``[(bias, q, momentum), ...]`` (default :data:`LQ_VARIANTS`;
     ``[]`` for none): every phase of the lq path (``chunk_lq``) with ``LQ=True``, tagged ``,gd,lq`` /
-    ``,momentum,lq``."""
+    ``,momentum,lq``. ``kl``: the kl (Memora) biases (default :data:`KL_VARIANTS`; ``[]`` for none):
+    every phase of the kl path (``chunk_kl``, gd, ``LQ = REV``) for the configs in ``api.SHIPPED_KL``,
+    tagged ``,gd,kl``."""
     out = []
     seen = set()
     for d, e, c in (shipped or SHIPPED):
@@ -85,6 +91,14 @@ def aot_specs(variants=None, shipped=None, lq=None) -> list[tuple]:
                     cx["LQQ"] = float(qexp)
                 tag = f"{bias},{'momentum' if mom else 'gd'},lq D{d} E{d * e} C{c} BH{bh} w{nw}"
                 out.append((kern, _signature(kern), cx, f"{kname}[{tag}]"))
+        if (d, e, c) in SHIPPED_KL:
+            for bias in (KL_VARIANTS if kl is None else kl):
+                for kname, kern, rev in ([(n, k, False) for n, k in FWD_KL_KERNELS] + [(n, k, True) for n, k in BWD_KL_KERNELS]):
+                    nw = phase_warps(kname, d, c, lq=rev)
+                    cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
+                          "MOMENTUM": False, "REV": rev, "LQ": rev}
+                    tag = f"{bias},gd,kl D{d} E{d * e} C{c} BH{bh} w{nw}"
+                    out.append((kern, _signature(kern), cx, f"{kname}[{tag}]"))
     # decoding kernel: chunk semantics C = 1 (the exact rule) and the shipped training chunk sizes
     for d, e, C in sorted({(d, e, C) for d, e, c in (shipped or SHIPPED) for C in (1, c)}):
         for bias, mom in (variants or VARIANTS):

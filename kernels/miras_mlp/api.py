@@ -8,12 +8,13 @@ import os
 import torch
 
 from .chunk import BIAS_CODES, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY, scratch_floats
+from .chunk_kl import BWD_KL_KERNELS, FWD_KL_KERNELS, KL_ARG_KERNELS, W0_PHASES
 from .chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_EXPANSIONS = (1, 2, 4)
 SUPPORTED_CHUNKS = (16, 32, 64)
-SUPPORTED_RETENTIONS = ("none", "decay", "lq")
+SUPPORTED_RETENTIONS = ("none", "decay", "lq", "kl")
 # Candidate GPU configurations (head dim, expansion, chunk size); 340M: D = 64, e = 4, C = 64.
 CANDIDATES = [(d, e, c) for d in (32, 64, 128) for e in (2, 4) for c in (16, 64)]
 SHIPPED_ARCHS = (80, 90)
@@ -56,6 +57,10 @@ def phase_warps(name: str, d: int, chunk: int, lq: bool = False) -> int:
     if name == "mlp_bwd_lq_adj2k":
         # at 8 warps ptxas spilled 40 bytes at 80 registers on sm_80 (d = 64, C = 64, gd); 4: none
         return 4
+    if name in ("mlp_fwd_kl_o1", "mlp_bwd_kl_o1", "mlp_bwd_kl_adj2q"):
+        # kl token sweeps: at 8 warps ptxas held them to 64-128 registers and spilled 8-32 bytes
+        # (d = 64: kl_o1 on sm_80/sm_90; d = 32, C = 64: kl_adj2q on sm_90); 4 warps: none
+        return 4
     if lq and name == "mlp_bwd_state_dk":
         # with LQ and momentum ptxas held it to 128 registers at 8 warps on sm_80 and spilled
         # 24 bytes (d = 64, C = 16); 4 warps: none on sm_80/sm_90
@@ -72,6 +77,9 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
     if spec.retention not in SUPPORTED_RETENTIONS:
         return False, (f"retention={spec.retention!r} has no MLP Triton kernel yet "
                        f"(covered: {', '.join(SUPPORTED_RETENTIONS)}); use the chunked backend")
+    if spec.retention == "kl" and spec.learner != "gd":
+        return False, (f"retention='kl' with learner={spec.learner!r} has no MLP Triton kernel "
+                       "(the kl phases cover gd only); use the chunked backend")
     if q.dim() != 4:
         return False, f"q must be [B, T, H, D] (got {tuple(q.shape)})"
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -94,7 +102,8 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
     if q.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(q.device)
         lq_q = float(spec.q) if spec.retention == "lq" and float(spec.q) != 2.0 else None
-        return gpu_config_supported(d, int(spec.expansion), chunk_size, 10 * major + minor, lq_q=lq_q)
+        return gpu_config_supported(d, int(spec.expansion), chunk_size, 10 * major + minor, lq_q=lq_q,
+                                    kl=spec.retention == "kl")
     return True, ""
 
 
@@ -102,10 +111,19 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
 SHIPPED_LQ_Q = (4.0,)
 
 
-def gpu_config_supported(d: int, e: int, chunk: int, arch: int, lq_q: float | None = None) -> tuple[bool, str]:
+# (head dim, expansion, chunk) where the kl (Memora) phases are compiled and checked ahead of time
+# (aot.aot_specs, aot.KL_VARIANTS; 0 spills on sm_80/sm_90): the shipped configs with d <= 64. With
+# d = 128 (C = 16) kl_adj2 spills 592-720 bytes (its [C, d] dk and [BH, d] tiles plus the
+# per-token [BH, d] softmax); kl falls back there on a GPU.
+SHIPPED_KL = tuple(c for c in SHIPPED if c[0] <= 64)
+
+
+def gpu_config_supported(d: int, e: int, chunk: int, arch: int, lq_q: float | None = None,
+                         kl: bool = False) -> tuple[bool, str]:
     """On a GPU only the AOT-checked configurations run (zero register spills, shared memory in
     bounds); the interpreter (CPU) runs every supported shape. ``lq_q``: the exponent of the lq
-    retention (its phases are compiled with q as a constexpr), None otherwise."""
+    retention (its phases are compiled with q as a constexpr), None otherwise; ``kl``: the kl
+    (Memora) phases, AOT-checked for :data:`SHIPPED_KL` only."""
     if arch not in SHIPPED_ARCHS:
         return False, (f"sm_{arch}: the MLP kernels are compiled and checked for "
                        f"{', '.join(f'sm_{a}' for a in SHIPPED_ARCHS)} only")
@@ -115,6 +133,9 @@ def gpu_config_supported(d: int, e: int, chunk: int, arch: int, lq_q: float | No
     if (d, e, chunk) not in SHIPPED:
         return False, (f"head dim {d}, expansion {e}, chunk_size {chunk} is not a shipped (AOT-checked) "
                        f"configuration: see kernels.miras_mlp.api.SHIPPED")
+    if kl and (d, e, chunk) not in SHIPPED_KL:
+        return False, (f"retention='kl' is AOT-checked on a GPU for (head dim, expansion, chunk) in "
+                       f"{list(SHIPPED_KL)} only (got {(d, e, chunk)})")
     if lq_q is not None and lq_q not in SHIPPED_LQ_Q:
         return False, (f"retention='lq' with q={lq_q:g} is not AOT-checked on a GPU "
                        f"(shipped q: {', '.join(f'{x:g}' for x in SHIPPED_LQ_Q)})")
@@ -130,7 +151,7 @@ def _gate(x: torch.Tensor | None, like: torch.Tensor, fill: float) -> torch.Tens
 class _ChunkMirasMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, nt_max, chunk, bias, p, momentum,
-                lq, lqq, lqe):
+                lq, lqq, lqe, kl, kc):
         B, T, H, D = q.shape
         E = W1.shape[-1]
         N = cu.numel() - 1
@@ -160,10 +181,15 @@ class _ChunkMirasMLP(torch.autograd.Function):
                 float(p))
         # lq: per-token q-norms of X1, X2 ([T, H, 2], saved for the backward; else a stand-in)
         nrm = torch.empty(B * T, H, 2, dtype=torch.float32, device=dev) if lq else torch.zeros(0, device=dev)
-        _run_phases(FWD_LQ_KERNELS if lq else FWD_KERNELS, args, nt_max, N, H, D, E, chunk, BH, SW, bias,
-                    momentum, False, lq, lqq, lqe, nrm)
+        if kl:
+            # kl: the materialised chunk-start weights W_0 = c softmax(Z_0) (transient, per boundary)
+            _run_kl_phases(FWD_KL_KERNELS, args, (torch.empty_like(st1), torch.empty_like(st2)), kc, nt_max, N, H, D,
+                           E, chunk, BH, SW, bias, False)
+        else:
+            _run_phases(FWD_LQ_KERNELS if lq else FWD_KERNELS, args, nt_max, N, H, D, E, chunk, BH, SW, bias,
+                        momentum, False, lq, lqq, lqe, nrm)
         ctx.save_for_backward(qf, kf, vf, *gates, st1, st2, ss1, ss2, cu, coff, idx0, idx1, nrm)
-        ctx.meta = (B, T, H, D, E, chunk, bias, p, momentum, q.dtype, N, nt_max, lq, lqq, lqe)
+        ctx.meta = (B, T, H, D, E, chunk, bias, p, momentum, q.dtype, N, nt_max, lq, lqq, lqe, kl, kc)
         outs = [y.view(B, T, H, D), st1[idx1], st2[idx1]]
         if momentum:
             outs += [ss1[idx1], ss2[idx1]]
@@ -177,7 +203,7 @@ class _ChunkMirasMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dW1, dW2, dS1, dS2):
         qf, kf, vf, la, eta, dlt, lmu, st1, st2, ss1, ss2, cu, coff, idx0, idx1, nrm = ctx.saved_tensors
-        B, T, H, D, E, chunk, bias, p, momentum, dtype, N, nt_max, lq, lqq, lqe = ctx.meta
+        B, T, H, D, E, chunk, bias, p, momentum, dtype, N, nt_max, lq, lqq, lqe, kl, kc = ctx.meta
         dev = qf.device
         dst1 = torch.zeros_like(st1)
         dst2 = torch.zeros_like(st2)
@@ -194,8 +220,9 @@ class _ChunkMirasMLP(torch.autograd.Function):
                 dss2[idx1] = dS2.float()
         else:
             dss1, dss2 = dst1, dst2
-        if lq:
-            # per-program cotangent of the inner gradients' weights W_0 = s_0 X_0 (chunk_lq)
+        if lq or kl:
+            # per-program cotangent of the inner gradients' weights W_0 = s_0 X_0 (chunk_lq) or
+            # W_0 = c softmax(Z_0) (chunk_kl)
             dw1 = torch.empty(N * H, D * E, dtype=torch.float32, device=dev)
             dw2 = torch.empty(N * H, D * E, dtype=torch.float32, device=dev)
         else:
@@ -211,15 +238,19 @@ class _ChunkMirasMLP(torch.autograd.Function):
         args = (qf, kf, vf, la, eta, dlt, lmu, dyf, dq, dk, dv, dla, deta, ddlt, dlmu,
                 st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, float(p))
         # chunk NTn-1-step of every sequence at launch step `step`
-        _run_phases(BWD_LQ_KERNELS if lq else BWD_KERNELS, args, nt_max, N, H, D, E, chunk, BH, SW, bias,
-                    momentum, True, lq, lqq, lqe, nrm)
+        if kl:
+            _run_kl_phases(BWD_KL_KERNELS, args, (torch.empty_like(st1), torch.empty_like(st2)), kc, nt_max, N, H, D,
+                           E, chunk, BH, SW, bias, True)
+        else:
+            _run_phases(BWD_LQ_KERNELS if lq else BWD_KERNELS, args, nt_max, N, H, D, E, chunk, BH, SW, bias,
+                        momentum, True, lq, lqq, lqe, nrm)
         sh = (B, T, H, D)
         gsh = (B, T, H)
         grads = [dq.view(sh).to(dtype), dk.view(sh).to(dtype), dv.view(sh).to(dtype),
                  dla.view(gsh), deta.view(gsh), ddlt.view(gsh), dlmu.view(gsh),
                  dst1[idx0], dst2[idx0]]
         grads += [dss1[idx0], dss2[idx0]] if momentum else [None, None]
-        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _run_phases(kernels, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, rev, lq, lqq, lqe, nrm):
@@ -232,6 +263,20 @@ def _run_phases(kernels, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum
             extra, kw = ((lqe, nrm), {"LQQ": lqq}) if kern in LQ_ARG_KERNELS else ((), {})
             kern[(N * H,)](*args, step, *extra, H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
                            REV=rev, LQ=lq, num_warps=phase_warps(name, D, chunk, lq), num_stages=NUM_STAGES, **kw)
+
+
+def _run_kl_phases(kernels, args, wst, kc, nt_max, N, H, D, E, chunk, BH, SW, bias, rev):
+    """The kl (Memora, gd) phase list of every chunk step (``chunk_kl``): phases that take inner
+    gradients at ``W_0`` get the materialised ``wst`` in place of the state ``Z``; the kl phases get
+    ``(wst1, wst2, c)``; the shared phases run with ``LQ = rev`` (the backward keeps ``d W_0`` apart
+    in ``dw1``/``dw2`` for ``kl_dw0``)."""
+    args_w = args[:15] + wst + args[17:]   # args[15:17] = (st1, st2)
+    for step in range(nt_max):
+        for name, kern in kernels:
+            extra = (*wst, float(kc)) if kern in KL_ARG_KERNELS else ()
+            kern[(N * H,)](*(args_w if name in W0_PHASES else args), step, *extra, H=H, D=D, E=E, BT=chunk, BH=BH,
+                           SW=SW, BIAS=bias, MOMENTUM=False, REV=rev, LQ=rev,
+                           num_warps=phase_warps(name, D, chunk, rev), num_stages=NUM_STAGES)
 
 
 def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor | None,
@@ -315,7 +360,8 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
         S1 = S2 = None
     y, W1T, W2T, S1T, S2T = _ChunkMirasMLP.apply(
         q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, nt_max, int(chunk_size),
-        BIAS_CODES[spec.bias], float(spec.p), momentum, lq, float(spec.q), float(spec.lq_eps))
+        BIAS_CODES[spec.bias], float(spec.p), momentum, lq, float(spec.q), float(spec.lq_eps),
+        spec.retention == "kl", float(spec.c))
     final = None
     if output_final_state:
         final = {"W1": W1T, "W2": W2T}
@@ -325,4 +371,4 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
 
 
 __all__ = ["chunk_miras_mlp", "supports", "gpu_config_supported", "hidden_block", "num_warps_for",
-           "phase_warps", "CANDIDATES", "SHIPPED", "SHIPPED_ARCHS", "SHIPPED_LQ_Q", "NOT_SHIPPED"]
+           "phase_warps", "CANDIDATES", "SHIPPED", "SHIPPED_ARCHS", "SHIPPED_LQ_Q", "SHIPPED_KL", "NOT_SHIPPED"]

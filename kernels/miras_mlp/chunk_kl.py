@@ -1,0 +1,407 @@
+"""Memora's KL retention (``retention="kl"``, gd learner) for the MLP-memory chunk kernels.
+
+Semantics (``miras_pretrain/ops``, notes section 2): the state of each weight matrix is the logit
+matrix ``Z`` with the affine decay recurrence ``Z_t = alpha_t Z_{t-1} - eta_t g_t``; the weights are
+``W_t = c * softmax_rows(Z_t)`` (softmax over the input = last dim of each matrix). Every inner
+gradient of a chunk is taken at ``W_0 = c softmax(Z_0)``; the reads use the per-token ``W_t``.
+With the chunk coefficients of ``chunk.py`` and the factors ``(a, b)`` = ``(dz, k)`` for ``W2``,
+``(do, h)`` for ``W1``:
+
+    Z_t = c_t Z_0 - sum_{i<=t} Gam_ti a_i b_i^T
+
+The reads are no longer affine in the state, so the Gram-matrix read of the other retentions is
+replaced by per-token sweeps on the ``[BH, D]`` / ``[D, BH]`` tiles in registers (the token
+recurrence of ``chunk_lq``'s norm scan). Phases (grid ``(N*H,)``), extra arguments ``wst1, wst2``
+(the materialised ``W_0`` per chunk boundary, same layout as the state) and ``kc`` (= c):
+
+* ``kl_w0`` (first of every step): ``W_0 = c softmax(Z_0)`` -> ``wst``; ``C_S01 = C_S02 = 1`` so the
+  shared phases' ``LQ`` weight scaling is the identity. The shared phases that take inner
+  gradients at ``W_0`` (``prep``, ``hidden``, ``read``, ``state``, ``state_do``, ``first``) get
+  ``wst`` as their state pointer; ``fwd_state`` / ``state_dk`` get ``Z``.
+* ``kl_z2``: per hidden block, token sweep of ``Z2_t`` (rows lie in the tile): ``z'_t = c P2_t q_t``
+  -> ``R_DZ``.
+* ``kl_o1``: per hidden block, token sweep of ``Z1_t``; rows span all hidden blocks, so an online
+  softmax (flash-attention style) keeps per-token row max ``m``, row sum ``s`` and numerator
+  ``o`` in ``[BT, D]`` register tiles across the blocks (a per-token read-modify-write of scratch
+  would race between the threads that replicate a row vector) -> ``o'`` (``S_OC``), ``m``
+  (``S_OS``), ``s`` (``S_SHH``).
+* ``kl_out``: forward ``y = q + LN(o')``; backward ``do' = LN_bwd(dy)`` -> ``S_DOQ``.
+* ``kl_adj1`` / ``kl_adj2`` (backward): per token and tile, the softmax Jacobian gives the state
+  adjoint ``Lam_t[r, j] = c P_rj g_r (x_j - read_r / c)`` (``g`` = the read's output cotangent,
+  ``x`` its input) and the input cotangent ``c P^T g``; ``Lam_t`` is pushed through the affine form
+  in the same forward sweep as ``chunk_lq``'s adjoint: ``d a_i -= Gam_ti Lam_t b_i``,
+  ``d b_i -= Gam_ti Lam_t^T a_i``, ``d Gam_ti -= a_i^T Lam_t b_i``, ``d c_t += <Lam_t, Z_0>``,
+  ``d Z_0 += c_t Lam_t``, written to the scratch the later shared phases consume (``R_GDZ``,
+  ``R_GH``, ``S_GDR``, ``S_LQDK``, ``S_DGAM``, ``V_DC``, ``dst``) plus ``dq`` (``kl_adj2q``, a
+  second sweep of layer 2: with ``dq`` in ``kl_adj2`` ptxas spilled on sm_80).
+* ``kl_dkm``: ``S_DKM = S_DK`` (the affine read's ``dq``/``dkm`` phases do not run).
+* ``kl_dw0`` (after ``first``): ``d Z_0 += c P0 * (dW_0 - <P0, dW_0>_row)`` for the inner gradients'
+  weight cotangent ``dW_0`` (``dw1``/``dw2``, kept apart by ``state_dk``/``first`` under ``LQ``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .chunk import (BWD_KERNELS, C_S01, C_S02, FWD_KERNELS, NSLOT, R_A, R_B, R_C, R_DZ, R_GDZ, R_GH,
+                    S_DGAM, S_DGR, S_DK, S_DKM, S_DO, S_DOQ, S_GAMM, S_GDR, S_KT, S_LQDK, S_OC, S_OS, S_QT,
+                    S_SHH, V_C, V_DC, V_LQDC, _cp, _er, _gelu, _gelu_d, _ld_tok, _ln_bwd, _ln_rows, _pro, _sl,
+                    _tok_off, _vp)
+from .chunk_lq import _chunk_origin, _tok_gate, _vs
+
+
+@triton.jit
+def _mlp_kl_w0_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+):
+    """kl, first phase of a step: W_0 = c softmax_rows(Z_0) of both matrices -> wst (W2 rows lie in
+    one [BH, D] tile; W1 rows span the hidden blocks: online max/sum, then a second pass)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        m1 = tl.full([D], -1e30, dtype=tl.float32)
+        s1 = tl.zeros([D], dtype=tl.float32)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o2 = hh[:, None] * D + od[None, :]
+            Z2 = tl.load(st2 + b_in + o2)                                              # [BH, D]
+            P2 = tl.exp(Z2 - tl.max(Z2, axis=1)[:, None])
+            tl.store(wst2 + b_in + o2, kc * P2 / tl.sum(P2, axis=1)[:, None])
+            Z1 = tl.load(st1 + b_in + od[:, None] * E + hh[None, :])                   # [D, BH]
+            mn = tl.maximum(m1, tl.max(Z1, axis=1))
+            s1 = s1 * tl.exp(m1 - mn) + tl.sum(tl.exp(Z1 - mn[:, None]), axis=1)
+            m1 = mn
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o1 = od[:, None] * E + hh[None, :]
+            tl.store(wst1 + b_in + o1, kc * tl.exp(tl.load(st1 + b_in + o1) - m1[:, None]) / s1[:, None])
+        one = kc * 0.0 + 1.0
+        tl.store(_cp(scr_p, C_S01, BT, SW, E), one)
+        tl.store(_cp(scr_p, C_S02, BT, SW, E), one)
+
+
+@triton.jit
+def _mlp_kl_z2_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+):
+    """kl, the read's layer 2, per hidden block: Z2_t = alpha_t Z2_{t-1} - eta_t dz_t k_t^T on the
+    [BH, D] tile, z'_t = c softmax_rows(Z2_t) q_t -> R_DZ (factors dz_i from R_C, k_i, q_t from
+    S_KT, S_QT)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        g0, nv = _chunk_origin(go, tm, BT)
+        reg = scr_p + NSLOT * BT * SW
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            X = tl.load(st2 + b_in + hh[:, None] * D + od[None, :])                    # [BH, D]
+            for t in tl.range(0, BT, disable_licm=True):
+                a = tl.load(reg + R_C * BT * E + t * E + hh)                             # dz_t [BH]
+                b = tl.load(scr_p + S_KT * BT * SW + od * BT + t)                        # k_t [D]
+                X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
+                qt = tl.load(scr_p + S_QT * BT * SW + od * BT + t)                       # q_t [D]
+                P = tl.exp(X - tl.max(X, axis=1)[:, None])
+                tl.store(reg + R_DZ * BT * E + t * E + hh, kc * tl.sum(P * qt[None, :], axis=1) / tl.sum(P, axis=1))
+
+
+@triton.jit
+def _mlp_kl_o1_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+):
+    """kl, the read's layer 1, per hidden block: Z1_t = alpha_t Z1_{t-1} - eta_t do_t h_t^T on the
+    [D, BH] tile; online softmax over the blocks: per token row max m, row sum s, numerator o ->
+    o'_t = c o / s (S_OC), m (S_OS), s (S_SHH). h_i: R_B (forward, from ``hidden``) / R_GH
+    (backward, from ``read``); h'_t = gelu(z'_t) from R_DZ."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        rows = tl.arange(0, BT)
+        g0, nv = _chunk_origin(go, tm, BT)
+        reg = scr_p + NSLOT * BT * SW
+        if REV:
+            hbase = reg + R_GH * BT * E
+        else:
+            hbase = reg + R_B * BT * E
+        Mx = tl.full([BT, D], -1e30, dtype=tl.float32)
+        Sm = tl.zeros([BT, D], dtype=tl.float32)
+        On = tl.zeros([BT, D], dtype=tl.float32)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            X = tl.load(st1 + b_in + od[:, None] * E + hh[None, :])                    # [D, BH]
+            for t in tl.range(0, BT, disable_licm=True):
+                sel = (rows == t)[:, None]
+                a = tl.load(scr_p + S_DO * BT * SW + t * SW + od)                        # do_t [D]
+                b = tl.load(hbase + t * E + hh)                            # h_t [BH]
+                X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
+                hq = _gelu(tl.load(reg + R_DZ * BT * E + t * E + hh))                    # h'_t [BH]
+                m_old = tl.sum(tl.where(sel, Mx, 0.0), axis=0)                           # [D]
+                mn = tl.maximum(m_old, tl.max(X, axis=1))
+                sc = tl.exp(m_old - mn)
+                Pn = tl.exp(X - mn[:, None])
+                s_new = tl.sum(tl.where(sel, Sm, 0.0), axis=0) * sc + tl.sum(Pn, axis=1)
+                o_new = tl.sum(tl.where(sel, On, 0.0), axis=0) * sc + tl.sum(Pn * hq[None, :], axis=1)
+                Mx = tl.where(sel, mn[None, :], Mx)
+                Sm = tl.where(sel, s_new[None, :], Sm)
+                On = tl.where(sel, o_new[None, :], On)
+        tl.store(_sl(scr_p, S_OC, BT, D, SW, BT), kc * On / Sm)
+        tl.store(_sl(scr_p, S_OS, BT, D, SW, BT), Mx)
+        tl.store(_sl(scr_p, S_SHH, BT, D, SW, BT), Sm)
+
+
+@triton.jit
+def _mlp_kl_out_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+):
+    """kl, the read's output LN: forward y = q + LN(o'); backward do' = LN_bwd(dy) -> S_DOQ
+    (``y`` is dy in the backward's argument list)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        xq, rq = _ln_rows(tl.load(_sl(scr_p, S_OC, BT, D, SW, BT)), D)
+        if REV:
+            tl.store(_sl(scr_p, S_DOQ, BT, D, SW, BT), _ln_bwd(xq, rq, _ld_tok(y + tb, tm, H, D, BT), D))
+        else:
+            tl.store(y + tb + _tok_off(H, D, BT), (_ld_tok(q + tb, tm, H, D, BT) + xq).to(y.dtype.element_ty),
+                     mask=tm[:, None])
+
+
+@triton.jit
+def _mlp_kl_adj1_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+):
+    """kl backward, the read's layer 1 (factors a = do, b = h), per hidden block, one forward token
+    sweep: P1_t from the saved row stats, Lam_t = c P (do'_r (h'_j - o'_r / c)), dh'_t = c P^T do'_t
+    (R_A); the adjoint through the affine Z1_t: d(h_i) (R_B, moved to R_GH by kl_adj2), d(do_i)
+    (S_GDR), d Gam (S_DGR), d c (V_LQDC), d Z1_0 = sum_t c_t Lam_t (dst1, written)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        rows = tl.arange(0, BT)
+        g0, nv = _chunk_origin(go, tm, BT)
+        reg = scr_p + NSLOT * BT * SW
+        dDo = tl.zeros([D, BT], dtype=tl.float32)                                         # d(do_i)^T
+        dG = tl.zeros([BT, BT], dtype=tl.float32)
+        dcv = tl.zeros([BT], dtype=tl.float32)
+        pdo_t = scr_p + S_DO * BT * SW + rows[None, :] * SW + od[:, None]                 # do^T [D, BT]
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o1 = od[:, None] * E + hh[None, :]
+            X0 = tl.load(st1 + b_in + o1)                                                 # [D, BH]
+            X = X0
+            dX0 = tl.zeros([D, BH], dtype=tl.float32)
+            dH = tl.zeros([BT, BH], dtype=tl.float32)
+            for t in tl.range(0, BT, disable_licm=True):
+                sel = rows == t
+                a = tl.load(scr_p + S_DO * BT * SW + t * SW + od)                        # do_t [D]
+                b = tl.load(reg + R_GH * BT * E + t * E + hh)                            # h_t [BH]
+                X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
+                mt = tl.load(scr_p + S_OS * BT * SW + t * SW + od)
+                Pm = tl.exp(X - mt[:, None]) / tl.load(scr_p + S_SHH * BT * SW + t * SW + od)[:, None]
+                gt = tl.load(scr_p + S_DOQ * BT * SW + t * SW + od)                      # do'_t [D]
+                ot = tl.load(scr_p + S_OC * BT * SW + t * SW + od)                       # o'_t [D]
+                hq = _gelu(tl.load(reg + R_DZ * BT * E + t * E + hh))                    # h'_t [BH]
+                Pg = Pm * gt[:, None]
+                tl.store(reg + R_A * BT * E + t * E + hh, kc * tl.sum(Pg, axis=0))       # dh'_t
+                Lam = Pg * (kc * hq[None, :] - ot[:, None])
+                dX0 += tl.load(_vs(scr_p, V_C, t, BT, SW, E)) * Lam
+                dcv += tl.where(sel, tl.sum(tl.sum(Lam * X0, axis=1), axis=0), 0.0)
+                Pl = tl.dot(Lam, tl.load(reg + R_GH * BT * E + rows[None, :] * E + hh[:, None]))   # [D, BT]: Lam h_i
+                grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                 # Gam[t, :]
+                dDo -= Pl * grow[None, :]
+                dG += tl.where(sel[:, None], -tl.sum(tl.load(pdo_t) * Pl, axis=0)[None, :], 0.0)
+                dH = tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)) * (-grow)[:, None], Lam, acc=dH)
+            tl.store(_er(scr_p, R_B, hh, BT, SW, E), dH)
+            tl.store(dst1 + b_in + o1, dX0)
+        tl.store(scr_p + S_GDR * BT * SW + rows[None, :] * SW + od[:, None], dDo)
+        causal = rows[:, None] >= rows[None, :]
+        tl.store(_sl(scr_p, S_DGR, BT, BT, SW, BT), tl.where(causal, dG, 0.0))
+        tl.store(_vp(scr_p, V_LQDC, BT, SW, E), dcv)
+
+
+@triton.jit
+def _mlp_kl_adj2_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+):
+    """kl backward, the read's layer 2 (factors a = dz, b = k), per hidden block, one forward token
+    sweep: dz'_t = dh'_t gelu'(z'_t), Lam_t = c P (dz'_j (q_c - z'_j / c)); the adjoint: d(dz_i)
+    (R_GDZ), dk_i (S_LQDK), d Gam (S_DGAM = S_DGR + ..), d c (V_DC = V_LQDC + ..), d Z2_0 (dst2,
+    written). (dq: kl_adj2q.)"""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        rows = tl.arange(0, BT)
+        g0, nv = _chunk_origin(go, tm, BT)
+        reg = scr_p + NSLOT * BT * SW
+        dK = tl.zeros([BT, D], dtype=tl.float32)
+        dG = tl.zeros([BT, BT], dtype=tl.float32)
+        dcv = tl.zeros([BT], dtype=tl.float32)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o2 = hh[:, None] * D + od[None, :]
+            X0 = tl.load(st2 + b_in + o2)                                                 # [BH, D]
+            X = X0
+            dX0 = tl.zeros([BH, D], dtype=tl.float32)
+            dDZ = tl.zeros([BT, BH], dtype=tl.float32)
+            for t in tl.range(0, BT, disable_licm=True):
+                sel = rows == t
+                a = tl.load(reg + R_C * BT * E + t * E + hh)                             # dz_t [BH]
+                b = tl.load(scr_p + S_KT * BT * SW + od * BT + t)                        # k_t [D]
+                X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
+                Pn = tl.exp(X - tl.max(X, axis=1)[:, None])
+                Pm = Pn / tl.sum(Pn, axis=1)[:, None]                                    # [BH, D]
+                qt = tl.load(scr_p + S_QT * BT * SW + od * BT + t)                       # q_t [D]
+                zq = tl.load(reg + R_DZ * BT * E + t * E + hh)                           # z'_t [BH]
+                gz = tl.load(reg + R_A * BT * E + t * E + hh) * _gelu_d(zq)              # dz'_t [BH]
+                Lam = Pm * gz[:, None] * (kc * qt[None, :] - zq[:, None])
+                dX0 += tl.load(_vs(scr_p, V_C, t, BT, SW, E)) * Lam
+                dcv += tl.where(sel, tl.sum(tl.sum(Lam * X0, axis=1), axis=0), 0.0)
+                grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                 # Gam[t, :]
+                R = tl.dot(tl.load(_er(scr_p, R_C, hh, BT, SW, E)), Lam)                  # [BT, D]: dz_i^T Lam
+                dK -= R * grow[:, None]
+                dG += tl.where(sel[:, None], -tl.sum(R * _ld_tok(k + tb, tm, H, D, BT), axis=1)[None, :], 0.0)
+                dDZ = tl.dot(_ld_tok(k + tb, tm, H, D, BT) * (-grow)[:, None], tl.trans(Lam), acc=dDZ)
+            tl.store(_er(scr_p, R_GDZ, hh, BT, SW, E), dDZ)
+            tl.store(dst2 + b_in + o2, dX0)
+        tl.store(_sl(scr_p, S_LQDK, BT, D, SW, BT), dK)
+        causal = rows[:, None] >= rows[None, :]
+        tl.store(_sl(scr_p, S_DGAM, BT, BT, SW, BT), tl.load(_sl(scr_p, S_DGR, BT, BT, SW, BT)) + tl.where(causal, dG, 0.0))
+        tl.store(_vp(scr_p, V_DC, BT, SW, E), tl.load(_vp(scr_p, V_LQDC, BT, SW, E)) + dcv)
+
+
+@triton.jit
+def _mlp_kl_adj2q_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+):
+    """kl backward, the read's layer 2, dq part (split off kl_adj2: together they spilled on
+    sm_80), per hidden block, token sweep: dq_t = c P2_t^T dz'_t (+ dy, the residual; written to
+    dq); moves kl_adj1's d(h_i) R_B -> R_GH."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        rows = tl.arange(0, BT)
+        g0, nv = _chunk_origin(go, tm, BT)
+        reg = scr_p + NSLOT * BT * SW
+        dQ = tl.zeros([BT, D], dtype=tl.float32)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            X = tl.load(st2 + b_in + hh[:, None] * D + od[None, :])                    # [BH, D]
+            for t in tl.range(0, BT, disable_licm=True):
+                sel = rows == t
+                a = tl.load(reg + R_C * BT * E + t * E + hh)                             # dz_t [BH]
+                b = tl.load(scr_p + S_KT * BT * SW + od * BT + t)                        # k_t [D]
+                X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
+                Pn = tl.exp(X - tl.max(X, axis=1)[:, None])
+                gz = tl.load(reg + R_A * BT * E + t * E + hh) * _gelu_d(tl.load(reg + R_DZ * BT * E + t * E + hh))
+                Pg = Pn * (gz / tl.sum(Pn, axis=1))[:, None]
+                dQ = tl.where(sel[:, None], dQ + kc * tl.sum(Pg, axis=0)[None, :], dQ)
+            tl.store(_er(scr_p, R_GH, hh, BT, SW, E), tl.load(_er(scr_p, R_B, hh, BT, SW, E)))
+        tl.store(dq + tb + _tok_off(H, D, BT), dQ + _ld_tok(y + tb, tm, H, D, BT), mask=tm[:, None])
+
+
+@triton.jit
+def _mlp_kl_dkm_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+):
+    """kl backward: dk so far (S_DK, from state_dk) -> S_DKM, where ``mid`` reads it (the affine
+    read's dkm phase, which adds its A2 term there, does not run for kl)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        scr_p = scr + so
+        tl.store(_sl(scr_p, S_DKM, BT, D, SW, BT), tl.load(_sl(scr_p, S_DK, BT, D, SW, BT)))
+
+
+@triton.jit
+def _mlp_kl_dw0_kernel(
+    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
+    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
+    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+):
+    """kl backward, after ``first``: d Z_0 += W_0 * (dW_0 - <W_0, dW_0>_row / c) (the softmax
+    Jacobian of W_0 = c softmax_rows(Z_0); dW_0 in the per-program buffers dw1/dw2)."""
+    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
+    if valid:
+        od = tl.arange(0, D)
+        oh = tl.arange(0, BH)
+        w0 = tl.program_id(0).to(tl.int64) * (D * E)
+        r1 = tl.zeros([D], dtype=tl.float32)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o2 = hh[:, None] * D + od[None, :]
+            o1 = od[:, None] * E + hh[None, :]
+            W2 = tl.load(wst2 + b_in + o2)
+            g2 = tl.load(dw2 + w0 + o2)
+            tl.store(dst2 + b_in + o2, tl.load(dst2 + b_in + o2) + W2 * (g2 - tl.sum(W2 * g2, axis=1)[:, None] / kc))
+            r1 += tl.sum(tl.load(wst1 + b_in + o1) * tl.load(dw1 + w0 + o1), axis=1)
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            o1 = od[:, None] * E + hh[None, :]
+            W1 = tl.load(wst1 + b_in + o1)
+            tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + W1 * (tl.load(dw1 + w0 + o1) - r1[:, None] / kc))
+
+
+KL_KERNELS = {"mlp_kl_w0": _mlp_kl_w0_kernel, "mlp_kl_z2": _mlp_kl_z2_kernel, "mlp_kl_o1": _mlp_kl_o1_kernel,
+              "mlp_kl_out": _mlp_kl_out_kernel, "mlp_kl_adj1": _mlp_kl_adj1_kernel,
+              "mlp_kl_adj2": _mlp_kl_adj2_kernel, "mlp_kl_adj2q": _mlp_kl_adj2q_kernel,
+              "mlp_kl_dkm": _mlp_kl_dkm_kernel, "mlp_kl_dw0": _mlp_kl_dw0_kernel}
+_F = dict(FWD_KERNELS)
+_B = dict(BWD_KERNELS)
+# phases of the kl path in launch order (gd only). The shared phases run with LQ = REV (backward:
+# d(W_0) kept apart in dw1/dw2; C_S01 = C_S02 = 1 from kl_w0 make the LQ weight scaling exact).
+FWD_KL_KERNELS = (
+    ("mlp_fwd_kl_w0", _mlp_kl_w0_kernel), ("mlp_fwd_prep", _F["mlp_fwd_prep"]), ("mlp_fwd_prep2", _F["mlp_fwd_prep2"]),
+    ("mlp_fwd_coef", _F["mlp_fwd_coef"]), ("mlp_fwd_qw", _F["mlp_fwd_qw"]), ("mlp_fwd_hidden", _F["mlp_fwd_hidden"]),
+    ("mlp_fwd_state", _F["mlp_fwd_state"]), ("mlp_fwd_kl_z2", _mlp_kl_z2_kernel), ("mlp_fwd_kl_o1", _mlp_kl_o1_kernel),
+    ("mlp_fwd_kl_out", _mlp_kl_out_kernel),
+)
+BWD_KL_KERNELS = (
+    ("mlp_bwd_kl_w0", _mlp_kl_w0_kernel), ("mlp_bwd_prep", _B["mlp_bwd_prep"]), ("mlp_bwd_prep2", _B["mlp_bwd_prep2"]),
+    ("mlp_bwd_coef", _B["mlp_bwd_coef"]), ("mlp_bwd_read", _B["mlp_bwd_read"]), ("mlp_bwd_kl_z2", _mlp_kl_z2_kernel),
+    ("mlp_bwd_kl_o1", _mlp_kl_o1_kernel), ("mlp_bwd_kl_out", _mlp_kl_out_kernel), ("mlp_bwd_kl_adj1", _mlp_kl_adj1_kernel),
+    ("mlp_bwd_kl_adj2q", _mlp_kl_adj2q_kernel), ("mlp_bwd_kl_adj2", _mlp_kl_adj2_kernel), ("mlp_bwd_state", _B["mlp_bwd_state"]),
+    ("mlp_bwd_state_do", _B["mlp_bwd_state_do"]), ("mlp_bwd_state_dk", _B["mlp_bwd_state_dk"]),
+    ("mlp_bwd_kl_dkm", _mlp_kl_dkm_kernel), ("mlp_bwd_mid", _B["mlp_bwd_mid"]), ("mlp_bwd_first", _B["mlp_bwd_first"]),
+    ("mlp_bwd_kl_dw0", _mlp_kl_dw0_kernel), ("mlp_bwd_gates", _B["mlp_bwd_gates"]),
+)
+# shared phases that take their inner gradients at W_0: they get the materialised wst as state
+W0_PHASES = frozenset({"mlp_fwd_prep", "mlp_fwd_hidden", "mlp_fwd_qw", "mlp_bwd_prep", "mlp_bwd_read",
+                       "mlp_bwd_state", "mlp_bwd_state_do", "mlp_bwd_first"})
+# phases that take the extra kl arguments (wst1, wst2, c)
+KL_ARG_KERNELS = frozenset(KL_KERNELS.values())
