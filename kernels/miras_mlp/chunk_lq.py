@@ -136,6 +136,21 @@ def _mlp_lq_s0_kernel(
 
 
 @triton.jit
+def _lq_norm_step(X, S, a, b, acc, sel, la, eta, lmu, g0, nv, t, H: tl.constexpr, MOMENTUM: tl.constexpr,
+                  LQQ: tl.constexpr):
+    """One token of the in-chunk recurrence on a weight tile (gd: X_t = alpha_t X - eta_t a b^T;
+    momentum: S_t = mu_t S - eta_t a b^T, X_t = alpha_t X + S_t), adding sum |X_t|^q to ``acc[t]``
+    (``sel`` = the token's lane). Shared by the W2 and W1 norm scans."""
+    if MOMENTUM:
+        S = tl.exp(_tok_gate(lmu, g0, nv, t, H, 0.0)) * S - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
+        X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X + S
+    else:
+        X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
+    acc += tl.where(sel, tl.sum(tl.sum(X * X * _absq2(X, LQQ), axis=1), axis=0), 0.0)
+    return X, S, acc
+
+
+@triton.jit
 def _mlp_lq_norm2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
@@ -159,18 +174,13 @@ def _mlp_lq_norm2_kernel(
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             X = tl.load(st2 + b_in + hh[:, None] * D + od[None, :])                    # [BH, D]
+            S = X  # never read without momentum
             if MOMENTUM:
                 S = tl.load(ss2 + b_in + hh[:, None] * D + od[None, :])
             for t in tl.range(0, BT, disable_licm=True):
-                sel = rows == t
                 a = tl.load(reg + R_C * BT * E + t * E + hh)                             # dz_t [BH]
                 b = tl.load(scr_p + S_KT * BT * SW + od * BT + t)                        # k_t [D]
-                if MOMENTUM:   # S_t = mu_t S - eta_t g_t, X_t = alpha_t X + S_t
-                    S = tl.exp(_tok_gate(lmu, g0, nv, t, H, 0.0)) * S - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
-                    X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X + S
-                else:
-                    X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
-                acc += tl.where(sel, tl.sum(tl.sum(X * X * _absq2(X, LQQ), axis=1), axis=0), 0.0)
+                X, S, acc = _lq_norm_step(X, S, a, b, acc, rows == t, la, eta, lmu, g0, nv, t, H, MOMENTUM, LQQ)
         n = _qroot(acc, LQQ)
         tl.store(_vp(scr_p, V_N2, BT, SW, E), n)
         tl.store(_vp(scr_p, V_S2, BT, SW, E), _lq_scale(n, lqe, LQQ))
@@ -197,18 +207,13 @@ def _mlp_lq_norm1_kernel(
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             X = tl.load(st1 + b_in + od[:, None] * E + hh[None, :])                    # [D, BH]
+            S = X  # never read without momentum
             if MOMENTUM:
                 S = tl.load(ss1 + b_in + od[:, None] * E + hh[None, :])
             for t in tl.range(0, BT, disable_licm=True):
-                sel = rows == t
                 a = tl.load(scr_p + S_DO * BT * SW + t * SW + od)                        # do_t [D]
                 b = tl.load(reg + R_GH * BT * E + t * E + hh)                            # h_t [BH]
-                if MOMENTUM:   # S_t = mu_t S - eta_t g_t, X_t = alpha_t X + S_t
-                    S = tl.exp(_tok_gate(lmu, g0, nv, t, H, 0.0)) * S - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
-                    X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X + S
-                else:
-                    X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
-                acc += tl.where(sel, tl.sum(tl.sum(X * X * _absq2(X, LQQ), axis=1), axis=0), 0.0)
+                X, S, acc = _lq_norm_step(X, S, a, b, acc, rows == t, la, eta, lmu, g0, nv, t, H, MOMENTUM, LQQ)
         n = _qroot(acc, LQQ)
         tl.store(_vp(scr_p, V_N1, BT, SW, E), n)
         tl.store(_vp(scr_p, V_S1, BT, SW, E), _lq_scale(n, lqe, LQQ))
