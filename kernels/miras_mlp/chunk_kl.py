@@ -48,7 +48,7 @@ from .chunk import (BWD_KERNELS, C_S01, C_S02, FWD_KERNELS, NSLOT, R_A, R_B, R_C
                     S_DGAM, S_DGR, S_DK, S_DKM, S_DO, S_DOQ, S_GAMM, S_GDR, S_KT, S_LQDK, S_OC, S_OS, S_QT,
                     S_SHH, V_C, V_DC, V_LQDC, _cp, _er, _gelu, _gelu_d, _ld_tok, _ln_bwd, _ln_rows, _pro, _sl,
                     _tok_off, _vp)
-from .chunk_lq import _chunk_origin, _tok_gate, _vs
+from .chunk_lq import _chunk_origin, _tok_gate, _vs, _w1_adjoint_step
 
 
 @triton.jit
@@ -227,13 +227,8 @@ def _mlp_kl_adj1_kernel(
                 Pg = Pm * gt[:, None]
                 tl.store(reg + R_A * BT * E + t * E + hh, kc * tl.sum(Pg, axis=0))       # dh'_t
                 Lam = Pg * (kc * hq[None, :] - ot[:, None])
-                dX0 += tl.load(_vs(scr_p, V_C, t, BT, SW, E)) * Lam
-                dcv += tl.where(sel, tl.sum(tl.sum(Lam * X0, axis=1), axis=0), 0.0)
-                Pl = tl.dot(Lam, tl.load(reg + R_GH * BT * E + rows[None, :] * E + hh[:, None]))   # [D, BT]: Lam h_i
-                grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                 # Gam[t, :]
-                dDo -= Pl * grow[None, :]
-                dG += tl.where(sel[:, None], -tl.sum(tl.load(pdo_t) * Pl, axis=0)[None, :], 0.0)
-                dH = tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)) * (-grow)[:, None], Lam, acc=dH)
+                dX0, dH, dDo, dG, dcv = _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, pdo_t,
+                                                         hh, rows, R_GH, BT, SW, E, D)
             tl.store(_er(scr_p, R_B, hh, BT, SW, E), dH)
             tl.store(dst1 + b_in + o1, dX0)
         tl.store(scr_p + S_GDR * BT * SW + rows[None, :] * SW + od[:, None], dDo)

@@ -357,6 +357,23 @@ def _mlp_lq_adj2k_kernel(
 
 
 @triton.jit
+def _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, pdo_t, hh, rows,
+                     R_H: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr, D: tl.constexpr):
+    """One token of a W1 tile's forward-accumulated adjoint (lq and kl): the state adjoint
+    ``Lam`` ``[D, BH]`` of token t into d X1_0 (``dX0``), d c (``dcv``), d(do_i) (``dDo^T``),
+    d Gam row t (``dG``) and d(h_i) (``dH``; the factors h_i live in register region ``R_H``)."""
+    dX0 += tl.load(_vs(scr_p, V_C, t, BT, SW, E)) * Lam
+    dcv += tl.where(sel, tl.sum(tl.sum(Lam * X0, axis=1), axis=0), 0.0)
+    P = tl.dot(Lam, tl.load(reg + R_H * BT * E + rows[None, :] * E + hh[:, None]))     # [D, BT]: Lam h_i
+    grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                          # Gam[t, :]
+    dDo -= P * grow[None, :]
+    dG += tl.where(sel[:, None], -tl.sum(tl.load(pdo_t) * P, axis=0)[None, :], 0.0)
+    # dh_i -= Gam_ti do_i^T Lam
+    dH = tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)) * (-grow)[:, None], Lam, acc=dH)
+    return dX0, dH, dDo, dG, dcv
+
+
+@triton.jit
 def _mlp_lq_adj1_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
@@ -399,17 +416,11 @@ def _mlp_lq_adj1_kernel(
                 else:
                     X = tl.exp(_tok_gate(la, g0, nv, t, H, 0.0)) * X - (_tok_gate(eta, g0, nv, t, H, 0.0) * a)[:, None] * b[None, :]
                 Lam = _lq_kappa(tl.load(_vs(scr_p, V_N1, t, BT, SW, E)), tl.load(_vs(scr_p, V_DS1, t, BT, SW, E)), lqe, LQQ) * X * _absq2(X, LQQ)
-                dX0 += tl.load(_vs(scr_p, V_C, t, BT, SW, E)) * Lam
-                dcv += tl.where(sel, tl.sum(tl.sum(Lam * X0, axis=1), axis=0), 0.0)
                 if MOMENTUM:
                     dS0 += tl.load(_vs(scr_p, V_B, t, BT, SW, E)) * Lam
                     dbv += tl.where(sel, tl.sum(tl.sum(Lam * tl.load(ss1 + b_in + o1), axis=1), axis=0), 0.0)
-                P = tl.dot(Lam, tl.load(reg + R_B * BT * E + rows[None, :] * E + hh[:, None]))   # [D, BT]: Lam h_i
-                grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                 # Gam[t, :]
-                dDo -= P * grow[None, :]
-                dG += tl.where(sel[:, None], -tl.sum(tl.load(pdo_t) * P, axis=0)[None, :], 0.0)
-                # dh_i -= Gam_ti do_i^T Lam
-                dH = tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)) * (-grow)[:, None], Lam, acc=dH)
+                dX0, dH, dDo, dG, dcv = _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, pdo_t,
+                                                         hh, rows, R_B, BT, SW, E, D)
             ph = _er(scr_p, R_GH, hh, BT, SW, E)
             tl.store(ph, tl.load(ph) + dH)
             tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + dX0)
