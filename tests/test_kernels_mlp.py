@@ -294,11 +294,12 @@ def test_supports_and_errors():
     q = torch.zeros(1, 8, 2, 16)
     st = {"W1": torch.zeros(2, 16, 32), "W2": torch.zeros(2, 32, 16)}
     assert supports(SPECS["yaad"], q, chunk_size=16, initial_state=st) == (True, "")
-    # Moneta (lq) and Memora (kl, gd) run on the kernels; kl + momentum falls back, naming why
+    # Moneta (lq) and Memora (kl, gd) run on the kernels, so does kl + momentum (tests/test_kernels_mlp_kl.py)
     assert supports(MirasSpec.preset("moneta", expansion=2), q, chunk_size=16, initial_state=st) == (True, "")
     assert supports(MirasSpec.preset("memora", expansion=2), q, chunk_size=16, initial_state=st) == (True, "")
     kl_mom = MirasSpec(memory="mlp", bias="l2", retention="kl", learner="momentum", expansion=2)
-    for bad, word in ((kl_mom, "learner='momentum'"), (MirasSpec.preset("gated_delta"), "mlp")):
+    assert supports(kl_mom, q, chunk_size=16, initial_state=st) == (True, "")
+    for bad, word in ((MirasSpec.preset("gated_delta"), "mlp"),):
         ok, why = supports(bad, q, chunk_size=16, initial_state=st)
         assert not ok and word in why
     assert not supports(SPECS["yaad"], torch.zeros(1, 8, 2, 24), chunk_size=16, initial_state=st)[0]
@@ -310,23 +311,31 @@ def test_supports_and_errors():
     assert (64, 4, 64) in SHIPPED and gpu_config_supported(64, 4, 64, 80) == (True, "")
     assert all(gpu_config_supported(d, e, c, a)[0] for d, e, c in SHIPPED for a in (80, 90))
     assert "not a shipped" in gpu_config_supported(16, 2, 16, 90)[1]
-    assert "spills" in gpu_config_supported(128, 4, 64, 90)[1]   # see api.NOT_SHIPPED
+    assert gpu_config_supported(128, 4, 64, 90) == (True, "")   # shipped since its phases are spill-free
     assert "sm_86" in gpu_config_supported(64, 4, 64, 86)[1]
     # the lq phases are compiled per exponent q (constexpr): only the AOT-checked q = 4 runs on a GPU
     assert gpu_config_supported(64, 4, 64, 90, lq_q=4.0) == (True, "")
     assert "q=3" in gpu_config_supported(64, 4, 64, 90, lq_q=3.0)[1]
-    # the kl phases are AOT-checked for the shipped configs with d <= 64 (api.SHIPPED_KL)
+    # the kl phases (gd and momentum) are AOT-checked for every shipped config but
+    # api.KL_NOT_SHIPPED -- empty since d = 128 with C = 64 compiles spill-free too (kl_adj1h) --
+    # so kl runs on a GPU exactly where the shared phases do (api.SHIPPED_KL)
+    from kernels.miras_mlp.api import KL_NOT_SHIPPED, SHIPPED_KL
+
+    assert KL_NOT_SHIPPED == {} and set(SHIPPED_KL) == set(SHIPPED) and (128, 4, 16) in SHIPPED_KL
     assert gpu_config_supported(64, 4, 64, 80, kl=True) == (True, "")
-    assert gpu_config_supported(32, 2, 16, 90, kl=True) == (True, "")
-    assert "retention='kl'" in gpu_config_supported(128, 4, 16, 90, kl=True)[1]
+    assert all(gpu_config_supported(d, e, c, a, kl=True)[0] for d, e, c in SHIPPED_KL for a in (80, 90))
+    assert all(gpu_config_supported(128, e, 64, a, kl=True) == gpu_config_supported(128, e, 64, a)
+               for e in (2, 4) for a in (80, 90))
     gates = torch.rand(1, 8, 2)
     with pytest.raises(ValueError, match="delta"):
         chunk_miras_mlp(q, q, q, gates, gates, spec=SPECS["yaad"], chunk_size=16, initial_state=st)
     with pytest.raises(ValueError, match="W2"):
         chunk_miras_mlp(q, q, q, gates, gates, spec=SPECS["ttt_mlp"], chunk_size=16, initial_state={"W1": st["W1"]})
-    with pytest.raises(ValueError, match="no MLP decoding kernel"):
-        fused_recurrent_miras_mlp(q, q, q, gates, gates, spec=MirasSpec.preset("moneta", expansion=2), chunk_size=1,
-                                  initial_state=st)
+    # the decoding kernel runs every retention (tests/test_kernels_mlp_decode.py); mid-chunk it needs
+    # the frozen weights of the previous call
+    with pytest.raises(ValueError, match="mid-chunk"):
+        fused_recurrent_miras_mlp(q, q, q, gates, gates, spec=MirasSpec.preset("moneta", expansion=2), chunk_size=4,
+                                  initial_state=st, position=2)
     with pytest.raises(ValueError, match="B == 1"):
         q2 = torch.zeros(2, 8, 2, 16)
         chunk_miras_mlp(q2, q2, q2, None, torch.rand(2, 8, 2), spec=SPECS["ttt_mlp"], chunk_size=16,

@@ -16,7 +16,7 @@ import tempfile
 
 from .api import NUM_STAGES, SHIPPED, SHIPPED_KL, hidden_block, phase_warps
 from .chunk import BIAS_CODES, BIAS_KERNELS, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
-from .chunk_kl import BWD_KL_KERNELS, FWD_KL_KERNELS
+from .chunk_kl import kl_phases
 from .chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
 from .fused_recurrent import _mlp_recurrent_kernel, recurrent_block
 
@@ -26,9 +26,10 @@ VARIANTS = [("l2", False), ("huber", False), ("lp", False), ("dot", False), ("l2
 # The l_q retention (q = 4): the lq phase list (chunk_lq) compiled with LQ=True, as (bias, q,
 # momentum): Moneta's lp + gd, and l2 + momentum. ``aot_specs(lq=...)`` selects them.
 LQ_VARIANTS = [("lp", 4.0, False), ("l2", 4.0, True)]   # q values: api.SHIPPED_LQ_Q
-# The kl retention (Memora, gd only): the kl phase list (chunk_kl; shared phases with LQ = REV) per
-# bias, for the configurations of api.SHIPPED_KL. ``aot_specs(kl=...)`` selects them.
-KL_VARIANTS = ["l2"]
+# The kl retention (Memora): the kl phase list (chunk_kl.kl_phases; shared phases with LQ = REV) as
+# (bias, momentum), for the configurations of api.SHIPPED_KL: Memora's l2 + gd, and l2 + momentum.
+# ``aot_specs(kl=...)`` selects them.
+KL_VARIANTS = [("l2", False), ("l2", True)]
 
 _PTR = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "y": "*bf16", "dy": "*bf16",
         "cu": "*i32", "coff": "*i32"}
@@ -62,9 +63,9 @@ def aot_specs(variants=None, shipped=None, lq=None, kl=None) -> list[tuple]:
     does not depend on the bias are listed once per learner (named with the first bias asked).
     ``lq``: the l_q (Moneta) variants ``[(bias, q, momentum), ...]`` (default :data:`LQ_VARIANTS`;
     ``[]`` for none): every phase of the lq path (``chunk_lq``) with ``LQ=True``, tagged ``,gd,lq`` /
-    ``,momentum,lq``. ``kl``: the kl (Memora) biases (default :data:`KL_VARIANTS`; ``[]`` for none):
-    every phase of the kl path (``chunk_kl``, gd, ``LQ = REV``) for the configs in ``api.SHIPPED_KL``,
-    tagged ``,gd,kl``."""
+    ``,momentum,lq``. ``kl``: the kl (Memora) variants ``[(bias, momentum), ...]`` (default
+    :data:`KL_VARIANTS`; ``[]`` for none): every phase of the kl path (``chunk_kl.kl_phases``,
+    ``LQ = REV``) for the configs in ``api.SHIPPED_KL``, tagged ``,gd,kl`` / ``,momentum,kl``."""
     out = []
     seen = set()
     for d, e, c in (shipped or SHIPPED):
@@ -92,20 +93,29 @@ def aot_specs(variants=None, shipped=None, lq=None, kl=None) -> list[tuple]:
                 tag = f"{bias},{'momentum' if mom else 'gd'},lq D{d} E{d * e} C{c} BH{bh} w{nw}"
                 out.append((kern, _signature(kern), cx, f"{kname}[{tag}]"))
         if (d, e, c) in SHIPPED_KL:
-            for bias in (KL_VARIANTS if kl is None else kl):
-                for kname, kern, rev in ([(n, k, False) for n, k in FWD_KL_KERNELS] + [(n, k, True) for n, k in BWD_KL_KERNELS]):
+            for bias, mom in (KL_VARIANTS if kl is None else kl):
+                for kname, kern, rev in ([(n, k, False) for n, k in kl_phases(False, mom)]
+                                         + [(n, k, True) for n, k in kl_phases(True, mom)]):
                     nw = phase_warps(kname, d, c, lq=rev)
                     cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
-                          "MOMENTUM": False, "REV": rev, "LQ": rev}
-                    tag = f"{bias},gd,kl D{d} E{d * e} C{c} BH{bh} w{nw}"
+                          "MOMENTUM": mom, "REV": rev, "LQ": rev}
+                    tag = f"{bias},{'momentum' if mom else 'gd'},kl D{d} E{d * e} C{c} BH{bh} w{nw}"
                     out.append((kern, _signature(kern), cx, f"{kname}[{tag}]"))
-    # decoding kernel: chunk semantics C = 1 (the exact rule) and the shipped training chunk sizes
+    # decoding kernel: chunk semantics C = 1 (the exact rule) and the shipped training chunk sizes.
+    # Retention code RET (fused_recurrent.RET_CODES): 0 none/decay for every (bias, learner)
+    # variant; 1 lq for the lq variants (q = LQQ constexpr), tagged " lq<q>"; 2 kl for the kl
+    # variants, tagged " kl" (not ",gd,kl": that tag counts the chunk kernels' kl phases). Every
+    # shipped config (the decoding kernel is one kernel: no SHIPPED_KL restriction).
+    rsig = dict(_signature(_mlp_recurrent_kernel), RET="constexpr")
+    dec = [(bias, mom, 0, 4.0, "") for bias, mom in (variants or VARIANTS)]
+    dec += [(bias, mom, 1, float(qexp), f" lq{qexp:g}") for bias, qexp, mom in (LQ_VARIANTS if lq is None else lq)]
+    dec += [(bias, mom, 2, 4.0, " kl") for bias, mom in (KL_VARIANTS if kl is None else kl)]
     for d, e, C in sorted({(d, e, C) for d, e, c in (shipped or SHIPPED) for C in (1, c)}):
-        for bias, mom in (variants or VARIANTS):
-            cx = {"H": 16, "D": d, "E": d * e, "BH": recurrent_block(d, e), "C": C,
-                  "BIAS": BIAS_CODES[bias], "MOMENTUM": mom}
-            tag = f"{bias},{'momentum' if mom else 'gd'} D{d} E{d * e} C{C} BH{cx['BH']} w4"
-            out.append((_mlp_recurrent_kernel, _signature(_mlp_recurrent_kernel), cx, f"mlp_recurrent[{tag}]"))
+        for bias, mom, ret, qexp, rtag in dec:
+            cx = {"H": 16, "D": d, "E": d * e, "BH": recurrent_block(d, e, ret), "C": C,
+                  "BIAS": BIAS_CODES[bias], "MOMENTUM": mom, "RET": ret, "LQQ": qexp}
+            tag = f"{bias},{'momentum' if mom else 'gd'}{rtag} D{d} E{d * e} C{C} BH{cx['BH']} w4"
+            out.append((_mlp_recurrent_kernel, rsig, cx, f"mlp_recurrent[{tag}]"))
     return out
 
 

@@ -8,7 +8,7 @@ import os
 import torch
 
 from .chunk import BIAS_CODES, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY, scratch_floats
-from .chunk_kl import BWD_KL_KERNELS, FWD_KL_KERNELS, KL_ARG_KERNELS, W0_PHASES
+from .chunk_kl import KL_ARG_KERNELS, W0_PHASES, kl_phases
 from .chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -18,14 +18,12 @@ SUPPORTED_RETENTIONS = ("none", "decay", "lq", "kl")
 # Candidate GPU configurations (head dim, expansion, chunk size); 340M: D = 64, e = 4, C = 64.
 CANDIDATES = [(d, e, c) for d in (32, 64, 128) for e in (2, 4) for c in (16, 64)]
 SHIPPED_ARCHS = (80, 90)
-# Candidates the AOT report found spilling (on both archs): not shipped, supports() falls back
-# on a GPU naming this reason. d = 128 with C = 64 keeps [64, 128] fp32 tiles (32 registers per
-# thread each at 8 warps) live in the hidden-block loops of several phases (fwd hidden, bwd
-# readout2 / state / first spill 128-4820 bytes); 16 warps did not help. Use C = 16 for d = 128.
-NOT_SHIPPED: dict[tuple[int, int, int], str] = {
-    (128, 2, 64): "head dim 128 with chunk 64 spills registers (AOT report); use chunk_size=16",
-    (128, 4, 64): "head dim 128 with chunk 64 spills registers (AOT report); use chunk_size=16",
-}
+# Candidates the AOT report found spilling (on either arch): not shipped, supports() falls back
+# on a GPU naming the reason (dict value). Empty: d = 128 with C = 64 spilled 48-4820 bytes in
+# fwd hidden and bwd readout2 / state_dk / mid / first / lq_adj1 ([64, 128] fp32 tiles, 32
+# registers per thread each at 8 warps) until those phases were restructured (CTA-barrier splits,
+# a second hidden-block loop for dk, see chunk.py) and given per-phase warps (phase_warps).
+NOT_SHIPPED: dict[tuple[int, int, int], str] = {}
 # Configurations compiled and checked ahead of time (kernels.miras_mlp.aot, tools/kernel_report.py
 # --family mlp): every phase kernel is spill-free with shared memory in bounds on sm_80 and sm_90.
 SHIPPED = [c for c in CANDIDATES if c not in NOT_SHIPPED]
@@ -59,12 +57,37 @@ def phase_warps(name: str, d: int, chunk: int, lq: bool = False) -> int:
         return 4
     if name in ("mlp_fwd_kl_o1", "mlp_bwd_kl_o1", "mlp_bwd_kl_adj2q"):
         # kl token sweeps: at 8 warps ptxas held them to 64-128 registers and spilled 8-32 bytes
-        # (d = 64: kl_o1 on sm_80/sm_90; d = 32, C = 64: kl_adj2q on sm_90); 4 warps: none
+        # (d = 64: kl_o1 on sm_80/sm_90; d = 32, C = 64: kl_adj2q on sm_90); 4 warps: none. d = 128,
+        # C = 64: at 4 warps kl_o1 spilled 2.1-2.3 KB (its three [C, D] online-softmax tiles) and
+        # kl_adj2q 64-72 bytes (momentum, sm_80); 8 warps: none
+        return 8 if (d >= 128 and chunk >= 64) else 4
+    if name == "mlp_bwd_kl_adj2":
+        # d = 64, C = 16, momentum: at 8 warps ptxas held it to 128 registers on sm_90 and spilled
+        # 48 bytes; 4 warps: none for d = 64 (d = 128: 4 warps spilled 48 bytes, 8 none)
+        return 4 if d == 64 else num_warps_for(d, chunk)
+    if name == "mlp_bwd_kl_adj2k":
+        # d = 64, C = 64: at 8 warps 72-88 bytes spilled at 80 registers on sm_80; d = 32 and
+        # d = 128: at 4 warps 8-32 bytes spilled (64-205 registers); 8 warps: none
+        return 4 if d == 64 else 8
+    if d >= 128 and chunk >= 64:
+        # d = 128, C = 64: [64, 128] fp32 tiles; measured per phase (AOT report, sm_80/sm_90)
+        if name in ("mlp_fwd_hidden", "mlp_bwd_first"):
+            # 8 warps spilled 128-200 (hidden, sm_90) / 56-288 bytes (first's dz loop); 4: none
+            return 4
+        if name == "mlp_bwd_mid":
+            # lp/huber: 8 warps spilled 16-264 bytes even with the bias and LN parts split by
+            # barriers; 16 warps (128 registers each): none
+            return 16
+    if name == "mlp_bwd_first" and d == 64 and chunk == 16:
+        # with the dk loop split off, 8 warps held it to 128 registers on sm_80 and spilled 24
+        # bytes (l2, gd and momentum); 4 warps: none (at d = 64, C = 64 4 warps spill with lq/kl)
         return 4
     if lq and name == "mlp_bwd_state_dk":
-        # with LQ and momentum ptxas held it to 128 registers at 8 warps on sm_80 and spilled
-        # 24 bytes (d = 64, C = 16); 4 warps: none on sm_80/sm_90
-        return 4
+        # LQ (lq, and kl's backward): 8 warps everywhere since the momentum terms moved to their
+        # own hidden-block loop (4 warps spilled 8 bytes on sm_90 at d = 32, C = 16 with momentum
+        # and 104-140 bytes at d = 128, C = 64; before the split 8 warps spilled 24 bytes at
+        # d = 64, C = 16 on sm_80)
+        return 8
     return num_warps_for(d, chunk)
 
 
@@ -77,9 +100,6 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
     if spec.retention not in SUPPORTED_RETENTIONS:
         return False, (f"retention={spec.retention!r} has no MLP Triton kernel yet "
                        f"(covered: {', '.join(SUPPORTED_RETENTIONS)}); use the chunked backend")
-    if spec.retention == "kl" and spec.learner != "gd":
-        return False, (f"retention='kl' with learner={spec.learner!r} has no MLP Triton kernel "
-                       "(the kl phases cover gd only); use the chunked backend")
     if q.dim() != 4:
         return False, f"q must be [B, T, H, D] (got {tuple(q.shape)})"
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -111,11 +131,17 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
 SHIPPED_LQ_Q = (4.0,)
 
 
-# (head dim, expansion, chunk) where the kl (Memora) phases are compiled and checked ahead of time
-# (aot.aot_specs, aot.KL_VARIANTS; 0 spills on sm_80/sm_90): the shipped configs with d <= 64. With
-# d = 128 (C = 16) kl_adj2 spills 592-720 bytes (its [C, d] dk and [BH, d] tiles plus the
-# per-token [BH, d] softmax); kl falls back there on a GPU.
-SHIPPED_KL = tuple(c for c in SHIPPED if c[0] <= 64)
+# Configurations where the kl phases spill although the shared phases may ship (AOT report, checked
+# with the kl entries of aot.aot_specs); kl falls back there on a GPU. Empty: d = 128 with C = 64
+# spilled (kl_adj1 with momentum 128 bytes on sm_80 at 8 warps; kl_o1 2.1-2.3 KB and kl_adj2q
+# 64-72 bytes at 4 warps) until kl_adj1's d(h_i) / d Gam part moved to kl_adj1h and kl_o1 /
+# kl_adj2q got 8 warps there (phase_warps).
+KL_NOT_SHIPPED: dict[tuple[int, int, int], str] = {}
+# (head dim, expansion, chunk) where the kl (Memora) phases, gd and momentum, are compiled and
+# checked ahead of time (aot.aot_specs, aot.KL_VARIANTS; 0 spills on sm_80/sm_90): every shipped
+# config but KL_NOT_SHIPPED. (d = 128, C = 16 spilled 592-720 bytes in kl_adj2 until its dk part
+# moved to kl_adj2k.)
+SHIPPED_KL = tuple(c for c in SHIPPED if c not in KL_NOT_SHIPPED)
 
 
 def gpu_config_supported(d: int, e: int, chunk: int, arch: int, lq_q: float | None = None,
@@ -133,6 +159,8 @@ def gpu_config_supported(d: int, e: int, chunk: int, arch: int, lq_q: float | No
     if (d, e, chunk) not in SHIPPED:
         return False, (f"head dim {d}, expansion {e}, chunk_size {chunk} is not a shipped (AOT-checked) "
                        f"configuration: see kernels.miras_mlp.api.SHIPPED")
+    if kl and (d, e, chunk) in KL_NOT_SHIPPED:
+        return False, f"retention='kl' not shipped: {KL_NOT_SHIPPED[(d, e, chunk)]}"
     if kl and (d, e, chunk) not in SHIPPED_KL:
         return False, (f"retention='kl' is AOT-checked on a GPU for (head dim, expansion, chunk) in "
                        f"{list(SHIPPED_KL)} only (got {(d, e, chunk)})")
@@ -183,8 +211,8 @@ class _ChunkMirasMLP(torch.autograd.Function):
         nrm = torch.empty(B * T, H, 2, dtype=torch.float32, device=dev) if lq else torch.zeros(0, device=dev)
         if kl:
             # kl: the materialised chunk-start weights W_0 = c softmax(Z_0) (transient, per boundary)
-            _run_kl_phases(FWD_KL_KERNELS, args, (torch.empty_like(st1), torch.empty_like(st2)), kc, nt_max, N, H, D,
-                           E, chunk, BH, SW, bias, False)
+            _run_kl_phases(kl_phases(False, momentum), args, (torch.empty_like(st1), torch.empty_like(st2)), kc, nt_max,
+                           N, H, D, E, chunk, BH, SW, bias, False, momentum)
         else:
             _run_phases(FWD_LQ_KERNELS if lq else FWD_KERNELS, args, nt_max, N, H, D, E, chunk, BH, SW, bias,
                         momentum, False, lq, lqq, lqe, nrm)
@@ -239,8 +267,8 @@ class _ChunkMirasMLP(torch.autograd.Function):
                 st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, float(p))
         # chunk NTn-1-step of every sequence at launch step `step`
         if kl:
-            _run_kl_phases(BWD_KL_KERNELS, args, (torch.empty_like(st1), torch.empty_like(st2)), kc, nt_max, N, H, D,
-                           E, chunk, BH, SW, bias, True)
+            _run_kl_phases(kl_phases(True, momentum), args, (torch.empty_like(st1), torch.empty_like(st2)), kc, nt_max,
+                           N, H, D, E, chunk, BH, SW, bias, True, momentum)
         else:
             _run_phases(BWD_LQ_KERNELS if lq else BWD_KERNELS, args, nt_max, N, H, D, E, chunk, BH, SW, bias,
                         momentum, True, lq, lqq, lqe, nrm)
@@ -265,17 +293,17 @@ def _run_phases(kernels, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum
                            REV=rev, LQ=lq, num_warps=phase_warps(name, D, chunk, lq), num_stages=NUM_STAGES, **kw)
 
 
-def _run_kl_phases(kernels, args, wst, kc, nt_max, N, H, D, E, chunk, BH, SW, bias, rev):
-    """The kl (Memora, gd) phase list of every chunk step (``chunk_kl``): phases that take inner
-    gradients at ``W_0`` get the materialised ``wst`` in place of the state ``Z``; the kl phases get
-    ``(wst1, wst2, c)``; the shared phases run with ``LQ = rev`` (the backward keeps ``d W_0`` apart
-    in ``dw1``/``dw2`` for ``kl_dw0``)."""
+def _run_kl_phases(kernels, args, wst, kc, nt_max, N, H, D, E, chunk, BH, SW, bias, rev, momentum):
+    """The kl (Memora) phase list of every chunk step (``chunk_kl.kl_phases(rev, momentum)``):
+    phases that take inner gradients at ``W_0`` get the materialised ``wst`` in place of the state
+    ``Z``; the kl phases get ``(wst1, wst2, c)``; the shared phases run with ``LQ = rev`` (the
+    backward keeps ``d W_0`` apart in ``dw1``/``dw2`` for ``kl_dw0``) and ``MOMENTUM = momentum``."""
     args_w = args[:15] + wst + args[17:]   # args[15:17] = (st1, st2)
     for step in range(nt_max):
         for name, kern in kernels:
             extra = (*wst, float(kc)) if kern in KL_ARG_KERNELS else ()
             kern[(N * H,)](*(args_w if name in W0_PHASES else args), step, *extra, H=H, D=D, E=E, BT=chunk, BH=BH,
-                           SW=SW, BIAS=bias, MOMENTUM=False, REV=rev, LQ=rev,
+                           SW=SW, BIAS=bias, MOMENTUM=momentum, REV=rev, LQ=rev,
                            num_warps=phase_warps(name, D, chunk, rev), num_stages=NUM_STAGES)
 
 

@@ -184,7 +184,9 @@ def _load_gates(la, eta, dlt, lmu, go, tm):
 #   NSLOT tiles [BT, SW] | NE_REG tiles [BT, E] | NVEC vectors [BT] | NSCA scalars.
 # Every phase kernel reads what earlier phases of the same chunk wrote; a kernel never writes a
 # location it also reads (threads of one program are not ordered without a barrier), except the
-# read-modify-write of d(state) tiles through the same pointer tensor.
+# read-modify-write of d(state) tiles through the same pointer tensor, and tiles handed from one
+# part of a kernel to the next across a CTA barrier (``tl.debug_barrier()``: mid parks dU / dV,
+# first parks dz_i; splits that keep the parts' [BT, D] tiles from being live at once).
 NSLOT = tl.constexpr(22)
 NE_REG = tl.constexpr(6)
 NVEC = tl.constexpr(24)
@@ -674,13 +676,17 @@ def _mlp_bwd_readout2_kernel(
     valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
     if valid:
         scr_p = scr + so
-        dOq = tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT))
         Shh = tl.load(_sl(scr_p, S_SHH, BT, BT, SW, BT))
         Gam = tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT))
-        dA1 = -tl.dot(dOq, tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))))
-        tl.store(_sl(scr_p, S_GDR, BT, D, SW, BT), -tl.dot(tl.trans(Gam * Shh), dOq))   # d(do) from the read
+        dA1 = -tl.dot(tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT)), tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))))
         tl.store(_sl(scr_p, S_DGR, BT, BT, SW, BT), dA1 * Shh)
         tl.store(_sl(scr_p, S_DS1, BT, BT, SW, BT), dA1 * Gam)
+        # the two dots in sequence, operands re-read after a CTA barrier: sharing the [BT, D] d(o')
+        # tile between them kept both dots' operand copies live (sm_80 spilled 696 bytes at
+        # D = 128, C = 64)
+        tl.debug_barrier()
+        GS = tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT)) * tl.load(_sl(scr_p, S_SHH, BT, BT, SW, BT))
+        tl.store(_sl(scr_p, S_GDR, BT, D, SW, BT), -tl.dot(tl.trans(GS), tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT))))   # d(do) from the read
 
 
 @triton.jit
@@ -960,10 +966,20 @@ def _mlp_bwd_state_dk_kernel(
                 tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + cC * dW1e
                          + tl.dot(tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))), tl.load(_er(scr_p, R_A, hh, BT, SW, E))))
             tl.store(dst2 + b_in + o2, tl.load(dst2 + b_in + o2) + cC * dW2e)
-            if MOMENTUM:
-                pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
-                bC = tl.load(_cp(scr_p, C_BC, BT, SW, E))
-                PC = tl.load(_cp(scr_p, C_PC, BT, SW, E))
+        if MOMENTUM:
+            # the momentum terms in a second hidden-block loop (d(chunk-end X) re-read): in one loop
+            # with the X terms the [BH, D] tiles of both states plus the [BT, D] dk accumulator
+            # spilled on sm_80 at D = 128, C = 64 (2920 bytes)
+            pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
+            bC = tl.load(_cp(scr_p, C_BC, BT, SW, E))
+            PC = tl.load(_cp(scr_p, C_PC, BT, SW, E))
+            for jb in tl.range(0, E, BH, disable_licm=True):
+                hh = jb + oh
+                o2 = hh[:, None] * D + od[None, :]
+                o1 = od[:, None] * E + hh[None, :]
+                DZ = tl.load(_er(scr_p, R_C, hh, BT, SW, E))
+                dW2e = tl.load(dst2 + b_out + o2)
+                dW1e = tl.load(dst1 + b_out + o1)
                 dS2e = tl.load(dss2 + b_out + o2)
                 dS1e = tl.load(dss1 + b_out + o1)
                 S2b = tl.load(ss2 + b_in + o2)
@@ -1049,6 +1065,12 @@ def _mlp_bwd_mid_kernel(
         if BIAS == 0:
             dV = -dU
         else:
+            # park dU in the free slot S_DA2 (dq/dkm/dgam have consumed it): with the bias map's
+            # tiles it kept too many [BT, D] fp32 tiles live at D = 128, C = 64 (see below)
+            tl.store(_sl(scr_p, S_DA2, BT, D, SW, BT), dU)
+            tl.debug_barrier()
+            dU = tl.load(_sl(scr_p, S_DA2, BT, D, SW, BT))
+            xh = tl.load(_sl(scr_p, S_XH, BT, D, SW, BT))
             Ein = _ld_tok(k + tb, tm, H, D, BT) + xh - _ld_tok(v + tb, tm, H, D, BT)
             if BIAS == 1:
                 dE = dU
@@ -1069,13 +1091,20 @@ def _mlp_bwd_mid_kernel(
             tl.store(_sl(scr_p, S_DQ, BT, D, SW, BT), tl.load(_sl(scr_p, S_DKM, BT, D, SW, BT)))
         else:
             tl.store(_sl(scr_p, S_DQ, BT, D, SW, BT), tl.load(_sl(scr_p, S_DKM, BT, D, SW, BT)) - dV)
+            # park dV (slot S_DOQ is free after the read's backward) and start the LN part from
+            # scratch after a CTA barrier: at D = 128, C = 64 the bias part's [BT, D] tiles (Ein,
+            # dE, e2, inv, dU) stayed live into the LN part and ptxas spilled (lp/huber)
+            tl.store(_sl(scr_p, S_DOQ, BT, D, SW, BT), dV)
+            tl.debug_barrier()
+            xh = tl.load(_sl(scr_p, S_XH, BT, D, SW, BT))
+            rstd = tl.load(_vp(scr_p, V_RSTD, BT, SW, E))
         gDn = tl.load(_sl(scr_p, S_GDN, BT, D, SW, BT))
         U = tl.load(_sl(scr_p, S_U, BT, D, SW, BT))
         P = tl.sum(U * xh, axis=1) / D
         mgx = tl.sum(gDn * xh, axis=1) / D
         gx = -rstd[:, None] * (P[:, None] * gDn + mgx[:, None] * U)
         if BIAS != 0:
-            gx -= dV          # + dE
+            gx -= tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT))          # + dE = -dV
         gr = tl.sum(gDn * tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), axis=1) / rstd
         tl.store(_sl(scr_p, S_DOIN, BT, D, SW, BT), _ln_bwd(xh, rstd, gx, D) - (gr * rstd * rstd / D)[:, None] * xh)
 
@@ -1093,7 +1122,6 @@ def _mlp_bwd_first_kernel(
         scr_p = scr + so
         od = tl.arange(0, D)
         oh = tl.arange(0, BH)
-        dK = tl.load(_sl(scr_p, S_DQ, BT, D, SW, BT))
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             o2 = hh[:, None] * D + od[None, :]
@@ -1116,7 +1144,19 @@ def _mlp_bwd_first_kernel(
                 tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + tl.dot(tl.trans(dOin), _gelu(Z)))
                 o2t = hh[None, :] * D + od[:, None]
                 tl.store(dst2 + b_in + o2t, tl.load(dst2 + b_in + o2t) + tl.dot(tl.load(_slT(scr_p, S_KT, D, SW, BT)), dZt))
-            dK += tl.dot(dZt, W2b)
+            # dz_i parked (region R_A is free after state_dk) for the dk loop below
+            tl.store(_er(scr_p, R_A, hh, BT, SW, E), dZt)
+        # dk = (dk so far) + sum_blocks dz W2 in a second loop, after a CTA barrier (the parked dz
+        # tiles are read by other threads): with the [BT, D] dk accumulator live in the loop above
+        # ptxas spilled 532-4820 bytes at D = 128, C = 64 (sm_80 and sm_90)
+        tl.debug_barrier()
+        dK = tl.load(_sl(scr_p, S_DQ, BT, D, SW, BT))
+        for jb in tl.range(0, E, BH, disable_licm=True):
+            hh = jb + oh
+            W2b = tl.load(st2 + b_in + hh[:, None] * D + od[None, :])
+            if LQ:
+                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
+            dK += tl.dot(tl.load(_er(scr_p, R_A, hh, BT, SW, E)), W2b)
         tl.store(dk + tb + _tok_off(H, D, BT), dK, mask=tm[:, None])
 
 

@@ -374,6 +374,26 @@ def _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, pdo_t, 
 
 
 @triton.jit
+def _w1_adjoint_step_q(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, hh, rows,
+                       R_H: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr, D: tl.constexpr):
+    """As :func:`_w1_adjoint_step` (same outputs), with d Gam row t taken from the ``[BT, BH]``
+    product ``Q = do Lam`` that d(h_i) needs anyway (``a_i^T Lam_t b_i = sum_h Q[i, h] h_i[h]``)
+    instead of a ``[D, BT]`` do^T tile times ``P``: at D = 128, C = 64 that tile (32 registers
+    per thread at 8 warps) made lq_adj1 spill 48-152 bytes on sm_80."""
+    dX0 += tl.load(_vs(scr_p, V_C, t, BT, SW, E)) * Lam
+    dcv += tl.where(sel, tl.sum(tl.sum(Lam * X0, axis=1), axis=0), 0.0)
+    Hb = tl.load(reg + R_H * BT * E + rows[:, None] * E + hh[None, :])                 # h_i [BT, BH]
+    P = tl.dot(Lam, tl.trans(Hb))                                                     # [D, BT]: Lam h_i
+    grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                          # Gam[t, :]
+    dDo -= P * grow[None, :]
+    Q = tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), Lam)                         # [BT, BH]: do_i^T Lam
+    dG += tl.where(sel[:, None], -tl.sum(Q * Hb, axis=1)[None, :], 0.0)
+    # dh_i -= Gam_ti do_i^T Lam
+    dH -= grow[:, None] * Q
+    return dX0, dH, dDo, dG, dcv
+
+
+@triton.jit
 def _mlp_lq_adj1_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
@@ -395,7 +415,6 @@ def _mlp_lq_adj1_kernel(
         dG = tl.zeros([BT, BT], dtype=tl.float32)
         dcv = tl.zeros([BT], dtype=tl.float32)
         dbv = tl.zeros([BT], dtype=tl.float32)
-        pdo_t = scr_p + S_DO * BT * SW + rows[None, :] * SW + od[:, None]                 # do^T [D, BT]
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             o1 = od[:, None] * E + hh[None, :]
@@ -419,8 +438,8 @@ def _mlp_lq_adj1_kernel(
                 if MOMENTUM:
                     dS0 += tl.load(_vs(scr_p, V_B, t, BT, SW, E)) * Lam
                     dbv += tl.where(sel, tl.sum(tl.sum(Lam * tl.load(ss1 + b_in + o1), axis=1), axis=0), 0.0)
-                dX0, dH, dDo, dG, dcv = _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, pdo_t,
-                                                         hh, rows, R_B, BT, SW, E, D)
+                dX0, dH, dDo, dG, dcv = _w1_adjoint_step_q(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg,
+                                                           hh, rows, R_B, BT, SW, E, D)
             ph = _er(scr_p, R_GH, hh, BT, SW, E)
             tl.store(ph, tl.load(ph) + dH)
             tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + dX0)
