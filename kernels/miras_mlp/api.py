@@ -209,13 +209,7 @@ class _ChunkMirasMLP(torch.autograd.Function):
                 float(p))
         # lq: per-token q-norms of X1, X2 ([T, H, 2], saved for the backward; else a stand-in)
         nrm = torch.empty(B * T, H, 2, dtype=torch.float32, device=dev) if lq else torch.zeros(0, device=dev)
-        if kl:
-            # kl: the materialised chunk-start weights W_0 = c softmax(Z_0) (transient, per boundary)
-            _run_kl_phases(kl_phases(False, momentum), args, (torch.empty_like(st1), torch.empty_like(st2)), kc, nt_max,
-                           N, H, D, E, chunk, BH, SW, bias, False, momentum)
-        else:
-            _run_phases(FWD_LQ_KERNELS if lq else FWD_KERNELS, args, nt_max, N, H, D, E, chunk, BH, SW, bias,
-                        momentum, False, lq, lqq, lqe, nrm)
+        _run_steps(False, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, lq, lqq, lqe, nrm, kl, kc)
         ctx.save_for_backward(qf, kf, vf, *gates, st1, st2, ss1, ss2, cu, coff, idx0, idx1, nrm)
         ctx.meta = (B, T, H, D, E, chunk, bias, p, momentum, q.dtype, N, nt_max, lq, lqq, lqe, kl, kc)
         outs = [y.view(B, T, H, D), st1[idx1], st2[idx1]]
@@ -266,12 +260,7 @@ class _ChunkMirasMLP(torch.autograd.Function):
         args = (qf, kf, vf, la, eta, dlt, lmu, dyf, dq, dk, dv, dla, deta, ddlt, dlmu,
                 st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, float(p))
         # chunk NTn-1-step of every sequence at launch step `step`
-        if kl:
-            _run_kl_phases(kl_phases(True, momentum), args, (torch.empty_like(st1), torch.empty_like(st2)), kc, nt_max,
-                           N, H, D, E, chunk, BH, SW, bias, True, momentum)
-        else:
-            _run_phases(BWD_LQ_KERNELS if lq else BWD_KERNELS, args, nt_max, N, H, D, E, chunk, BH, SW, bias,
-                        momentum, True, lq, lqq, lqe, nrm)
+        _run_steps(True, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, lq, lqq, lqe, nrm, kl, kc)
         sh = (B, T, H, D)
         gsh = (B, T, H)
         grads = [dq.view(sh).to(dtype), dk.view(sh).to(dtype), dv.view(sh).to(dtype),
@@ -279,6 +268,19 @@ class _ChunkMirasMLP(torch.autograd.Function):
                  dst1[idx0], dst2[idx0]]
         grads += [dss1[idx0], dss2[idx0]] if momentum else [None, None]
         return (*grads, None, None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+def _run_steps(rev, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, lq, lqq, lqe, nrm, kl, kc):
+    """Every chunk step of the forward (``rev=False``) or backward pass: the kl phase list
+    (``chunk_kl``) or the affine / lq one (``chunk``, ``chunk_lq``); ``args`` as the kernels take them
+    (``args[15]``, ``args[16]`` = the saved states ``st1``, ``st2``)."""
+    if kl:
+        # kl: the materialised chunk-start weights W_0 = c softmax(Z_0) (transient, per boundary)
+        wst = (torch.empty_like(args[15]), torch.empty_like(args[16]))
+        _run_kl_phases(kl_phases(rev, momentum), args, wst, kc, nt_max, N, H, D, E, chunk, BH, SW, bias, rev, momentum)
+    else:
+        kernels = (BWD_LQ_KERNELS if lq else BWD_KERNELS) if rev else (FWD_LQ_KERNELS if lq else FWD_KERNELS)
+        _run_phases(kernels, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, rev, lq, lqq, lqe, nrm)
 
 
 def _run_phases(kernels, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, rev, lq, lqq, lqe, nrm):
