@@ -357,29 +357,15 @@ def _mlp_lq_adj2k_kernel(
 
 
 @triton.jit
-def _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, pdo_t, hh, rows,
+def _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, hh, rows,
                      R_H: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr, D: tl.constexpr):
-    """One token of a W1 tile's forward-accumulated adjoint (lq and kl): the state adjoint
-    ``Lam`` ``[D, BH]`` of token t into d X1_0 (``dX0``), d c (``dcv``), d(do_i) (``dDo^T``),
-    d Gam row t (``dG``) and d(h_i) (``dH``; the factors h_i live in register region ``R_H``)."""
-    dX0 += tl.load(_vs(scr_p, V_C, t, BT, SW, E)) * Lam
-    dcv += tl.where(sel, tl.sum(tl.sum(Lam * X0, axis=1), axis=0), 0.0)
-    P = tl.dot(Lam, tl.load(reg + R_H * BT * E + rows[None, :] * E + hh[:, None]))     # [D, BT]: Lam h_i
-    grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                          # Gam[t, :]
-    dDo -= P * grow[None, :]
-    dG += tl.where(sel[:, None], -tl.sum(tl.load(pdo_t) * P, axis=0)[None, :], 0.0)
-    # dh_i -= Gam_ti do_i^T Lam
-    dH = tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)) * (-grow)[:, None], Lam, acc=dH)
-    return dX0, dH, dDo, dG, dcv
-
-
-@triton.jit
-def _w1_adjoint_step_q(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, hh, rows,
-                       R_H: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr, D: tl.constexpr):
-    """As :func:`_w1_adjoint_step` (same outputs), with d Gam row t taken from the ``[BT, BH]``
-    product ``Q = do Lam`` that d(h_i) needs anyway (``a_i^T Lam_t b_i = sum_h Q[i, h] h_i[h]``)
-    instead of a ``[D, BT]`` do^T tile times ``P``: at D = 128, C = 64 that tile (32 registers
-    per thread at 8 warps) made lq_adj1 spill 48-152 bytes on sm_80."""
+    """One token of a W1 tile's forward-accumulated adjoint (lq): the state adjoint ``Lam``
+    ``[D, BH]`` of token t into d X1_0 (``dX0``), d c (``dcv``), d(do_i) (``dDo^T``), d Gam row t
+    (``dG``) and d(h_i) (``dH``; the factors h_i live in register region ``R_H``). d Gam row t is
+    taken from the ``[BT, BH]`` product ``Q = do Lam`` that d(h_i) needs anyway
+    (``a_i^T Lam_t b_i = sum_h Q[i, h] h_i[h]``), not from a ``[D, BT]`` do^T tile times ``P``: at
+    D = 128, C = 64 that tile (32 registers per thread at 8 warps) made lq_adj1 spill 48-152 bytes
+    on sm_80."""
     dX0 += tl.load(_vs(scr_p, V_C, t, BT, SW, E)) * Lam
     dcv += tl.where(sel, tl.sum(tl.sum(Lam * X0, axis=1), axis=0), 0.0)
     Hb = tl.load(reg + R_H * BT * E + rows[:, None] * E + hh[None, :])                 # h_i [BT, BH]
@@ -438,8 +424,8 @@ def _mlp_lq_adj1_kernel(
                 if MOMENTUM:
                     dS0 += tl.load(_vs(scr_p, V_B, t, BT, SW, E)) * Lam
                     dbv += tl.where(sel, tl.sum(tl.sum(Lam * tl.load(ss1 + b_in + o1), axis=1), axis=0), 0.0)
-                dX0, dH, dDo, dG, dcv = _w1_adjoint_step_q(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg,
-                                                           hh, rows, R_B, BT, SW, E, D)
+                dX0, dH, dDo, dG, dcv = _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg,
+                                                         hh, rows, R_B, BT, SW, E, D)
             ph = _er(scr_p, R_GH, hh, BT, SW, E)
             tl.store(ph, tl.load(ph) + dH)
             tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + dX0)
