@@ -64,7 +64,7 @@ from .chunk import (BWD_KERNELS, C_S01, C_S02, FWD_KERNELS, NSLOT, R_A, R_B, R_C
                     S_DGAM, S_DGR, S_DK, S_DKM, S_DO, S_DOQ, S_GAMM, S_GDR, S_KT, S_LQDK, S_OC, S_OS, S_QT,
                     S_SHH, V_B, V_C, V_DB, V_DC, V_LQDB, V_LQDC, _cp, _er, _gelu, _gelu_d, _ld_tok, _ln_bwd,
                     _ln_rows, _pro, _sl, _slT, _tok_off, _vp)
-from .chunk_lq import _chunk_origin, _tok_gate, _vs
+from .chunk_lq import _chunk_origin, _tok_gate, _vs, _with
 
 
 @triton.jit
@@ -560,22 +560,13 @@ BWD_KL_KERNELS = (
 )
 
 
-def _insert_before(base, inserts):
-    """``base`` with ``(name, kernel)`` pairs inserted before the named phases."""
-    out = []
-    for name, kern in base:
-        out += [pair for before, pair in inserts if before == name]
-        out.append((name, kern))
-    return tuple(out)
-
-
 # momentum learner (backward): the momentum-only shared phases (chunk.MOMENTUM_ONLY) where the
 # affine path runs them: state_mom (through the chunk-end S' into d(dz_i), d(h_i), d pi; after the
 # kl adjoint wrote R_GDZ / R_GH) before state, gates_m (d eta, d log alpha, d log mu through
 # E = Dm Bm and b) before gates
-BWD_KL_MOM_KERNELS = _insert_before(BWD_KL_KERNELS, [
-    ("mlp_bwd_state", ("mlp_bwd_state_mom", _B["mlp_bwd_state_mom"])),
-    ("mlp_bwd_gates", ("mlp_bwd_gates_m", _B["mlp_bwd_gates_m"])),
+BWD_KL_MOM_KERNELS = _with(BWD_KL_KERNELS, [
+    ("mlp_bwd_kl_adj2k", ("mlp_bwd_state_mom", _B["mlp_bwd_state_mom"])),   # right before state
+    ("mlp_bwd_kl_dw0", ("mlp_bwd_gates_m", _B["mlp_bwd_gates_m"])),         # right before gates
 ])
 
 
