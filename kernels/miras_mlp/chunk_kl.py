@@ -68,6 +68,25 @@ from .chunk_lq import _chunk_origin, _tok_gate, _vs, _with
 
 
 @triton.jit
+def _row_stats(rm, rl, Z):
+    """Online row max ``rm`` [R] and row sum ``rl`` [R] of ``exp(Z - rm)``, updated with one column
+    block ``Z`` [R, BH] (softmax rows that span several hidden blocks)."""
+    mn = tl.maximum(rm, tl.max(Z, axis=1))
+    return mn, rl * tl.exp(rm - mn) + tl.sum(tl.exp(Z - mn[:, None]), axis=1)
+
+
+@triton.jit
+def _softmax_read_step(rm, rl, o, Z, h):
+    """One column block of an online softmax read ``softmax_rows(Z) h``: row max ``rm`` [R], row
+    sum ``rl`` [R] and numerator ``o = sum_j exp(Z_rj - rm) h_j`` [R], updated with the block
+    ``Z`` [R, BH] and ``h`` [BH] (flash-attention style rescaling by ``exp(rm_old - rm_new)``)."""
+    mn = tl.maximum(rm, tl.max(Z, axis=1))
+    sc = tl.exp(rm - mn)
+    P = tl.exp(Z - mn[:, None])
+    return mn, rl * sc + tl.sum(P, axis=1), o * sc + tl.sum(P * h[None, :], axis=1)
+
+
+@triton.jit
 def _mlp_kl_w0_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
@@ -90,9 +109,7 @@ def _mlp_kl_w0_kernel(
             P2 = tl.exp(Z2 - tl.max(Z2, axis=1)[:, None])
             tl.store(wst2 + b_in + o2, kc * P2 / tl.sum(P2, axis=1)[:, None])
             Z1 = tl.load(st1 + b_in + od[:, None] * E + hh[None, :])                   # [D, BH]
-            mn = tl.maximum(m1, tl.max(Z1, axis=1))
-            s1 = s1 * tl.exp(m1 - mn) + tl.sum(tl.exp(Z1 - mn[:, None]), axis=1)
-            m1 = mn
+            m1, s1 = _row_stats(m1, s1, Z1)
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             o1 = od[:, None] * E + hh[None, :]
@@ -199,12 +216,9 @@ def _mlp_kl_o1_kernel(
                 b = tl.load(hbase + t * E + hh)                                          # h_t [BH]
                 X, S = _kl_tok(X, S, a, b, la, eta, lmu, g0, nv, t, H, MOMENTUM)
                 hq = _gelu(tl.load(reg + R_DZ * BT * E + t * E + hh))                    # h'_t [BH]
-                m_old = tl.sum(tl.where(sel, Mx, 0.0), axis=0)                           # [D]
-                mn = tl.maximum(m_old, tl.max(X, axis=1))
-                sc = tl.exp(m_old - mn)
-                Pn = tl.exp(X - mn[:, None])
-                s_new = tl.sum(tl.where(sel, Sm, 0.0), axis=0) * sc + tl.sum(Pn, axis=1)
-                o_new = tl.sum(tl.where(sel, On, 0.0), axis=0) * sc + tl.sum(Pn * hq[None, :], axis=1)
+                mn, s_new, o_new = _softmax_read_step(tl.sum(tl.where(sel, Mx, 0.0), axis=0),   # token t's [D] rows
+                                                      tl.sum(tl.where(sel, Sm, 0.0), axis=0),
+                                                      tl.sum(tl.where(sel, On, 0.0), axis=0), X, hq)
                 Mx = tl.where(sel, mn[None, :], Mx)
                 Sm = tl.where(sel, s_new[None, :], Sm)
                 On = tl.where(sel, o_new[None, :], On)

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .chunk import BIAS_CODES, _bias_grad, _gelu, _gelu_d
+from .chunk_kl import _row_stats, _softmax_read_step
 from .chunk_lq import _absq2, _lq_scale, _qroot
 
 RET_CODES = {"none": 0, "decay": 0, "lq": 1, "kl": 2}
@@ -54,13 +55,6 @@ def _qacc(m, ssum, X, LQQ: tl.constexpr):
     r = m * inv
     y = X * inv
     return mn, ssum * r * r * _absq2(r, LQQ) + tl.sum(tl.sum(y * y * _absq2(y, LQQ), axis=1), axis=0)
-
-
-@triton.jit
-def _row_stats(rm, rl, Z):
-    """Online row max ``rm`` and row sum ``rl`` of exp(Z - rm) over column blocks Z [R, BH]."""
-    mn = tl.maximum(rm, tl.max(Z, axis=1))
-    return mn, rl * tl.exp(rm - mn) + tl.sum(tl.exp(Z - mn[:, None]), axis=1)
 
 
 @triton.jit
@@ -226,12 +220,7 @@ def _mlp_recurrent_kernel(
             hq = _gelu(zq)
             X1 = tl.load(x1 + base + o1)
             if RET == 2:
-                mn = tl.maximum(rm, tl.max(X1, axis=1))
-                al = tl.exp(rm - mn)
-                P = tl.exp(X1 - mn[:, None])
-                rl = rl * al + tl.sum(P, axis=1)
-                oq = oq * al + tl.sum(P * hq[None, :], axis=1)
-                rm = mn
+                rm, rl, oq = _softmax_read_step(rm, rl, oq, X1, hq)
             else:
                 oq += tl.sum(X1 * hq[None, :], axis=1)
         if RET == 1:
