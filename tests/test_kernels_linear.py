@@ -56,7 +56,7 @@ def _bias_grad(spec: MirasSpec, e, v, delta):
     if spec.bias == "lp":
         return spec.p * e * (e * e + 1e-6) ** ((spec.p - 2) / 2)
     n = e.norm(dim=-1, keepdim=True)
-    return torch.where(n <= delta[..., None], e, delta[..., None] * e * (e * e + 1e-6) ** -0.5)
+    return torch.where(n <= delta[..., None], e, delta[..., None] * e * (e * e + spec.huber_eps) ** -0.5)
 
 
 def reference(spec, C, q, k, v, alpha, eta, delta=None, mu=None, W0=None, S0=None, cu_seqlens=None):
@@ -224,6 +224,14 @@ def test_chunk_fp32_matches_token_loop(bias, retention, learner, C, dk, dv, T, B
         # (measured 1e-4..4e-4 relative on d mu for these shapes, the decay kernels included)
         x["mu"] = x["mu"].clamp_min(0.05)
     check_against_reference(spec, C, x, torch.float32, TOL_HUBER_FP32 if bias == "huber" else TOL_FP32)
+
+
+@pytest.mark.parametrize("huber_eps", [1e-6, 0.05])
+def test_chunk_huber_eps_reaches_the_kernels(huber_eps):
+    """MirasSpec.huber_eps (the Huber l1 branch's smooth sign) is the kernels' EPS: the chunk
+    kernels match the token loop at a non-default value too."""
+    spec = MirasSpec(memory="linear", bias="huber", retention="decay", huber_eps=huber_eps)
+    check_against_reference(spec, 16, make_inputs(1, 37, 2, 16, 16), torch.float32, TOL_HUBER_FP32)
 
 
 @pytest.mark.parametrize("bias,learner,C,dk,dv", [("l2", "gd", 16, 32, 16), ("lp", "momentum", 16, 32, 16),

@@ -153,9 +153,23 @@ def test_memory_stats():
     model(torch.randint(0, V, (1, 6)))
     stats = model.memory_stats()
     assert set(stats) == {"layer0/init_W1_norm", "layer0/init_W2_norm", "layer0/alpha_mean",
-                          "layer0/eta_mean", "layer0/mu_mean"}
+                          "layer0/eta_mean", "layer0/mu_mean", "layer0/state_W1_norm", "layer0/state_W2_norm"}
     assert 0.98 < stats["layer0/alpha_mean"] < 1.0  # sigmoid(bias) = 0.99 at init
     assert all(v == v and v >= 0 for v in stats.values())
+    assert stats["layer0/state_W1_norm"] > 0
+
+
+def test_training_health_defaults():
+    """Yaad's Huber threshold starts at 1.5 sqrt(head_dim) (above ||e|| ~ sqrt(head_dim + 1) at
+    init, docs/training_health.md); Memora's inner learning-rate cap defaults to 0.1, the others'
+    to 1.0; an explicit eta_max wins."""
+    cfg = tiny("M", "yaad")
+    mixer = MirasMixer(cfg, out_std=0.02)
+    g = mixer.gates(torch.zeros(1, 3, cfg.d_model))
+    torch.testing.assert_close(g["delta"], torch.full_like(g["delta"], 1.5 * cfg.head_dim ** 0.5))
+    assert tiny("M", "memora").eta_max == 0.1
+    assert tiny("M", "moneta").eta_max == 1.0
+    assert tiny("M", "memora", eta_max=0.5).eta_max == 0.5
 
 
 def test_lq_initial_weights_materialise_to_init_std():

@@ -92,7 +92,7 @@ def assert_close_all(got, ref, tol, what=""):
 # Independent transcription of the notes, section 2 (chunk size 1). Uses torch.autograd.grad on
 # the inner loss (create_graph=True keeps it differentiable) instead of the op's closed forms.
 # ---------------------------------------------------------------------------------------------
-EPS = 1e-6
+EPS = 1e-6  # the l_p bias's smooth |x|; the Huber l1 branch uses spec.huber_eps
 
 
 def notes_materialize(spec: MirasSpec, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ def notes_loss(spec: MirasSpec, W: dict, k, v, delta) -> torch.Tensor:
     if spec.bias == "lp":
         return ((e * e + EPS) ** (spec.p / 2.0)).sum()
     per_head_l2 = 0.5 * (e * e).sum(-1)
-    per_head_l1 = delta * torch.sqrt(e * e + EPS).sum(-1)
+    per_head_l1 = delta * torch.sqrt(e * e + spec.huber_eps).sum(-1)
     inside = torch.linalg.vector_norm(e, dim=-1) <= delta
     return torch.where(inside, per_head_l2, per_head_l1).sum()
 
@@ -188,5 +188,5 @@ def test_reference_matches_torch_huber_branches():
     (g,) = torch.autograd.grad(notes_loss(lin, W, k, v, delta), [W["W"]])
     u = g[..., 0]  # k is all ones so every column of g equals u
     assert torch.allclose(u[0], e[0])
-    assert torch.allclose(u[1], 0.5 * e[1] / torch.sqrt(e[1] ** 2 + EPS))
+    assert torch.allclose(u[1], 0.5 * e[1] / torch.sqrt(e[1] ** 2 + lin.huber_eps))
     assert spec.needs_delta

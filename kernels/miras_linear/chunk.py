@@ -33,7 +33,6 @@ from kernels.miras_linear.chunk_kernels import (
 )
 from kernels.miras_linear.inputs import prepare
 
-SMOOTH_ABS_EPS = 1e-6  # same constant as miras_pretrain.ops.spec.SMOOTH_ABS_EPS
 
 
 def launch_meta(spec, chunk_size: int, dk: int, kernel: str):
@@ -73,7 +72,7 @@ def launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size: int) ->
     B, T, H, dk = q.shape
     dummy = eta
     gates = tuple(x if x is not None else dummy for x in (la, lmu, eta, delta))
-    common = dict(K=dk, V=v.shape[-1], BT=chunk_size, BIAS=BIAS_CODES[spec.bias], EPS=SMOOTH_ABS_EPS,
+    common = dict(K=dk, V=v.shape[-1], BT=chunk_size, BIAS=BIAS_CODES[spec.bias], EPS=spec.bias_eps,
                   HAS_ALPHA=la is not None, MOMENTUM=spec.learner == "momentum",
                   IS_VARLEN=cu_seqlens is not None)
     nt_total = chunk_offsets(cu_seqlens, B, T, chunk_size)[1]

@@ -21,7 +21,6 @@ from kernels.common.tiles import BIAS_CODES, bias_map
 from kernels.configs import block_size, pick_config
 from kernels.miras_linear.inputs import prepare
 
-SMOOTH_ABS_EPS = 1e-6
 RETENTION_CODES = {"none": 0, "decay": 0, "lq": 1, "kl": 2}
 
 
@@ -159,7 +158,7 @@ def fused_recurrent_miras_linear(
         y, ht, st, x.cu_seqlens if x.cu_seqlens is not None else dummy,
         T * B if x.cu_seqlens is not None else T, H, float(spec.p), float(spec.q), float(spec.lq_eps),
         float(spec.c), int(chunk_size),
-        K=dk, V=dv, BK=cfg.BK, BV=cfg.BV, BIAS=BIAS_CODES[spec.bias], EPS=SMOOTH_ABS_EPS,
+        K=dk, V=dv, BK=cfg.BK, BV=cfg.BV, BIAS=BIAS_CODES[spec.bias], EPS=spec.bias_eps,
         RET=RETENTION_CODES[spec.retention], HAS_ALPHA=x.la is not None, MOMENTUM=momentum,
         USE_H0=x.h0 is not None, IS_VARLEN=x.cu_seqlens is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .chunk import BIAS_CODES, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY, scratch_floats
+from .chunk import BIAS_CODES, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY, bias_scalar, scratch_floats
 from .chunk_kl import KL_ARG_KERNELS, W0_PHASES, kl_phases
 from .chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
 
@@ -390,7 +390,7 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
         S1 = S2 = None
     y, W1T, W2T, S1T, S2T = _ChunkMirasMLP.apply(
         q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, nt_max, int(chunk_size),
-        BIAS_CODES[spec.bias], float(spec.p), momentum, lq, float(spec.q), float(spec.lq_eps),
+        BIAS_CODES[spec.bias], bias_scalar(spec), momentum, lq, float(spec.q), float(spec.lq_eps),
         spec.retention == "kl", float(spec.c))
     final = None
     if output_final_state:

@@ -50,6 +50,12 @@ import triton.language as tl
 # bias codes (constexpr BIAS)
 BIAS_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}
 
+
+def bias_scalar(spec) -> float:
+    """The kernels' runtime ``p`` argument: the bias's one scalar (lp: the exponent p; huber: the
+    smooth-sign eps ``huber_eps``; unused by dot and l2), so no kernel signature carries both."""
+    return float(spec.huber_eps) if spec.bias == "huber" else float(spec.p)
+
 _INV_SQRT2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
@@ -73,7 +79,10 @@ def _gelu_dd(z):
 
 @triton.jit
 def _bias_grad(e, v, dlt, p, BIAS: tl.constexpr):
-    """u = dl/dM for the attentional bias; e = M(k) - v, rows = tokens. [BT, D]."""
+    """u = dl/dM for the attentional bias; e = M(k) - v, rows = tokens. [BT, D].
+
+    ``p`` is the bias's scalar: the exponent for lp, the smooth-sign eps ``huber_eps`` for huber
+    (the host passes ``bias_scalar(spec)``)."""
     if BIAS == 0:
         u = -v
     elif BIAS == 1:
@@ -83,7 +92,7 @@ def _bias_grad(e, v, dlt, p, BIAS: tl.constexpr):
     else:
         nrm = tl.sqrt(tl.sum(e * e, axis=1))
         big = nrm > dlt
-        u = tl.where(big[:, None], dlt[:, None] * e / tl.sqrt(e * e + 1e-6), e)
+        u = tl.where(big[:, None], dlt[:, None] * e / tl.sqrt(e * e + p), e)
     return u
 
 
@@ -1077,11 +1086,11 @@ def _mlp_bwd_mid_kernel(
             elif BIAS == 2:
                 e2 = Ein * Ein + 1e-6
                 dE = dU * p * tl.exp((p - 4.0) * 0.5 * tl.log(e2)) * ((p - 1.0) * Ein * Ein + 1e-6)
-            else:
-                e2 = Ein * Ein + 1e-6
+            else:  # huber: p carries huber_eps
+                e2 = Ein * Ein + p
                 big = tl.sqrt(tl.sum(Ein * Ein, axis=1)) > dl_c
                 inv = 1.0 / tl.sqrt(e2)
-                dE = tl.where(big[:, None], dU * dl_c[:, None] * 1e-6 * inv / e2, dU)
+                dE = tl.where(big[:, None], dU * dl_c[:, None] * p * inv / e2, dU)
                 dd_c = tl.where(big, tl.sum(dU * Ein * inv, axis=1), 0.0)
             dV = -dE
         tl.store(dv + tb + _tok_off(H, D, BT), dV, mask=tm[:, None])

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import BIAS_CODES, _bias_grad, _gelu, _gelu_d
+from .chunk import BIAS_CODES, _bias_grad, _gelu, _gelu_d, bias_scalar
 from .chunk_kl import _row_stats, _softmax_read_step
 from .chunk_lq import _absq2, _lq_scale, _qroot
 
@@ -325,7 +325,7 @@ def fused_recurrent_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     y = torch.empty_like(qf)
     ret = RET_CODES[spec.retention]
     _mlp_recurrent_kernel[(N * H,)](
-        qf, kf, vf, *gates, y, x1, x2, s1, s2, f1, f2, cu, float(spec.p), int(position),
+        qf, kf, vf, *gates, y, x1, x2, s1, s2, f1, f2, cu, bias_scalar(spec), int(position),
         float(spec.lq_eps), float(spec.c),
         H=H, D=D, E=E, BH=recurrent_block(D, int(spec.expansion), ret), C=int(chunk_size), BIAS=BIAS_CODES[spec.bias],
         MOMENTUM=momentum, RET=ret, LQQ=float(spec.q) if ret == 1 else 4.0, num_warps=4, num_stages=1,

@@ -16,6 +16,24 @@ LAYER_KINDS = {"M": "miras", "A": "sliding_attention", "T": "attention"}
 BACKENDS = ("auto", "recurrent", "chunked", "triton")
 
 
+# The cap of the inner learning rate eta = sigmoid(.) * eta_max, by retention, when a config
+# leaves ``eta_max`` unset. Memora's kl retention steps in logit space (exponentiated gradient,
+# W = c softmax(Z), Z -= eta g), which is stable only while eta * |g| stays O(1); with near-uniform
+# softmax rows the memory's LayerNorm sees an almost constant vector, its 1/std saturates at
+# 1/sqrt(eps) ~ 316 and |g| is ~10-100, so eta up to 1.0 blew the first steps' gradient norm up to
+# 1e4 (docs/training_health.md). 0.1 trains as stably as Moneta; every other retention keeps 1.0.
+DEFAULT_ETA_MAX = {"kl": 0.1}
+
+
+def default_eta_max(miras: dict) -> float:
+    """Default ``eta_max`` for a ``miras`` section (1.0 unless its retention says otherwise)."""
+    try:
+        retention = MirasSpec.from_dict(miras).retention
+    except (TypeError, ValueError):
+        return 1.0  # the spec's own validation below reports the error
+    return DEFAULT_ETA_MAX.get(retention, 1.0)
+
+
 def _bad(key: str, value: Any, fix: str) -> ValueError:
     return ValueError(f"ModelConfig.{key}={value!r} is not valid: {fix}")
 
@@ -41,7 +59,7 @@ class ModelConfig:
     chunk_size: int = 64
     conv_size: int = 4
     gate_rank: int = 32
-    eta_max: float = 1.0
+    eta_max: float | None = None
     window: int = 512
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
@@ -62,6 +80,8 @@ class ModelConfig:
             or self.ffn_hidden < 1
         ):
             raise _bad("ffn_hidden", self.ffn_hidden, "use a positive integer or null (8/3 * d_model)")
+        if self.eta_max is None:  # a bad miras section is reported by its own check below
+            self.eta_max = default_eta_max(self.miras) if isinstance(self.miras, dict) else 1.0
         for key in ("eta_max", "rope_theta", "init_std", "norm_eps"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (

@@ -24,13 +24,29 @@ from .layers import doc_positions, head_rms_norm, local_heads
 
 # Gate activations and the bias each starts from (per gate, same for every head):
 # alpha = sigmoid -> 0.99 (slow forgetting at init), eta = sigmoid * eta_max -> eta_max / 2,
-# delta = softplus -> 1.0, mu = sigmoid -> 0.9 (Titans-like momentum).
+# mu = sigmoid -> 0.9 (Titans-like momentum), delta = softplus -> see gate_init_bias.
 GATE_INIT_BIAS = {
     "alpha": math.log(0.99 / 0.01),
     "eta": 0.0,
-    "delta": math.log(math.e - 1.0),
     "mu": math.log(0.9 / 0.1),
 }
+# Yaad's Huber threshold starts at DELTA_INIT_PER_SQRT_DIM * sqrt(head_dim). At initialisation the
+# MLP memory's residual is e = k + LN(o) - v with ||LN(o)||_2 = sqrt(head_dim) and ||k||_2 = 1, so
+# ||e||_2 ~ sqrt(head_dim + 1): a threshold of 1.0 (the old start) put every token on the l1
+# branch, whose output gradient delta * sign(e) is not annihilated by the LayerNorm's backward
+# projection (l2's e ~ LN(o) is) and whose derivative reaches delta / sqrt(eps) = 1000 x delta;
+# through the second-order path that made the first steps' gradient norm 1e3-1e11
+# (docs/training_health.md). Starting above ||e|| puts every token on the l2 branch (Yaad then
+# begins as an l2 memory with decay) and the outer loop learns where to clip.
+DELTA_INIT_PER_SQRT_DIM = 1.5
+
+
+def gate_init_bias(name: str, head_dim: int) -> float:
+    """Pre-activation bias of gate ``name`` at initialisation (the same for every head)."""
+    if name == "delta":
+        delta0 = DELTA_INIT_PER_SQRT_DIM * math.sqrt(head_dim)
+        return delta0 + math.log(-math.expm1(-delta0))  # softplus^-1(delta0), stable for large delta0
+    return GATE_INIT_BIAS[name]
 
 
 def causal_depthwise_conv(
@@ -108,7 +124,7 @@ class MirasMixer(nn.Module):
         self.gate_up = tpl.column_linear(cfg.gate_rank, cfg.n_heads * n_g, init_std=std, bias=True)
         with torch.no_grad():
             self.gate_up.bias.copy_(
-                torch.tensor([GATE_INIT_BIAS[g] for g in self.gate_names]).repeat(self.n_local)
+                torch.tensor([gate_init_bias(g, dh) for g in self.gate_names]).repeat(self.n_local)
             )
         self.out_norm = self._sharded(torch.ones(cfg.n_heads, dh))
         # learned initial memory (MLP memory only): free variable per head [H, r, c]
@@ -118,6 +134,7 @@ class MirasMixer(nn.Module):
                 full = init_memory_free_variable(self.spec, (cfg.n_heads, r, c), std)
                 self.mem_init[name] = self._sharded(full)
         self._stats: dict[str, torch.Tensor] = {}
+        self._state_norms: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def _sharded(full: torch.Tensor) -> nn.Parameter:
@@ -165,14 +182,21 @@ class MirasMixer(nn.Module):
         v = branch(self.v_proj, self.v_conv)
         g = self.gates(x)
         init = {n: p for n, p in self.mem_init.items()} if len(self.mem_init) else None
-        y, _ = memory(
+        # the final state comes for free on every backend (the chunk loop ends with it); it feeds
+        # the memory-state norm in the training metrics. The CP memory passes states itself.
+        extra = {"output_final_state": True} if cp is None else {}
+        y, final = memory(
             q, k, v, g.get("alpha"), g["eta"], spec=self.spec, chunk_size=self.cfg.chunk_size,
             delta=g.get("delta"), mu=g.get("mu"), initial_state=init, cu_seqlens=cu_seqlens,
-            backend=self.cfg.backend,
+            backend=self.cfg.backend, **extra,
         )
         y = head_rms_norm(y, self.out_norm, self.cfg.norm_eps)
         y = y * F.silu(self.g_proj(x)[0]).view(b, t, h, dh)
         self._stats = {name: gate.detach().mean() for name, gate in g.items()}
+        # Frobenius norm of each final free variable (W, A for lq, Z for kl), mean over
+        # sequences and heads: a memory that blows up shows here before the loss does
+        self._state_norms = {} if final is None else {
+            name: final[name].detach().float().flatten(-2).norm(dim=-1).mean() for name in self.spec.weight_names()}
         return self.o_proj(y.reshape(b, t, h * dh))[0]
 
     @torch.no_grad()
@@ -184,4 +208,6 @@ class MirasMixer(nn.Module):
             out[f"init_{name}_sqnorm"] = (w.pow(2).sum(), "sum")
         for name, val in self._stats.items():
             out[f"{name}_mean"] = (val.float(), "mean")
+        for name, val in self._state_norms.items():
+            out[f"state_{name}_norm"] = (val, "mean")
         return out

@@ -73,7 +73,7 @@ def output_grad(
     # Huber (Yaad): l2 branch inside the ball ||e||_2 <= delta, delta-scaled smooth l1 outside.
     d = delta.unsqueeze(-1)
     inside = torch.linalg.vector_norm(e.detach(), dim=-1, keepdim=True) <= d
-    return torch.where(inside, e, d * e * torch.rsqrt(e * e + SMOOTH_ABS_EPS))
+    return torch.where(inside, e, d * e * torch.rsqrt(e * e + spec.huber_eps))
 
 
 def grad_factors(

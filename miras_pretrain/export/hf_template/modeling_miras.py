@@ -40,7 +40,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_miras import MirasConfig
 
-SMOOTH_ABS_EPS = 1e-6  # |x| ~ sqrt(x^2 + eps) in the l_p and Huber gradients
+SMOOTH_ABS_EPS = 1e-6  # |x| ~ sqrt(x^2 + eps) in the l_p gradient
 MEMORY_LN_EPS = 1e-5  # layer norm inside the MLP memory
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -60,6 +60,7 @@ class MemorySpec:
         self.expansion = int(d.get("expansion", 4))
         self.c = float(d.get("c", 1.0))
         self.lq_eps = float(d.get("lq_eps", 1e-6))
+        self.huber_eps = float(d.get("huber_eps", 1e-2))  # smooth sign of the Huber l1 branch
 
     @property
     def needs_alpha(self) -> bool:
@@ -124,7 +125,7 @@ def _output_grad(spec: MemorySpec, pred, v: torch.Tensor, delta) -> torch.Tensor
         return spec.p * e * (e * e + SMOOTH_ABS_EPS).pow((spec.p - 2.0) / 2.0)
     d = delta.unsqueeze(-1)
     inside = torch.linalg.vector_norm(e, dim=-1, keepdim=True) <= d
-    return torch.where(inside, e, d * e * torch.rsqrt(e * e + SMOOTH_ABS_EPS))
+    return torch.where(inside, e, d * e * torch.rsqrt(e * e + spec.huber_eps))
 
 
 def _grad_factors(spec: MemorySpec, w: dict, k: torch.Tensor, v: torch.Tensor, delta) -> dict:
