@@ -28,6 +28,7 @@ from miras_pretrain.train.config import RunConfig, dump_config, resolve_model_co
 from miras_pretrain.train.cp import TrainerCP, check_cp_config, launch_world_size
 from miras_pretrain.train import data_bridge
 from miras_pretrain.train.engine import build_engine, resolve_precision
+from miras_pretrain.train.grad_stats import GradSpikeMonitor, grad_norms_by_group
 from miras_pretrain.train.metrics import device_peak_flops, memory_gib, mfu
 from miras_pretrain.train.rng import get_rng_state, seed_all, set_rng_state
 from miras_pretrain.train.signals import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, StopFlag
@@ -151,6 +152,8 @@ class Trainer:
         self.consecutive_skips = 0
         self.tokens_seen = 0
         self.val_history: list[tuple[int, float]] = []
+        # grad_norm/<group> of the last step that computed them (log steps only), see train_step
+        self.group_grad_norms: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -295,10 +298,26 @@ class Trainer:
         ids, _, _ = data_bridge.model_inputs(micro[0])
         return CPSlice(self.cp.rank, self.cp.size, ids.shape[1])
 
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.cfg.log.interval == 0 or step == self.cfg.train.max_steps
+
+    def _group_grad_norms(self) -> dict[str, float]:
+        """``grad_norm/<group>`` of the gradients DeepSpeed holds now (after the boundary's
+        backward, before ``engine.step()``, which clips and frees them). Collective: every rank."""
+        from deepspeed.utils import safe_get_full_grad
+
+        norms = grad_norms_by_group(self.engine.module.named_parameters(), safe_get_full_grad)
+        return {f"grad_norm/{k}": v for k, v in norms.items()}
+
     def train_step(self) -> tuple[float, bool, float]:
-        """One optimizer step (grad_accum micro-batches). Returns (mean loss, applied, grad norm)."""
+        """One optimizer step (grad_accum micro-batches). Returns (mean loss, applied, grad norm).
+
+        At log steps also sets :attr:`group_grad_norms` (empty otherwise, and always under
+        pipeline parallelism: ``engine.train_batch`` runs backward and step in one call, so
+        there is no point where the full gradients can be read before they are cleared)."""
         ga = self.cfg.train.grad_accum_steps
         inject_nan = (self.step + 1) in self.cfg.debug.nan_loss_steps
+        self.group_grad_norms = {}
         if self.pipeline:
             # every rank reads its micro-batches up front, at the same point of the program: the
             # streaming loader synchronises the processes of a machine when an epoch starts,
@@ -324,6 +343,11 @@ class Trainer:
                 self.engine.backward(loss)
                 if self.cp is not None:
                     self.cp.runtime.finish_step()  # outstanding state sends
+                # per-group norms only at log steps (a pass over all gradients, and under ZeRO a
+                # gather per parameter), on the boundary micro-batch: the reduced gradients of the
+                # whole step exist only between its backward and engine.step()
+                if self.engine.is_gradient_accumulation_boundary() and self._is_log_step(self.step + 1):
+                    self.group_grad_norms = self._group_grad_norms()
                 self.engine.step()
                 total += float(loss.detach().float().item())
             loss_val = total / ga
@@ -469,6 +493,7 @@ class Trainer:
         window_losses: list[float] = []
         window_t0 = time.perf_counter()
         window_steps = 0
+        spikes = GradSpikeMonitor()
         try:
             if cfg.eval.at_start and self.step == 0 and not self.val_history:
                 v = self.evaluate()
@@ -493,9 +518,14 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 self.tokens_seen += tokens_per_step
+                spike = False
                 if applied:
                     self.consecutive_skips = 0
                     window_losses.append(loss)
+                    warning = spikes.update(self.step, gnorm)  # gnorm is global: same on every rank
+                    if warning is not None:
+                        spike = True
+                        say(warning)
                 else:
                     self.skipped_total += 1
                     self.consecutive_skips += 1
@@ -510,7 +540,10 @@ class Trainer:
                         )
                 if bar is not None:
                     bar.update(1)
-                if self.step % cfg.log.interval == 0 or self.step == t.max_steps:
+                log_step = self._is_log_step(self.step)
+                if spike and not log_step:  # the spike's own row; the log step's row carries it otherwise
+                    logger.log(self.step, {"train/grad_spike": 1, "train/grad_norm": gnorm})
+                if log_step:
                     dt = max(time.perf_counter() - window_t0, 1e-9)
                     tok_s = tokens_per_step * window_steps / dt
                     mean_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
@@ -523,6 +556,8 @@ class Trainer:
                         "train/mfu": mfu(self.flops_per_token, tok_s, self.peak_total),
                         "train/tokens_seen": self.tokens_seen,
                         "train/skipped_steps": self.skipped_total,
+                        **({"train/grad_spike": 1} if spike else {}),
+                        **self.group_grad_norms,
                         **memory_gib(self.device),
                         **self._memory_stats(),
                         # collective over all ranks (every rank logs at the same steps)
