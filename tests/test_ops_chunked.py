@@ -47,6 +47,7 @@ GRID_SAMPLE = [
     dict(memory="mlp", bias="huber", retention="lq", learner="momentum"),
     dict(memory="linear", bias="l2", retention="none", learner="momentum"),
     dict(memory="mlp", bias="l2", retention="lq", learner="gd", q=2.0),
+    dict(memory="mlp", bias="huber", retention="decay", learner="gd", huber_eps=1e-6),  # Yaad, old constant
 ]
 
 

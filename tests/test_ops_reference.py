@@ -37,6 +37,8 @@ def test_chunk1_equals_notes_rules(name, channel, backend):
         dict(memory="mlp", bias="dot", retention="decay", learner="momentum"),
         dict(memory="mlp", bias="huber", retention="lq", learner="momentum", q=3.0),
         dict(memory="linear", bias="lp", retention="decay", learner="gd", p=4.0),
+        # Yaad at a non-default smooth-sign constant (the old 1e-6)
+        dict(memory="mlp", bias="huber", retention="decay", learner="gd", huber_eps=1e-6),
     ],
     ids=lambda f: "-".join(str(v) for v in f.values()),
 )
