@@ -161,12 +161,22 @@ def test_memory_stats():
 
 def test_training_health_defaults():
     """Yaad's Huber threshold starts at 1.5 sqrt(head_dim) (above ||e|| ~ sqrt(head_dim + 1) at
-    init, docs/training_health.md); Memora's inner learning-rate cap defaults to 0.1, the others'
-    to 1.0; an explicit eta_max wins."""
+    init, docs/training_health.md); the memory's initial weights put the LayerNorm input at scale
+    1; Memora's inner learning-rate cap defaults to 0.1, the others' to 1.0; an explicit eta_max
+    wins."""
     cfg = tiny("M", "yaad")
     mixer = MirasMixer(cfg, out_std=0.02)
     g = mixer.gates(torch.zeros(1, 3, cfg.d_model))
     torch.testing.assert_close(g["delta"], torch.full_like(g["delta"], 1.5 * cfg.head_dim ** 0.5))
+    # the MLP memory's LayerNorm input has entries of order 1 at init for none/decay retentions
+    # (1/std was 100-300 with init_std 0.02); lq/kl keep init_std
+    x = F.normalize(torch.randn(cfg.n_heads, 64, cfg.head_dim), dim=-1)
+    o = torch.einsum("hrc,hnc->hnr", mixer.mem_init["W1"].detach(),
+                     F.gelu(torch.einsum("hrc,hnc->hnr", mixer.mem_init["W2"].detach(), x)))
+    assert 0.3 < o.std(dim=-1).median().item() < 3.0
+    moneta = tiny("M", "moneta")
+    a = MirasMixer(moneta, out_std=0.02).mem_init["W1"].detach()
+    assert moneta.spec.materialize(a).std().item() < 0.03  # materialised weights at init_std
     assert tiny("M", "memora").eta_max == 0.1
     assert tiny("M", "moneta").eta_max == 1.0
     assert tiny("M", "memora", eta_max=0.5).eta_max == 0.5

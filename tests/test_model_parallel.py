@@ -201,7 +201,8 @@ def test_pipeline_parallel_2_matches_single_process(refs):
             _check(ref, out[name], f"PP=2 rank {r} {name}")
     # memory stats come from the stage holding the Miras layer (layer 0, stage 0)
     assert set(outs[0]["miras"]["stats"]) == {"layer0/init_W1_norm", "layer0/init_W2_norm",
-                                              "layer0/alpha_mean", "layer0/eta_mean"}
+                                              "layer0/alpha_mean", "layer0/eta_mean",
+                                              "layer0/state_W1_norm", "layer0/state_W2_norm"}
     assert outs[1]["miras"]["stats"] == {}
 
 

@@ -69,6 +69,22 @@ def causal_depthwise_conv(
     return out
 
 
+def memory_init_std(spec, head_dim: int, init_std: float) -> float:
+    """Std of the MLP memory's initial weights W1, W2 (before the retention's transform).
+
+    Retention none/decay (Titans, TTT-MLP, Yaad): ``sqrt(2) * (e * d)^(-1/4)`` for both matrices,
+    so that ``o = W1 gelu(W2 x)`` has entries of order 1 for a unit-norm x (``W2 x`` ~ sigma,
+    ``gelu`` ~ sigma / 2, then a sum over ``e * d`` hidden units). With ``init_std`` (0.02) the
+    LayerNorm after it saw entries of ~1e-3 and its 1/std was 100-300, so the first chunk's inner
+    step grew the weights ~30x and the outer gradient through it (a 1/std^2 factor) spiked
+    (docs/training_health.md). lq (Moneta) and kl (Memora) keep ``init_std``: their weights are a
+    normalised accumulator / a softmax whose scale the retention sets, and both train stably.
+    """
+    if spec.retention in ("none", "decay"):
+        return math.sqrt(2.0) * (int(spec.expansion) * head_dim) ** -0.25
+    return init_std
+
+
 def init_memory_free_variable(spec, shape: tuple[int, ...], std: float) -> torch.Tensor:
     """Initial free variable X of one MLP-memory weight, full shape [H, r, c].
 
@@ -131,7 +147,8 @@ class MirasMixer(nn.Module):
         self.mem_init = nn.ParameterDict()
         if self.spec.memory == "mlp":
             for name, (r, c) in self.spec.weight_shapes(dh, dh).items():
-                full = init_memory_free_variable(self.spec, (cfg.n_heads, r, c), std)
+                full = init_memory_free_variable(self.spec, (cfg.n_heads, r, c),
+                                                 memory_init_std(self.spec, dh, std))
                 self.mem_init[name] = self._sharded(full)
         self._stats: dict[str, torch.Tensor] = {}
         self._state_norms: dict[str, torch.Tensor] = {}
