@@ -46,6 +46,8 @@ class ModelConfig:
     ``"MMA"`` = two Miras layers then one sliding-window attention layer, repeated); its length
     must divide ``n_layers``. ``ffn_hidden`` = SwiGLU width; when None it is ``8/3 * d_model``
     rounded up to ``ffn_multiple_of``. ``miras`` is a dict accepted by ``MirasSpec.from_dict``.
+    ``eta_max`` caps the inner learning rate ``eta = sigmoid(.) * eta_max``; unset (None) it is
+    0.1 for kl retention (Memora) and 1.0 otherwise (:data:`DEFAULT_ETA_MAX`).
     """
 
     vocab_size: int = 32000
