@@ -104,40 +104,52 @@ def summarize(metrics: Path, after: int) -> dict:
             "val_loss": val[max(val)] if val else float("nan"), "val_step": max(val) if val else None}
 
 
+def run_pool(jobs: list[tuple[str, list[str], dict, Path]], parallel: int, on_done) -> None:
+    """Run ``(name, argv, env, log_path)`` jobs as subprocesses of the repository root,
+    ``parallel`` at a time, calling ``on_done(name, returncode, seconds)`` as each one ends."""
+    pending = list(jobs)
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, argv, env, log_path = pending.pop(0)
+            with log_path.open("w") as logf:  # the child keeps its own handle
+                proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            running[name] = (proc, time.perf_counter())
+        time.sleep(0.5)
+        for name, (proc, t0) in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                on_done(name, proc.returncode, time.perf_counter() - t0)
+
+
+def _failure(log_path: Path, code: int, secs: float) -> dict:
+    return {"exit_code": code, "log_tail": log_path.read_text()[-2000:], "seconds": secs}
+
+
 def run_all(names: list[str], out: Path, *, steps: int = 100, after: int = 20, parallel: int = 2,
             corpus_mb: float = 1.5, log=print) -> dict[str, dict]:
     """Train every model in ``names`` and return {name: summary} (with ``val_ratio`` to Moneta's
     when Moneta is among them). A run that fails is reported with its exit code and log tail."""
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_corpus(out, corpus_mb)
-    pending = list(names)
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
     results: dict[str, dict] = {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            name = pending.pop(0)
-            cfg = run_config(name, out, prepared, steps)
-            tmp = out / name / "tmp"
-            tmp.mkdir(parents=True, exist_ok=True)
-            logf = (out / f"{name}.log").open("w")
-            proc = subprocess.Popen(train_command(cfg), cwd=REPO, env=child_env(tmp), stdout=logf,
-                                    stderr=subprocess.STDOUT)
-            running[name] = (proc, time.perf_counter())
-        time.sleep(0.5)
-        for name, (proc, t0) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
-            secs = time.perf_counter() - t0
-            if proc.returncode != 0:
-                tail = (out / f"{name}.log").read_text()[-2000:]
-                results[name] = {"exit_code": proc.returncode, "log_tail": tail, "seconds": secs}
-                log(f"{name}: FAILED (exit {proc.returncode}) after {secs:.0f}s")
-                continue
-            results[name] = {**summarize(out / name / "metrics.jsonl", after), "seconds": secs, "exit_code": 0}
-            r = results[name]
-            log(f"{name}: max grad norm after step {after} {r['max_grad_norm']:.3g}, "
-                f"val loss {r['val_loss']:.3f} at step {r['val_step']} ({secs:.0f}s)")
+    jobs = []
+    for name in names:
+        tmp = out / name / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        jobs.append((name, train_command(run_config(name, out, prepared, steps)), child_env(tmp),
+                     out / f"{name}.log"))
+
+    def done(name: str, code: int, secs: float) -> None:
+        if code != 0:
+            results[name] = _failure(out / f"{name}.log", code, secs)
+            log(f"{name}: FAILED (exit {code}) after {secs:.0f}s")
+            return
+        r = results[name] = {**summarize(out / name / "metrics.jsonl", after), "seconds": secs, "exit_code": 0}
+        log(f"{name}: max grad norm after step {after} {r['max_grad_norm']:.3g}, "
+            f"val loss {r['val_loss']:.3f} at step {r['val_step']} ({secs:.0f}s)")
+
+    run_pool(jobs, parallel, done)
     ref = results.get(REFERENCE, {}).get("val_loss")
     for r in results.values():
         if ref and "val_loss" in r:
@@ -189,29 +201,21 @@ def mqar_all(names: list[str], out: Path, *, steps: int = MQAR["steps"], paralle
              log=print) -> dict[str, dict]:
     """:func:`mqar_one` for every name, ``parallel`` processes at a time (one thread each)."""
     out.mkdir(parents=True, exist_ok=True)
-    pending, running, results = list(names), {}, {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            name = pending.pop(0)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--mqar-one", name, "--steps", str(steps),
-                   "--json", str(out / f"mqar_{name}.json")]
-            logf = (out / f"mqar_{name}.log").open("w")
-            running[name] = subprocess.Popen(cmd, cwd=REPO, env=child_env(out), stdout=logf,
-                                             stderr=subprocess.STDOUT)
-        time.sleep(0.5)
-        for name, proc in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
-            if proc.returncode != 0:
-                results[name] = {"exit_code": proc.returncode,
-                                 "log_tail": (out / f"mqar_{name}.log").read_text()[-2000:]}
-                log(f"mqar {name}: FAILED (exit {proc.returncode})")
-                continue
-            results[name] = {**json.loads((out / f"mqar_{name}.json").read_text()), "exit_code": 0}
-            r = results[name]
-            log(f"mqar {name}: accuracy {r['accuracy']:.3f}, max grad norm {r['max_grad_norm']:.3g} "
-                f"({r['seconds']:.0f}s)")
+    results: dict[str, dict] = {}
+    jobs = [(name, [sys.executable, str(Path(__file__).resolve()), "--mqar-one", name, "--steps", str(steps),
+                    "--json", str(out / f"mqar_{name}.json")], child_env(out), out / f"mqar_{name}.log")
+            for name in names]
+
+    def done(name: str, code: int, secs: float) -> None:
+        if code != 0:
+            results[name] = _failure(out / f"mqar_{name}.log", code, secs)
+            log(f"mqar {name}: FAILED (exit {code})")
+            return
+        r = results[name] = {**json.loads((out / f"mqar_{name}.json").read_text()), "exit_code": 0}
+        log(f"mqar {name}: accuracy {r['accuracy']:.3f}, max grad norm {r['max_grad_norm']:.3g} "
+            f"({r['seconds']:.0f}s)")
+
+    run_pool(jobs, parallel, done)
     return {n: results[n] for n in names}
 
 

@@ -25,15 +25,6 @@ BACKENDS = ("auto", "recurrent", "chunked", "triton")
 DEFAULT_ETA_MAX = {"kl": 0.1}
 
 
-def default_eta_max(miras: dict) -> float:
-    """Default ``eta_max`` for a ``miras`` section (1.0 unless its retention says otherwise)."""
-    try:
-        retention = MirasSpec.from_dict(miras).retention
-    except (TypeError, ValueError):
-        return 1.0  # the spec's own validation below reports the error
-    return DEFAULT_ETA_MAX.get(retention, 1.0)
-
-
 def _bad(key: str, value: Any, fix: str) -> ValueError:
     return ValueError(f"ModelConfig.{key}={value!r} is not valid: {fix}")
 
@@ -82,10 +73,10 @@ class ModelConfig:
             or self.ffn_hidden < 1
         ):
             raise _bad("ffn_hidden", self.ffn_hidden, "use a positive integer or null (8/3 * d_model)")
-        if self.eta_max is None:  # a bad miras section is reported by its own check below
-            self.eta_max = default_eta_max(self.miras) if isinstance(self.miras, dict) else 1.0
         for key in ("eta_max", "rope_theta", "init_std", "norm_eps"):
             value = getattr(self, key)
+            if key == "eta_max" and value is None:
+                continue  # the retention's default, set once the miras section is parsed below
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 math.isfinite(value) and value > 0
             ):
@@ -112,6 +103,8 @@ class ModelConfig:
             spec = MirasSpec.from_dict(self.miras)
         except (TypeError, ValueError) as err:
             raise ValueError(f"ModelConfig.miras: {err}") from None
+        if self.eta_max is None:
+            self.eta_max = DEFAULT_ETA_MAX.get(spec.retention, 1.0)
         if "M" in self.layer_pattern and spec.memory == "mlp" and self.head_dim < 2:
             raise _bad("n_heads", self.n_heads, "the MLP memory needs head_dim >= 2")
 

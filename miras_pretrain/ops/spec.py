@@ -42,8 +42,9 @@ LEARNERS = ("gd", "momentum")
 SMOOTH_ABS_EPS = 1e-6
 # Default smoothing of Yaad's l1-branch sign, sign(x) ~ x / sqrt(x^2 + huber_eps) (the paper's
 # Remark 5 smooth |x|). Its slope at 0 is 1/sqrt(huber_eps): 1e-6 (slope 1000) made the outer
-# gradient through the inner gradient spike on recall (MQAR accuracy 12% vs 33% at 1e-2 after 300
-# steps, docs/training_health.md); 1e-2 caps the slope at 10, as steep as the paper's tanh(10 x).
+# gradient through the inner gradient spike on recall (Yaad's MQAR accuracy 0.117 vs 0.381 at
+# 1e-2 after 300 steps, docs/training_health.md); 1e-2 caps the slope at 10, as steep as the
+# paper's tanh(10 x).
 HUBER_EPS = 1e-2
 # Layer-norm epsilon inside the MLP memory (notes, section 1).
 MEMORY_LN_EPS = 1e-5
