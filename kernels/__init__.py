@@ -1,16 +1,25 @@
-"""Triton kernels for the Miras operators (layout after flash-linear-attention: one folder per
-operator family).
+"""The Miras memory operator: one package for every form of it (import name ``miras_kernels``;
+the folder is ``kernels/``, mapped in ``pyproject.toml`` because the name ``kernels`` belongs to
+Hugging Face's package on the index).
 
-* :mod:`kernels.miras_linear` -- linear memory: ``chunk_miras_linear`` (training, forward and
-  backward) and ``fused_recurrent_miras_linear`` (decoding).
-* :mod:`kernels.common` -- jit helpers (fp32 dots, chunk cumulative gates, bias maps) and
-  varlen bookkeeping.
-* :mod:`kernels.configs` -- the shipped launch configurations (checked by tools/kernel_report.py).
-* :func:`supports` -- whether a call can run on the kernels, with the reason when it cannot.
+    from miras_kernels import miras_memory, MirasSpec
 
-Importing this package does not import triton; :mod:`kernels.miras_linear` does.
+* :mod:`miras_kernels.spec` -- ``MirasSpec``, the grid point (memory, bias, retention, learner).
+* :mod:`miras_kernels.pytorch` -- the PyTorch forms: the token loop that defines the semantics
+  (``recurrent``), the chunk-parallel path (``chunked``), the per-token rules they share.
+* :mod:`miras_kernels.miras_linear`, :mod:`miras_kernels.miras_mlp` -- the Triton kernel families
+  (chunk-parallel training and token-recurrent decoding), after flash-linear-attention's layout.
+* :mod:`miras_kernels.common` -- jit helpers and varlen bookkeeping shared by the families.
+* :mod:`miras_kernels.configs` -- the shipped launch configurations (``tools/kernel_report.py``).
+* :func:`supports` -- whether the Triton kernels cover a call, with the reason when not.
+* :func:`causal_depthwise_conv` -- the document-aware short conv in front of q, k, v.
+
+Importing this package does not import triton; the kernel families do.
 """
 
-from kernels.dispatch import supports
+from .api import BACKENDS, miras_memory, resolve_backend
+from .conv import causal_depthwise_conv
+from .dispatch import supports
+from .spec import MirasSpec
 
-__all__ = ["supports"]
+__all__ = ["miras_memory", "MirasSpec", "resolve_backend", "BACKENDS", "supports", "causal_depthwise_conv"]

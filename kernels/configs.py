@@ -11,11 +11,11 @@ the PyTorch path (``kernels.supports`` names why).
   blocks, not on how many there are.
 * ``learner``: ``gd`` or ``momentum`` (momentum keeps a second state, so it gets its own entries).
   Each config is compiled in its class's heaviest code variant (huber bias).
-* Kernels (:mod:`kernels.miras_linear.chunk_kernels`): ``chunk_state`` (sequential state pass),
+* Kernels (:mod:`miras_kernels.miras_linear.chunk_kernels`): ``chunk_state`` (sequential state pass),
   ``chunk_out`` (outputs), ``chunk_bwd_du`` (state-independent part of dU), ``chunk_bwd_dstate``
   (sequential adjoint pass), ``chunk_bwd_dqg`` / ``chunk_bwd_dkv`` / ``chunk_bwd_dgate`` /
   ``chunk_bwd_dmu`` (the launches of ``miras_linear_chunk_bwd_grads_kernel``, PART 0/1/2/3; dmu
-  only for momentum); ``recurrent_fwd`` (:mod:`kernels.miras_linear.fused_recurrent`, BT unused
+  only for momentum); ``recurrent_fwd`` (:mod:`miras_kernels.miras_linear.fused_recurrent`, BT unused
   = 1, the whole padded state in one program: BK = padded dk, BV = padded dv).
 """
 

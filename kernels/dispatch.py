@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from kernels.configs import CHUNK_SIZES, block_size, kernels_for, pick_config
+from miras_kernels.configs import CHUNK_SIZES, block_size, kernels_for, pick_config
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,7 +48,7 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         # the MLP-memory kernels (kernels/miras_mlp, another family) decide for themselves
         if kernel != "chunk":
             return False, "memory='mlp': no token-recurrent Triton kernel here"
-        from kernels.miras_mlp import supports as mlp_supports
+        from miras_kernels.miras_mlp import supports as mlp_supports
 
         return mlp_supports(spec, q, k, v, chunk_size=chunk_size, **kwargs)
     for name, t in (("q", q), ("k", k), ("v", v)):

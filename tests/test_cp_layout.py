@@ -9,7 +9,7 @@ from miras_pretrain.model import ModelConfig, build_model
 from miras_pretrain.parallel.context_parallel import (
     ContextParallel, CPGroup, CPSlice, Segment, active, slice_batch_for_cp, validate_cp_model,
 )
-from miras_pretrain.ops import MirasSpec
+from miras_kernels import MirasSpec
 
 
 def _packed(T=48, cu=(0, 13, 37, 38, 40, 48)):

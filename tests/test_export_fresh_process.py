@@ -52,7 +52,7 @@ CHILD = textwrap.dedent('''
         kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=None,
                   attention_mask=torch.ones_like(p))
         same = torch.equal(model.generate(p, use_cache=True, **kw), model.generate(p, use_cache=False, **kw))
-    mods = sorted(m for m in sys.modules if m.split(".")[0] in ("miras_pretrain", "kernels"))
+    mods = sorted(m for m in sys.modules if m.split(".")[0] in ("miras_pretrain", "miras_kernels"))
     print(json.dumps({"err": err, "same": same, "ids": tok("def f(x): return 42")["input_ids"],
                       "net": net, "mods": mods}))
 ''')

@@ -3,7 +3,7 @@
 Everything runs on CPU: tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported.
 The reference below is a plain float64 token loop of the project's chunk semantics (gradient of
 every token of a chunk at the chunk-start weights), written here independently of
-miras_pretrain.ops; gradients come from autograd through it.
+miras_kernels; gradients come from autograd through it.
 
 Tolerances (relative Frobenius error vs the float64 reference, all outputs and gradients):
 * fp32 inputs: 1e-4 (dot/l2/lp), 2e-3 for huber (its l1-branch derivative delta*eps*s^-1.5 is
@@ -25,10 +25,10 @@ import time
 import pytest
 import torch
 
-import kernels
-from kernels import configs
-from kernels.miras_linear import chunk_miras_linear, fused_recurrent_miras_linear
-from miras_pretrain.ops import MirasSpec, miras_memory
+import miras_kernels
+from miras_kernels import configs
+from miras_kernels.miras_linear import chunk_miras_linear, fused_recurrent_miras_linear
+from miras_kernels import MirasSpec, miras_memory
 
 pytestmark = pytest.mark.triton
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -369,7 +369,7 @@ def test_supports_names_the_reason():
     q = torch.zeros(1, 4, 1, 32)
     assert kernels.supports(MirasSpec.preset("gated_delta"), q, chunk_size=16) == (True, "")
     titans = MirasSpec.preset("titans")
-    from kernels.miras_mlp import supports as mlp_supports  # memory='mlp' is that family's call
+    from miras_kernels.miras_mlp import supports as mlp_supports  # memory='mlp' is that family's call
 
     assert kernels.supports(titans, q, chunk_size=16) == mlp_supports(titans, q, chunk_size=16)
     for ret in ("lq", "kl"):
@@ -458,7 +458,7 @@ def test_compiled_ttir_dots_are_fp32_and_at_least_16():
     """Compile the smallest chunk backward (bf16 inputs) for sm_90 and inspect every tt.dot."""
     code = (
         "import sys; sys.path.insert(0, 'tools'); import kernel_report as kr\n"
-        "from kernels.configs import KernelConfig\n"
+        "from miras_kernels.configs import KernelConfig\n"
         "r = kr.compile_one((KernelConfig('chunk_bwd_dqg', 16, 32, 32, 2, 1, 'momentum'), 'mom-huber', 90))\n"
         "print(r['dots'], repr(r['error']))\n"
         "assert kr.check_ttir_dots('%d = tt.dot %a, %b, %c : tensor<16x8xbf16> * tensor<8x16xbf16> -> tensor<16x16xf32>')\n"
@@ -478,7 +478,7 @@ def test_kernel_report_compiles_every_shipped_config(tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     import kernel_report
 
-    from kernels.configs import SHIPPED
+    from miras_kernels.configs import SHIPPED
 
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -28,9 +28,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.miras_mlp import chunk_miras_mlp, fused_recurrent_miras_mlp, supports
-from miras_pretrain.ops import miras_memory
-from miras_pretrain.ops.spec import MirasSpec
+from miras_kernels.miras_mlp import chunk_miras_mlp, fused_recurrent_miras_mlp, supports
+from miras_kernels import miras_memory
+from miras_kernels.spec import MirasSpec
 
 pytestmark = pytest.mark.triton
 
@@ -308,7 +308,7 @@ def test_supports_and_errors():
     assert "chunk_size" in supports(SPECS["yaad"], q, chunk_size=8, initial_state=st)[1]
     assert "initial_state" in supports(SPECS["yaad"], q, chunk_size=16, initial_state=None)[1]
     # on a GPU only AOT-checked configurations run (the interpreter takes every supported shape)
-    from kernels.miras_mlp.api import SHIPPED, gpu_config_supported
+    from miras_kernels.miras_mlp.api import SHIPPED, gpu_config_supported
 
     assert (64, 4, 64) in SHIPPED and gpu_config_supported(64, 4, 64, 80) == (True, "")
     assert all(gpu_config_supported(d, e, c, a)[0] for d, e, c in SHIPPED for a in (80, 90))
@@ -321,7 +321,7 @@ def test_supports_and_errors():
     # the kl phases (gd and momentum) are AOT-checked for every shipped config but
     # api.KL_NOT_SHIPPED -- empty since d = 128 with C = 64 compiles spill-free too (kl_adj1h) --
     # so kl runs on a GPU exactly where the shared phases do (api.SHIPPED_KL)
-    from kernels.miras_mlp.api import KL_NOT_SHIPPED, SHIPPED_KL
+    from miras_kernels.miras_mlp.api import KL_NOT_SHIPPED, SHIPPED_KL
 
     assert KL_NOT_SHIPPED == {} and set(SHIPPED_KL) == set(SHIPPED) and (128, 4, 16) in SHIPPED_KL
     assert gpu_config_supported(64, 4, 64, 80, kl=True) == (True, "")
@@ -347,11 +347,11 @@ def test_supports_and_errors():
 def test_aot_list_covers_every_phase():
     """aot_specs lists every phase kernel the host launches, for every shipped configuration and
     learner (bias-independent phases once), plus the decoding kernel."""
-    from kernels.miras_mlp.aot import SHIPPED, aot_specs
-    from kernels.miras_mlp.chunk import BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
-    from kernels.miras_mlp.api import SHIPPED_KL
-    from kernels.miras_mlp.chunk_kl import BWD_KL_KERNELS, FWD_KL_KERNELS
-    from kernels.miras_mlp.chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS
+    from miras_kernels.miras_mlp.aot import SHIPPED, aot_specs
+    from miras_kernels.miras_mlp.chunk import BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
+    from miras_kernels.miras_mlp.api import SHIPPED_KL
+    from miras_kernels.miras_mlp.chunk_kl import BWD_KL_KERNELS, FWD_KL_KERNELS
+    from miras_kernels.miras_mlp.chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS
 
     entries = aot_specs()
     names = [e[3] for e in entries]
@@ -394,7 +394,7 @@ def test_aot_compile_340m_config(arch, tmp_path):
 
     code = (
         "import json,sys; sys.path.insert(0, %r)\n"
-        "from kernels.miras_mlp.aot import aot_specs, compile_entry\n"
+        "from miras_kernels.miras_mlp.aot import aot_specs, compile_entry\n"
         "print(json.dumps([compile_entry(e, %d) for e in aot_specs([('huber', False), ('l2', True)], [(64, 4, 64)])\n"
         "                  if not e[3].startswith('mlp_recurrent') or ' C1 ' in e[3]]))\n"
     ) % (os.getcwd(), arch)
@@ -403,12 +403,12 @@ def test_aot_compile_340m_config(arch, tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    from kernels.miras_mlp.chunk import BWD_KERNELS, FWD_KERNELS
+    from miras_kernels.miras_mlp.chunk import BWD_KERNELS, FWD_KERNELS
 
     limit = 164 * 1024 if arch == 80 else 227 * 1024
     reports = json.loads(out.stdout.strip().splitlines()[-1])
-    from kernels.miras_mlp.chunk_kl import BWD_KL_KERNELS, FWD_KL_KERNELS
-    from kernels.miras_mlp.chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS
+    from miras_kernels.miras_mlp.chunk_kl import BWD_KL_KERNELS, FWD_KL_KERNELS
+    from miras_kernels.miras_mlp.chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS
 
     phases = {r["config"].split("[")[0] for r in reports}
     assert phases == {n for n, _ in FWD_KERNELS + BWD_KERNELS + FWD_LQ_KERNELS + BWD_LQ_KERNELS + FWD_KL_KERNELS

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.miras_mlp.api import NOT_SHIPPED, SHIPPED, gpu_config_supported, phase_warps
+from miras_kernels.miras_mlp.api import NOT_SHIPPED, SHIPPED, gpu_config_supported, phase_warps
 from test_kernels_mlp import SPECS, _check, _inputs, _tol
 
 pytestmark = pytest.mark.triton

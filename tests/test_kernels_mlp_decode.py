@@ -21,9 +21,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.miras_mlp import fused_recurrent_miras_mlp
-from miras_pretrain.ops import miras_memory
-from miras_pretrain.ops.spec import MirasSpec
+from miras_kernels.miras_mlp import fused_recurrent_miras_mlp
+from miras_kernels import miras_memory
+from miras_kernels.spec import MirasSpec
 from tests.test_kernels_mlp import _close, _inputs, _reference, _state, _weights
 
 pytestmark = pytest.mark.triton
@@ -100,7 +100,7 @@ def test_decode_varlen_documents(name):
 def test_decode_head_dim_128(name):
     """d = 128 (e = 1): the lq/kl tile rule of ``recurrent_block`` (BH = 8, 16 hidden blocks), so
     W1's online softmax and the q-norms run across many blocks; chunk 1 and 2, T = 5."""
-    from kernels.miras_mlp.fused_recurrent import RET_CODES, recurrent_block
+    from miras_kernels.miras_mlp.fused_recurrent import RET_CODES, recurrent_block
 
     spec = MirasSpec.preset(name, expansion=1, **({"c": 1.5} if name == "memora" else {}))
     assert recurrent_block(128, 1, RET_CODES[spec.retention]) == 8
@@ -156,9 +156,9 @@ def test_decode_aot_list_has_lq_and_kl():
     """aot_specs() lists the decoding kernel with retention codes lq (RET 1, q = 4 constexpr:
     Moneta's lp + gd and l2 + momentum) and kl (RET 2: l2 + gd) for every shipped configuration at
     chunk semantics C = 1 and the config's chunk, with RET a constexpr of the signature."""
-    from kernels.miras_mlp.aot import SHIPPED, aot_specs
-    from kernels.miras_mlp.chunk import BIAS_CODES
-    from kernels.miras_mlp.fused_recurrent import RET_CODES, _mlp_recurrent_kernel
+    from miras_kernels.miras_mlp.aot import SHIPPED, aot_specs
+    from miras_kernels.miras_mlp.chunk import BIAS_CODES
+    from miras_kernels.miras_mlp.fused_recurrent import RET_CODES, _mlp_recurrent_kernel
 
     dec = [e for e in aot_specs() if e[0] is _mlp_recurrent_kernel]
     assert len({e[3] for e in dec}) == len(dec)

@@ -1,7 +1,7 @@
 """Memora's kl retention with the momentum learner on the MLP Triton chunk kernels
 (kernels/miras_mlp/chunk_kl.py) against the float64 token loop of tests/test_kernels_mlp.py.
 
-Semantics (miras_pretrain/ops/recurrent.py): S_t = mu_t S_{t-1} - eta_t g_t, Z_t = alpha_t Z_{t-1}
+Semantics (kernels/pytorch/recurrent.py): S_t = mu_t S_{t-1} - eta_t g_t, Z_t = alpha_t Z_{t-1}
 + S_t, W_t = c softmax_rows(Z_t); every inner gradient of a chunk at W_0 = c softmax(Z_0). The
 oracle (``token_loop``, imported) materialises the softmax weights per token and takes the inner
 gradients with torch.autograd (``create_graph=True``); it shares no code with the kernels.
@@ -29,9 +29,9 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.miras_mlp import supports
-from miras_pretrain.ops import miras_memory
-from miras_pretrain.ops.spec import MirasSpec
+from miras_kernels.miras_mlp import supports
+from miras_kernels import miras_memory
+from miras_kernels.spec import MirasSpec
 from test_kernels_mlp import _check, _close, _inputs, _kernel, _state, _used
 
 pytestmark = pytest.mark.triton
@@ -94,9 +94,9 @@ def test_kl_momentum_matches_ops_chunked_backend():
 def test_aot_list_covers_kl_momentum():
     """aot_specs lists every phase of the kl path for both learners (momentum: with the shared
     momentum-only phases) at every config of api.SHIPPED_KL, compiled with LQ = REV."""
-    from kernels.miras_mlp.aot import aot_specs
-    from kernels.miras_mlp.api import SHIPPED, SHIPPED_KL
-    from kernels.miras_mlp.chunk_kl import kl_phases
+    from miras_kernels.miras_mlp.aot import aot_specs
+    from miras_kernels.miras_mlp.api import SHIPPED, SHIPPED_KL
+    from miras_kernels.miras_mlp.chunk_kl import kl_phases
 
     assert set(SHIPPED_KL) <= set(SHIPPED)
     entries = aot_specs(variants=[], lq=[])
@@ -115,8 +115,8 @@ def test_kl_d128_chunk64_warps_and_support():
     empty): kl_adj1 split into kl_adj1 + kl_adj1h, and kl_o1 / kl_adj2q at 8 warps there (4
     elsewhere: 8 spilled at d = 64 / d = 32); the AOT report found every kl phase spill-free there
     on sm_80 and sm_90 (docs/kernels_mlp.md, "AOT compile")."""
-    from kernels.miras_mlp.api import KL_NOT_SHIPPED, SHIPPED, SHIPPED_KL, gpu_config_supported, phase_warps
-    from kernels.miras_mlp.chunk_kl import kl_phases
+    from miras_kernels.miras_mlp.api import KL_NOT_SHIPPED, SHIPPED, SHIPPED_KL, gpu_config_supported, phase_warps
+    from miras_kernels.miras_mlp.chunk_kl import kl_phases
 
     assert KL_NOT_SHIPPED == {} and set(SHIPPED_KL) == set(SHIPPED)
     for e in (2, 4):

@@ -12,7 +12,7 @@ import torch
 
 from miras_pretrain.model import ModelConfig, build_model, count_parameters, flops_per_token
 from miras_pretrain.model.counting import flops_breakdown, memory_flops_per_token_head
-from miras_pretrain.ops import MirasSpec
+from miras_kernels import MirasSpec
 from miras_pretrain.parallel.checkpoint import gather_full_state_dict, shard_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]

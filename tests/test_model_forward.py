@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from miras_pretrain.model import ModelConfig, build_model, count_parameters
-from miras_pretrain.model.miras_mixer import MirasMixer, causal_depthwise_conv
-from miras_pretrain.ops import miras_memory
+from miras_kernels import causal_depthwise_conv
+from miras_pretrain.model.miras_mixer import MirasMixer
+from miras_kernels import miras_memory
 
 V = 128
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from miras_pretrain.ops import MirasSpec
+from miras_kernels import MirasSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

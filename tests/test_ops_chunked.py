@@ -15,7 +15,7 @@ import itertools
 import pytest
 import torch
 
-from miras_pretrain.ops import MirasSpec
+from miras_kernels import MirasSpec
 from test_ops_helpers import assert_close_all, call, make_case, outputs_and_grads, rel_err
 
 TOL64 = 1e-9

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-import miras_pretrain.ops as ops
-from miras_pretrain.ops import MirasSpec, miras_memory
-from miras_pretrain.ops.chunked import miras_memory_chunked
+import miras_kernels.api as ops
+from miras_kernels import MirasSpec, miras_memory
+from miras_kernels.pytorch.chunked import miras_memory_chunked
 
 
 def _inputs(B=1, T=20, H=2, D=16, seed=0):
@@ -38,10 +38,10 @@ def test_auto_on_cpu_is_the_chunked_path():
 def test_triton_backend_runs_kernels_and_matches_chunked(monkeypatch, retention):
     spec = MirasSpec.preset("gated_delta", retention=retention)
     q, k, v, alpha, eta = _inputs()
-    ok, reason = __import__("kernels").supports(spec, q, k, v, chunk_size=16)
+    ok, reason = __import__("miras_kernels").supports(spec, q, k, v, chunk_size=16)
     assert ok, reason
     called = {}
-    import kernels.miras_linear as kl
+    import miras_kernels.miras_linear as kl
 
     real = kl.chunk_miras_linear
 
@@ -74,12 +74,12 @@ def test_uncovered_spec_falls_back_with_one_warning(monkeypatch):
     assert torch.equal(y1, y_ref) and torch.equal(y2, y_ref)
 
 
-def test_missing_kernels_package_falls_back_with_warning(monkeypatch):
+def test_missing_triton_falls_back_with_warning(monkeypatch):
     monkeypatch.setattr(ops, "_warned_fallbacks", set())
-    monkeypatch.setitem(sys.modules, "kernels", None)  # makes `import kernels` fail
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
     spec = MirasSpec.preset("gated_delta")
     q, k, v, alpha, eta = _inputs()
-    with pytest.warns(RuntimeWarning, match="'kernels' package cannot be imported"):
+    with pytest.warns(RuntimeWarning, match="triton is not installed"):
         y, _ = miras_memory(q, k, v, alpha, eta, spec=spec, chunk_size=16, backend="triton")
     y_ref, _ = miras_memory(q, k, v, alpha, eta, spec=spec, chunk_size=16, backend="chunked")
     assert torch.equal(y, y_ref)

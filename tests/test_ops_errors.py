@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miras_pretrain.ops import MirasSpec, miras_memory
+from miras_kernels import MirasSpec, miras_memory
 
 B, T, H, D = 2, 6, 2, 4
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miras_pretrain.ops import MirasSpec, miras_memory
+from miras_kernels import MirasSpec, miras_memory
 from test_ops_helpers import make_case, used_leaves
 
 CASES = [

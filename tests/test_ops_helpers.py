@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from miras_pretrain.ops import MirasSpec, miras_memory
+from miras_kernels import MirasSpec, miras_memory
 
 
 

@@ -1,4 +1,4 @@
-"""The per-token scan of the non-affine retentions (``ops/per_token_scan.py``: Moneta's l_q
+"""The per-token scan of the non-affine retentions (``kernels/pytorch/per_token_scan.py``: Moneta's l_q
 scales, Memora's softmax reads, every chunk at once, hand-written backward).
 
 * Unit level: ``lq_scales`` / ``softmax_reads`` == a plain autograd token loop written here
@@ -22,8 +22,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miras_pretrain.ops import MirasSpec, per_token_scan
-from miras_pretrain.ops.per_token_scan import ChunkScanInputs, lq_scales, softmax_reads
+from miras_kernels import MirasSpec
+from miras_kernels.pytorch import per_token_scan
+from miras_kernels.pytorch.per_token_scan import ChunkScanInputs, lq_scales, softmax_reads
 from test_ops_helpers import assert_close_all, call, make_case, outputs_and_grads, rel_err
 
 TOL_UNIT = 1e-10

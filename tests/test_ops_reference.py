@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from miras_pretrain.ops import MirasSpec
+from miras_kernels import MirasSpec
 from test_ops_helpers import assert_close_all, call, make_case, notes_reference, outputs_and_grads
 
 TOL = 1e-9

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from miras_pretrain.ops import MirasSpec, miras_memory
+from miras_kernels import MirasSpec, miras_memory
 
 
 @pytest.mark.parametrize("name", ["gated_delta", "moneta"])

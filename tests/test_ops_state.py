@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miras_pretrain.ops import MirasSpec, miras_memory
+from miras_kernels import MirasSpec, miras_memory
 from test_ops_helpers import call, make_case, outputs_and_grads, rel_err
 
 TOL = 1e-10

@@ -73,7 +73,7 @@ def _worker(rank: int, world: int, preset: str, scheme: str, seq_len: int, steps
 
 
 def run(presets: list[str], sizes: list[int], seq_len: int, steps: int, quick: bool) -> list[dict]:
-    from miras_pretrain.ops import MirasSpec
+    from miras_kernels import MirasSpec
     from miras_pretrain.parallel.context_parallel_launch import spawn
 
     rows = []

@@ -44,7 +44,7 @@ def _inputs(B, T, H, dk, dv, dtype, device, seed=0):
 
 def parse_spec(text: str):
     """``preset[+field=value...]`` -> MirasSpec (e.g. ``gated_delta+bias=huber+learner=momentum``)."""
-    from miras_pretrain.ops import MirasSpec
+    from miras_kernels import MirasSpec
 
     name, *over = text.split("+")
     kw = {}
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import kernels
-    from miras_pretrain.ops import miras_memory
+    import miras_kernels
+    from miras_kernels import miras_memory
 
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(specs[0], 16, 16, 16), (specs[1], 64, 64, 32)]
     else:
         runs = [(name, C, dk, dv) for name in specs for C, dk, dv in grid]
-    from kernels.miras_linear import chunk_miras_linear
+    from miras_kernels.miras_linear import chunk_miras_linear
 
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule

@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from kernels.miras_mlp import chunk_miras_mlp, supports
-    from miras_pretrain.ops import MirasSpec, miras_memory
+    from miras_kernels.miras_mlp import chunk_miras_mlp, supports
+    from miras_kernels import MirasSpec, miras_memory
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     for p in presets:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
 
     chunked = lambda *a, **k: miras_memory(*a, backend="chunked", **k)  # noqa: E731
     try:
-        from kernels.miras_linear import chunk_miras_linear
+        from miras_kernels.miras_linear import chunk_miras_linear
     except Exception as err:  # the linear kernels are another helper's; report, don't fail
         chunk_miras_linear = None
         print(f"note: kernels.miras_linear unavailable ({err}); gated-delta column empty")

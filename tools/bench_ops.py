@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from miras_pretrain.ops import MirasSpec, miras_memory  # noqa: E402
+from miras_kernels import MirasSpec, miras_memory  # noqa: E402
 
 PRESETS = list(MirasSpec.PRESETS)
 

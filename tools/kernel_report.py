@@ -59,23 +59,23 @@ _DOT_RE = re.compile(r"tt\.dot\s[^\n]*?:\s*tensor<([0-9x]+)x(\w+)>\s*\*\s*tensor
 
 def _kernel_fn(kernel: str):
     if kernel == "chunk_state":
-        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_state_kernel as fn
+        from miras_kernels.miras_linear.chunk_kernels import miras_linear_chunk_state_kernel as fn
     elif kernel == "chunk_out":
-        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_out_kernel as fn
+        from miras_kernels.miras_linear.chunk_kernels import miras_linear_chunk_out_kernel as fn
     elif kernel == "chunk_bwd_du":
-        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_du_kernel as fn
+        from miras_kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_du_kernel as fn
     elif kernel == "chunk_bwd_dstate":
-        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_dstate_kernel as fn
+        from miras_kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_dstate_kernel as fn
     elif kernel in ("chunk_bwd_dqg", "chunk_bwd_dkv", "chunk_bwd_dgate", "chunk_bwd_dmu"):
-        from kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_grads_kernel as fn
+        from miras_kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_grads_kernel as fn
     elif kernel == "chunk_scan_fwd":
-        from kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_scan_fwd_kernel as fn
+        from miras_kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_scan_fwd_kernel as fn
     elif kernel in ("chunk_scan_bwd", "chunk_scan_bwd_dk"):
-        from kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_scan_bwd_kernel as fn
+        from miras_kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_scan_bwd_kernel as fn
     elif kernel == "chunk_bwd_dstate_mat":
-        from kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_bwd_dstate_mat_kernel as fn
+        from miras_kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_bwd_dstate_mat_kernel as fn
     else:
-        from kernels.miras_linear.fused_recurrent import miras_linear_recurrent_fwd_kernel as fn
+        from miras_kernels.miras_linear.fused_recurrent import miras_linear_recurrent_fwd_kernel as fn
     return fn
 
 
@@ -207,7 +207,7 @@ def compile_one(job: tuple) -> dict:
 def compile_mlp_one(job: tuple) -> dict:
     """One ``kernels.miras_mlp.aot`` entry (the MLP-memory family's shipped list) as a report row."""
     idx, arch = job
-    from kernels.miras_mlp import aot
+    from miras_kernels.miras_mlp import aot
 
     entry = aot.aot_specs()[idx]
     name = entry[3]
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run([sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])],
                               env=env).returncode
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from kernels.configs import SHIPPED
+    from miras_kernels.configs import SHIPPED
 
     t0 = time.time()
     rows = []
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 and (args.learner is None or c.learner in args.learner)]
         rows += _run(compile_one, [(c, v, a) for c in cfgs for v in variants_of(c) for a in args.arch], args.jobs)
     if args.family in ("mlp", "all"):
-        from kernels.miras_mlp import aot
+        from miras_kernels.miras_mlp import aot
 
         picked = [i for i, entry in enumerate(aot.aot_specs())
                   if args.kernel is None or entry[3].split("[")[0] in args.kernel]

@@ -21,17 +21,17 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels.common.tiles import BIAS_CODES
-from kernels.common.varlen import chunk_indices, chunk_offsets
-from kernels.configs import block_size, pick_config
-from kernels.miras_linear.chunk_kernels import (
+from miras_kernels.common.tiles import BIAS_CODES
+from miras_kernels.common.varlen import chunk_indices, chunk_offsets
+from miras_kernels.configs import block_size, pick_config
+from miras_kernels.miras_linear.chunk_kernels import (
     miras_linear_chunk_bwd_dstate_kernel,
     miras_linear_chunk_bwd_du_kernel,
     miras_linear_chunk_bwd_grads_kernel,
     miras_linear_chunk_out_kernel,
     miras_linear_chunk_state_kernel,
 )
-from kernels.miras_linear.inputs import prepare
+from miras_kernels.miras_linear.inputs import prepare
 
 
 
@@ -313,7 +313,7 @@ def chunk_miras_linear(
         ``y [B, T, H, dv]`` in q's dtype and ``{"W": X_T[, "S_W": S_T]}`` (``[N, H, dv, dk]``
         fp32) or ``None`` when ``output_final_state`` is False.
     """
-    from kernels.dispatch import supports
+    from miras_kernels.dispatch import supports
 
     ok, reason = supports(spec, q, k, v, chunk_size=chunk_size)
     if not ok:
@@ -321,7 +321,7 @@ def chunk_miras_linear(
     x = prepare(spec, q, k, v, alpha, eta, delta, mu, initial_state, cu_seqlens)
     fn = MirasLinearChunkFunction
     if spec.retention == "kl" or (spec.retention == "lq" and spec.q != 2.0):
-        from kernels.miras_linear.chunk_mat import MirasLinearMatFunction as fn  # noqa: N813
+        from miras_kernels.miras_linear.chunk_mat import MirasLinearMatFunction as fn  # noqa: N813
     y, ht, st = fn.apply(
         x.q, x.k, x.v, x.la, x.lmu, x.eta, x.delta, x.h0, x.s0, x.cu_seqlens, spec, chunk_size
     )

@@ -46,7 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.tiles import (
+from miras_kernels.common.tiles import (
     bias_map_grad_n,
     bias_map_n,
     chunk_cumsum,

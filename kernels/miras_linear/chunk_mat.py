@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.common.varlen import chunk_indices
-from kernels.miras_linear.chunk import (
+from miras_kernels.common.varlen import chunk_indices
+from miras_kernels.miras_linear.chunk import (
     LaunchArgs,
     StatePass,
     launch_meta,
@@ -33,7 +33,7 @@ from kernels.miras_linear.chunk import (
     launch_input_grads,
     run_state_pass,
 )
-from kernels.miras_linear.chunk_mat_kernels import (
+from miras_kernels.miras_linear.chunk_mat_kernels import (
     MAT_CODES,
     miras_linear_chunk_bwd_dstate_mat_kernel,
     miras_linear_chunk_scan_bwd_kernel,

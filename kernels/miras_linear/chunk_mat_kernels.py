@@ -1,6 +1,6 @@
 """Triton kernels for the non-affine retentions of the linear memory: ``lq`` (Moneta's l_q
 normalisation) and ``kl`` (Memora's row softmax). Semantics: ``/work/shared/miras-notes.md``
-sections 2-3 and ``miras_pretrain/ops/chunked.py`` (the PyTorch reference of the same chunking).
+sections 2-3 and ``kernels/pytorch/chunked.py`` (the PyTorch reference of the same chunking).
 
 The free variable ``X`` (the state the kernels carry) follows the same affine chunk recurrence as
 for ``decay`` (``chunk_kernels.py``); only the *weights* differ: ``W = s(X) X`` with one scalar
@@ -36,8 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.tiles import bias_map_n, chunk_rev_cumsum, dot32, pick, pick_row
-from kernels.miras_linear.chunk_kernels import (
+from miras_kernels.common.tiles import bias_map_n, chunk_rev_cumsum, dot32, pick, pick_row
+from miras_kernels.miras_linear.chunk_kernels import (
     RUNTIME_INTS,
     _init_final_adjoint,
     _residual_adjoint,

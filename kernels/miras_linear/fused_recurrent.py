@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.tiles import BIAS_CODES, bias_map
-from kernels.configs import block_size, pick_config
-from kernels.miras_linear.inputs import prepare
+from miras_kernels.common.tiles import BIAS_CODES, bias_map
+from miras_kernels.configs import block_size, pick_config
+from miras_kernels.miras_linear.inputs import prepare
 
 RETENTION_CODES = {"none": 0, "decay": 0, "lq": 1, "kl": 2}
 
@@ -129,7 +129,7 @@ def fused_recurrent_miras_linear(
     multiples of ``chunk_size`` from the start of this call (one-token steps: exact per-token
     rule); the initial state must be a chunk-start state.
     """
-    from kernels.dispatch import supports
+    from miras_kernels.dispatch import supports
 
     ok, reason = supports(spec, q, k, v, kernel="recurrent")
     if not ok:

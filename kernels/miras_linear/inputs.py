@@ -1,5 +1,5 @@
 """Validation and normalisation of the operator's inputs, shared by the chunk and the
-token-recurrent entry points (same conventions as ``miras_pretrain.ops.miras_memory``)."""
+token-recurrent entry points (same conventions as ``miras_kernels.miras_memory``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.common.varlen import check_cu_seqlens
+from miras_kernels.common.varlen import check_cu_seqlens
 
 
 @dataclass

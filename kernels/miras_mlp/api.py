@@ -318,7 +318,7 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
     Args:
         q, k, v: ``[B, T, H, D]`` (fp32/bf16/fp16). alpha, eta, delta, mu: ``[B, T, H]``
             (alpha may be None for retention ``none``; delta for ``huber``; mu for momentum).
-        spec: :class:`miras_pretrain.ops.spec.MirasSpec` with ``memory="mlp"``.
+        spec: :class:`miras_kernels.spec.MirasSpec` with ``memory="mlp"``.
         initial_state: ``{"W1": [N|1, H, D, E] or [H, D, E], "W2": [.., E, D]}`` (+ ``S_W1``,
             ``S_W2`` for momentum); ``N`` = B, or the number of documents with ``cu_seqlens``.
             Gradients flow to it (broadcast dims are summed by autograd).

@@ -3,7 +3,7 @@
 One program per (sequence, head) walks its tokens one by one with matrix-vector products (no
 ``tl.dot``: one token at a time), keeping the state in global fp32 buffers tiled by ``BH`` rows
 of the hidden dimension. Same chunk semantics as the training path and the token loop
-(``miras_pretrain/ops/recurrent.py``): every inner gradient is taken at the weights frozen at the
+(``kernels/pytorch/recurrent.py``): every inner gradient is taken at the weights frozen at the
 last chunk start, ``W_{t0} = materialize(X_{t0})``; the state's free variable ``X`` follows the
 affine update (``alpha`` decay, momentum ``S``); the read after the write uses
 ``materialize(X_t)``. ``chunk_size=1`` is the exact per-token rule of the notes, section 2.

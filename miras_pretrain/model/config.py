@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from miras_pretrain.ops.spec import MirasSpec
+from miras_kernels.spec import MirasSpec
 
 # Layer kinds in ``layer_pattern``: M = Miras mixer, A = sliding-window softmax attention,
 # T = full causal softmax attention (Transformer++).

@@ -4,18 +4,18 @@ FLOP convention: a multiply-add is 2 FLOPs; training FLOPs per token = 3 x forwa
 = 2 x forward); recomputation (activation checkpointing, and the chunked op's per-token weights
 for lq/kl, which its backward recomputes from segment checkpoints) is NOT counted, nor are norms, activations and
 other elementwise work outside the memory. The embedding lookup is free; the output head is a
-matmul. The memory is counted as the ``chunked`` backend computes it (see ops/chunked.py): per
+matmul. The memory is counted as the ``chunked`` backend computes it (see kernels/pytorch/chunked.py): per
 token and head, the forward of the frozen memory at the key and the backprop vectors for the
 inner gradient, the chunk-end state update (sum of outer products), and the read at the query
 -- for ``none``/``decay`` retention a frozen-weights read plus GLA-like in-chunk products
 (4*C*(rows+cols)), for ``lq``/``kl`` the per-token weights of the chunk built by the in-chunk
-scan (one scaled rank-1 update, 2 FLOPs per entry, twice with momentum; ops/per_token_scan.py),
+scan (one scaled rank-1 update, 2 FLOPs per entry, twice with momentum; kernels/pytorch/per_token_scan.py),
 their materialisation (~5 FLOPs per entry) and a full matvec.
 """
 
 from __future__ import annotations
 
-from miras_pretrain.ops.spec import MirasSpec
+from miras_kernels.spec import MirasSpec
 
 from .config import ModelConfig
 

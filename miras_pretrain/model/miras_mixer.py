@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miras_pretrain.ops import miras_memory
+from miras_kernels import causal_depthwise_conv, miras_memory
 from miras_pretrain.parallel import context_parallel
 from miras_pretrain.parallel import layers as tpl
 
@@ -47,26 +47,6 @@ def gate_init_bias(name: str, head_dim: int) -> float:
         delta0 = DELTA_INIT_PER_SQRT_DIM * math.sqrt(head_dim)
         return delta0 + math.log(-math.expm1(-delta0))  # softplus^-1(delta0), stable for large delta0
     return GATE_INIT_BIAS[name]
-
-
-def causal_depthwise_conv(
-    x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Causal depthwise conv1d that never mixes documents.
-
-    x [B, T, C], weight [C, K] (``weight[:, K-1]`` multiplies the current token, as
-    ``nn.Conv1d`` with K-1 left padding), pos [T] position of each token in its document (None:
-    one document) -> [B, T, C]. Written as K shifted multiply-adds so the document mask is a
-    plain ``pos >= shift`` test.
-    """
-    t, k = x.shape[1], weight.shape[1]
-    out = x * weight[:, k - 1]
-    for shift in range(1, min(k, t)):
-        prev = F.pad(x[:, : t - shift], (0, 0, shift, 0))
-        if pos is not None:
-            prev = prev * (pos >= shift).to(x.dtype)[None, :, None]
-        out = out + prev * weight[:, k - 1 - shift]
-    return out
 
 
 def memory_init_std(spec, head_dim: int, init_std: float) -> float:

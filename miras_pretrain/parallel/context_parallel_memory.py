@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 import torch
 
-from miras_pretrain.ops import miras_memory
+from miras_kernels import miras_memory
 
 from .context_parallel import ActiveCP, Segment
 from .context_parallel_comm import AllGather, Attach, FromPrev, PostedRecv, ToNext, anchor, halo_exchange
@@ -98,7 +98,7 @@ class MirasLayerCP:
         """Causal depthwise conv across the rank boundary. x [B, T_local, C], weight [C, K] ->
         [B, T_local, C]; the previous rank's last K-1 inputs arrive by a halo exchange and are
         masked by the document positions (nothing crosses a document start)."""
-        from miras_pretrain.model.miras_mixer import causal_depthwise_conv
+        from miras_kernels.conv import causal_depthwise_conv
 
         pos = self.layout.positions(x.device)
         h = weight.shape[1] - 1

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .inputs import State, prepare_inputs, run_documents
-from .rules import grad_factors, matvec, read_memory
-from .spec import MirasSpec
+from ..inputs import State, prepare_inputs, run_documents
+from ..rules import grad_factors, matvec, read_memory
+from ..spec import MirasSpec
 
 
 def recurrent_core(
@@ -94,7 +94,7 @@ def miras_memory_recurrent(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State | None]:
-    """Reference backend; same arguments and returns as :func:`miras_pretrain.ops.miras_memory`."""
+    """Reference backend; same arguments and returns as :func:`miras_kernels.miras_memory`."""
     inp = prepare_inputs(
         q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
         initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,

@@ -1,6 +1,6 @@
 """Input validation and layout for the Miras memory operator, shared by the torch backends.
 
-``prepare_inputs`` checks every argument of :func:`miras_pretrain.ops.miras_memory` (one-line
+``prepare_inputs`` checks every argument of :func:`miras_kernels.miras_memory` (one-line
 ``ValueError`` naming the field and the fix), casts to the compute dtype (at least float32, so
 bf16/fp16 inputs accumulate their state in fp32) and moves tensors to the head-major layout
 ``[B, H, T, ...]`` the backends work in. ``run_documents`` runs a backend's dense core once per

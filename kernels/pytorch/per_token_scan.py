@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .spec import MirasSpec
+from ..spec import MirasSpec
 
 # Target size (elements) of one op's block in the scan (a group of chunks is processed together).
 # Measured on the 2-core CPU (d = 64 MLP weights, 4 heads, i.e. 64K entries per chunk and

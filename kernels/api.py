@@ -1,27 +1,27 @@
-"""The Miras memory operator (issue 2).
+"""The Miras memory operator's entry point: ``miras_memory`` and the backend dispatch.
 
-    from miras_pretrain.ops import miras_memory, MirasSpec
+    from miras_kernels import miras_memory, MirasSpec
 
 Backends (one module per form, like flash-linear-attention):
 
-* ``recurrent`` -- the plain token loop, the definition of the semantics (``ops/recurrent.py``);
-* ``chunked``   -- the chunk-parallel torch form, same semantics (``ops/chunked.py``);
-* ``triton``    -- GPU kernels from the top-level ``kernels`` package (same signature);
+* ``recurrent`` -- the plain token loop, the definition of the semantics (``kernels/pytorch/recurrent.py``);
+* ``chunked``   -- the chunk-parallel torch form, same semantics (``kernels/pytorch/chunked.py``);
+* ``triton``    -- the Triton kernel families ``miras_linear`` / ``miras_mlp`` (same signature);
 * ``auto``      -- ``triton`` for CUDA tensors, ``chunked`` elsewhere; see
   :func:`resolve_backend`, the ONE place where backend names map to implementations.
 """
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Mapping
 from typing import Callable
 
 import torch
 
-from .chunked import miras_memory_chunked
-from .recurrent import miras_memory_recurrent
+from .pytorch.chunked import miras_memory_chunked
+from .pytorch.recurrent import miras_memory_recurrent
+from .dispatch import supports
 from .spec import MirasSpec
 
 __all__ = ["miras_memory", "MirasSpec", "resolve_backend", "BACKENDS"]
@@ -46,23 +46,17 @@ def _miras_memory_triton(q, k, v, alpha, eta, *, spec, chunk_size, delta, mu, in
                          output_final_state, cu_seqlens):
     """Run the Triton kernels when they cover the call, else the chunked PyTorch path (same
     semantics) with a one-time warning naming why."""
-    try:
-        kernels = importlib.import_module("kernels")
-    except ImportError as err:  # the package ships with the project; this is a broken install
-        _warn_fallback_once(f"the 'kernels' package cannot be imported ({err})")
-        kernels = None
-    if kernels is not None:
-        ok, reason = kernels.supports(spec, q, k, v, chunk_size=chunk_size,
-                                      initial_state=initial_state)
-        if ok:
-            if spec.memory == "linear":
-                from kernels.miras_linear import chunk_miras_linear as impl
-            else:
-                from kernels.miras_mlp import chunk_miras_mlp as impl
-            return impl(q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
-                        initial_state=initial_state, output_final_state=output_final_state,
-                        cu_seqlens=cu_seqlens)
-        _warn_fallback_once(reason)
+    ok, reason = supports(spec, q, k, v, chunk_size=chunk_size, initial_state=initial_state)
+    if ok:
+        # imported here: the kernel families import triton, which a CPU install may lack
+        if spec.memory == "linear":
+            from .miras_linear import chunk_miras_linear as impl
+        else:
+            from .miras_mlp import chunk_miras_mlp as impl
+        return impl(q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
+                    initial_state=initial_state, output_final_state=output_final_state,
+                    cu_seqlens=cu_seqlens)
+    _warn_fallback_once(reason)
     return miras_memory_chunked(q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta,
                                 mu=mu, initial_state=initial_state,
                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
@@ -108,7 +102,7 @@ def miras_memory(
 
     Semantics: mini-batch GD with chunks of ``chunk_size`` tokens from each document start;
     every inner gradient of a chunk is taken at the weights frozen at the chunk start (see
-    ``ops/recurrent.py``; chunk_size=1 is the exact per-token rule of the notes, section 2).
+    ``kernels/pytorch/recurrent.py``; chunk_size=1 is the exact per-token rule of the notes, section 2).
 
     Args:
         q, k: ``[B, T, H, dk]`` queries and keys.

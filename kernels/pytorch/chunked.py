@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .inputs import State, prepare_inputs, run_documents
+from ..inputs import State, prepare_inputs, run_documents
 from .per_token_scan import ChunkScanInputs, lq_scales, softmax_reads
-from .rules import grad_factors, read_memory
-from .spec import MirasSpec
+from ..rules import grad_factors, read_memory
+from ..spec import MirasSpec
 
 
 @dataclass
@@ -232,7 +232,7 @@ def miras_memory_chunked(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State | None]:
-    """Chunk-parallel backend; same arguments and returns as :func:`miras_pretrain.ops.miras_memory`."""
+    """Chunk-parallel backend; same arguments and returns as :func:`miras_kernels.miras_memory`."""
     inp = prepare_inputs(
         q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
         initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
