@@ -7,8 +7,11 @@ Backends (one module per form, like flash-linear-attention):
 * ``recurrent`` -- the plain token loop, the definition of the semantics (``kernels/pytorch/recurrent.py``);
 * ``chunked``   -- the chunk-parallel torch form, same semantics (``kernels/pytorch/chunked.py``);
 * ``triton``    -- the Triton kernel families ``miras_linear`` / ``miras_mlp`` (same signature);
-* ``auto``      -- ``triton`` for CUDA tensors, ``chunked`` elsewhere; see
+* ``auto``      -- ``triton`` for CUDA tensors, ``chunked`` for every other device; see
   :func:`resolve_backend`, the ONE place where backend names map to implementations.
+
+``triton`` (and so ``auto`` on CUDA) runs the kernels only for calls ``miras_kernels.supports``
+accepts and falls back to ``chunked`` otherwise, with a one-time warning naming the reason.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def _miras_memory_triton(q, k, v, alpha, eta, *, spec, chunk_size, delta, mu, in
                          output_final_state, cu_seqlens):
     """Run the Triton kernels when they cover the call, else the chunked PyTorch path (same
     semantics) with a one-time warning naming why."""
-    ok, reason = supports(spec, q, k, v, chunk_size=chunk_size, initial_state=initial_state)
+    ok, reason = supports(spec, q, k, v, chunk_size=chunk_size, alpha=alpha, initial_state=initial_state)
     if ok:
         # imported here: the kernel families import triton, which a CPU install may lack
         if spec.memory == "linear":
@@ -102,7 +105,7 @@ def miras_memory(
 
     Semantics: mini-batch GD with chunks of ``chunk_size`` tokens from each document start;
     every inner gradient of a chunk is taken at the weights frozen at the chunk start (see
-    ``kernels/pytorch/recurrent.py``; chunk_size=1 is the exact per-token rule of the notes, section 2).
+    ``kernels/pytorch/recurrent.py``; chunk_size=1 is the exact per-token rule, ``docs/semantics.md``).
 
     Args:
         q, k: ``[B, T, H, dk]`` queries and keys.
@@ -120,7 +123,8 @@ def miras_memory(
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N+1]`` int document offsets for packed input (B == 1); the state and the
             chunk grid restart at every document start.
-        backend: ``"auto"``, ``"chunked"``, ``"recurrent"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton kernels for CUDA tensors, ``"chunked"`` elsewhere),
+            ``"chunked"``, ``"recurrent"`` or ``"triton"`` (see :func:`resolve_backend`).
 
     Returns:
         y ``[B, T, H, dv]`` in the input dtype, and the final state (dict of ``[B|N, H, r, c]``

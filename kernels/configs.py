@@ -1,12 +1,15 @@
-"""The shipped kernel configurations: every (kernel, BT, BK, BV, num_warps, num_stages, learner)
-that dispatch can launch. ``tools/kernel_report.py`` compiles exactly these for sm_80 and sm_90
-and fails on a compile error, a register spill or shared memory over the device limit, so a
-config is listed here only once it compiles cleanly; a call with no listed config falls back to
-the PyTorch path (``kernels.supports`` names why).
+"""The shipped launch configurations of both Triton kernel families, in one table per family.
+
+``tools/kernel_report.py`` compiles exactly these for sm_80 and sm_90 and fails on a compile
+error, a register spill or shared memory over the device limit, so a config is listed here only
+once it compiles cleanly; a call with no listed config falls back to the PyTorch path
+(``miras_kernels.supports`` names why). Plain Python: importing this module does not import triton.
+
+Linear family (:mod:`miras_kernels.miras_linear`), ``LINEAR_*`` and :func:`linear_config`:
 
 * ``BT`` is the chunk size (16, 32, 64); ``BK`` / ``BV`` the key / value block the chunk kernels
-  loop over (dk and dv are runtime arguments, any value up to ``MAX_HEAD_DIM``, masked; dv is
-  split into ``ceil(dv / BV)`` programs, or looped over by one program in the huber state pass).
+  loop over (dk and dv are runtime arguments, any value up to ``LINEAR_MAX_HEAD_DIM``, masked; dv
+  is split into ``ceil(dv / BV)`` programs, or looped over by one program in the huber state pass).
   One compiled binary per entry therefore serves every head dim: registers depend on the
   blocks, not on how many there are.
 * ``learner``: ``gd`` or ``momentum`` (momentum keeps a second state, so it gets its own entries).
@@ -17,26 +20,36 @@ the PyTorch path (``kernels.supports`` names why).
   ``chunk_bwd_dmu`` (the launches of ``miras_linear_chunk_bwd_grads_kernel``, PART 0/1/2/3; dmu
   only for momentum); ``recurrent_fwd`` (:mod:`miras_kernels.miras_linear.fused_recurrent`, BT unused
   = 1, the whole padded state in one program: BK = padded dk, BV = padded dv).
+
+MLP family (:mod:`miras_kernels.miras_mlp`), ``MLP_*`` and the ``mlp_*`` functions: the shipped
+(head dim, expansion, chunk size) triples, the hidden-block width and the warps of every phase
+kernel, and which retentions are AOT-checked where (``miras_kernels.miras_mlp.aot`` lists the
+compile entries from these tables).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-CHUNK_SIZES = (16, 32, 64)
-CHUNK_KERNELS = ("chunk_state", "chunk_out", "chunk_bwd_du", "chunk_bwd_dstate", "chunk_bwd_dqg", "chunk_bwd_dkv",
+# =============================================================================== linear family
+
+LINEAR_CHUNK_SIZES = (16, 32, 64)
+LINEAR_CHUNK_KERNELS = ("chunk_state", "chunk_out", "chunk_bwd_du", "chunk_bwd_dstate", "chunk_bwd_dqg", "chunk_bwd_dkv",
                  "chunk_bwd_dgate", "chunk_bwd_dmu")
 # lq/kl retention only (kernels/miras_linear/chunk_mat_kernels.py): the per-token sweeps keep a
 # [BV, padded dk] state tile in registers, so their binaries depend on the padded key width: their
 # configs have BK = that width (32, 64, 128), one entry each, like ``recurrent_fwd``.
-MAT_KERNELS = ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk", "chunk_bwd_dstate_mat")
-SCAN_KERNELS = ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk")
-MAX_HEAD_DIM = 128
+LINEAR_MAT_KERNELS = ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk", "chunk_bwd_dstate_mat")
+LINEAR_SCAN_KERNELS = ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk")
+LINEAR_MAX_HEAD_DIM = 128
 MIN_BLOCK = 32
 
 
 @dataclass(frozen=True)
 class KernelConfig:
+    """One shipped launch of a linear-family kernel: its name, the chunk size ``BT``, the key and
+    value blocks ``BK``/``BV``, warps, pipeline stages and the learner class it serves."""
+
     kernel: str
     BT: int
     BK: int
@@ -82,12 +95,12 @@ _OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
 }
 
 
-def kernels_for(learner: str, retention: str = "decay") -> tuple[str, ...]:
+def linear_kernels_for(learner: str, retention: str = "decay") -> tuple[str, ...]:
     """The chunk kernels a training call with this learner (and retention) launches (d log mu only
     with momentum; the per-token sweeps and the Jacobian-aware adjoint pass only for lq/kl)."""
-    base = tuple(k for k in CHUNK_KERNELS if learner == "momentum" or k != "chunk_bwd_dmu")
+    base = tuple(k for k in LINEAR_CHUNK_KERNELS if learner == "momentum" or k != "chunk_bwd_dmu")
     if retention in ("lq", "kl"):
-        return base + MAT_KERNELS
+        return base + LINEAR_MAT_KERNELS
     return base
 
 
@@ -98,21 +111,21 @@ def _chunk_entry(kernel: str, learner: str, BT: int) -> tuple[int, int, int]:
 def _build() -> tuple[KernelConfig, ...]:
     out = []
     for learner in ("gd", "momentum"):
-        for kernel in kernels_for(learner, "lq"):
-            for BT in CHUNK_SIZES:
-                if kernel in SCAN_KERNELS:
-                    for bkp in (32, 64, MAX_HEAD_DIM):
+        for kernel in linear_kernels_for(learner, "lq"):
+            for BT in LINEAR_CHUNK_SIZES:
+                if kernel in LINEAR_SCAN_KERNELS:
+                    for bkp in (32, 64, LINEAR_MAX_HEAD_DIM):
                         w = _SCAN_WARP_OVERRIDES.get((kernel, learner, BT, bkp), _SCAN_WARPS[BT])
                         out.append(KernelConfig(kernel, BT, bkp, 16, w, 1, learner))
                     continue
                 BK, BV, w = _chunk_entry(kernel, learner, BT)
                 out.append(KernelConfig(kernel, BT, BK, BV, w, 1, learner))
-    out += [KernelConfig("recurrent_fwd", 1, BK, BV, w, 1, "any") for (BK, BV), w in _RECURRENT_TABLE.items()]
+    out += [KernelConfig("recurrent_fwd", 1, BK, BV, w, 1, "any") for (BK, BV), w in _LINEAR_RECURRENT_WARPS.items()]
     return tuple(out)
 
 
-_RECURRENT_TABLE: dict[tuple[int, int], int] = {(32, 32): 2, (32, 64): 4, (64, 32): 4, (64, 64): 4}
-SHIPPED: tuple[KernelConfig, ...] = _build()
+_LINEAR_RECURRENT_WARPS: dict[tuple[int, int], int] = {(32, 32): 2, (32, 64): 4, (64, 32): 4, (64, 64): 4}
+LINEAR_SHIPPED: tuple[KernelConfig, ...] = _build()
 
 
 def block_size(dim: int) -> int:
@@ -124,22 +137,158 @@ def block_size(dim: int) -> int:
     return b
 
 
-def pick_config(kernel: str, BT: int, K: int, BV_full: int, full_v: bool = False, learner: str = "gd") -> KernelConfig | None:
+def linear_config(kernel: str, BT: int, K: int, BV_full: int, full_v: bool = False, learner: str = "gd") -> KernelConfig | None:
     """The config dispatch launches, or ``None`` when none is shipped.
 
     Chunk kernels: the head dims are runtime arguments (one binary per config serves every
-    dk, dv <= ``MAX_HEAD_DIM``: the kernels loop over key and value blocks). ``recurrent_fwd``
+    dk, dv <= ``LINEAR_MAX_HEAD_DIM``: the kernels loop over key and value blocks). ``recurrent_fwd``
     keeps the whole state in one program: ``BK == K`` and ``BV == BV_full`` (``full_v``); the
-    lq/kl sweeps (``SCAN_KERNELS``) keep whole rows: ``BK == K`` (the padded key width)."""
-    for c in SHIPPED:
+    lq/kl sweeps (``LINEAR_SCAN_KERNELS``) keep whole rows: ``BK == K`` (the padded key width)."""
+    for c in LINEAR_SHIPPED:
         if c.kernel != kernel or c.BT != BT:
             continue
         if kernel == "recurrent_fwd":
             if c.BK == K and (c.BV == BV_full if full_v else BV_full % c.BV == 0):
                 return c
             continue
-        if kernel in SCAN_KERNELS and c.BK != K:
+        if kernel in LINEAR_SCAN_KERNELS and c.BK != K:
             continue
-        if c.learner == learner and K <= MAX_HEAD_DIM:
+        if c.learner == learner and K <= LINEAR_MAX_HEAD_DIM:
             return c
     return None
+
+
+# ================================================================================== MLP family
+
+MLP_HEAD_DIMS = (16, 32, 64, 128)
+MLP_EXPANSIONS = (1, 2, 4)
+MLP_CHUNK_SIZES = (16, 32, 64)
+MLP_RETENTIONS = ("none", "decay", "lq", "kl")
+# Candidate GPU configurations (head dim, expansion, chunk size); 340M: D = 64, e = 4, C = 64.
+MLP_CANDIDATES = [(d, e, c) for d in (32, 64, 128) for e in (2, 4) for c in (16, 64)]
+MLP_ARCHS = (80, 90)
+# Candidates the AOT report found spilling (on either arch): not shipped, supports() falls back
+# on a GPU naming the reason (dict value). Empty: d = 128 with C = 64 spilled 48-4820 bytes in
+# fwd hidden and bwd readout2 / state_dk / mid / first / lq_adj1 ([64, 128] fp32 tiles, 32
+# registers per thread each at 8 warps) until those phases were restructured (CTA-barrier splits,
+# a second hidden-block loop for dk, see miras_mlp/chunk_kernels.py) and given per-phase warps
+# (mlp_phase_warps).
+MLP_NOT_SHIPPED: dict[tuple[int, int, int], str] = {}
+# Configurations compiled and checked ahead of time (miras_kernels.miras_mlp.aot,
+# tools/kernel_report.py --family mlp): every phase kernel is spill-free with shared memory in
+# bounds on sm_80 and sm_90.
+MLP_SHIPPED = [c for c in MLP_CANDIDATES if c not in MLP_NOT_SHIPPED]
+# No software pipelining: the hidden-block loops are compute bound and every pipeline stage would
+# buffer weight tiles in shared memory and keep extra registers live (spills on sm_80/sm_90).
+MLP_NUM_STAGES = 1
+# exponents q of the lq retention compiled and checked ahead of time (aot.LQ_VARIANTS)
+MLP_SHIPPED_LQ_Q = (4.0,)
+# Configurations where the kl phases spill although the shared phases may ship (AOT report, checked
+# with the kl entries of aot.aot_specs); kl falls back there on a GPU. Empty: d = 128 with C = 64
+# spilled (kl_adj1 with momentum 128 bytes on sm_80 at 8 warps; kl_o1 2.1-2.3 KB and kl_adj2q
+# 64-72 bytes at 4 warps) until kl_adj1's d(h_i) / d Gam part moved to kl_adj1h and kl_o1 /
+# kl_adj2q got 8 warps there (mlp_phase_warps).
+MLP_KL_NOT_SHIPPED: dict[tuple[int, int, int], str] = {}
+# (head dim, expansion, chunk) where the kl (Memora) phases, gd and momentum, are compiled and
+# checked ahead of time (aot.aot_specs, aot.KL_VARIANTS; 0 spills on sm_80/sm_90): every shipped
+# config but MLP_KL_NOT_SHIPPED. (d = 128, C = 16 spilled 592-720 bytes in kl_adj2 until its dk part
+# moved to kl_adj2k.)
+MLP_SHIPPED_KL = tuple(c for c in MLP_SHIPPED if c not in MLP_KL_NOT_SHIPPED)
+
+
+def mlp_hidden_block(d: int, e: int, chunk: int) -> int:
+    """Tile of the hidden dimension ``e*d`` kept on chip at once. Smaller for wide heads and big
+    chunks so the ``[C, BH]`` tiles of the backward fit in registers (checked by the AOT report)."""
+    hidden = d * e
+    bh = 16 if (d >= 64 or chunk >= 64) else 32
+    return max(16, min(bh, hidden))
+
+
+def mlp_num_warps(d: int, chunk: int) -> int:
+    """Default warps of the phase kernels (see :func:`mlp_phase_warps`)."""
+    return 8 if (d >= 64 or chunk >= 64) else 4
+
+
+def mlp_phase_warps(name: str, d: int, chunk: int, lq: bool = False) -> int:
+    """Warps of one phase kernel (``name`` as in ``chunk_kernels.FWD_KERNELS``/``BWD_KERNELS`` or
+    ``chunk_lq_kernels.FWD_LQ_KERNELS``/``BWD_LQ_KERNELS``; ``lq``: compiled with ``LQ=True``);
+    chosen with the AOT report so that no phase spills on sm_80/sm_90."""
+    if name in ("mlp_bwd_read", "mlp_fwd_read"):
+        # at 8 warps ptxas held this phase to 128 registers on sm_80 and spilled (d = 64, C = 64)
+        return 4
+    if name == "mlp_bwd_lq_adj2k":
+        # at 8 warps ptxas spilled 40 bytes at 80 registers on sm_80 (d = 64, C = 64, gd); 4: none
+        return 4
+    if name in ("mlp_fwd_kl_o1", "mlp_bwd_kl_o1", "mlp_bwd_kl_adj2q"):
+        # kl token sweeps: at 8 warps ptxas held them to 64-128 registers and spilled 8-32 bytes
+        # (d = 64: kl_o1 on sm_80/sm_90; d = 32, C = 64: kl_adj2q on sm_90); 4 warps: none. d = 128,
+        # C = 64: at 4 warps kl_o1 spilled 2.1-2.3 KB (its three [C, D] online-softmax tiles) and
+        # kl_adj2q 64-72 bytes (momentum, sm_80); 8 warps: none
+        return 8 if (d >= 128 and chunk >= 64) else 4
+    if name == "mlp_bwd_kl_adj2":
+        # d = 64, C = 16, momentum: at 8 warps ptxas held it to 128 registers on sm_90 and spilled
+        # 48 bytes; 4 warps: none for d = 64 (d = 128: 4 warps spilled 48 bytes, 8 none)
+        return 4 if d == 64 else mlp_num_warps(d, chunk)
+    if name == "mlp_bwd_kl_adj2k":
+        # d = 64, C = 64: at 8 warps 72-88 bytes spilled at 80 registers on sm_80; d = 32 and
+        # d = 128: at 4 warps 8-32 bytes spilled (64-205 registers); 8 warps: none
+        return 4 if d == 64 else 8
+    if d >= 128 and chunk >= 64:
+        # d = 128, C = 64: [64, 128] fp32 tiles; measured per phase (AOT report, sm_80/sm_90)
+        if name in ("mlp_fwd_hidden", "mlp_bwd_first"):
+            # 8 warps spilled 128-200 (hidden, sm_90) / 56-288 bytes (first's dz loop); 4: none
+            return 4
+        if name == "mlp_bwd_mid":
+            # lp/huber: 8 warps spilled 16-264 bytes even with the bias and LN parts split by
+            # barriers; 16 warps (128 registers each): none
+            return 16
+    if name == "mlp_bwd_first" and d == 64 and chunk == 16:
+        # with the dk loop split off, 8 warps held it to 128 registers on sm_80 and spilled 24
+        # bytes (l2, gd and momentum); 4 warps: none (at d = 64, C = 64 4 warps spill with lq/kl)
+        return 4
+    if lq and name == "mlp_bwd_state_dk":
+        # LQ (lq, and kl's backward): 8 warps everywhere since the momentum terms moved to their
+        # own hidden-block loop (4 warps spilled 8 bytes on sm_90 at d = 32, C = 16 with momentum
+        # and 104-140 bytes at d = 128, C = 64; before the split 8 warps spilled 24 bytes at
+        # d = 64, C = 16 on sm_80)
+        return 8
+    return mlp_num_warps(d, chunk)
+
+
+def mlp_config_shipped(d: int, e: int, chunk: int, arch: int, lq_q: float | None = None,
+                       kl: bool = False) -> tuple[bool, str]:
+    """Whether (head dim ``d``, expansion ``e``, ``chunk``) on ``sm_<arch>`` is a shipped
+    (AOT-checked: zero register spills, shared memory in bounds) MLP configuration, else
+    ``(False, reason)``. A GPU runs only these; the interpreter (CPU) runs every supported shape.
+    ``lq_q``: the exponent of the lq retention (its phases are compiled with q as a constexpr),
+    None otherwise; ``kl``: the kl (Memora) phases, AOT-checked for :data:`MLP_SHIPPED_KL` only."""
+    if arch not in MLP_ARCHS:
+        return False, (f"sm_{arch}: the MLP kernels are compiled and checked for "
+                       f"{', '.join(f'sm_{a}' for a in MLP_ARCHS)} only")
+    why = MLP_NOT_SHIPPED.get((d, e, chunk))
+    if why:
+        return False, f"not shipped: {why}"
+    if (d, e, chunk) not in MLP_SHIPPED:
+        return False, (f"head dim {d}, expansion {e}, chunk_size {chunk} is not a shipped (AOT-checked) "
+                       f"configuration: see miras_kernels.configs.MLP_SHIPPED")
+    if kl and (d, e, chunk) in MLP_KL_NOT_SHIPPED:
+        return False, f"retention='kl' not shipped: {MLP_KL_NOT_SHIPPED[(d, e, chunk)]}"
+    if kl and (d, e, chunk) not in MLP_SHIPPED_KL:
+        return False, (f"retention='kl' is AOT-checked on a GPU for (head dim, expansion, chunk) in "
+                       f"{list(MLP_SHIPPED_KL)} only (got {(d, e, chunk)})")
+    if lq_q is not None and lq_q not in MLP_SHIPPED_LQ_Q:
+        return False, (f"retention='lq' with q={lq_q:g} is not AOT-checked on a GPU "
+                       f"(shipped q: {', '.join(f'{x:g}' for x in MLP_SHIPPED_LQ_Q)})")
+    return True, ""
+
+
+def mlp_recurrent_block(d: int, e: int, ret: int = 0) -> int:
+    """Hidden rows per tile of the MLP decoding kernel (two [BH, d] weight tiles live at once). 16
+    from d = 64 up: at d = 64, BH = 32 spilled 16 bytes on sm_90 (Huber; ptxas held it to 128
+    registers). ``ret`` (``common.codes.RETENTION_CODES``): lq/kl at d = 128 take 8: with 16, kl +
+    gd (C = 16) spilled 8 bytes on sm_80 and kl/lq + momentum used 243-255 registers (the online
+    softmax / q-norm temporaries add [d, BH] tiles); with 8 they compile to 96-127 registers,
+    spill-free (AOT, sm_80/sm_90)."""
+    if ret != 0 and d >= 128:
+        return min(d * e, 8)
+    return min(d * e, 64 if d <= 32 else 16)

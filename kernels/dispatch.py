@@ -1,39 +1,51 @@
-"""Can the Triton kernels run a call? Used by ``miras_memory(backend="auto"|"triton")`` to fall
-back to the PyTorch path with a one-time warning naming the reason.
+"""Can the Triton kernels run a call? The one place that decides, for both kernel families; used by
+``miras_memory(backend="auto"|"triton")`` to fall back to the PyTorch chunked path with a
+one-time warning naming the reason, and by the families' entry points, which refuse (ValueError
+with the reason) what it refuses. The coverage data are the shipped-config tables of
+``miras_kernels.configs``; this module imports neither triton nor a kernel family.
 
-Memory ``mlp`` is delegated to ``kernels.miras_mlp.supports`` (a separate kernel family).
+Linear memory (``miras_kernels.miras_linear``), ``kernel="chunk"`` (training, forward + backward):
+bias dot, l2, lp, huber; retention none, decay, lq, kl; learner gd, momentum; chunk sizes 16, 32,
+64; head dims dk, dv <= 128 (independently: dv may differ from dk); fp32/fp16/bf16 inputs;
+``[B, T, H]`` gates; ``initial_state``, final state, varlen -- every shape has a spill-free shipped
+config. ``kernel="recurrent"`` (decoding, forward only) covers the same grid, dims <= 64.
 
-Coverage (``kernel="chunk"``, training, forward + backward): memory ``linear``; bias dot, l2, lp,
-huber; retention none, decay, lq, kl; learner gd, momentum; chunk sizes 16, 32, 64; head dims
-dk, dv <= 128 (independently: dv may differ from dk); fp32/fp16/bf16 inputs; ``initial_state``,
-final state, varlen; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` -- every shape has
-a spill-free shipped config (``kernels/configs.py``). Everything else falls back with the reason:
-other chunk sizes, head dims > 128, float64 inputs.
+MLP memory (``miras_kernels.miras_mlp``), ``kernel="chunk"``: head dims 16/32/64/128, expansion
+1/2/4, chunk sizes 16/32/64, every bias, retention and learner; an ``initial_state`` (the model's
+learned weights) is required. In the interpreter every such shape runs; on a GPU only the
+AOT-checked (head dim, expansion, chunk) triples of ``configs.MLP_SHIPPED`` on sm_80/sm_90.
 
-``kernel="recurrent"`` (decoding, forward only) covers the same grid.
+Everything else falls back with the reason (other chunk sizes, wider heads, float64 inputs,
+per-channel alpha, devices other than CUDA or the CPU interpreter).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 
 import torch
 
-from miras_kernels.configs import CHUNK_SIZES, block_size, kernels_for, pick_config
+from miras_kernels.configs import (LINEAR_CHUNK_SIZES, MLP_CHUNK_SIZES, MLP_EXPANSIONS, MLP_HEAD_DIMS,
+                                   MLP_RETENTIONS, block_size, linear_config, linear_kernels_for,
+                                   mlp_config_shipped)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
-             chunk_size: int = 64, kernel: str = "chunk", **kwargs) -> tuple[bool, str]:
+             chunk_size: int = 64, kernel: str = "chunk", alpha: torch.Tensor | None = None,
+             initial_state: Mapping[str, torch.Tensor] | None = None, **_unused) -> tuple[bool, str]:
     """``(True, "")`` when the Triton kernels can run this call, else ``(False, reason)``.
 
     Args:
         spec: a ``MirasSpec``. q: ``[B, T, H, dk]``; k like q; v: ``[B, T, H, dv]`` (k and v
-        default to q's shape). chunk_size: the chunk length C. kernel: ``"chunk"`` (training)
-        or ``"recurrent"`` (token-by-token decoding, forward only). Further keyword arguments
-        (e.g. ``initial_state``) are passed to ``kernels.miras_mlp.supports`` for memory ``mlp``.
+            default to q's shape). chunk_size: the chunk length C. kernel: ``"chunk"``
+            (training) or ``"recurrent"`` (token-by-token decoding, forward only).
+        alpha: the retention gate when known (``[B, T, H, dk]`` per-channel gates have no kernel).
+        initial_state: the state dict when known (memory ``mlp`` requires one).
+        Other keyword arguments of ``miras_memory`` are accepted and ignored.
     """
     if kernel not in ("chunk", "recurrent"):
         raise ValueError(f"kernel={kernel!r} is not valid: use 'chunk' or 'recurrent'")
@@ -44,13 +56,16 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
             return False, "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
     elif q.device.type != "cuda":
         return False, f"device {q.device.type!r} is not supported (CUDA, or CPU in the interpreter)"
+    if alpha is not None and alpha.dim() == 4:
+        return False, "alpha is per-channel [B, T, H, dk]: the Triton kernels take [B, T, H] gates"
     if spec.memory == "mlp":
-        # the MLP-memory kernels (kernels/miras_mlp, another family) decide for themselves
         if kernel != "chunk":
             return False, "memory='mlp': no token-recurrent Triton kernel here"
-        from miras_kernels.miras_mlp import supports as mlp_supports
+        return _mlp_chunk_supports(spec, q, chunk_size, initial_state)
+    return _linear_supports(spec, q, k, v, chunk_size, kernel)
 
-        return mlp_supports(spec, q, k, v, chunk_size=chunk_size, **kwargs)
+
+def _linear_supports(spec, q, k, v, chunk_size: int, kernel: str) -> tuple[bool, str]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t is not None and t.dtype not in _DTYPES:
             return False, f"{name}.dtype={t.dtype}: the kernels take float32/float16/bfloat16"
@@ -59,13 +74,39 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
     if dk > 128 or dv > 128:
         return False, f"head dims dk={dk}, dv={dv}: the kernels cover dims <= 128 (configs for padded dk 32/64/128)"
     if kernel == "chunk":
-        if chunk_size not in CHUNK_SIZES:
-            return False, f"chunk_size={chunk_size}: the chunk kernels cover {CHUNK_SIZES}"
-        for name in kernels_for(spec.learner, spec.retention):
-            if pick_config(name, chunk_size, block_size(dk), block_size(dv), False, spec.learner) is None:
+        if chunk_size not in LINEAR_CHUNK_SIZES:
+            return False, f"chunk_size={chunk_size}: the chunk kernels cover {LINEAR_CHUNK_SIZES}"
+        for name in linear_kernels_for(spec.learner, spec.retention):
+            if linear_config(name, chunk_size, block_size(dk), block_size(dv), False, spec.learner) is None:
                 return False, (f"no spill-free shipped {name} config for chunk_size={chunk_size}, dk={dk}, dv={dv}, "
                                f"bias={spec.bias}, learner={spec.learner} (kernels/configs.py)")
-    else:
-        if pick_config("recurrent_fwd", 1, block_size(dk), block_size(dv), True) is None:
-            return False, f"no spill-free shipped recurrent_fwd config for dk={dk}, dv={dv} (kernels/configs.py)"
+    elif linear_config("recurrent_fwd", 1, block_size(dk), block_size(dv), True) is None:
+        return False, f"no spill-free shipped recurrent_fwd config for dk={dk}, dv={dv} (kernels/configs.py)"
+    return True, ""
+
+
+def _mlp_chunk_supports(spec, q, chunk_size: int, initial_state) -> tuple[bool, str]:
+    if spec.retention not in MLP_RETENTIONS:
+        return False, (f"retention={spec.retention!r} has no MLP Triton kernel yet "
+                       f"(covered: {', '.join(MLP_RETENTIONS)}); use the chunked backend")
+    if q.dim() != 4:
+        return False, f"q must be [B, T, H, D] (got {tuple(q.shape)})"
+    d = q.shape[-1]
+    if d not in MLP_HEAD_DIMS:
+        return False, f"head dim {d} not in {MLP_HEAD_DIMS}"
+    if int(spec.expansion) not in MLP_EXPANSIONS:
+        return False, f"expansion {spec.expansion} not in {MLP_EXPANSIONS}"
+    if d * int(spec.expansion) < 16:
+        return False, "hidden width e*d must be >= 16 (tl.dot dims)"
+    if chunk_size not in MLP_CHUNK_SIZES:
+        return False, f"chunk_size {chunk_size} not in {MLP_CHUNK_SIZES}"
+    if q.dtype not in _DTYPES:
+        return False, f"dtype {q.dtype} not supported by the kernels (float32/bfloat16/float16)"
+    if initial_state is None:
+        return False, "memory='mlp' needs initial_state (the model's learned initial weights)"
+    if q.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(q.device)
+        lq_q = float(spec.q) if spec.retention == "lq" and float(spec.q) != 2.0 else None
+        return mlp_config_shipped(d, int(spec.expansion), chunk_size, 10 * major + minor, lq_q=lq_q,
+                                  kl=spec.retention == "kl")
     return True, ""

@@ -1,10 +1,19 @@
-"""Input validation and layout for the Miras memory operator, shared by the torch backends.
+"""The input contract of the Miras memory operator, shared by every backend.
 
-``prepare_inputs`` checks every argument of :func:`miras_kernels.miras_memory` (one-line
-``ValueError`` naming the field and the fix), casts to the compute dtype (at least float32, so
-bf16/fp16 inputs accumulate their state in fp32) and moves tensors to the head-major layout
-``[B, H, T, ...]`` the backends work in. ``run_documents`` runs a backend's dense core once per
-batch (or once per document for varlen input) and assembles the outputs.
+:func:`validate_inputs` checks every argument of :func:`miras_kernels.miras_memory` once, the same
+way for the token loop, the chunk-parallel torch path and both Triton kernel families (one-line
+``ValueError`` naming the field and the fix), and brings the initial state to one form: the keys
+the caller gave, each ``[N, H, r, c]``; a state key the caller left out starts at zero on every
+backend (:meth:`CheckedInputs.state_or_zeros`; only ``memory="mlp"`` requires its weights).
+
+Each backend then takes the checked inputs into its own layout:
+
+* :func:`prepare_inputs` -- the torch forms: compute dtype (at least float32, so bf16/fp16 inputs
+  accumulate their state in fp32), head-major ``[B, H, T, ...]``; :func:`run_documents` runs a
+  dense core once per batch (or once per document for varlen input) and assembles the outputs.
+* :func:`linear_kernel_inputs` -- the linear Triton kernels: token-major contiguous tensors, fp32
+  log-gates, fp32 states.
+* the MLP Triton kernels build their flat buffers in ``miras_kernels.miras_mlp.chunk``.
 """
 
 from __future__ import annotations
@@ -25,8 +34,42 @@ Core = Callable[..., tuple[torch.Tensor, State]]
 
 
 @dataclass
+class CheckedInputs:
+    """Arguments that passed :func:`validate_inputs`, token-major and in the caller's dtypes.
+
+    q, k ``[B, T, H, dk]``; v ``[B, T, H, dv]``; eta ``[B, T, H]``; alpha ``[B, T, H]`` or
+    ``[B, T, H, dk]`` (None for retention ``none``: alpha = 1 there); delta, mu ``[B, T, H]`` (None
+    unless the bias is huber / the learner momentum). ``initial_state`` holds the keys the caller
+    gave, each ``[N, H, r, c]`` (a ``[H, r, c]`` state is broadcast, so its gradient sums over N);
+    ``N`` = B, or the number of documents of ``cu_seqlens`` (their ``[start, end)`` in ``bounds``).
+    """
+
+    spec: MirasSpec
+    chunk_size: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    alpha: torch.Tensor | None
+    eta: torch.Tensor
+    delta: torch.Tensor | None
+    mu: torch.Tensor | None
+    initial_state: State
+    cu_seqlens: torch.Tensor | None
+    bounds: list[tuple[int, int]] | None
+    n_states: int
+    output_final_state: bool
+
+    def state_or_zeros(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``initial_state[key]`` ``[N, H, r, c]``, or zeros of that shape when it was left out."""
+        if key in self.initial_state:
+            return self.initial_state[key]
+        r, c = self.spec.weight_shapes(self.q.shape[-1], self.v.shape[-1])[key.removeprefix("S_")]
+        return torch.zeros(self.n_states, self.q.shape[2], r, c, dtype=dtype, device=self.q.device)
+
+
+@dataclass
 class MemoryInputs:
-    """Validated, head-major, compute-dtype inputs (see module docstring)."""
+    """Validated, head-major, compute-dtype inputs of the torch forms (see module docstring)."""
 
     spec: MirasSpec
     chunk_size: int
@@ -72,7 +115,7 @@ def _head_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).transpose(1, 2).contiguous()
 
 
-def prepare_inputs(
+def validate_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -86,8 +129,9 @@ def prepare_inputs(
     initial_state: Mapping[str, torch.Tensor] | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-) -> MemoryInputs:
-    """Validate the arguments of ``miras_memory`` and bring them into the backends' layout."""
+) -> CheckedInputs:
+    """Check the arguments of ``miras_memory`` (the contract of every backend; shapes in
+    :class:`CheckedInputs`) and return them with the initial state as ``[N, H, r, c]`` tensors."""
     if not isinstance(spec, MirasSpec):
         raise ValueError(
             f"spec must be a MirasSpec (got {type(spec).__name__}): use MirasSpec.preset(name) or MirasSpec(...)"
@@ -167,7 +211,6 @@ def prepare_inputs(
         n_states = len(bounds)
 
     # --- initial state --------------------------------------------------------------------------
-    cdt = torch.promote_types(q.dtype, torch.float32)
     shapes = spec.weight_shapes(dk, dv)
     state: State = {}
     if initial_state is None:
@@ -199,22 +242,94 @@ def prepare_inputs(
                 t = t.unsqueeze(0).expand(n_states, H, r, c)
             elif tuple(t.shape) != (n_states, H, r, c):
                 raise ValueError(f"initial_state[{key!r}] must have shape {want} (got {_shape(t)})")
-            state[key] = t.to(cdt)
+            state[key] = t
 
+    return CheckedInputs(
+        spec=spec, chunk_size=chunk_size, q=q, k=k, v=v, alpha=alpha, eta=eta, delta=delta, mu=mu,
+        initial_state=state, cu_seqlens=cu_seqlens, bounds=bounds, n_states=n_states,
+        output_final_state=bool(output_final_state),
+    )
+
+
+def prepare_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor | None,
+    eta: torch.Tensor,
+    *,
+    spec: MirasSpec,
+    chunk_size: int = 64,
+    delta: torch.Tensor | None = None,
+    mu: torch.Tensor | None = None,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> MemoryInputs:
+    """:func:`validate_inputs`, then the torch forms' layout: compute dtype (at least float32),
+    head-major ``[B, H, T, ...]`` (state ``[N, H, r, c]``; left-out keys stay absent and
+    :func:`run_documents` starts them at zero)."""
+    x = validate_inputs(q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
+                        initial_state=initial_state, output_final_state=output_final_state,
+                        cu_seqlens=cu_seqlens)
+    cdt = torch.promote_types(q.dtype, torch.float32)
     return MemoryInputs(
         spec=spec,
         chunk_size=chunk_size,
-        q=_head_major(q, cdt),
-        k=_head_major(k, cdt),
-        v=_head_major(v, cdt),
-        alpha=None if alpha is None else _head_major(alpha, cdt),
-        eta=_head_major(eta, cdt),
-        delta=None if delta is None else _head_major(delta, cdt),
-        mu=None if mu is None else _head_major(mu, cdt),
-        initial_state=state,
-        bounds=bounds,
-        output_final_state=bool(output_final_state),
+        q=_head_major(x.q, cdt),
+        k=_head_major(x.k, cdt),
+        v=_head_major(x.v, cdt),
+        alpha=None if x.alpha is None else _head_major(x.alpha, cdt),
+        eta=_head_major(x.eta, cdt),
+        delta=None if x.delta is None else _head_major(x.delta, cdt),
+        mu=None if x.mu is None else _head_major(x.mu, cdt),
+        initial_state={key: t.to(cdt) for key, t in x.initial_state.items()},
+        bounds=x.bounds,
+        output_final_state=x.output_final_state,
         out_dtype=q.dtype,
+    )
+
+
+@dataclass
+class LinearKernelInputs:
+    """Inputs of a linear-family Triton launch. q, k ``[B, T, H, dk]``, v ``[B, T, H, dv]``
+    (contiguous, caller's dtype); gates ``[B, T, H]`` fp32 (``la``/``lmu`` = log alpha / log mu,
+    None when the spec has no such gate; ``delta`` None unless huber); states ``h0``/``s0``
+    ``[N, H, dv, dk]`` fp32 (``h0`` None: the memory starts at zero; ``s0`` zeros when the caller
+    left out ``S_W``); ``cu_seqlens`` int32 on q's device; ``n_seq`` = N."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    la: torch.Tensor | None
+    lmu: torch.Tensor | None
+    eta: torch.Tensor
+    delta: torch.Tensor | None
+    h0: torch.Tensor | None
+    s0: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    n_seq: int
+
+
+def linear_kernel_inputs(x: CheckedInputs) -> LinearKernelInputs:
+    """The linear kernels' layout of checked inputs: gates become fp32 log-gates so the kernels
+    work with cumulative sums (autograd differentiates the ``log`` here). A per-channel alpha
+    ``[B, T, H, dk]`` has no kernel: ``miras_kernels.supports`` refuses it before this runs."""
+    spec = x.spec
+    h0 = s0 = None
+    if "W" in x.initial_state:
+        h0 = x.initial_state["W"].float().contiguous()
+        if spec.needs_mu:
+            # an omitted momentum state starts at zero, as on the torch path
+            s0 = x.state_or_zeros("S_W").float().contiguous()
+    cu = None if x.cu_seqlens is None else x.cu_seqlens.to(device=x.q.device, dtype=torch.int32).contiguous()
+    return LinearKernelInputs(
+        q=x.q.contiguous(), k=x.k.contiguous(), v=x.v.contiguous(),
+        la=None if x.alpha is None else torch.log(x.alpha.float().contiguous()),
+        lmu=None if x.mu is None else torch.log(x.mu.float().contiguous()),
+        eta=x.eta.float().contiguous(),
+        delta=None if x.delta is None else x.delta.float().contiguous(),
+        h0=h0, s0=s0, cu_seqlens=cu, n_seq=x.n_states,
     )
 
 

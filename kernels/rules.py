@@ -29,7 +29,7 @@ Apply = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def gelu(z: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) gelu, the notes' choice for the MLP memory."""
+    """Exact (erf) gelu, the MLP memory's activation (``docs/semantics.md``)."""
     return F.gelu(z)
 
 
@@ -68,7 +68,7 @@ def output_grad(
     if spec.bias == "l2":
         return e
     if spec.bias == "lp":
-        # smooth |x| ~ sqrt(x^2 + eps) also smooths sign (notes, section 2)
+        # smooth |x| ~ sqrt(x^2 + eps) also smooths sign (``docs/semantics.md``, per-bias rules)
         return spec.p * e * (e * e + SMOOTH_ABS_EPS).pow((spec.p - 2.0) / 2.0)
     # Huber (Yaad): l2 branch inside the ball ||e||_2 <= delta, delta-scaled smooth l1 outside.
     d = delta.unsqueeze(-1)

@@ -1,6 +1,6 @@
 """The Miras design grid as a validated dataclass.
 
-A Miras memory is four choices (see ``../shared/miras-notes.md``):
+A Miras memory is four choices (see ``docs/semantics.md``):
 
 * ``memory``     -- ``linear`` (M(W, x) = W x) or ``mlp`` (M(x) = x + LN(W1 gelu(W2 x))).
 * ``bias``       -- the inner loss: ``dot``, ``l2``, ``lp`` or ``huber``.
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -38,7 +38,7 @@ BIASES = ("dot", "l2", "lp", "huber")
 RETENTIONS = ("none", "decay", "lq", "kl")
 LEARNERS = ("gd", "momentum")
 
-# Smoothing of |x| ~ sqrt(x^2 + eps) used by the l_p gradient (notes, section 2).
+# Smoothing of |x| ~ sqrt(x^2 + eps) used by the l_p gradient (``docs/semantics.md``, per-bias rules).
 SMOOTH_ABS_EPS = 1e-6
 # Default smoothing of Yaad's l1-branch sign, sign(x) ~ x / sqrt(x^2 + huber_eps) (the paper's
 # Remark 5 smooth |x|). Its slope at 0 is 1/sqrt(huber_eps): 1e-6 (slope 1000) made the outer
@@ -46,15 +46,25 @@ SMOOTH_ABS_EPS = 1e-6
 # 1e-2 after 300 steps, docs/training_health.md); 1e-2 caps the slope at 10, as steep as the
 # paper's tanh(10 x).
 HUBER_EPS = 1e-2
-# Layer-norm epsilon inside the MLP memory (notes, section 1).
+# Layer-norm epsilon inside the MLP memory (``docs/semantics.md``, memory architectures).
 MEMORY_LN_EPS = 1e-5
 
 
-def _choice(field: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(
-            f"MirasSpec.{field}={value!r} is not valid: choose one of {', '.join(options)}"
-        )
+def _metadata_violation(value, meta) -> str | None:
+    """What is wrong with ``value`` under a field's metadata (choices / gt / ge / finite /
+    integer), phrased with its ``fix`` text, or None when it is fine."""
+    if "choices" in meta:
+        return None if value in meta["choices"] else f"choose one of {', '.join(meta['choices'])}"
+    fix = meta.get("fix", "out of range")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return fix
+    if meta.get("integer") and not (math.isfinite(value) and int(value) == value):
+        return fix
+    if meta.get("finite") and not math.isfinite(value):
+        return fix
+    if ("gt" in meta and not value > meta["gt"]) or ("ge" in meta and not value >= meta["ge"]):
+        return fix
+    return None
 
 
 @dataclass(frozen=True)
@@ -75,16 +85,30 @@ class MirasSpec:
             branch (``bias="huber"``), > 0; the slope at 0 is ``1/sqrt(eps)``.
     """
 
-    memory: str = "linear"
-    bias: str = "l2"
-    retention: str = "decay"
-    learner: str = "gd"
-    p: float = 3.0
-    q: float = 4.0
-    expansion: int = 4
-    c: float = 1.0
-    lq_eps: float = 1e-6
-    huber_eps: float = HUBER_EPS
+    # Choices and bounds are plain field metadata (choices, gt, ge, finite, integer, fix, doc) so
+    # that miras_pretrain's config schema engine reads them without this package importing it;
+    # __post_init__ applies the same metadata to a spec built in code.
+    memory: str = field(default="linear", metadata=dict(
+        choices=MEMORIES, doc="memory architecture: linear (W x) or mlp (x + LN(W1 gelu(W2 x)))"))
+    bias: str = field(default="l2", metadata=dict(
+        choices=BIASES, doc="attentional bias (the inner loss)"))
+    retention: str = field(default="decay", metadata=dict(
+        choices=RETENTIONS, doc="retention gate (the forgetting regulariser)"))
+    learner: str = field(default="gd", metadata=dict(
+        choices=LEARNERS, doc="memory learning algorithm"))
+    p: float = field(default=3.0, metadata=dict(
+        gt=1.0, finite=True, fix="the l_p bias needs a finite p > 1", doc="exponent of the l_p bias"))
+    q: float = field(default=4.0, metadata=dict(
+        ge=2.0, finite=True, fix="the l_q retention needs a finite q >= 2", doc="exponent of the l_q retention"))
+    expansion: int = field(default=4, metadata=dict(
+        ge=1, integer=True, fix="use a positive integer (paper: 4)", doc="hidden width factor of the MLP memory"))
+    c: float = field(default=1.0, metadata=dict(
+        gt=0.0, fix="Memora's scale c must be > 0", doc="scale of Memora's softmax weights"))
+    lq_eps: float = field(default=1e-6, metadata=dict(
+        gt=0.0, fix="use a small positive number", doc="eps in A / (||A||_q + eps)^(q-2)"))
+    huber_eps: float = field(default=HUBER_EPS, metadata=dict(
+        gt=0.0, finite=True, fix=f"use a finite number > 0 (default {HUBER_EPS})",
+        doc="eps of the Huber bias's smooth sign"))
 
     PRESETS: ClassVar[dict[str, dict]] = {
         # The paper's new models.
@@ -101,26 +125,12 @@ class MirasSpec:
     }
 
     def __post_init__(self) -> None:
-        _choice("memory", self.memory, MEMORIES)
-        _choice("bias", self.bias, BIASES)
-        _choice("retention", self.retention, RETENTIONS)
-        _choice("learner", self.learner, LEARNERS)
-        if not (self.p > 1.0 and math.isfinite(self.p)):
-            raise ValueError(f"MirasSpec.p={self.p} is not valid: the l_p bias needs a finite p > 1")
-        if not (self.q >= 2.0 and math.isfinite(self.q)):
-            raise ValueError(f"MirasSpec.q={self.q} is not valid: the l_q retention needs a finite q >= 2")
-        if int(self.expansion) != self.expansion or self.expansion < 1:
-            raise ValueError(
-                f"MirasSpec.expansion={self.expansion} is not valid: use a positive integer (paper: 4)"
-            )
-        if not self.c > 0:
-            raise ValueError(f"MirasSpec.c={self.c} is not valid: Memora's scale c must be > 0")
-        if not (self.huber_eps > 0 and math.isfinite(self.huber_eps)):
-            raise ValueError(
-                f"MirasSpec.huber_eps={self.huber_eps} is not valid: use a finite number > 0 (default {HUBER_EPS})"
-            )
-        if not self.lq_eps > 0:
-            raise ValueError(f"MirasSpec.lq_eps={self.lq_eps} is not valid: use a small positive number")
+        # Single-field rules from the metadata above; a spec has no cross-field rules (every
+        # combination of the grid is valid).
+        for f in dataclasses.fields(self):
+            what = _metadata_violation(getattr(self, f.name), f.metadata)
+            if what:
+                raise ValueError(f"MirasSpec.{f.name}={getattr(self, f.name)!r} is not valid: {what}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "MirasSpec":

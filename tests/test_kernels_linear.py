@@ -367,27 +367,28 @@ def test_recurrent_refuses_autograd():
 # ----------------------------------------------------------------------------- dispatch & inputs
 def test_supports_names_the_reason():
     q = torch.zeros(1, 4, 1, 32)
-    assert kernels.supports(MirasSpec.preset("gated_delta"), q, chunk_size=16) == (True, "")
+    assert miras_kernels.supports(MirasSpec.preset("gated_delta"), q, chunk_size=16) == (True, "")
     titans = MirasSpec.preset("titans")
-    from miras_kernels.miras_mlp import supports as mlp_supports  # memory='mlp' is that family's call
-
-    assert kernels.supports(titans, q, chunk_size=16) == mlp_supports(titans, q, chunk_size=16)
+    # memory='mlp' is decided by the same supports(), with the MLP family's rules and config table
+    assert miras_kernels.supports(titans, q, chunk_size=16) == (
+        False, "memory='mlp' needs initial_state (the model's learned initial weights)")
+    assert miras_kernels.supports(titans, q, chunk_size=16, initial_state={}) == (True, "")
     for ret in ("lq", "kl"):
-        assert kernels.supports(MirasSpec(memory="linear", retention=ret), q, chunk_size=16) == (True, "")
+        assert miras_kernels.supports(MirasSpec(memory="linear", retention=ret), q, chunk_size=16) == (True, "")
     for spec, kw, word in [
         (MirasSpec.preset("deltanet"), dict(chunk_size=8), "chunk_size"),
         (MirasSpec(memory="linear", retention="kl"), dict(chunk_size=24), "chunk_size"),
     ]:
-        ok, reason = kernels.supports(spec, q, **{"chunk_size": 16, **kw})
+        ok, reason = miras_kernels.supports(spec, q, **{"chunk_size": 16, **kw})
         assert not ok and word in reason
-    ok, reason = kernels.supports(MirasSpec.preset("deltanet"), q.double(), chunk_size=16)
+    ok, reason = miras_kernels.supports(MirasSpec.preset("deltanet"), q.double(), chunk_size=16)
     assert not ok and "float64" in reason
-    ok, reason = kernels.supports(MirasSpec.preset("deltanet"), torch.zeros(1, 4, 1, 256), chunk_size=16)
+    ok, reason = miras_kernels.supports(MirasSpec.preset("deltanet"), torch.zeros(1, 4, 1, 256), chunk_size=16)
     assert not ok and "128" in reason
-    assert kernels.supports(MirasSpec(memory="linear", retention="kl"), q, kernel="recurrent")[0]
+    assert miras_kernels.supports(MirasSpec(memory="linear", retention="kl"), q, kernel="recurrent")[0]
 
 
-def test_supports_covers_the_issue_grid():
+def test_supports_covers_the_whole_grid():
     """Every chunk size 16/32/64 x head dims dk, dv in {32, 64, 128} (and odd dims below 128) x
     bias x retention x learner runs on the chunk kernels (no fallback)."""
     for bias in ("dot", "l2", "lp", "huber"):
@@ -397,7 +398,7 @@ def test_supports_covers_the_issue_grid():
                 for C in (16, 32, 64):
                     for dk in (32, 64, 128, 20, 96):
                         for dv in (32, 64, 128, 48):
-                            ok, reason = kernels.supports(spec, torch.zeros(1, 4, 1, dk), None, torch.zeros(1, 4, 1, dv),
+                            ok, reason = miras_kernels.supports(spec, torch.zeros(1, 4, 1, dk), None, torch.zeros(1, 4, 1, dv),
                                                           chunk_size=C)
                             assert ok, (spec, C, dk, dv, reason)
 
@@ -407,9 +408,9 @@ def test_supports_refuses_unshipped_configs(learner, C, d, monkeypatch):
     """A shape whose config is not in the shipped table falls back, naming the config table
     (here the table is emptied of that chunk size; the shipped table covers every chunk size)."""
     spec = MirasSpec.preset("gated_delta", learner=learner)
-    assert kernels.supports(spec, torch.zeros(1, 4, 1, d), chunk_size=C) == (True, "")
-    monkeypatch.setattr(configs, "SHIPPED", tuple(c for c in configs.SHIPPED if c.BT != C))
-    ok, reason = kernels.supports(spec, torch.zeros(1, 4, 1, d), chunk_size=C)
+    assert miras_kernels.supports(spec, torch.zeros(1, 4, 1, d), chunk_size=C) == (True, "")
+    monkeypatch.setattr(configs, "LINEAR_SHIPPED", tuple(c for c in configs.LINEAR_SHIPPED if c.BT != C))
+    ok, reason = miras_kernels.supports(spec, torch.zeros(1, 4, 1, d), chunk_size=C)
     assert not ok and "spill-free" in reason and "configs.py" in reason
     with pytest.raises(ValueError, match="spill-free"):
         x = make_inputs(1, 4, 1, d, d)
@@ -425,16 +426,32 @@ def test_bad_inputs_raise_one_clear_error():
                            cu_seqlens=torch.tensor([0, 8]))
     with pytest.raises(ValueError, match="alpha"):
         chunk_miras_linear(x["q"], x["k"], x["v"], None, x["eta"], spec=spec, chunk_size=16)
-    with pytest.raises(ValueError, match="S_W"):
-        chunk_miras_linear(x["q"], x["k"], x["v"], x["alpha"], x["eta"], spec=MirasSpec.preset("gla", learner="momentum"),
-                           chunk_size=16, mu=x["mu"], initial_state={"W": x["W0"]})
     with pytest.raises(ValueError, match="chunk_size=24"):
         chunk_miras_linear(x["q"], x["k"], x["v"], x["alpha"], x["eta"], spec=MirasSpec(memory="linear", retention="kl"),
                            chunk_size=24)
 
 
+@pytest.mark.parametrize("retention", ["decay", "kl"])
+def test_omitted_momentum_state_starts_at_zero(retention):
+    """Same input contract on every backend: an initial_state without its momentum key ``S_W``
+    starts the momentum at zero on the kernels too (backend="auto" on CUDA behaves like on CPU):
+    equal to the chunked path given the same dict, and to the kernels given explicit zeros."""
+    spec = MirasSpec(memory="linear", bias="l2", retention=retention, learner="momentum")
+    x = make_inputs(1, 20, 2, 32, 32)
+    args = (x["q"], x["k"], x["v"], x["alpha"], x["eta"])
+    kw = dict(spec=spec, chunk_size=16, mu=x["mu"], output_final_state=True)
+    y, st = chunk_miras_linear(*args, initial_state={"W": x["W0"]}, **kw)
+    y_ref, st_ref = miras_memory(*args, initial_state={"W": x["W0"]}, backend="chunked", **kw)
+    y_zero, st_zero = chunk_miras_linear(*args, initial_state={"W": x["W0"], "S_W": torch.zeros_like(x["S0"])}, **kw)
+    assert rel(y, y_ref) < TOL_FP32 and rel(st["W"], st_ref["W"]) < TOL_FP32 and rel(st["S_W"], st_ref["S_W"]) < TOL_FP32
+    assert torch.equal(y, y_zero) and torch.equal(st["S_W"], st_zero["S_W"])
+    with torch.no_grad():
+        y_dec, _ = fused_recurrent_miras_linear(*args, spec=spec, chunk_size=16, mu=x["mu"], initial_state={"W": x["W0"]})
+    assert rel(y_dec, y_ref) < TOL_FP32
+
+
 # ----------------------------------------------------------------------------- structural checks
-# this family's sources (kernels/miras_mlp is another family with its own checks)
+# this family's sources and the shared helpers (kernels/miras_mlp is another family with its own checks)
 KERNEL_SOURCES = sorted([*(ROOT / "kernels" / "common").rglob("*.py"), *(ROOT / "kernels" / "miras_linear").rglob("*.py")])
 
 
@@ -478,7 +495,7 @@ def test_kernel_report_compiles_every_shipped_config(tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     import kernel_report
 
-    from miras_kernels.configs import SHIPPED
+    from miras_kernels.configs import LINEAR_SHIPPED as SHIPPED
 
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -28,7 +28,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from miras_kernels.miras_mlp import chunk_miras_mlp, fused_recurrent_miras_mlp, supports
+from miras_kernels import supports
+from miras_kernels.miras_mlp import chunk_miras_mlp, fused_recurrent_miras_mlp
 from miras_kernels import miras_memory
 from miras_kernels.spec import MirasSpec
 
@@ -208,13 +209,13 @@ SPECS = {
     "titans": MirasSpec.preset("titans", expansion=2),
     "lp_decay": MirasSpec(memory="mlp", bias="lp", retention="decay", p=3.0, expansion=2),
     "dot_none_momentum": MirasSpec(memory="mlp", bias="dot", retention="none", learner="momentum", expansion=2),
-    # Moneta (lp p=3 + lq q=4 with decay): W_t = s_t X_t (kernels/miras_mlp/chunk_lq.py)
+    # Moneta (lp p=3 + lq q=4 with decay): W_t = s_t X_t (kernels/miras_mlp/chunk_lq_kernels.py)
     "moneta": MirasSpec.preset("moneta", expansion=2),
     # lq with q = 3 and l2: the kernels' generic-q branch (|x|^(q-2) by exp2/log2)
     "lq_q3_l2": MirasSpec(memory="mlp", bias="l2", retention="lq", q=3.0, expansion=2),
     # lq with the momentum learner (Titans' rule on the accumulator): S_t tiles in the norm scan
     "lq_momentum": MirasSpec(memory="mlp", bias="l2", retention="lq", learner="momentum", expansion=2),
-    # Memora (l2 + kl, gd): W_t = c softmax_rows(Z_t), per-token sweeps (kernels/miras_mlp/chunk_kl.py);
+    # Memora (l2 + kl, gd): W_t = c softmax_rows(Z_t), per-token sweeps (kernels/miras_mlp/chunk_kl_kernels.py);
     # c != 1 exercises the scale
     "memora": MirasSpec.preset("memora", expansion=2, c=1.5),
 }
@@ -301,14 +302,16 @@ def test_supports_and_errors():
     assert supports(MirasSpec.preset("memora", expansion=2), q, chunk_size=16, initial_state=st) == (True, "")
     kl_mom = MirasSpec(memory="mlp", bias="l2", retention="kl", learner="momentum", expansion=2)
     assert supports(kl_mom, q, chunk_size=16, initial_state=st) == (True, "")
+    # a linear spec is the other family's: the one supports() takes it, the MLP kernel refuses it
     for bad, word in ((MirasSpec.preset("gated_delta"), "mlp"),):
-        ok, why = supports(bad, q, chunk_size=16, initial_state=st)
-        assert not ok and word in why
+        with pytest.raises(ValueError, match=word):
+            g = torch.rand(1, 8, 2)
+            chunk_miras_mlp(q, q, q, g, g, spec=bad, chunk_size=16, initial_state=st)
     assert not supports(SPECS["yaad"], torch.zeros(1, 8, 2, 24), chunk_size=16, initial_state=st)[0]
     assert "chunk_size" in supports(SPECS["yaad"], q, chunk_size=8, initial_state=st)[1]
     assert "initial_state" in supports(SPECS["yaad"], q, chunk_size=16, initial_state=None)[1]
     # on a GPU only AOT-checked configurations run (the interpreter takes every supported shape)
-    from miras_kernels.miras_mlp.api import SHIPPED, gpu_config_supported
+    from miras_kernels.configs import MLP_SHIPPED as SHIPPED, mlp_config_shipped as gpu_config_supported
 
     assert (64, 4, 64) in SHIPPED and gpu_config_supported(64, 4, 64, 80) == (True, "")
     assert all(gpu_config_supported(d, e, c, a)[0] for d, e, c in SHIPPED for a in (80, 90))
@@ -319,9 +322,9 @@ def test_supports_and_errors():
     assert gpu_config_supported(64, 4, 64, 90, lq_q=4.0) == (True, "")
     assert "q=3" in gpu_config_supported(64, 4, 64, 90, lq_q=3.0)[1]
     # the kl phases (gd and momentum) are AOT-checked for every shipped config but
-    # api.KL_NOT_SHIPPED -- empty since d = 128 with C = 64 compiles spill-free too (kl_adj1h) --
-    # so kl runs on a GPU exactly where the shared phases do (api.SHIPPED_KL)
-    from miras_kernels.miras_mlp.api import KL_NOT_SHIPPED, SHIPPED_KL
+    # configs.MLP_KL_NOT_SHIPPED -- empty since d = 128 with C = 64 compiles spill-free too (kl_adj1h) --
+    # so kl runs on a GPU exactly where the shared phases do (configs.MLP_SHIPPED_KL)
+    from miras_kernels.configs import MLP_KL_NOT_SHIPPED as KL_NOT_SHIPPED, MLP_SHIPPED_KL as SHIPPED_KL
 
     assert KL_NOT_SHIPPED == {} and set(SHIPPED_KL) == set(SHIPPED) and (128, 4, 16) in SHIPPED_KL
     assert gpu_config_supported(64, 4, 64, 80, kl=True) == (True, "")
@@ -347,11 +350,12 @@ def test_supports_and_errors():
 def test_aot_list_covers_every_phase():
     """aot_specs lists every phase kernel the host launches, for every shipped configuration and
     learner (bias-independent phases once), plus the decoding kernel."""
-    from miras_kernels.miras_mlp.aot import SHIPPED, aot_specs
-    from miras_kernels.miras_mlp.chunk import BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
-    from miras_kernels.miras_mlp.api import SHIPPED_KL
-    from miras_kernels.miras_mlp.chunk_kl import BWD_KL_KERNELS, FWD_KL_KERNELS
-    from miras_kernels.miras_mlp.chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS
+    from miras_kernels.configs import MLP_SHIPPED as SHIPPED
+    from miras_kernels.miras_mlp.aot import aot_specs
+    from miras_kernels.miras_mlp.chunk_kernels import BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
+    from miras_kernels.configs import MLP_SHIPPED_KL as SHIPPED_KL
+    from miras_kernels.miras_mlp.chunk_kl_kernels import BWD_KL_KERNELS, FWD_KL_KERNELS
+    from miras_kernels.miras_mlp.chunk_lq_kernels import BWD_LQ_KERNELS, FWD_LQ_KERNELS
 
     entries = aot_specs()
     names = [e[3] for e in entries]
@@ -403,12 +407,12 @@ def test_aot_compile_340m_config(arch, tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    from miras_kernels.miras_mlp.chunk import BWD_KERNELS, FWD_KERNELS
+    from miras_kernels.miras_mlp.chunk_kernels import BWD_KERNELS, FWD_KERNELS
 
     limit = 164 * 1024 if arch == 80 else 227 * 1024
     reports = json.loads(out.stdout.strip().splitlines()[-1])
-    from miras_kernels.miras_mlp.chunk_kl import BWD_KL_KERNELS, FWD_KL_KERNELS
-    from miras_kernels.miras_mlp.chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS
+    from miras_kernels.miras_mlp.chunk_kl_kernels import BWD_KL_KERNELS, FWD_KL_KERNELS
+    from miras_kernels.miras_mlp.chunk_lq_kernels import BWD_LQ_KERNELS, FWD_LQ_KERNELS
 
     phases = {r["config"].split("[")[0] for r in reports}
     assert phases == {n for n, _ in FWD_KERNELS + BWD_KERNELS + FWD_LQ_KERNELS + BWD_LQ_KERNELS + FWD_KL_KERNELS

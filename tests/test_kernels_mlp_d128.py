@@ -1,7 +1,7 @@
 """Head dim 128 with chunk 64: the GPU configuration (d, e, C) = (128, {2, 4}, 64) of the MLP-memory
 kernels (kernels/miras_mlp), shipped once every phase compiled spill-free on sm_80/sm_90.
 
-What made it spill-free (chunk.py / chunk_lq.py / api.phase_warps, see docs/kernels_mlp.md "AOT
+What made it spill-free (chunk_kernels.py / chunk_lq_kernels.py / configs.mlp_phase_warps, see docs/kernels_mlp.md "AOT
 compile"): ``mid`` (bias map, then the LN part, dU and dV parked in free scratch slots between CTA
 barriers), ``readout2`` (its two dots after a barrier), ``state_dk`` (momentum terms in a second
 hidden-block loop), ``first`` (dz parked in region R_A, dk summed in a second loop after a
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import pytest
 
-from miras_kernels.miras_mlp.api import NOT_SHIPPED, SHIPPED, gpu_config_supported, phase_warps
+from miras_kernels.configs import MLP_NOT_SHIPPED as NOT_SHIPPED, MLP_SHIPPED as SHIPPED
+from miras_kernels.configs import mlp_config_shipped as gpu_config_supported, mlp_phase_warps as phase_warps
 from test_kernels_mlp import SPECS, _check, _inputs, _tol
 
 pytestmark = pytest.mark.triton

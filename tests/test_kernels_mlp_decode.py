@@ -100,7 +100,8 @@ def test_decode_varlen_documents(name):
 def test_decode_head_dim_128(name):
     """d = 128 (e = 1): the lq/kl tile rule of ``recurrent_block`` (BH = 8, 16 hidden blocks), so
     W1's online softmax and the q-norms run across many blocks; chunk 1 and 2, T = 5."""
-    from miras_kernels.miras_mlp.fused_recurrent import RET_CODES, recurrent_block
+    from miras_kernels.common.codes import RETENTION_CODES as RET_CODES
+    from miras_kernels.configs import mlp_recurrent_block as recurrent_block
 
     spec = MirasSpec.preset(name, expansion=1, **({"c": 1.5} if name == "memora" else {}))
     assert recurrent_block(128, 1, RET_CODES[spec.retention]) == 8
@@ -156,11 +157,13 @@ def test_decode_aot_list_has_lq_and_kl():
     """aot_specs() lists the decoding kernel with retention codes lq (RET 1, q = 4 constexpr:
     Moneta's lp + gd and l2 + momentum) and kl (RET 2: l2 + gd) for every shipped configuration at
     chunk semantics C = 1 and the config's chunk, with RET a constexpr of the signature."""
-    from miras_kernels.miras_mlp.aot import SHIPPED, aot_specs
-    from miras_kernels.miras_mlp.chunk import BIAS_CODES
-    from miras_kernels.miras_mlp.fused_recurrent import RET_CODES, _mlp_recurrent_kernel
+    from miras_kernels.configs import MLP_SHIPPED as SHIPPED
+    from miras_kernels.miras_mlp.aot import aot_specs
+    from miras_kernels.common.codes import BIAS_CODES
+    from miras_kernels.common.codes import RETENTION_CODES as RET_CODES
+    from miras_kernels.miras_mlp.fused_recurrent import mlp_recurrent_kernel
 
-    dec = [e for e in aot_specs() if e[0] is _mlp_recurrent_kernel]
+    dec = [e for e in aot_specs() if e[0] is mlp_recurrent_kernel]
     assert len({e[3] for e in dec}) == len(dec)
     assert all(e[1]["RET"] == "constexpr" and e[1]["LQQ"] == "constexpr" and e[1]["kc"] == "fp32" for e in dec)
     have = {(e[2]["D"], e[2]["E"], e[2]["C"], e[2]["RET"], e[2]["BIAS"], e[2]["MOMENTUM"], e[2]["LQQ"]) for e in dec}

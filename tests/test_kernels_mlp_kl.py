@@ -1,5 +1,5 @@
 """Memora's kl retention with the momentum learner on the MLP Triton chunk kernels
-(kernels/miras_mlp/chunk_kl.py) against the float64 token loop of tests/test_kernels_mlp.py.
+(kernels/miras_mlp/chunk_kl_kernels.py) against the float64 token loop of tests/test_kernels_mlp.py.
 
 Semantics (kernels/pytorch/recurrent.py): S_t = mu_t S_{t-1} - eta_t g_t, Z_t = alpha_t Z_{t-1}
 + S_t, W_t = c softmax_rows(Z_t); every inner gradient of a chunk at W_0 = c softmax(Z_0). The
@@ -29,7 +29,7 @@ import dataclasses
 import pytest
 import torch
 
-from miras_kernels.miras_mlp import supports
+from miras_kernels import supports
 from miras_kernels import miras_memory
 from miras_kernels.spec import MirasSpec
 from test_kernels_mlp import _check, _close, _inputs, _kernel, _state, _used
@@ -93,10 +93,10 @@ def test_kl_momentum_matches_ops_chunked_backend():
 
 def test_aot_list_covers_kl_momentum():
     """aot_specs lists every phase of the kl path for both learners (momentum: with the shared
-    momentum-only phases) at every config of api.SHIPPED_KL, compiled with LQ = REV."""
+    momentum-only phases) at every config of configs.MLP_SHIPPED_KL, compiled with LQ = REV."""
     from miras_kernels.miras_mlp.aot import aot_specs
-    from miras_kernels.miras_mlp.api import SHIPPED, SHIPPED_KL
-    from miras_kernels.miras_mlp.chunk_kl import kl_phases
+    from miras_kernels.configs import MLP_SHIPPED as SHIPPED, MLP_SHIPPED_KL as SHIPPED_KL
+    from miras_kernels.miras_mlp.chunk_kl_kernels import kl_phases
 
     assert set(SHIPPED_KL) <= set(SHIPPED)
     entries = aot_specs(variants=[], lq=[])
@@ -111,12 +111,13 @@ def test_aot_list_covers_kl_momentum():
 
 
 def test_kl_d128_chunk64_warps_and_support():
-    """(128, {2, 4}, 64) runs kl on sm_80/sm_90 wherever the shared phases do (api.KL_NOT_SHIPPED
+    """(128, {2, 4}, 64) runs kl on sm_80/sm_90 wherever the shared phases do (configs.MLP_KL_NOT_SHIPPED
     empty): kl_adj1 split into kl_adj1 + kl_adj1h, and kl_o1 / kl_adj2q at 8 warps there (4
     elsewhere: 8 spilled at d = 64 / d = 32); the AOT report found every kl phase spill-free there
     on sm_80 and sm_90 (docs/kernels_mlp.md, "AOT compile")."""
-    from miras_kernels.miras_mlp.api import KL_NOT_SHIPPED, SHIPPED, SHIPPED_KL, gpu_config_supported, phase_warps
-    from miras_kernels.miras_mlp.chunk_kl import kl_phases
+    from miras_kernels.configs import MLP_KL_NOT_SHIPPED as KL_NOT_SHIPPED, MLP_SHIPPED as SHIPPED, MLP_SHIPPED_KL as SHIPPED_KL
+    from miras_kernels.configs import mlp_config_shipped as gpu_config_supported, mlp_phase_warps as phase_warps
+    from miras_kernels.miras_mlp.chunk_kl_kernels import kl_phases
 
     assert KL_NOT_SHIPPED == {} and set(SHIPPED_KL) == set(SHIPPED)
     for e in (2, 4):

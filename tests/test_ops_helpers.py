@@ -1,5 +1,5 @@
-"""Shared helpers for the ops tests (random inputs, an INDEPENDENT transcription of the notes'
-per-token rules, gradient collection) plus sanity tests of the helpers themselves."""
+"""Shared helpers for the ops tests (random inputs, an INDEPENDENT transcription of the
+per-token rules of docs/semantics.md, gradient collection) plus sanity tests of the helpers themselves."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def assert_close_all(got, ref, tol, what=""):
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent transcription of the notes, section 2 (chunk size 1). Uses torch.autograd.grad on
+# Independent transcription of the per-token rules of docs/semantics.md (chunk size 1). Uses torch.autograd.grad on
 # the inner loss (create_graph=True keeps it differentiable) instead of the op's closed forms.
 # ---------------------------------------------------------------------------------------------
 EPS = 1e-6  # the l_p bias's smooth |x|; the Huber l1 branch uses spec.huber_eps
@@ -129,7 +129,7 @@ def notes_loss(spec: MirasSpec, W: dict, k, v, delta) -> torch.Tensor:
 
 
 def notes_reference(spec: MirasSpec, leaves: dict):
-    """Per-token rules of the notes for [B, T, H, D] inputs; returns (y, final state)."""
+    """Per-token rules of docs/semantics.md for [B, T, H, D] inputs; returns (y, final state)."""
     q, k, v = leaves["q"], leaves["k"], leaves["v"]
     B, T, H, D = q.shape
     names = spec.weight_names()

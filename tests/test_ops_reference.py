@@ -1,4 +1,4 @@
-"""Chunk size 1 equals an INDEPENDENT per-token transcription of the notes' section-2 rules
+"""Chunk size 1 equals an INDEPENDENT transcription of the per-token rules of docs/semantics.md
 (tests/test_ops_helpers.notes_reference: inner gradients by torch.autograd.grad, not the op's
 closed forms), forward, final state and every outer gradient, for every preset.
 

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             def triton_path(x):
                 return chunk_miras_linear(x["q"], x["k"], x["v"], alpha_of(x), x["eta"], **kw, **gates(x))[0]
 
-            ok, reason = kernels.supports(spec, x["q"], x["k"], x["v"], chunk_size=C)
+            ok, reason = miras_kernels.supports(spec, x["q"], x["k"], x["v"], chunk_size=C)
             row["chunked_ms"], row["chunked_peak_mib"], ref = _timed(_fwd_bwd(chunked, x), device, reps)
             if ok:
                 row["triton_ms"], row["triton_peak_mib"], out = _timed(_fwd_bwd(triton_path, x), device, reps)

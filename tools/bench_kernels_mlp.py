@@ -6,9 +6,9 @@ For each MLP preset (moneta, yaad, memora, titans, ttt_mlp) and sequence length 
 forward + backward (sum(y * g) with a fixed random cotangent; gradients w.r.t. q, k, v, every
 gate and the initial weights) of
 
-* ``triton``  -- ``kernels.miras_mlp.chunk_miras_mlp`` (``fallback`` when ``supports`` says no),
+* ``triton``  -- ``miras_kernels.miras_mlp.chunk_miras_mlp`` (``fallback`` when ``supports`` says no),
 * ``chunked`` -- the PyTorch chunked operator ``miras_memory(backend="chunked")``,
-* ``gated_delta_triton`` -- the linear gated-delta preset on ``kernels.miras_linear`` (the
+* ``gated_delta_triton`` -- the linear gated-delta preset on ``miras_kernels.miras_linear`` (the
   linear-memory reference point of the paper's throughput comparison).
 
 GPU (default): B=4, H=16, D=64, e=4, T in {2048, 8192}, bf16, chunk 64. ``--quick`` runs the same
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from miras_kernels.miras_mlp import chunk_miras_mlp, supports
-    from miras_kernels import MirasSpec, miras_memory
+    from miras_kernels import MirasSpec, miras_memory, supports
+    from miras_kernels.miras_mlp import chunk_miras_mlp
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     for p in presets:
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         from miras_kernels.miras_linear import chunk_miras_linear
     except Exception as err:  # the linear kernels are another helper's; report, don't fail
         chunk_miras_linear = None
-        print(f"note: kernels.miras_linear unavailable ({err}); gated-delta column empty")
+        print(f"note: miras_kernels.miras_linear unavailable ({err}); gated-delta column empty")
 
     rows = []
     for T in lens:

@@ -1,6 +1,8 @@
 """Ahead-of-time compile report for the shipped Triton kernel configurations (no GPU needed).
 
-For every config in ``kernels.configs.SHIPPED`` and every compile variant of its kernel, compile
+For every config in ``miras_kernels.configs.LINEAR_SHIPPED`` (``--family mlp``: every entry of
+``miras_kernels.miras_mlp.aot.aot_specs``, built from the configs' MLP section) and every compile
+variant of its kernel, compile
 for sm_80 (A100) and sm_90 (H100) with ``triton.compile(ASTSource(...), target=GPUTarget(...))``,
 run the bundled ``ptxas -v`` on the PTX for registers and spill bytes, read shared memory from
 ``metadata.shared``, and check every ``tt.dot`` in the TTIR (fp32 operands, all dims >= 16).
@@ -205,7 +207,7 @@ def compile_one(job: tuple) -> dict:
 
 
 def compile_mlp_one(job: tuple) -> dict:
-    """One ``kernels.miras_mlp.aot`` entry (the MLP-memory family's shipped list) as a report row."""
+    """One ``miras_kernels.miras_mlp.aot`` entry (the MLP-memory family's shipped list) as a report row."""
     idx, arch = job
     from miras_kernels.miras_mlp import aot
 
@@ -238,12 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
     ap.add_argument("--kernel", nargs="+", default=None,
-                    help="only these kernels (kernels.configs.CHUNK_KERNELS, recurrent_fwd; MLP phase names such as mlp_fwd_out)")
+                    help="only these kernels (miras_kernels.configs.LINEAR_CHUNK_KERNELS, recurrent_fwd; MLP phase names such as mlp_fwd_out)")
     ap.add_argument("--bt", type=int, nargs="+", default=None, help="only these chunk sizes")
     ap.add_argument("--learner", nargs="+", default=None, help="only these learners (gd, momentum)")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     ap.add_argument("--family", choices=["linear", "mlp", "all"], default="linear",
-                    help="linear: kernels.configs.SHIPPED (this report's default); mlp: kernels.miras_mlp.aot")
+                    help="linear: miras_kernels.configs.LINEAR_SHIPPED (this report's default); mlp: miras_kernels.miras_mlp.aot")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
 
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run([sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])],
                               env=env).returncode
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from miras_kernels.configs import SHIPPED
+    from miras_kernels.configs import LINEAR_SHIPPED as SHIPPED
 
     t0 = time.time()
     rows = []

@@ -6,15 +6,13 @@ instead of ``tl.dot``; it upcasts both operands to fp32 (on a GPU fp32 dots run 
 ``tests/test_kernels_linear.py`` checks that no kernel source calls ``tl.dot`` directly and that
 every ``tt.dot`` in the compiled TTIR has fp32 operands and dims >= 16.
 
-Bias codes (``BIAS`` constexpr): 0 dot, 1 l2, 2 lp, 3 huber (see :data:`BIAS_CODES`).
+Bias codes (``BIAS`` constexpr): 0 dot, 1 l2, 2 lp, 3 huber (``miras_kernels.common.codes``).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-BIAS_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}
 
 
 @triton.jit

@@ -1,25 +1,9 @@
-"""Host-side helpers for packed sequences (``cu_seqlens``) and chunk bookkeeping."""
+"""Host-side chunk bookkeeping for packed sequences (``cu_seqlens``; validated by
+``miras_kernels.inputs.validate_inputs``): where each document's chunks sit in flat per-chunk buffers."""
 
 from __future__ import annotations
 
 import torch
-
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int) -> torch.Tensor:
-    """Validate ``cu_seqlens`` (``[N+1]`` int, starts at 0, non-decreasing, ends at ``T``) for a
-    ``B == 1`` packed batch; returns it as contiguous int32 on the inputs' device."""
-    if batch != 1:
-        raise ValueError(f"cu_seqlens needs a packed batch with B == 1 (got B={batch}): concatenate the documents along T")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError("cu_seqlens must be a 1-D int tensor [N+1] with N >= 1 documents")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be int32 or int64 (got {cu_seqlens.dtype})")
-    cu = cu_seqlens.to(torch.int64)
-    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(
-            f"cu_seqlens must start at 0, be non-decreasing and end at T={total} (got {cu.tolist()})"
-        )
-    return cu_seqlens.to(torch.int32).contiguous()
 
 
 def chunk_offsets(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, chunk_size: int) -> tuple[torch.Tensor | None, int]:

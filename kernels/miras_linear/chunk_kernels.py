@@ -1,5 +1,6 @@
 """Chunk-parallel Triton kernels for the linear-memory Miras rule (none/decay retention, gd/momentum
-learner, dot/l2/lp/huber bias). Semantics: ``/work/shared/miras-notes.md`` section 3.
+learner, dot/l2/lp/huber bias). Semantics: ``docs/semantics.md`` (chunk semantics). Host side:
+``chunk.py`` / ``chunk_launch.py``; shared jit helpers: ``miras_kernels.common``.
 
 Inside a chunk of ``BT`` tokens with chunk-start state ``W0`` (and momentum ``S0``) every product
 is a small matmul:
@@ -46,207 +47,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from miras_kernels.common.linear_blocks import (
+    RUNTIME_INTS,
+    chunk_coefficients,
+    chunk_end_coefficients,
+    chunk_log_gates,
+    chunk_of,
+    init_final_adjoint,
+    load_gate,
+    load_state_block,
+    load_token_tile,
+    residual_adjoint,
+    row_softmax_stats,
+    sequence_bounds,
+    store_gate,
+    store_state_block,
+    store_token_tile,
+)
 from miras_kernels.common.tiles import (
     bias_map_grad_n,
     bias_map_n,
-    chunk_cumsum,
     chunk_rev_cumsum,
     decay_matrix,
     dot32,
     pick,
     pick_row,
 )
-
-
-# Integer arguments never specialised on their value (Triton would otherwise compile separate
-# binaries for ``== 1`` and ``% 16 == 0``): the launched binary is then exactly the one
-# tools/kernel_report.py compiles and checks for spills, whatever the sequence length and head dims.
-RUNTIME_INTS = ["T", "H", "K", "V", "NTOK"]
-
-
-# ----------------------------------------------------------------------------- memory helpers
-@triton.jit
-def _ld_tok(base, t0, seq_len, stride, c0, D, BT: tl.constexpr, BD: tl.constexpr):
-    """Rows ``t0..t0+BT`` x cols ``c0..c0+BD`` of a token-major ``[seq_len, D]`` view (zero padded).
-    ``base`` already points at the sequence's first token and the head's first column."""
-    o_t = t0 + tl.arange(0, BT)
-    o_d = c0 + tl.arange(0, BD)
-    mask = (o_t < seq_len)[:, None] & (o_d < D)[None, :]
-    return tl.load(base + o_t[:, None] * stride + o_d[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _st_tok(base, x, t0, seq_len, stride, c0, D, BT: tl.constexpr, BD: tl.constexpr):
-    o_t = t0 + tl.arange(0, BT)
-    o_d = c0 + tl.arange(0, BD)
-    mask = (o_t < seq_len)[:, None] & (o_d < D)[None, :]
-    tl.store(base + o_t[:, None] * stride + o_d[None, :], x.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _ld_gate(base, t0, seq_len, H, BT: tl.constexpr):
-    o_t = t0 + tl.arange(0, BT)
-    return tl.load(base + o_t * H, mask=o_t < seq_len, other=0.0)
-
-
-@triton.jit
-def _st_gate(base, x, t0, seq_len, H, BT: tl.constexpr):
-    o_t = t0 + tl.arange(0, BT)
-    tl.store(base + o_t * H, x, mask=o_t < seq_len)
-
-
-@triton.jit
-def _ld_blk(base, i_v, i_k, K, V, BK: tl.constexpr, BV: tl.constexpr):
-    """Block ``(i_v, i_k)`` of a ``[V, K]`` fp32 state matrix at ``base`` (zero padded)."""
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_k = i_k * BK + tl.arange(0, BK)
-    return tl.load(base + o_v[:, None] * K + o_k[None, :], mask=(o_v < V)[:, None] & (o_k < K)[None, :], other=0.0)
-
-
-@triton.jit
-def _st_blk(base, x, i_v, i_k, K, V, BK: tl.constexpr, BV: tl.constexpr):
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_k = i_k * BK + tl.arange(0, BK)
-    tl.store(base + o_v[:, None] * K + o_k[None, :], x, mask=(o_v < V)[:, None] & (o_k < K)[None, :])
-
-
-@triton.jit
-def _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(first token row, length, first state slot) of sequence ``i_n``; a sequence of n chunks
-    owns ``n + 1`` state slots (every chunk start, then the final state)."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        slot0 = tl.load(chunk_offsets + i_n).to(tl.int64) + i_n
-        seq_len = (eos - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
-        slot0 = i_n.to(tl.int64) * (tl.cdiv(T, BT) + 1)
-    return bos, seq_len, slot0
-
-
-@triton.jit
-def _chunk_of(cu_seqlens, chunk_indices, i_c, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(sequence, chunk within it, first token row, length, state slot of the chunk start) for a
-    chunk-parallel program (``i_c``: flat chunk index with varlen, else chunk index)."""
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_c * 2 + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        slot = i_c.to(tl.int64) + i_n
-    else:
-        i_t = i_c
-        bos = i_n.to(tl.int64) * T
-        seq_len = T
-        slot = i_n.to(tl.int64) * (tl.cdiv(T, BT) + 1) + i_t
-    return i_n, i_t, bos, seq_len, slot
-
-
-@triton.jit
-def _gates(la, lmu, t0, seq_len, H, BT: tl.constexpr, HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr):
-    """Chunk-local cumulative log gates ``L`` (alpha) and ``M`` (mu; zeros without momentum)."""
-    if HAS_ALPHA:
-        b_L = chunk_cumsum(_ld_gate(la, t0, seq_len, H, BT), BT)
-    else:
-        b_L = tl.zeros([BT], dtype=tl.float32)
-    if MOMENTUM:
-        b_M = chunk_cumsum(_ld_gate(lmu, t0, seq_len, H, BT), BT)
-    else:
-        b_M = tl.zeros([BT], dtype=tl.float32)
-    return b_L, b_M
-
-
-@triton.jit
-def _coef(b_L, b_M, BT: tl.constexpr, MOMENTUM: tl.constexpr):
-    """(D_L, G, c): decay matrix of alpha, coefficient matrix of g_i in X_t, coefficient of S0."""
-    b_dl = decay_matrix(b_L, BT)
-    if MOMENTUM:
-        b_g = dot32(b_dl, decay_matrix(b_M, BT))
-        b_c = tl.sum(b_dl * tl.exp(b_M)[None, :], axis=1)
-    else:
-        b_g = b_dl
-        b_c = tl.zeros([BT], dtype=tl.float32)
-    return b_dl, b_g, b_c
-
-
-@triton.jit
-def _end_coef(b_L, b_M, b_eta, last, BT: tl.constexpr, MOMENTUM: tl.constexpr):
-    """Vectors of the chunk-end update without any [BT, BT] product: ``b = eta * G[last]``,
-    ``bm = eta * exp(M_last - M)`` (momentum), ``exp(L_last)``, ``exp(M_last)``, ``c_last``."""
-    o = tl.arange(0, BT)
-    L_last = pick(b_L, last, BT)
-    rowL = tl.where(o <= last, tl.exp(L_last - b_L), 0.0)  # D_L[last, :]
-    if MOMENTUM:
-        M_last = pick(b_M, last, BT)
-        gam = tl.sum(rowL[:, None] * decay_matrix(b_M, BT), axis=0)  # (D_L @ D_M)[last, :]
-        bm = b_eta * tl.where(o <= last, tl.exp(M_last - b_M), 0.0)
-        c_last = tl.sum(rowL * tl.exp(b_M), axis=0)
-        eM_last = tl.exp(M_last)
-    else:
-        gam = rowL
-        bm = b_eta * 0.0
-        c_last = 0.0
-        eM_last = 0.0
-    return b_eta * gam, bm, tl.exp(L_last), eM_last, c_last
-
-
-@triton.jit
-def _init_final_adjoint(dhs, dss, dht, dst, fin, i_v, K, V, BK: tl.constexpr, BV: tl.constexpr,
-                        USE_DHT: tl.constexpr, MOMENTUM: tl.constexpr):
-    """Value-block row ``i_v`` of the adjoint at a sequence's final slot: the final-state
-    cotangents, or zeros."""
-    for i_k in tl.range(0, tl.cdiv(K, BK), disable_licm=True):
-        if USE_DHT:
-            _st_blk(dhs + fin, _ld_blk(dht, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
-            if MOMENTUM:
-                _st_blk(dss + fin, _ld_blk(dst, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
-        else:
-            _st_blk(dhs + fin, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
-            if MOMENTUM:
-                _st_blk(dss + fin, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
-
-
-@triton.jit
-def _residual_adjoint(dua, k, ebuf, nbuf, delta, dwn, dsn, b_b, b_bm, b_eta, t0, seq_len, H, p, i_v, K, V,
-                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BIAS: tl.constexpr,
-                      EPS: tl.constexpr, MOMENTUM: tl.constexpr):
-    """dL/dE of a chunk's value block ``[BT, BV]`` (l2/lp/huber): ``du = dua - b * (K dW^T)
-    [- bm * (K dS^T)]`` with the chunk-end adjoints ``dwn``/``dsn``, through the bias map."""
-    b_du = _ld_tok(dua, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-    for i_k in tl.range(0, tl.cdiv(K, BK), disable_licm=True):
-        b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-        b_du -= b_b[:, None] * dot32(b_k, tl.trans(_ld_blk(dwn, i_v, i_k, K, V, BK, BV)))
-        if MOMENTUM:
-            b_du -= b_bm[:, None] * dot32(b_k, tl.trans(_ld_blk(dsn, i_v, i_k, K, V, BK, BV)))
-    b_e = _ld_tok(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-    if BIAS == 3:
-        b_delta = _ld_gate(delta, t0, seq_len, H, BT)
-        b_nrm = _ld_gate(nbuf, t0, seq_len, H, BT)
-    else:
-        b_delta = b_eta
-        b_nrm = b_eta
-    b_de, b_dd = bias_map_grad_n(b_e, b_nrm, b_du, b_delta, p, BIAS, EPS)
-    return b_de, b_e
-
-
-@triton.jit
-def _row_softmax_stats(base, i_v, K, V, BK: tl.constexpr, BV: tl.constexpr):
-    """Row max and softmax denominator ``[BV]`` of the rows ``i_v*BV ..`` of a ``[V, K]`` fp32
-    matrix (kl: the chunk-start weights are ``c softmax_rows(X0)``), two passes over key blocks."""
-    b_m = tl.zeros([BV], dtype=tl.float32) - float("inf")
-    for i_k in tl.range(0, tl.cdiv(K, BK), disable_licm=True):
-        o_k = i_k * BK + tl.arange(0, BK)
-        z = tl.where((o_k < K)[None, :], _ld_blk(base, i_v, i_k, K, V, BK, BV), float("-inf"))
-        b_m = tl.maximum(b_m, tl.max(z, axis=1))
-    b_l = tl.zeros([BV], dtype=tl.float32)
-    for i_k in tl.range(0, tl.cdiv(K, BK), disable_licm=True):
-        o_k = i_k * BK + tl.arange(0, BK)
-        z = tl.where((o_k < K)[None, :], _ld_blk(base, i_v, i_k, K, V, BK, BV), float("-inf"))
-        b_l += tl.sum(tl.exp(z - b_m[:, None]), axis=1)
-    return b_m, b_l
-
 
 # ----------------------------------------------------------------------------- forward: state pass
 @triton.jit(do_not_specialize=RUNTIME_INTS)
@@ -274,7 +100,7 @@ def miras_linear_chunk_state_kernel(
     i_nh = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
-    bos, seq_len, slot0 = _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    bos, seq_len, slot0 = sequence_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(seq_len, BT)
     k += (bos * H + i_h) * K
     v += (bos * H + i_h) * V
@@ -294,13 +120,13 @@ def miras_linear_chunk_state_kernel(
         i_v = i_vg * NVB + jv
         for i_k in tl.range(0, NK, disable_licm=True):
             if USE_H0:
-                _st_blk(hs, _ld_blk(h0, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
+                store_state_block(hs, load_state_block(h0, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
                 if MOMENTUM:
-                    _st_blk(ss, _ld_blk(s0, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
+                    store_state_block(ss, load_state_block(s0, i_v, i_k, K, V, BK, BV), i_v, i_k, K, V, BK, BV)
             else:
-                _st_blk(hs, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
+                store_state_block(hs, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
                 if MOMENTUM:
-                    _st_blk(ss, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
+                    store_state_block(ss, tl.zeros([BV, BK], dtype=tl.float32), i_v, i_k, K, V, BK, BV)
     tl.debug_barrier()
 
     for i_t in tl.range(0, n_chunks, disable_licm=True):
@@ -308,9 +134,9 @@ def miras_linear_chunk_state_kernel(
         cur = (slot0 * 0 + i_t) * slot_stride
         nxt = cur + slot_stride
         last = tl.minimum(seq_len - t0, BT) - 1
-        b_eta = _ld_gate(eta, t0, seq_len, H, BT)
+        b_eta = load_gate(eta, t0, seq_len, H, BT)
         if BIAS == 3:
-            b_delta = _ld_gate(delta, t0, seq_len, H, BT)
+            b_delta = load_gate(delta, t0, seq_len, H, BT)
         else:
             b_delta = b_eta
         if BIAS != 0:
@@ -319,7 +145,7 @@ def miras_linear_chunk_state_kernel(
                 b_nq = 0.0
                 for jv in tl.range(0, NVB, disable_licm=True):
                     for i_k in tl.range(0, NK, disable_licm=True):
-                        b_ax = tl.abs(_ld_blk(hs + cur, i_vg * NVB + jv, i_k, K, V, BK, BV))
+                        b_ax = tl.abs(load_state_block(hs + cur, i_vg * NVB + jv, i_k, K, V, BK, BV))
                         b_nq += tl.sum(tl.sum(tl.where(b_ax > 0.0, tl.exp(qexp * tl.log(tl.maximum(b_ax, 1e-36))), 0.0), axis=1), axis=0)
                 b_s0 = tl.exp((2.0 - qexp) * tl.log(tl.exp(tl.log(tl.maximum(b_nq, 1e-36)) / qexp) + lq_eps))
             # residual E = K W0^T - V per value block (key dim accumulated block by block)
@@ -329,47 +155,47 @@ def miras_linear_chunk_state_kernel(
                 if MAT == 1:
                     b_e = tl.zeros([BT, BV], dtype=tl.float32)
                 else:
-                    b_e = -_ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                    b_e = -load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 if MAT == 2:
-                    b_m, b_l = _row_softmax_stats(hs + cur, i_v, K, V, BK, BV)
+                    b_m, b_l = row_softmax_stats(hs + cur, i_v, K, V, BK, BV)
                 for i_k in tl.range(0, NK, disable_licm=True):
-                    b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                    b_w0 = _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV)
+                    b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                    b_w0 = load_state_block(hs + cur, i_v, i_k, K, V, BK, BV)
                     if MAT == 2:
                         o_k = i_k * BK + tl.arange(0, BK)
                         b_w0 = tl.where((o_k < K)[None, :], tl.exp(b_w0 - b_m[:, None]), 0.0) * (c / b_l)[:, None]
                     b_e += dot32(b_k, tl.trans(b_w0))
                 if MAT == 1:
-                    b_e = b_e * b_s0 - _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-                _st_tok(ebuf, b_e, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                    b_e = b_e * b_s0 - load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                store_token_tile(ebuf, b_e, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 if BIAS == 3:
                     b_n2 += tl.sum(b_e * b_e, axis=1)
             b_nrm = tl.sqrt(b_n2)
             if BIAS == 3:
-                _st_gate(nbuf, b_nrm, t0, seq_len, H, BT)
+                store_gate(nbuf, b_nrm, t0, seq_len, H, BT)
             tl.debug_barrier()
         else:
             b_nrm = b_eta
-        b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
-        b_b, b_bm, eL_last, eM_last, c_last = _end_coef(b_L, b_M, b_eta, last, BT, MOMENTUM)
+        b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+        b_b, b_bm, eL_last, eM_last, c_last = chunk_end_coefficients(b_L, b_M, b_eta, last, BT, MOMENTUM)
         for jv in tl.range(0, NVB, disable_licm=True):
             i_v = i_vg * NVB + jv
-            b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+            b_vv = load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
             if BIAS != 0:
-                b_e = _ld_tok(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                b_e = load_token_tile(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
             else:
                 b_e = b_vv
             b_u = bias_map_n(b_e, b_vv, b_nrm, b_delta, p, BIAS, EPS)
             for i_k in tl.range(0, NK, disable_licm=True):
-                b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                b_w = _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV)
+                b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                b_w = load_state_block(hs + cur, i_v, i_k, K, V, BK, BV)
                 b_wn = eL_last * b_w - dot32(tl.trans(b_u * b_b[:, None]), b_k)
                 if MOMENTUM:
-                    b_s = _ld_blk(ss + cur, i_v, i_k, K, V, BK, BV)
+                    b_s = load_state_block(ss + cur, i_v, i_k, K, V, BK, BV)
                     b_wn += c_last * b_s
                     b_sn = eM_last * b_s - dot32(tl.trans(b_u * b_bm[:, None]), b_k)
-                    _st_blk(ss + nxt, b_sn, i_v, i_k, K, V, BK, BV)
-                _st_blk(hs + nxt, b_wn, i_v, i_k, K, V, BK, BV)
+                    store_state_block(ss + nxt, b_sn, i_v, i_k, K, V, BK, BV)
+                store_state_block(hs + nxt, b_wn, i_v, i_k, K, V, BK, BV)
         tl.debug_barrier()
 
 
@@ -392,7 +218,7 @@ def miras_linear_chunk_out_kernel(
     i_c = tl.program_id(1)
     i_nh = tl.program_id(2)
     i_h = i_nh % H
-    i_n, i_t, bos, seq_len, slot = _chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
+    i_n, i_t, bos, seq_len, slot = chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
     q += (bos * H + i_h) * K
     k += (bos * H + i_h) * K
     v += (bos * H + i_h) * V
@@ -411,31 +237,31 @@ def miras_linear_chunk_out_kernel(
     b_qw = tl.zeros([BT, BV], dtype=tl.float32)
     b_qs = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in tl.range(0, NK, disable_licm=True):
-        b_q = _ld_tok(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-        b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+        b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+        b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
         b_qk += dot32(b_q, tl.trans(b_k))
-        b_qw += dot32(b_q, tl.trans(_ld_blk(hs, i_v, i_k, K, V, BK, BV)))
+        b_qw += dot32(b_q, tl.trans(load_state_block(hs, i_v, i_k, K, V, BK, BV)))
         if MOMENTUM:
-            b_qs += dot32(b_q, tl.trans(_ld_blk(ss, i_v, i_k, K, V, BK, BV)))
-    b_eta = _ld_gate(eta, t0, seq_len, H, BT)
-    b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+            b_qs += dot32(b_q, tl.trans(load_state_block(ss, i_v, i_k, K, V, BK, BV)))
+    b_eta = load_gate(eta, t0, seq_len, H, BT)
+    b_vv = load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
     if BIAS != 0:
-        b_e = _ld_tok(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+        b_e = load_token_tile(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
     else:
         b_e = b_vv
     if BIAS == 3:
-        b_delta = _ld_gate(delta, t0, seq_len, H, BT)
-        b_nrm = _ld_gate(nbuf, t0, seq_len, H, BT)
+        b_delta = load_gate(delta, t0, seq_len, H, BT)
+        b_nrm = load_gate(nbuf, t0, seq_len, H, BT)
     else:
         b_delta = b_eta
         b_nrm = b_eta
     b_u = bias_map_n(b_e, b_vv, b_nrm, b_delta, p, BIAS, EPS)
-    b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
-    b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM)
+    b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+    b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM)
     b_y = tl.exp(b_L)[:, None] * b_qw - dot32(b_qk * b_g * b_eta[None, :], b_u)
     if MOMENTUM:
         b_y += b_c[:, None] * b_qs
-    _st_tok(y, b_y, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    store_token_tile(y, b_y, t0, seq_len, H * V, i_v * BV, V, BT, BV)
 
 
 # ----------------------------------------------------------------------------- backward: -(A^T dy)
@@ -457,7 +283,7 @@ def miras_linear_chunk_bwd_du_kernel(
     i_c = tl.program_id(1)
     i_nh = tl.program_id(2)
     i_h = i_nh % H
-    i_n, i_t, bos, seq_len, slot = _chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
+    i_n, i_t, bos, seq_len, slot = chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
     q += (bos * H + i_h) * K
     k += (bos * H + i_h) * K
     dy += (bos * H + i_h) * V
@@ -468,14 +294,14 @@ def miras_linear_chunk_bwd_du_kernel(
     t0 = i_t * BT
     b_qk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in tl.range(0, NK, disable_licm=True):
-        b_q = _ld_tok(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-        b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+        b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+        b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
         b_qk += dot32(b_q, tl.trans(b_k))
-    b_eta = _ld_gate(eta, t0, seq_len, H, BT)
-    b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
-    b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM)
-    b_dy = _ld_tok(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-    _st_tok(dua, -dot32(tl.trans(b_qk * b_g * b_eta[None, :]), b_dy), t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    b_eta = load_gate(eta, t0, seq_len, H, BT)
+    b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+    b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM)
+    b_dy = load_token_tile(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    store_token_tile(dua, -dot32(tl.trans(b_qk * b_g * b_eta[None, :]), b_dy), t0, seq_len, H * V, i_v * BV, V, BT, BV)
 
 
 # ----------------------------------------------------------------------------- backward: state adjoints
@@ -501,7 +327,7 @@ def miras_linear_chunk_bwd_dstate_kernel(
     i_nh = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
-    bos, seq_len, slot0 = _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    bos, seq_len, slot0 = sequence_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(seq_len, BT)
     q += (bos * H + i_h) * K
     k += (bos * H + i_h) * K
@@ -521,7 +347,7 @@ def miras_linear_chunk_bwd_dstate_kernel(
     slot_stride = H * V * K
     fin = (slot0 * 0 + n_chunks) * slot_stride
 
-    _init_final_adjoint(dhs, dss, dht, dst, fin, i_v, K, V, BK, BV, USE_DHT, MOMENTUM)
+    init_final_adjoint(dhs, dss, dht, dst, fin, i_v, K, V, BK, BV, USE_DHT, MOMENTUM)
     tl.debug_barrier()
 
     for i_r in tl.range(0, n_chunks, disable_licm=True):
@@ -530,15 +356,15 @@ def miras_linear_chunk_bwd_dstate_kernel(
         cur = (slot0 * 0 + i_t) * slot_stride
         nxt = cur + slot_stride
         last = tl.minimum(seq_len - t0, BT) - 1
-        b_eta = _ld_gate(eta, t0, seq_len, H, BT)
-        b_dy = _ld_tok(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-        b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
-        b_b, b_bm, eL_last, eM_last, c_last = _end_coef(b_L, b_M, b_eta, last, BT, MOMENTUM)
+        b_eta = load_gate(eta, t0, seq_len, H, BT)
+        b_dy = load_token_tile(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+        b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+        b_b, b_bm, eL_last, eM_last, c_last = chunk_end_coefficients(b_L, b_M, b_eta, last, BT, MOMENTUM)
         if BIAS != 0:
             # du = -A^T dy - b * (K dW^T) [- bm * (K dS^T)],  A = (Q K^T) * G * eta; the first
             # term does not depend on the carried adjoint, so a chunk-parallel launch computed it
             # (this sequential kernel then holds no [BT, BT] tile)
-            b_de, b_e = _residual_adjoint(dua, k, ebuf, nbuf, delta, dhs + nxt, dss + nxt, b_b, b_bm, b_eta, t0,
+            b_de, b_e = residual_adjoint(dua, k, ebuf, nbuf, delta, dhs + nxt, dss + nxt, b_b, b_bm, b_eta, t0,
                                           seq_len, H, p, i_v, K, V, BT, BK, BV, BIAS, EPS, MOMENTUM)
         else:
             b_de = b_dy
@@ -546,17 +372,17 @@ def miras_linear_chunk_bwd_dstate_kernel(
             b_c = tl.sum(decay_matrix(b_L, BT) * tl.exp(b_M)[None, :], axis=1)
         b_ydy = tl.exp(b_L)[:, None] * b_dy
         for i_k in tl.range(0, NK, disable_licm=True):
-            b_q = _ld_tok(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-            b_dwn = _ld_blk(dhs + nxt, i_v, i_k, K, V, BK, BV)
+            b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+            b_dwn = load_state_block(dhs + nxt, i_v, i_k, K, V, BK, BV)
             b_dwp = eL_last * b_dwn + dot32(tl.trans(b_ydy), b_q)
             if BIAS != 0:
-                b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
                 b_dwp += dot32(tl.trans(b_de), b_k)
             if MOMENTUM:
-                b_dsp = c_last * b_dwn + eM_last * _ld_blk(dss + nxt, i_v, i_k, K, V, BK, BV)
+                b_dsp = c_last * b_dwn + eM_last * load_state_block(dss + nxt, i_v, i_k, K, V, BK, BV)
                 b_dsp += dot32(tl.trans(b_c[:, None] * b_dy), b_q)
-                _st_blk(dss + cur, b_dsp, i_v, i_k, K, V, BK, BV)
-            _st_blk(dhs + cur, b_dwp, i_v, i_k, K, V, BK, BV)
+                store_state_block(dss + cur, b_dsp, i_v, i_k, K, V, BK, BV)
+            store_state_block(dhs + cur, b_dwp, i_v, i_k, K, V, BK, BV)
         tl.debug_barrier()
 
 
@@ -588,7 +414,7 @@ def miras_linear_chunk_bwd_grads_kernel(
     i_c = tl.program_id(1)
     i_nh = tl.program_id(2)
     i_h = i_nh % H
-    i_n, i_t, bos, seq_len, slot = _chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
+    i_n, i_t, bos, seq_len, slot = chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
     part = i_v.to(tl.int64) * NTOK  # per-value-block partial gradients
     q += (bos * H + i_h) * K
     k += (bos * H + i_h) * K
@@ -616,9 +442,9 @@ def miras_linear_chunk_bwd_grads_kernel(
     t0 = i_t * BT
     last = tl.minimum(seq_len - t0, BT) - 1
     is_last = tl.arange(0, BT) == last
-    b_eta = _ld_gate(eta, t0, seq_len, H, BT)
-    b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
-    b_b, b_bm, eL_last, eM_last, c_last = _end_coef(b_L, b_M, b_eta, last, BT, MOMENTUM)
+    b_eta = load_gate(eta, t0, seq_len, H, BT)
+    b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+    b_b, b_bm, eL_last, eM_last, c_last = chunk_end_coefficients(b_L, b_M, b_eta, last, BT, MOMENTUM)
 
     # pass over key blocks: Q K^T, K dW^T, K dS^T (and for PART 2 Q W0^T, Q S0^T, <dW, W0> ...)
     b_qk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -630,39 +456,39 @@ def miras_linear_chunk_bwd_grads_kernel(
     b_sws = tl.zeros([BV], dtype=tl.float32)
     b_sss = tl.zeros([BV], dtype=tl.float32)
     for i_k in tl.range(0, NK, disable_licm=True):
-        b_q = _ld_tok(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-        b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+        b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+        b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
         b_qk += dot32(b_q, tl.trans(b_k))
-        b_dw = _ld_blk(dhs, i_v, i_k, K, V, BK, BV)
+        b_dw = load_state_block(dhs, i_v, i_k, K, V, BK, BV)
         b_kdw += dot32(b_k, tl.trans(b_dw))
         if MOMENTUM:
-            b_ds = _ld_blk(dss, i_v, i_k, K, V, BK, BV)
+            b_ds = load_state_block(dss, i_v, i_k, K, V, BK, BV)
             b_kds += dot32(b_k, tl.trans(b_ds))
         if PART == 2:
-            b_w = _ld_blk(hs, i_v, i_k, K, V, BK, BV)
+            b_w = load_state_block(hs, i_v, i_k, K, V, BK, BV)
             b_qw += dot32(b_q, tl.trans(b_w))
             b_sww += tl.sum(b_dw * b_w, axis=1)
         if PART >= 2 and MOMENTUM:
-            b_s = _ld_blk(ss, i_v, i_k, K, V, BK, BV)
+            b_s = load_state_block(ss, i_v, i_k, K, V, BK, BV)
             b_qs += dot32(b_q, tl.trans(b_s))
             b_sws += tl.sum(b_dw * b_s, axis=1)
             if PART == 3:
                 b_sss += tl.sum(b_ds * b_s, axis=1)
 
-    b_dy = _ld_tok(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-    b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    b_dy = load_token_tile(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    b_vv = load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
     if BIAS != 0:
-        b_e = _ld_tok(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+        b_e = load_token_tile(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
     else:
         b_e = b_vv
     if BIAS == 3:
-        b_delta = _ld_gate(delta, t0, seq_len, H, BT)
-        b_nrm = _ld_gate(nbuf, t0, seq_len, H, BT)
+        b_delta = load_gate(delta, t0, seq_len, H, BT)
+        b_nrm = load_gate(nbuf, t0, seq_len, H, BT)
     else:
         b_delta = b_eta
         b_nrm = b_eta
     b_u = bias_map_n(b_e, b_vv, b_nrm, b_delta, p, BIAS, EPS)
-    b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM)
+    b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM)
     b_da = -dot32(b_dy, tl.trans(b_u))  # dLoss/d(A), A = (Q K^T) * G * eta  [BT, BT]
     b_dag = b_da * b_g * b_eta[None, :]
 
@@ -680,13 +506,13 @@ def miras_linear_chunk_bwd_grads_kernel(
             b_deta = tl.sum(b_da * b_qk * b_g, axis=0) + b_db * b_gam
             if MOMENTUM:
                 b_deta += b_dbm * b_mm
-            _st_gate(deta, b_deta, t0, seq_len, H, BT)
+            store_gate(deta, b_deta, t0, seq_len, H, BT)
             for i_k in tl.range(0, NK, disable_licm=True):
-                b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                b_dq = dot32(b_eL[:, None] * b_dy, _ld_blk(hs, i_v, i_k, K, V, BK, BV)) + dot32(b_dag, b_k)
+                b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                b_dq = dot32(b_eL[:, None] * b_dy, load_state_block(hs, i_v, i_k, K, V, BK, BV)) + dot32(b_dag, b_k)
                 if MOMENTUM:
-                    b_dq += dot32(b_c[:, None] * b_dy, _ld_blk(ss, i_v, i_k, K, V, BK, BV))
-                _st_tok(dq, b_dq, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                    b_dq += dot32(b_c[:, None] * b_dy, load_state_block(ss, i_v, i_k, K, V, BK, BV))
+                store_token_tile(dq, b_dq, t0, seq_len, H * K, i_k * BK, K, BT, BK)
         else:
             b_dg = b_da * b_qk * b_eta[None, :] + tl.where(is_last[:, None], (b_db * b_eta)[None, :], 0.0)
             # through the decay matrices to the cumulative log gates (then reverse cumsum in the chunk)
@@ -703,7 +529,7 @@ def miras_linear_chunk_bwd_grads_kernel(
                 b_dL = tl.sum(b_hl, axis=1) - tl.sum(b_hl, axis=0)
                 b_dL += b_eL * tl.sum(b_dy * b_qw, axis=1)
                 b_dL += tl.where(is_last, tl.sum(b_sww, axis=0) * eL_last, 0.0)
-                _st_gate(dla, chunk_rev_cumsum(b_dL, BT), t0, seq_len, H, BT)
+                store_gate(dla, chunk_rev_cumsum(b_dL, BT), t0, seq_len, H, BT)
             if PART == 3:
                 b_dmm = b_dbm * b_eta
                 deM_last = tl.sum(b_sss, axis=0)
@@ -712,27 +538,27 @@ def miras_linear_chunk_bwd_grads_kernel(
                 b_dM += b_eM * tl.sum(b_dc[:, None] * b_dl, axis=0)
                 b_dM -= b_dmm * b_mm
                 b_dM += tl.where(is_last, tl.sum(b_dmm * b_mm, axis=0) + deM_last * eM_last, 0.0)
-                _st_gate(dlmu, chunk_rev_cumsum(b_dM, BT), t0, seq_len, H, BT)
+                store_gate(dlmu, chunk_rev_cumsum(b_dM, BT), t0, seq_len, H, BT)
     else:
         # ---- dk, dv, ddelta
         b_du = -dot32(tl.trans(b_qk * b_g * b_eta[None, :]), b_dy) - b_b[:, None] * b_kdw
         if MOMENTUM:
             b_du -= b_bm[:, None] * b_kds
         if LOCAL_DU:
-            b_du += _ld_tok(dul + (bos * H + i_h) * V, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+            b_du += load_token_tile(dul + (bos * H + i_h) * V, t0, seq_len, H * V, i_v * BV, V, BT, BV)
         if BIAS == 0:
             b_de = b_du
-            _st_tok(dv, -b_du, t0, seq_len, H * V, i_v * BV, V, BT, BV)  # u = -v
+            store_token_tile(dv, -b_du, t0, seq_len, H * V, i_v * BV, V, BT, BV)  # u = -v
         else:
             b_de, b_dd = bias_map_grad_n(b_e, b_nrm, b_du, b_delta, p, BIAS, EPS)
-            _st_tok(dv, -b_de, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+            store_token_tile(dv, -b_de, t0, seq_len, H * V, i_v * BV, V, BT, BV)
             if BIAS == 3:
-                _st_gate(ddelta, b_dd, t0, seq_len, H, BT)
+                store_gate(ddelta, b_dd, t0, seq_len, H, BT)
         for i_k in tl.range(0, NK, disable_licm=True):
-            b_q = _ld_tok(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-            b_dk = dot32(tl.trans(b_dag), b_q) - b_b[:, None] * dot32(b_u, _ld_blk(dhs, i_v, i_k, K, V, BK, BV))
+            b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+            b_dk = dot32(tl.trans(b_dag), b_q) - b_b[:, None] * dot32(b_u, load_state_block(dhs, i_v, i_k, K, V, BK, BV))
             if MOMENTUM:
-                b_dk -= b_bm[:, None] * dot32(b_u, _ld_blk(dss, i_v, i_k, K, V, BK, BV))
+                b_dk -= b_bm[:, None] * dot32(b_u, load_state_block(dss, i_v, i_k, K, V, BK, BV))
             if BIAS != 0:
-                b_dk += dot32(b_de, _ld_blk(hs, i_v, i_k, K, V, BK, BV))
-            _st_tok(dk, b_dk, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                b_dk += dot32(b_de, load_state_block(hs, i_v, i_k, K, V, BK, BV))
+            store_token_tile(dk, b_dk, t0, seq_len, H * K, i_k * BK, K, BT, BK)

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 import triton
 
+from miras_kernels.common.codes import RETENTION_CODES
 from miras_kernels.common.varlen import chunk_indices
-from miras_kernels.miras_linear.chunk import (
+from miras_kernels.miras_linear.chunk_launch import (
     LaunchArgs,
     StatePass,
     launch_meta,
@@ -34,7 +35,6 @@ from miras_kernels.miras_linear.chunk import (
     run_state_pass,
 )
 from miras_kernels.miras_linear.chunk_mat_kernels import (
-    MAT_CODES,
     miras_linear_chunk_bwd_dstate_mat_kernel,
     miras_linear_chunk_scan_bwd_kernel,
     miras_linear_chunk_scan_fwd_kernel,
@@ -116,13 +116,13 @@ def _materialized(spec, hs: torch.Tensor, s_slot: torch.Tensor | None) -> torch.
 
 
 class MirasLinearMatFunction(torch.autograd.Function):
-    """Same inputs/outputs as ``chunk.MirasLinearChunkFunction`` for retention lq/kl."""
+    """Same inputs/outputs as ``chunk.MirasLinearChunkFunction``, for retention lq/kl (q != 2)."""
 
     @staticmethod
     def forward(ctx, q, k, v, la, lmu, eta, delta, h0, s0, cu_seqlens, spec, chunk_size):
         B, T, H, dk = q.shape
         dv = v.shape[-1]
-        mat = MAT_CODES[spec.retention]
+        mat = RETENTION_CODES[spec.retention]
         f32 = dict(dtype=torch.float32, device=q.device)
         qexp, lq_eps = float(spec.q), float(spec.lq_eps)
         a = launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size)
@@ -158,7 +158,7 @@ class MirasLinearMatFunction(torch.autograd.Function):
         q, k, v, la, lmu, eta, delta, hs, ss, ebuf, nbuf, cu_seqlens, offs, idx, first, last, r, nrm = ctx.saved_tensors
         spec, chunk_size = ctx.spec, ctx.chunk_size
         momentum = spec.learner == "momentum"
-        mat = MAT_CODES[spec.retention]
+        mat = RETENTION_CODES[spec.retention]
         B, T, H, dk = q.shape
         dv = v.shape[-1]
         n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -252,6 +252,6 @@ def _launch_scan(spec, chunk_size: int, a: LaunchArgs, q, k, v, sp: StatePass, n
         q, k, v, *a.gates, sp.hs, sp.ss, sp.ebuf, sp.nbuf, *outs, a.cu, sp.idx, a.t_arg, H, B * T,
         float(spec.p), float(spec.q), float(spec.c), dk, v.shape[-1], BT=chunk_size, BKP=cfg.BK, BV=cfg.BV,
         BIAS=a.common["BIAS"], EPS=a.common["EPS"], HAS_ALPHA=True, MOMENTUM=a.common["MOMENTUM"],
-        IS_VARLEN=a.common["IS_VARLEN"], MAT=MAT_CODES[spec.retention], **extra,
+        IS_VARLEN=a.common["IS_VARLEN"], MAT=RETENTION_CODES[spec.retention], **extra,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

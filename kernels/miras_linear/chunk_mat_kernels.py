@@ -1,6 +1,6 @@
 """Triton kernels for the non-affine retentions of the linear memory: ``lq`` (Moneta's l_q
-normalisation) and ``kl`` (Memora's row softmax). Semantics: ``/work/shared/miras-notes.md``
-sections 2-3 and ``kernels/pytorch/chunked.py`` (the PyTorch reference of the same chunking).
+normalisation) and ``kl`` (Memora's row softmax). Semantics: ``docs/semantics.md`` (the
+lq/kl retentions, chunk semantics) and ``kernels/pytorch/chunked.py`` (the PyTorch reference of the same chunking).
 
 The free variable ``X`` (the state the kernels carry) follows the same affine chunk recurrence as
 for ``decay`` (``chunk_kernels.py``); only the *weights* differ: ``W = s(X) X`` with one scalar
@@ -36,25 +36,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from miras_kernels.common.tiles import bias_map_n, chunk_rev_cumsum, dot32, pick, pick_row
-from miras_kernels.miras_linear.chunk_kernels import (
+from miras_kernels.common.linear_blocks import (
     RUNTIME_INTS,
-    _init_final_adjoint,
-    _residual_adjoint,
-    _row_softmax_stats,
-    _chunk_of,
-    _coef,
-    _end_coef,
-    _gates,
-    _ld_blk,
-    _ld_gate,
-    _ld_tok,
-    _seq_bounds,
-    _st_blk,
-    _st_tok,
+    chunk_coefficients,
+    chunk_end_coefficients,
+    chunk_log_gates,
+    chunk_of,
+    init_final_adjoint,
+    load_gate,
+    load_state_block,
+    load_token_tile,
+    residual_adjoint,
+    row_softmax_stats,
+    sequence_bounds,
+    store_state_block,
+    store_token_tile,
 )
-
-MAT_CODES = {"lq": 1, "kl": 2}
+from miras_kernels.common.tiles import bias_map_n, chunk_rev_cumsum, dot32, pick, pick_row
 
 
 @triton.jit
@@ -75,7 +73,7 @@ def _lq_dnorm(x, ninv, qexp):
 @triton.jit
 def _ld_rows(base, i_v, K, V, BKP: tl.constexpr, BV: tl.constexpr):
     """Rows ``i_v*BV ..`` x every column of a ``[V, K]`` fp32 state (zero padded)."""
-    return _ld_blk(base, i_v, 0, K, V, BKP, BV)
+    return load_state_block(base, i_v, 0, K, V, BKP, BV)
 
 
 @triton.jit
@@ -88,16 +86,16 @@ def _ld_vec(base, c0, D, BD: tl.constexpr):
 def _chunk_u(v, ebuf, nbuf, eta, delta, t0, seq_len, H, p, i_v, V,
              BT: tl.constexpr, BV: tl.constexpr, BIAS: tl.constexpr, EPS: tl.constexpr):
     """``U = f(E)`` of the chunk's tokens for value block ``i_v``: ``[BT, BV]`` (0 past the end)."""
-    b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    b_vv = load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
     if BIAS != 0:
-        b_e = _ld_tok(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+        b_e = load_token_tile(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
     else:
         b_e = b_vv
     if BIAS == 3:
-        b_delta = _ld_gate(delta, t0, seq_len, H, BT)
-        b_nrm = _ld_gate(nbuf, t0, seq_len, H, BT)
+        b_delta = load_gate(delta, t0, seq_len, H, BT)
+        b_nrm = load_gate(nbuf, t0, seq_len, H, BT)
     else:
-        b_delta = _ld_gate(eta, t0, seq_len, H, BT)
+        b_delta = load_gate(eta, t0, seq_len, H, BT)
         b_nrm = b_delta
     return bias_map_n(b_e, b_vv, b_nrm, b_delta, p, BIAS, EPS)
 
@@ -132,7 +130,7 @@ def miras_linear_chunk_scan_fwd_kernel(
     i_c = tl.program_id(1)
     i_nh = tl.program_id(2)
     i_h = i_nh % H
-    i_n, i_t, bos, seq_len, slot = _chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
+    i_n, i_t, bos, seq_len, slot = chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
     q += (bos * H + i_h) * K
     k += (bos * H + i_h) * K
     v += (bos * H + i_h) * V
@@ -152,13 +150,13 @@ def miras_linear_chunk_scan_fwd_kernel(
     n_tok = tl.minimum(seq_len - t0, BT)
 
     b_u = _chunk_u(v, ebuf, nbuf, eta, delta, t0, seq_len, H, p, i_v, V, BT, BV, BIAS, EPS)
-    b_eta = _ld_gate(eta, t0, seq_len, H, BT)
+    b_eta = load_gate(eta, t0, seq_len, H, BT)
     if HAS_ALPHA:
-        b_a = tl.exp(_ld_gate(la, t0, seq_len, H, BT))
+        b_a = tl.exp(load_gate(la, t0, seq_len, H, BT))
     else:
         b_a = b_eta * 0.0 + 1.0
     if MOMENTUM:
-        b_mu = tl.exp(_ld_gate(lmu, t0, seq_len, H, BT))
+        b_mu = tl.exp(load_gate(lmu, t0, seq_len, H, BT))
         b_s = _ld_rows(ss, i_v, K, V, BKP, BV)
     b_x = _ld_rows(hs, i_v, K, V, BKP, BV)
     o_k = tl.arange(0, BKP)
@@ -210,7 +208,7 @@ def miras_linear_chunk_scan_bwd_kernel(
     i_c = tl.program_id(1)
     i_nh = tl.program_id(2)
     i_h = i_nh % H
-    i_n, i_t, bos, seq_len, slot = _chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
+    i_n, i_t, bos, seq_len, slot = chunk_of(cu_seqlens, chunk_indices, i_c, i_nh // H, T, BT, IS_VARLEN)
     part = i_v.to(tl.int64) * NTOK
     q += (bos * H + i_h) * K
     k += (bos * H + i_h) * K
@@ -240,25 +238,25 @@ def miras_linear_chunk_scan_bwd_kernel(
     b_u = _chunk_u(v, ebuf, nbuf, eta, delta, t0, seq_len, H, p, i_v, V, BT, BV, BIAS, EPS)
     b_ut = tl.trans(b_u)  # [BV, BT]
     if PART == 0:
-        b_kt = tl.trans(_ld_tok(k, t0, seq_len, H * K, 0, K, BT, BKP))  # [BKP, BT]
-    b_eta = _ld_gate(eta, t0, seq_len, H, BT)
-    b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+        b_kt = tl.trans(load_token_tile(k, t0, seq_len, H * K, 0, K, BT, BKP))  # [BKP, BT]
+    b_eta = load_gate(eta, t0, seq_len, H, BT)
+    b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
     if MOMENTUM:
-        b_dl, b_g, b_c = _coef(b_L, b_M, BT, MOMENTUM)
+        b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM)
         b_A = b_g * b_eta[None, :]
     b_eL = tl.exp(b_L)
     if HAS_ALPHA:
-        b_a = tl.exp(_ld_gate(la, t0, seq_len, H, BT))
+        b_a = tl.exp(load_gate(la, t0, seq_len, H, BT))
     else:
         b_a = b_eta * 0.0 + 1.0
     if MOMENTUM:
-        b_mu = tl.exp(_ld_gate(lmu, t0, seq_len, H, BT))
+        b_mu = tl.exp(load_gate(lmu, t0, seq_len, H, BT))
         b_s = _ld_rows(ss, i_v, K, V, BKP, BV)
         if PART == 0:
             b_ds0 = tl.zeros([BV, BKP], dtype=tl.float32)
     if MAT == 1:
-        b_gc = _ld_gate(gam_c, t0, seq_len, H, BT)
-        b_gn = _ld_gate(gam_n, t0, seq_len, H, BT)
+        b_gc = load_gate(gam_c, t0, seq_len, H, BT)
+        b_gn = load_gate(gam_n, t0, seq_len, H, BT)
     b_x = _ld_rows(hs, i_v, K, V, BKP, BV)
     if PART == 0:
         b_dx0 = tl.zeros([BV, BKP], dtype=tl.float32)
@@ -325,12 +323,12 @@ def miras_linear_chunk_scan_bwd_kernel(
             o_g = t0 + o_t
             tl.store(dcx + o_g * H, chunk_rev_cumsum(b_gl, BT), mask=o_g < seq_len)
             tl.store(dcs + o_g * H, b_ge, mask=o_g < seq_len)
-        _st_tok(dul, tl.trans(b_du), t0, seq_len, H * V, i_v * BV, V, BT, BV)
-        _st_blk(dhs, b_dx0, i_v, 0, K, V, BKP, BV)
+        store_token_tile(dul, tl.trans(b_du), t0, seq_len, H * V, i_v * BV, V, BT, BV)
+        store_state_block(dhs, b_dx0, i_v, 0, K, V, BKP, BV)
         if MOMENTUM:
-            _st_blk(dss, b_ds0, i_v, 0, K, V, BKP, BV)
+            store_state_block(dss, b_ds0, i_v, 0, K, V, BKP, BV)
     else:
-        _st_tok(dkl, tl.trans(b_dk), t0, seq_len, H * K, 0, K, BT, BKP)
+        store_token_tile(dkl, tl.trans(b_dk), t0, seq_len, H * K, 0, K, BT, BKP)
 
 
 # ----------------------------------------------------------------------------- backward: state adjoints
@@ -363,7 +361,7 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
     i_nh = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
-    bos, seq_len, slot0 = _seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    bos, seq_len, slot0 = sequence_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(seq_len, BT)
     q += (bos * H + i_h) * K
     k += (bos * H + i_h) * K
@@ -388,7 +386,7 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
     fin = (slot0 * 0 + n_chunks) * slot_stride
 
     for jv in tl.range(0, NVB, disable_licm=True):
-        _init_final_adjoint(dhs, dss, dht, dst, fin, i_vg * NVB + jv, K, V, BK, BV, USE_DHT, MOMENTUM)
+        init_final_adjoint(dhs, dss, dht, dst, fin, i_vg * NVB + jv, K, V, BK, BV, USE_DHT, MOMENTUM)
     tl.debug_barrier()
 
     for i_r in tl.range(0, n_chunks, disable_licm=True):
@@ -397,19 +395,19 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
         cur = (slot0 * 0 + i_t) * slot_stride
         nxt = cur + slot_stride
         last = tl.minimum(seq_len - t0, BT) - 1
-        b_eta = _ld_gate(eta, t0, seq_len, H, BT)
-        b_L, b_M = _gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
-        b_b, b_bm, eL_last, eM_last, c_last = _end_coef(b_L, b_M, b_eta, last, BT, MOMENTUM)
+        b_eta = load_gate(eta, t0, seq_len, H, BT)
+        b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+        b_b, b_bm, eL_last, eM_last, c_last = chunk_end_coefficients(b_L, b_M, b_eta, last, BT, MOMENTUM)
         # 1) dE of every value block (staged over dua); lq: <dW0, W0> = sum_i dE_i . (E_i + v_i)
         b_dw0x = 0.0
         if BIAS != 0:
             for jv in tl.range(0, NVB, disable_licm=True):
                 i_v = i_vg * NVB + jv
-                b_de, b_e = _residual_adjoint(dua, k, ebuf, nbuf, delta, dhs + nxt, dss + nxt, b_b, b_bm, b_eta,
+                b_de, b_e = residual_adjoint(dua, k, ebuf, nbuf, delta, dhs + nxt, dss + nxt, b_b, b_bm, b_eta,
                                               t0, seq_len, H, p, i_v, K, V, BT, BK, BV, BIAS, EPS, MOMENTUM)
-                _st_tok(dua, b_de, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                store_token_tile(dua, b_de, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 if MAT == 1:
-                    b_vv = _ld_tok(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                    b_vv = load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                     b_dw0x += tl.sum(tl.sum(b_de * (b_e + b_vv), axis=1), axis=0)
             tl.debug_barrier()
         if MAT == 1:
@@ -426,28 +424,28 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
         for jv in tl.range(0, NVB, disable_licm=True):
             i_v = i_vg * NVB + jv
             if BIAS != 0:
-                b_de = _ld_tok(dua, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                b_de = load_token_tile(dua, t0, seq_len, H * V, i_v * BV, V, BT, BV)
             if HAS_DY:
-                b_dy = _ld_tok(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                b_dy = load_token_tile(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
             if MAT == 2 and BIAS != 0:
-                b_m, b_l = _row_softmax_stats(hs + cur, i_v, K, V, BK, BV)
+                b_m, b_l = row_softmax_stats(hs + cur, i_v, K, V, BK, BV)
                 b_rd = tl.zeros([BV], dtype=tl.float32)
                 for i_k in tl.range(0, NK, disable_licm=True):
                     o_k = i_k * BK + tl.arange(0, BK)
-                    z = tl.where((o_k < K)[None, :], _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
-                    b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                    z = tl.where((o_k < K)[None, :], load_state_block(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
+                    b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
                     b_rd += tl.sum(tl.exp(z - b_m[:, None]) * dot32(tl.trans(b_de), b_k), axis=1)
                 b_rd = b_rd / b_l  # <P0, dW0>_row
             for i_k in tl.range(0, NK, disable_licm=True):
-                b_dwn = _ld_blk(dhs + nxt, i_v, i_k, K, V, BK, BV)
-                b_dwp = eL_last * b_dwn + _ld_blk(dhs + cur, i_v, i_k, K, V, BK, BV)
+                b_dwn = load_state_block(dhs + nxt, i_v, i_k, K, V, BK, BV)
+                b_dwp = eL_last * b_dwn + load_state_block(dhs + cur, i_v, i_k, K, V, BK, BV)
                 if HAS_DY:
-                    b_q = _ld_tok(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                    b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
                     b_dwp += dot32(tl.trans(b_ydy_scale[:, None] * b_dy), b_q)
                 if BIAS != 0:
-                    b_k = _ld_tok(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                    b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
                     b_dw0 = dot32(tl.trans(b_de), b_k)
-                    b_x0 = _ld_blk(hs + cur, i_v, i_k, K, V, BK, BV)
+                    b_x0 = load_state_block(hs + cur, i_v, i_k, K, V, BK, BV)
                     if MAT == 1:
                         b_dwp += s0 * b_dw0 + b_coef * _lq_dnorm(b_x0, n0inv, qexp)
                     else:
@@ -455,10 +453,10 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
                         b_p0 = tl.where((o_k < K)[None, :], tl.exp(b_x0 - b_m[:, None]), 0.0) / b_l[:, None]
                         b_dwp += c * b_p0 * (b_dw0 - b_rd[:, None])
                 if MOMENTUM:
-                    b_dsp = c_last * b_dwn + eM_last * _ld_blk(dss + nxt, i_v, i_k, K, V, BK, BV)
-                    b_dsp += _ld_blk(dss + cur, i_v, i_k, K, V, BK, BV)
+                    b_dsp = c_last * b_dwn + eM_last * load_state_block(dss + nxt, i_v, i_k, K, V, BK, BV)
+                    b_dsp += load_state_block(dss + cur, i_v, i_k, K, V, BK, BV)
                     if HAS_DY:
                         b_dsp += dot32(tl.trans(b_cc[:, None] * b_dy), b_q)
-                    _st_blk(dss + cur, b_dsp, i_v, i_k, K, V, BK, BV)
-                _st_blk(dhs + cur, b_dwp, i_v, i_k, K, V, BK, BV)
+                    store_state_block(dss + cur, b_dsp, i_v, i_k, K, V, BK, BV)
+                store_state_block(dhs + cur, b_dwp, i_v, i_k, K, V, BK, BV)
         tl.debug_barrier()

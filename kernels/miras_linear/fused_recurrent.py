@@ -4,11 +4,11 @@ One program per (sequence, head) walks the tokens in order with the free variabl
 momentum ``S``) in registers; the weights ``W0 = materialize(X)`` are refreshed at every chunk
 start (every ``chunk_size`` tokens from the start of the call) and each token's gradient is taken
 at ``W0``; the read uses ``W_t = materialize(X_t)`` per token. With ``chunk_size=1`` (the default,
-what one-token decoding steps give) this is the exact per-token rule of the notes, section 2.
+what one-token decoding steps give) this is the exact per-token rule (``docs/semantics.md``).
 Covers every retention (none/decay/lq/kl), bias and learner of the linear memory.
 
 No autograd: calls with inputs that require grad in grad mode raise (train with
-:func:`kernels.miras_linear.chunk_miras_linear`).
+:func:`miras_kernels.miras_linear.chunk_miras_linear`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from miras_kernels.common.tiles import BIAS_CODES, bias_map
-from miras_kernels.configs import block_size, pick_config
-from miras_kernels.miras_linear.inputs import prepare
-
-RETENTION_CODES = {"none": 0, "decay": 0, "lq": 1, "kl": 2}
+from miras_kernels.common.codes import BIAS_CODES, RETENTION_CODES
+from miras_kernels.common.tiles import bias_map
+from miras_kernels.configs import block_size, linear_config
+from miras_kernels.dispatch import supports
+from miras_kernels.inputs import linear_kernel_inputs, validate_inputs
 
 
 @triton.jit
@@ -123,28 +123,30 @@ def fused_recurrent_miras_linear(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Token-recurrent linear-memory Miras rule (decoding; forward only).
 
-    Same arguments and returns as :func:`kernels.miras_linear.chunk_miras_linear` (shapes
+    Same arguments and returns as :func:`miras_kernels.miras_linear.chunk_miras_linear` (shapes
     ``q, k [B,T,H,dk]``, ``v [B,T,H,dv]``, gates ``[B,T,H]``, state ``{"W": X[, "S_W": S]}``
     ``[N,H,dv,dk]``), but any ``chunk_size >= 1`` and every retention. Chunk boundaries are at
     multiples of ``chunk_size`` from the start of this call (one-token steps: exact per-token
     rule); the initial state must be a chunk-start state.
     """
-    from miras_kernels.dispatch import supports
-
-    ok, reason = supports(spec, q, k, v, kernel="recurrent")
-    if not ok:
-        raise ValueError(f"fused_recurrent_miras_linear cannot run this call: {reason}")
-    if int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} is not valid: use an integer >= 1")
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, alpha, eta, delta, mu, *(initial_state or {}).values())
     ):
         raise ValueError("fused_recurrent_miras_linear is forward-only (decoding): call it under "
                          "torch.no_grad() or train with chunk_miras_linear")
-    x = prepare(spec, q, k, v, alpha, eta, delta, mu, initial_state, cu_seqlens)
+    checked = validate_inputs(q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
+                              initial_state=initial_state, output_final_state=output_final_state,
+                              cu_seqlens=cu_seqlens)
+    if spec.memory != "linear":
+        raise ValueError(f"fused_recurrent_miras_linear handles memory='linear' only (got {spec.memory!r}): "
+                         "use miras_kernels.miras_mlp.fused_recurrent_miras_mlp")
+    ok, reason = supports(spec, q, k, v, kernel="recurrent", alpha=alpha)
+    if not ok:
+        raise ValueError(f"fused_recurrent_miras_linear cannot run this call: {reason}")
+    x = linear_kernel_inputs(checked)
     B, T, H, dk = q.shape
     dv = v.shape[-1]
-    cfg = pick_config("recurrent_fwd", 1, block_size(dk), block_size(dv), True)
+    cfg = linear_config("recurrent_fwd", 1, block_size(dk), block_size(dv), True)
     f32 = dict(dtype=torch.float32, device=q.device)
     y = torch.empty(B, T, H, dv, dtype=q.dtype, device=q.device)
     ht = torch.empty(x.n_seq, H, dv, dk, **f32)

@@ -4,7 +4,8 @@
 ``triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
 target=GPUTarget("cuda", 80|90, 32), options={"num_warps": aot_num_warps(config_name)})``
 compiles without a GPU; ``compile_entry`` does exactly that and reads registers/spills from
-``ptxas -v`` (platform notes, "Triton on CPU"). ``tools/kernel_report.py`` consumes the same list.
+``ptxas -v``. ``tools/kernel_report.py`` consumes the same list. The configurations themselves
+(shipped triples, hidden blocks, warps per phase) are the MLP section of ``miras_kernels.configs``.
 """
 
 from __future__ import annotations
@@ -14,20 +15,22 @@ import re
 import subprocess
 import tempfile
 
-from .api import NUM_STAGES, SHIPPED, SHIPPED_KL, hidden_block, phase_warps
-from .chunk import BIAS_CODES, BIAS_KERNELS, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
-from .chunk_kl import kl_phases
-from .chunk_lq import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
-from .fused_recurrent import _mlp_recurrent_kernel, recurrent_block
+from miras_kernels.common.codes import BIAS_CODES
+from miras_kernels.configs import (MLP_NUM_STAGES, MLP_SHIPPED, MLP_SHIPPED_KL, mlp_hidden_block, mlp_phase_warps,
+                                   mlp_recurrent_block)
+from miras_kernels.miras_mlp.chunk_kernels import BIAS_KERNELS, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
+from miras_kernels.miras_mlp.chunk_kl_kernels import kl_phases
+from miras_kernels.miras_mlp.chunk_lq_kernels import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
+from miras_kernels.miras_mlp.fused_recurrent import mlp_recurrent_kernel
 
-# Shipped configurations (head dim, expansion, chunk size): kernels.miras_mlp.api.SHIPPED.
+# Shipped configurations (head dim, expansion, chunk size): miras_kernels.configs.MLP_SHIPPED.
 # Variant flags that change the generated code: (bias, momentum).
 VARIANTS = [("l2", False), ("huber", False), ("lp", False), ("dot", False), ("l2", True)]
-# The l_q retention (q = 4): the lq phase list (chunk_lq) compiled with LQ=True, as (bias, q,
+# The l_q retention (q = 4): the lq phase list (chunk_lq_kernels) compiled with LQ=True, as (bias, q,
 # momentum): Moneta's lp + gd, and l2 + momentum. ``aot_specs(lq=...)`` selects them.
-LQ_VARIANTS = [("lp", 4.0, False), ("l2", 4.0, True)]   # q values: api.SHIPPED_LQ_Q
-# The kl retention (Memora): the kl phase list (chunk_kl.kl_phases; shared phases with LQ = REV) as
-# (bias, momentum), for the configurations of api.SHIPPED_KL: Memora's l2 + gd, and l2 + momentum.
+LQ_VARIANTS = [("lp", 4.0, False), ("l2", 4.0, True)]   # q values: configs.MLP_SHIPPED_LQ_Q
+# The kl retention (Memora): the kl phase list (chunk_kl_kernels.kl_phases; shared phases with LQ = REV) as
+# (bias, momentum), for the configurations of configs.MLP_SHIPPED_KL: Memora's l2 + gd, and l2 + momentum.
 # ``aot_specs(kl=...)`` selects them.
 KL_VARIANTS = [("l2", False), ("l2", True)]
 
@@ -62,21 +65,21 @@ def aot_specs(variants=None, shipped=None, lq=None, kl=None) -> list[tuple]:
     name)``. Inputs are bf16 (the training dtype), state and gates fp32, H = 16. Phases whose code
     does not depend on the bias are listed once per learner (named with the first bias asked).
     ``lq``: the l_q (Moneta) variants ``[(bias, q, momentum), ...]`` (default :data:`LQ_VARIANTS`;
-    ``[]`` for none): every phase of the lq path (``chunk_lq``) with ``LQ=True``, tagged ``,gd,lq`` /
+    ``[]`` for none): every phase of the lq path (``chunk_lq_kernels``) with ``LQ=True``, tagged ``,gd,lq`` /
     ``,momentum,lq``. ``kl``: the kl (Memora) variants ``[(bias, momentum), ...]`` (default
-    :data:`KL_VARIANTS`; ``[]`` for none): every phase of the kl path (``chunk_kl.kl_phases``,
-    ``LQ = REV``) for the configs in ``api.SHIPPED_KL``, tagged ``,gd,kl`` / ``,momentum,kl``."""
+    :data:`KL_VARIANTS`; ``[]`` for none): every phase of the kl path (``chunk_kl_kernels.kl_phases``,
+    ``LQ = REV``) for the configs in ``configs.MLP_SHIPPED_KL``, tagged ``,gd,kl`` / ``,momentum,kl``."""
     out = []
     seen = set()
-    for d, e, c in (shipped or SHIPPED):
-        bh = hidden_block(d, e, c)
+    for d, e, c in (shipped or MLP_SHIPPED):
+        bh = mlp_hidden_block(d, e, c)
         for bias, mom in (variants or VARIANTS):
             for kname, kern, rev in ([(n, k, False) for n, k in FWD_KERNELS] + [(n, k, True) for n, k in BWD_KERNELS]):
                 key = (kname, d, e, c, mom, bias if kname in BIAS_KERNELS else None)
                 if key in seen or (kname in MOMENTUM_ONLY and not mom):
                     continue
                 seen.add(key)
-                nw = phase_warps(kname, d, c)
+                nw = mlp_phase_warps(kname, d, c)
                 cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
                       "MOMENTUM": mom, "REV": rev, "LQ": False}
                 tag = f"{bias},{'momentum' if mom else 'gd'} D{d} E{d * e} C{c} BH{bh} w{nw}"
@@ -85,37 +88,37 @@ def aot_specs(variants=None, shipped=None, lq=None, kl=None) -> list[tuple]:
             for kname, kern, rev in ([(n, k, False) for n, k in FWD_LQ_KERNELS] + [(n, k, True) for n, k in BWD_LQ_KERNELS]):
                 if kname in MOMENTUM_ONLY and not mom:
                     continue
-                nw = phase_warps(kname, d, c, lq=True)
+                nw = mlp_phase_warps(kname, d, c, lq=True)
                 cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
                       "MOMENTUM": mom, "REV": rev, "LQ": True}
                 if kern in LQ_ARG_KERNELS:
                     cx["LQQ"] = float(qexp)
                 tag = f"{bias},{'momentum' if mom else 'gd'},lq D{d} E{d * e} C{c} BH{bh} w{nw}"
                 out.append((kern, _signature(kern), cx, f"{kname}[{tag}]"))
-        if (d, e, c) in SHIPPED_KL:
+        if (d, e, c) in MLP_SHIPPED_KL:
             for bias, mom in (KL_VARIANTS if kl is None else kl):
                 for kname, kern, rev in ([(n, k, False) for n, k in kl_phases(False, mom)]
                                          + [(n, k, True) for n, k in kl_phases(True, mom)]):
-                    nw = phase_warps(kname, d, c, lq=rev)
+                    nw = mlp_phase_warps(kname, d, c, lq=rev)
                     cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
                           "MOMENTUM": mom, "REV": rev, "LQ": rev}
                     tag = f"{bias},{'momentum' if mom else 'gd'},kl D{d} E{d * e} C{c} BH{bh} w{nw}"
                     out.append((kern, _signature(kern), cx, f"{kname}[{tag}]"))
     # decoding kernel: chunk semantics C = 1 (the exact rule) and the shipped training chunk sizes.
-    # Retention code RET (fused_recurrent.RET_CODES): 0 none/decay for every (bias, learner)
+    # Retention code RET (common.codes.RETENTION_CODES): 0 none/decay for every (bias, learner)
     # variant; 1 lq for the lq variants (q = LQQ constexpr), tagged " lq<q>"; 2 kl for the kl
     # variants, tagged " kl" (not ",gd,kl": that tag counts the chunk kernels' kl phases). Every
     # shipped config (the decoding kernel is one kernel: no SHIPPED_KL restriction).
-    rsig = dict(_signature(_mlp_recurrent_kernel), RET="constexpr")
+    rsig = dict(_signature(mlp_recurrent_kernel), RET="constexpr")
     dec = [(bias, mom, 0, 4.0, "") for bias, mom in (variants or VARIANTS)]
     dec += [(bias, mom, 1, float(qexp), f" lq{qexp:g}") for bias, qexp, mom in (LQ_VARIANTS if lq is None else lq)]
     dec += [(bias, mom, 2, 4.0, " kl") for bias, mom in (KL_VARIANTS if kl is None else kl)]
-    for d, e, C in sorted({(d, e, C) for d, e, c in (shipped or SHIPPED) for C in (1, c)}):
+    for d, e, C in sorted({(d, e, C) for d, e, c in (shipped or MLP_SHIPPED) for C in (1, c)}):
         for bias, mom, ret, qexp, rtag in dec:
-            cx = {"H": 16, "D": d, "E": d * e, "BH": recurrent_block(d, e, ret), "C": C,
+            cx = {"H": 16, "D": d, "E": d * e, "BH": mlp_recurrent_block(d, e, ret), "C": C,
                   "BIAS": BIAS_CODES[bias], "MOMENTUM": mom, "RET": ret, "LQQ": qexp}
             tag = f"{bias},{'momentum' if mom else 'gd'}{rtag} D{d} E{d * e} C{C} BH{cx['BH']} w4"
-            out.append((_mlp_recurrent_kernel, rsig, cx, f"mlp_recurrent[{tag}]"))
+            out.append((mlp_recurrent_kernel, rsig, cx, f"mlp_recurrent[{tag}]"))
     return out
 
 
@@ -128,7 +131,7 @@ def compile_entry(entry: tuple, arch: int) -> dict:
 
     kernel, sig, cx, name = entry
     src = ASTSource(fn=kernel, signature=sig, constexprs=cx)
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": aot_num_warps(name), "num_stages": NUM_STAGES})
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": aot_num_warps(name), "num_stages": MLP_NUM_STAGES})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")

@@ -1,1286 +1,228 @@
-"""Triton chunk-parallel kernels for the deep (2-layer residual MLP) Miras memory.
-
-Memory (per head, project rule in ``../shared/miras-notes.md``):
-``M(x) = x + LN(W1 gelu(W2 x))`` with ``W2 [E, D]``, ``W1 [D, E]`` (``E = expansion * D``), LN
-over ``D`` without affine weights (eps 1e-5) and the exact erf gelu.
-
-Chunk semantics (chunk size ``BT``): every token ``i`` of a chunk takes its inner-loss gradient at
-the chunk-start weights ``W_0``; the weights seen by the read of token ``t`` are
-
-    X_t = c_t X_0 [+ b_t S_0] - sum_{i<=t} Gam_ti g_i
-
-with ``c_t = exp(L_t)`` (``L`` = in-chunk cumsum of log alpha), ``Gam_ti = eta_i exp(L_t - L_i)`` for
-plain GD and ``Gam_ti = eta_i sum_{s=i..t} exp(L_t - L_s + M_s - M_i)`` (``M`` = cumsum log mu) for
-momentum, ``b_t = sum_{s<=t} exp(L_t - L_s + M_s)``. Because every ``g_i`` is a pair of outer
-products (``g_W1 = do_i h_i^T``, ``g_W2 = dz_i k_i^T``) the reads never build per-token weights:
-
-    z'_t = c_t W2_0 q_t [+ b_t S2_0 q_t] - sum_i Gam_ti dz_i (k_i . q_t)
-    o'_t = c_t W1_0 h'_t [+ b_t S1_0 h'_t] - sum_i Gam_ti do_i (h_i . h'_t),   h'_t = gelu(z'_t)
-
-Structure (register budget: zero spills on sm_80/sm_90 for every shipped configuration). The
-chunks of a sequence are sequential (a chunk's gradients depend non-linearly on its start state),
-so the host walks the chunk steps and launches, per step, a few *phase* kernels with grid
-``(N * H,)`` (one program per sequence and head). Each phase keeps only its own working set in
-registers; everything a later phase needs goes through a per-program fp32 scratch region (L2
-resident, layout below), so no value is live across phases:
-
-* forward: ``prep`` / ``prep2`` (inner forward on the keys, LN, bias map, ``do``) -> ``coef``
-  (chunk coefficients, ``Gam``, ``A2 = Gam * (Q K^T)``) -> ``qw`` (``Q W2^T``, ``Q S2^T``) ->
-  ``fwd_hidden`` (per hidden block: ``dz``, the read's hidden layer) -> ``fwd_state`` (chunk-end
-  state) -> ``fwd_gram`` (``o'`` and the Gram matrix) -> ``fwd_out`` (Gram term, LN, ``y``).
-* backward (chunks in reverse, d(state) carried through the per-boundary buffers): the same
-  ``prep``/``prep2``/``coef``/``qw`` (recompute) -> ``read``/``read2`` (recompute the read) ->
-  ``readout``/``readout2`` (the read's output LN backward, Gram term) -> ``readgrad``/
-  ``readgrad2``/``readdst`` (the read's hidden-layer backward) -> ``state_mom``/``state``/
-  ``state_do``/``state_dk`` (the chunk-end state's gradient and the inner gradient's chain) ->
-  ``dq``/``dkm``/``dgam`` (the ``A2`` term) -> ``mid`` (second-order path through the LN backward
-  and the bias) -> ``first`` (first-layer weights, ``dk``) -> ``gates_m``/``gates``.
-  (``state_mom`` and ``gates_m`` run for momentum only.)
-
-The hidden dimension ``E`` is tiled by ``BH`` inside the phases that touch the weights; tiles a
-hidden-block loop needs are re-read from scratch inside the loop (``tl.range(...,
-disable_licm=True)`` keeps the compiler from hoisting them back into registers).
+"""Host side of the MLP-memory Triton kernels (the jit code: ``chunk_kernels.py``, with the lq and kl
+phases in ``chunk_lq_kernels.py`` / ``chunk_kl_kernels.py``): the autograd Function that walks the
+chunk steps and launches the phase kernels, and the public ``chunk_miras_mlp`` entry. Launch
+configs (hidden block, warps per phase) come from ``miras_kernels.configs``; coverage from
+``miras_kernels.supports``.
 """
 
 from __future__ import annotations
 
-import triton
-import triton.language as tl
+import torch
 
-# bias codes (constexpr BIAS)
-BIAS_CODES = {"dot": 0, "l2": 1, "lp": 2, "huber": 3}
-
-
-def bias_scalar(spec) -> float:
-    """The kernels' runtime ``p`` argument: the bias's one scalar (lp: the exponent p; huber: the
-    smooth-sign eps ``huber_eps``; unused by dot and l2), so no kernel signature carries both."""
-    return float(spec.huber_eps) if spec.bias == "huber" else float(spec.p)
-
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+from miras_kernels.common.codes import BIAS_CODES, bias_scalar
+from miras_kernels.common.mlp_scratch import scratch_floats
+from miras_kernels.configs import MLP_NUM_STAGES, mlp_hidden_block, mlp_phase_warps
+from miras_kernels.dispatch import supports
+from miras_kernels.inputs import validate_inputs
+from miras_kernels.miras_mlp.chunk_kernels import BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
+from miras_kernels.miras_mlp.chunk_kl_kernels import KL_ARG_KERNELS, W0_PHASES, kl_phases
+from miras_kernels.miras_mlp.chunk_lq_kernels import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
 
 
-@triton.jit
-def _gelu(z):
-    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+class ChunkMirasMLPFunction(torch.autograd.Function):
+    """Inputs: q, k, v ``[B, T, H, D]``; la/eta/dlt/lmu ``[B, T, H]`` fp32 (log alpha, eta, Huber
+    delta, log mu; stand-ins where the spec has no such gate); W1/W2 (S1/S2 with momentum)
+    ``[N, H, D, E]`` / ``[N, H, E, D]`` fp32; ``cu`` ``[N+1]`` int32 token offsets, ``coff``
+    ``[N+1]`` int32 chunk offsets, then the launch constants. Outputs: y ``[B, T, H, D]``, the
+    final W1, W2 (and S1, S2, else empty placeholders)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, la, eta, dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, nt_max, chunk, bias, p, momentum,
+                lq, lqq, lqe, kl, kc):
+        B, T, H, D = q.shape
+        E = W1.shape[-1]
+        N = cu.numel() - 1
+        J = nt_total + N
+        dev = q.device
+        qf, kf, vf = (x.reshape(B * T, H, D).contiguous() for x in (q, k, v))
+        gates = [x.reshape(B * T, H).contiguous() for x in (la, eta, dlt, lmu)]
+        idx0 = (coff[:-1].long() + torch.arange(N, device=dev))
+        idx1 = (coff[1:].long() + torch.arange(N, device=dev))
+        st1 = torch.empty(J, H, D, E, dtype=torch.float32, device=dev)
+        st2 = torch.empty(J, H, E, D, dtype=torch.float32, device=dev)
+        st1[idx0] = W1
+        st2[idx0] = W2
+        if momentum:
+            ss1 = torch.empty_like(st1)
+            ss2 = torch.empty_like(st2)
+            ss1[idx0] = S1
+            ss2[idx0] = S2
+        else:
+            ss1, ss2 = st1, st2  # never read (MOMENTUM=False)
+        y = torch.empty_like(qf)
+        BH = mlp_hidden_block(D, E // D, chunk)
+        SW = max(D, chunk)
+        scr = torch.empty(N * H, scratch_floats(chunk, SW, E), dtype=torch.float32, device=dev)
+        # forward phases only read q, k, v, gates and states; the gradient slots get stand-ins
+        args = (qf, kf, vf, *gates, y, y, y, y, *gates, st1, st2, ss1, ss2, st1, st2, ss1, ss2, st1, st2, scr, cu, coff,
+                float(p))
+        # lq: per-token q-norms of X1, X2 ([T, H, 2], saved for the backward; else a stand-in)
+        nrm = torch.empty(B * T, H, 2, dtype=torch.float32, device=dev) if lq else torch.zeros(0, device=dev)
+        _run_steps(False, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, lq, lqq, lqe, nrm, kl, kc)
+        ctx.save_for_backward(qf, kf, vf, *gates, st1, st2, ss1, ss2, cu, coff, idx0, idx1, nrm)
+        ctx.meta = (B, T, H, D, E, chunk, bias, p, momentum, q.dtype, N, nt_max, lq, lqq, lqe, kl, kc)
+        outs = [y.view(B, T, H, D), st1[idx1], st2[idx1]]
+        if momentum:
+            outs += [ss1[idx1], ss2[idx1]]
+        else:
+            # placeholders keep the output arity fixed; they carry no gradient
+            empty = (torch.zeros(0, device=dev), torch.zeros(0, device=dev))
+            ctx.mark_non_differentiable(*empty)
+            outs += list(empty)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, dy, dW1, dW2, dS1, dS2):
+        qf, kf, vf, la, eta, dlt, lmu, st1, st2, ss1, ss2, cu, coff, idx0, idx1, nrm = ctx.saved_tensors
+        B, T, H, D, E, chunk, bias, p, momentum, dtype, N, nt_max, lq, lqq, lqe, kl, kc = ctx.meta
+        dev = qf.device
+        dst1 = torch.zeros_like(st1)
+        dst2 = torch.zeros_like(st2)
+        if dW1 is not None:
+            dst1[idx1] = dW1.float()
+        if dW2 is not None:
+            dst2[idx1] = dW2.float()
+        if momentum:
+            dss1 = torch.zeros_like(ss1)
+            dss2 = torch.zeros_like(ss2)
+            if dS1 is not None:
+                dss1[idx1] = dS1.float()
+            if dS2 is not None:
+                dss2[idx1] = dS2.float()
+        else:
+            dss1, dss2 = dst1, dst2
+        if lq or kl:
+            # per-program cotangent of the inner gradients' weights W_0 = s_0 X_0 (lq) or
+            # W_0 = c softmax(Z_0) (kl)
+            dw1 = torch.empty(N * H, D * E, dtype=torch.float32, device=dev)
+            dw2 = torch.empty(N * H, D * E, dtype=torch.float32, device=dev)
+        else:
+            dw1, dw2 = dst1, dst2   # never read (LQ=False)
+        dyf = dy.reshape(B * T, H, D).contiguous()
+        dq = torch.zeros(B * T, H, D, dtype=torch.float32, device=dev)
+        dk = torch.zeros_like(dq)
+        dv = torch.zeros_like(dq)
+        dla, deta, ddlt, dlmu = (torch.zeros(B * T, H, dtype=torch.float32, device=dev) for _ in range(4))
+        SW = max(D, chunk)
+        BH = mlp_hidden_block(D, E // D, chunk)
+        scr = torch.empty(N * H, scratch_floats(chunk, SW, E), dtype=torch.float32, device=dev)
+        args = (qf, kf, vf, la, eta, dlt, lmu, dyf, dq, dk, dv, dla, deta, ddlt, dlmu,
+                st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, float(p))
+        # chunk NTn-1-step of every sequence at launch step `step`
+        _run_steps(True, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, lq, lqq, lqe, nrm, kl, kc)
+        sh = (B, T, H, D)
+        gsh = (B, T, H)
+        grads = [dq.view(sh).to(dtype), dk.view(sh).to(dtype), dv.view(sh).to(dtype),
+                 dla.view(gsh), deta.view(gsh), ddlt.view(gsh), dlmu.view(gsh),
+                 dst1[idx0], dst2[idx0]]
+        grads += [dss1[idx0], dss2[idx0]] if momentum else [None, None]
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
-@triton.jit
-def _gelu_d(z):
-    # d/dz [z Phi(z)] = Phi(z) + z phi(z)
-    return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-
-
-@triton.jit
-def _gelu_dd(z):
-    # d2/dz2 [z Phi(z)] = phi(z) (2 - z^2)
-    return tl.exp(-0.5 * z * z) * 0.3989422804014327 * (2.0 - z * z)
-
-
-@triton.jit
-def _bias_grad(e, v, dlt, p, BIAS: tl.constexpr):
-    """u = dl/dM for the attentional bias; e = M(k) - v, rows = tokens. [BT, D].
-
-    ``p`` is the bias's scalar: the exponent for lp, the smooth-sign eps ``huber_eps`` for huber
-    (the host passes ``bias_scalar(spec)``)."""
-    if BIAS == 0:
-        u = -v
-    elif BIAS == 1:
-        u = e
-    elif BIAS == 2:
-        u = p * e * tl.exp((p - 2.0) * 0.5 * tl.log(e * e + 1e-6))
+def _run_steps(rev, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, lq, lqq, lqe, nrm, kl, kc):
+    """Every chunk step of the forward (``rev=False``) or backward pass: the kl phase list
+    (``chunk_kl_kernels``) or the affine / lq one (``chunk_kernels``, ``chunk_lq_kernels``); ``args`` as the kernels take them
+    (``args[15]``, ``args[16]`` = the saved states ``st1``, ``st2``)."""
+    if kl:
+        # kl: the materialised chunk-start weights W_0 = c softmax(Z_0) (transient, per boundary)
+        wst = (torch.empty_like(args[15]), torch.empty_like(args[16]))
+        _run_kl_phases(kl_phases(rev, momentum), args, wst, kc, nt_max, N, H, D, E, chunk, BH, SW, bias, rev, momentum)
     else:
-        nrm = tl.sqrt(tl.sum(e * e, axis=1))
-        big = nrm > dlt
-        u = tl.where(big[:, None], dlt[:, None] * e / tl.sqrt(e * e + p), e)
-    return u
+        kernels = (BWD_LQ_KERNELS if lq else BWD_KERNELS) if rev else (FWD_LQ_KERNELS if lq else FWD_KERNELS)
+        _run_phases(kernels, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, rev, lq, lqq, lqe, nrm)
 
 
-@triton.jit
-def _ln_rows(x, D: tl.constexpr):
-    """Plain layer norm of each row: returns (xhat, rstd)."""
-    mean = tl.sum(x, axis=1) / D
-    xc = x - mean[:, None]
-    var = tl.sum(xc * xc, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + 1e-5)
-    return xc * rstd[:, None], rstd
+def _run_phases(kernels, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, rev, lq, lqq, lqe, nrm):
+    """Launch the phase kernels of every chunk step in order (grid (N*H,), one program per
+    sequence and head); the lq phases also take the runtime eps, the per-token norms ``nrm``
+    ([T, H, 2]) and the constexpr exponent q."""
+    phases = [(n, kern) for n, kern in kernels if momentum or n not in MOMENTUM_ONLY]
+    for step in range(nt_max):
+        for name, kern in phases:
+            extra, kw = ((lqe, nrm), {"LQQ": lqq}) if kern in LQ_ARG_KERNELS else ((), {})
+            kern[(N * H,)](*args, step, *extra, H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
+                           REV=rev, LQ=lq, num_warps=mlp_phase_warps(name, D, chunk, lq), num_stages=MLP_NUM_STAGES, **kw)
 
 
-@triton.jit
-def _ln_bwd(xh, rstd, g, D: tl.constexpr):
-    """VJP of xhat = LN(x) for cotangent g (rows)."""
-    mg = tl.sum(g, axis=1) / D
-    mgx = tl.sum(g * xh, axis=1) / D
-    return rstd[:, None] * (g - mg[:, None] - xh * mgx[:, None])
+def _run_kl_phases(kernels, args, wst, kc, nt_max, N, H, D, E, chunk, BH, SW, bias, rev, momentum):
+    """The kl (Memora) phase list of every chunk step (``chunk_kl_kernels.kl_phases(rev, momentum)``):
+    phases that take inner gradients at ``W_0`` get the materialised ``wst`` in place of the state
+    ``Z``; the kl phases get ``(wst1, wst2, c)``; the shared phases run with ``LQ = rev`` (the
+    backward keeps ``d W_0`` apart in ``dw1``/``dw2`` for ``kl_dw0``) and ``MOMENTUM = momentum``."""
+    args_w = args[:15] + wst + args[17:]   # args[15:17] = (st1, st2)
+    for step in range(nt_max):
+        for name, kern in kernels:
+            extra = (*wst, float(kc)) if kern in KL_ARG_KERNELS else ()
+            kern[(N * H,)](*(args_w if name in W0_PHASES else args), step, *extra, H=H, D=D, E=E, BT=chunk, BH=BH,
+                           SW=SW, BIAS=bias, MOMENTUM=momentum, REV=rev, LQ=rev,
+                           num_warps=mlp_phase_warps(name, D, chunk, rev), num_stages=MLP_NUM_STAGES)
 
 
-@triton.jit
-def _chunk_coefs(la_c, lm_c, et_c, tm, BT: tl.constexpr, MOMENTUM: tl.constexpr):
-    """In-chunk decay coefficients.
+def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor | None,
+                    eta: torch.Tensor, *, spec, chunk_size: int = 64, delta: torch.Tensor | None = None,
+                    mu: torch.Tensor | None = None, initial_state: dict[str, torch.Tensor],
+                    output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Chunk-parallel MLP-memory Miras layer (Triton forward and backward); same contract as
+    :func:`miras_kernels.miras_memory` (checked by ``miras_kernels.inputs.validate_inputs``).
 
-    Returns (c [BT], cC, Dm [BT,BT] = exp(L_t-L_i) masked i<=t, Gam [BT,BT], gam [BT] = coefficient
-    of g_i in the chunk-end X, b [BT], bC, pi [BT] = coefficient of g_i in the chunk-end S, PC).
-    For plain GD the momentum outputs are zeros.
+    Args:
+        q, k, v: ``[B, T, H, D]`` (fp32/bf16/fp16). alpha, eta, delta, mu: ``[B, T, H]``
+            (alpha may be None for retention ``none``; delta for ``huber``; mu for momentum).
+        spec: :class:`miras_kernels.spec.MirasSpec` with ``memory="mlp"``.
+        initial_state: ``{"W1": [N, H, D, E] or [H, D, E], "W2": [.., E, D]}`` (+ ``S_W1``,
+            ``S_W2`` for momentum, zeros when left out); ``N`` = B, or the number of documents
+            with ``cu_seqlens``. Gradients flow to it (broadcast dims are summed by autograd).
+        cu_seqlens: ``[N+1]`` int with ``B == 1``: the state resets at each document start.
+    Returns:
+        ``(y [B, T, H, D] in q's dtype, final_state)`` where ``final_state`` is a dict of
+        ``[N, H, ..]`` fp32 tensors when ``output_final_state`` else ``None``.
     """
-    rows = tl.arange(0, BT)
-    causal = rows[:, None] >= rows[None, :]
-    L = tl.cumsum(la_c, axis=0)
-    Ltot = tl.sum(la_c, axis=0)
-    cvec = tl.exp(L)
-    cC = tl.exp(Ltot)
-    Dm = tl.where(causal, tl.exp(tl.where(causal, L[:, None] - L[None, :], 0.0)), 0.0)
-    if MOMENTUM:
-        M = tl.cumsum(lm_c, axis=0)
-        Mtot = tl.sum(lm_c, axis=0)
-        Bm = tl.where(causal, tl.exp(tl.where(causal, M[:, None] - M[None, :], 0.0)), 0.0)
-        # E_ti = sum_{s=i..t} exp(L_t - L_s) exp(M_s - M_i): a product of two triangular matrices
-        Em = tl.dot(Dm, Bm)
-        Gam = Em * et_c[None, :]
-        eM = tl.exp(M)
-        bvec = tl.sum(Dm * eM[None, :], axis=1)
-        # chunk end: only valid tokens s take part in the sums over s
-        wend = tl.where(tm, tl.exp(Ltot - L), 0.0)
-        bC = tl.sum(wend * eM, axis=0)
-        gam = et_c * tl.sum(wend[:, None] * Bm, axis=0)
-        pi = et_c * tl.exp(Mtot - M)
-        PC = tl.exp(Mtot)
+    if spec.memory != "mlp":
+        raise ValueError(f"chunk_miras_mlp handles memory='mlp' only (got {spec.memory!r}): "
+                         "use miras_kernels.miras_linear.chunk_miras_linear")
+    x = validate_inputs(q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
+                        initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    ok, why = supports(spec, q, k, v, chunk_size=chunk_size, alpha=alpha, initial_state=initial_state)
+    if not ok:
+        raise ValueError(f"chunk_miras_mlp: {why}")
+    B, T, H, D = q.shape
+    E = D * int(spec.expansion)
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    # gates the spec does not use get neutral stand-ins (log alpha = 0, delta = 1, log mu = 0)
+    la = torch.zeros(B, T, H, **f32) if x.alpha is None else torch.log(x.alpha.float())
+    dlt = torch.ones(B, T, H, **f32) if x.delta is None else x.delta.float()
+    lmu = torch.zeros(B, T, H, **f32) if x.mu is None else torch.log(x.mu.float())
+    if cu_seqlens is None:
+        cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * T
     else:
-        Gam = Dm * et_c[None, :]
-        gam = et_c * tl.exp(Ltot - L)
-        bvec = tl.zeros([BT], dtype=tl.float32)
-        bC = Ltot * 0.0
-        pi = tl.zeros([BT], dtype=tl.float32)
-        PC = Ltot * 0.0
-    return cvec, cC, Dm, Gam, gam, bvec, bC, pi, PC
+        cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
+    N = x.n_states
+    lens = (cu[1:] - cu[:-1]).long()
+    counts = (lens + chunk_size - 1) // chunk_size
+    coff64 = torch.zeros(N + 1, dtype=torch.int64, device=dev)
+    coff64[1:] = torch.cumsum(counts, 0)
+    nt_total = int(coff64[-1])
+    nt_max = int(counts.max()) if N > 0 else 0
+    coff = coff64.to(torch.int32)
 
-
-@triton.jit
-def _tok_off(H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-    """int32 offsets of a [BT, D] token tile from the chunk's base pointer (rematerialised at
-    every use: a live [BT, D] int64 offset tile would cost two registers per element)."""
-    return tl.arange(0, BT)[:, None] * (H * D) + tl.arange(0, D)[None, :]
-
-
-@triton.jit
-def _ld_tok(base, tm, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-    """A [BT, D] token tile (masked rows -> 0), upcast to fp32."""
-    return tl.load(base + _tok_off(H, D, BT), mask=tm[:, None], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _sl(scr_p, SLOT: tl.constexpr, R: tl.constexpr, Cc: tl.constexpr, SW: tl.constexpr, BT: tl.constexpr):
-    """Pointers of an [R, Cc] tile in scratch slot SLOT (slots are [BT, SW])."""
-    return scr_p + SLOT * BT * SW + tl.arange(0, R)[:, None] * SW + tl.arange(0, Cc)[None, :]
-
-
-@triton.jit
-def _scr_off(R: tl.constexpr, Cc: tl.constexpr, SW: tl.constexpr):
-    """Offsets of an [R, Cc] tile inside a scratch slot of row width SW."""
-    return tl.arange(0, R)[:, None] * SW + tl.arange(0, Cc)[None, :]
-
-
-@triton.jit
-def _load_gates(la, eta, dlt, lmu, go, tm):
-    la_c = tl.load(la + go, mask=tm, other=0.0)
-    et_c = tl.load(eta + go, mask=tm, other=0.0)
-    dl_c = tl.load(dlt + go, mask=tm, other=1.0)
-    lm_c = tl.load(lmu + go, mask=tm, other=0.0)
-    return la_c, et_c, dl_c, lm_c
-
-
-# ----------------------------------------------------------------------------- scratch layout
-# Per program (sequence, head) one fp32 scratch region, reused chunk after chunk:
-#   NSLOT tiles [BT, SW] | NE_REG tiles [BT, E] | NVEC vectors [BT] | NSCA scalars.
-# Every phase kernel reads what earlier phases of the same chunk wrote; a kernel never writes a
-# location it also reads (threads of one program are not ordered without a barrier), except the
-# read-modify-write of d(state) tiles through the same pointer tensor, and tiles handed from one
-# part of a kernel to the next across a CTA barrier (``tl.debug_barrier()``: mid parks dU / dV,
-# first parks dz_i; splits that keep the parts' [BT, D] tiles from being live at once).
-NSLOT = tl.constexpr(22)
-NE_REG = tl.constexpr(6)
-NVEC = tl.constexpr(24)
-NSCA = tl.constexpr(16)
-# tile slots
-S_DO = tl.constexpr(0)      # do_i = LN backward of the inner loss at the keys   [BT, D]
-S_A2 = tl.constexpr(1)      # Gam * (Q K^T)                                      [BT, BT]
-S_XH = tl.constexpr(2)      # LN(o) at the keys                                  [BT, D]
-S_U = tl.constexpr(3)       # u = dl/dM                                          [BT, D]
-S_DOQ = tl.constexpr(4)     # d(o') of the read                                  [BT, D]
-S_DS1 = tl.constexpr(5)     # dA1 * Gam                                          [BT, BT]
-S_DGR = tl.constexpr(6)     # d(Gam) from the read's output layer                [BT, BT]
-S_GDR = tl.constexpr(7)     # d(do) from the read's output layer                 [BT, D]
-S_OC = tl.constexpr(8)      # sum_blocks Hq W1^T (fwd: the read's o' before the Gram term)
-S_OS = tl.constexpr(9)      # sum_blocks Hq S1^T                                 [BT, D]
-S_SHH = tl.constexpr(10)    # Hq Hh^T                                            [BT, BT]
-S_DQ = tl.constexpr(11)     # dq (partial)                                       [BT, D]
-S_DK = tl.constexpr(12)     # dk (partial, after B1b)                            [BT, D]
-S_DA2 = tl.constexpr(13)    # d(A2)                                              [BT, BT]
-S_GDN = tl.constexpr(14)    # d(do) total                                        [BT, D]
-S_DGAM = tl.constexpr(15)   # d(Gam) total                                       [BT, BT]
-S_DOIN = tl.constexpr(16)   # d(o) at the keys (first layer)                     [BT, D]
-S_DKM = tl.constexpr(17)    # dk after the A2 term                               [BT, D]
-S_KT = tl.constexpr(18)     # K^T, fp32 (weight-gradient dots want M = D, not BH) [D, BT]
-S_QT = tl.constexpr(19)     # Q^T, fp32                                          [D, BT]
-S_GAMM = tl.constexpr(20)   # Gam, the in-chunk coefficient matrix               [BT, BT]
-S_LQDK = tl.constexpr(21)   # lq: dk from the norms' adjoint (chunk_lq)           [BT, D]
-# [BT, E] regions
-R_GDZ = tl.constexpr(0)     # d(dz_i) from the read
-R_GH = tl.constexpr(1)      # d(h_i) from the read
-R_DZ = tl.constexpr(2)      # momentum: Q S2^T (read) | later d(z_i) partial (all but the LN-of-o path)
-# R_GDZ also holds Q W2^T from phase qw until the backward's readgrad2 overwrites it
-R_A = tl.constexpr(3)       # phase temporaries: fwd Hq | readgrad dZq | state d(dh) = d(dz) gelu'(z)
-R_B = tl.constexpr(4)       # fwd Hh | readgrad Hq
-R_C = tl.constexpr(5)       # dz_i
-# backward before B2b: R_GDZ holds Q W2^T and R_GH holds h_i = gelu(z_i) (from the read phase)
-# vectors
-V_C = tl.constexpr(0)
-V_GAM = tl.constexpr(1)
-V_B = tl.constexpr(2)
-V_PI = tl.constexpr(3)
-V_RSTD = tl.constexpr(4)
-V_DC0 = tl.constexpr(5)     # dc, db after the read's output layer
-V_DB0 = tl.constexpr(6)
-V_DGAM = tl.constexpr(7)
-V_DPI = tl.constexpr(8)
-V_DC = tl.constexpr(9)      # dc, db complete
-V_DB = tl.constexpr(10)
-V_GAR = tl.constexpr(11)    # row / column sums of dA * Dm (momentum gates)
-V_GAC = tl.constexpr(12)
-V_DETA = tl.constexpr(13)   # d(eta) through E = Dm Bm (momentum gates)
-# retention lq (Moneta, chunk_lq): per-token q-norms n_t and scales s_t of X1, X2, their
-# cotangents d s_t, and dc after the W2 norms' adjoint
-V_N1 = tl.constexpr(14)
-V_N2 = tl.constexpr(15)
-V_S1 = tl.constexpr(16)
-V_S2 = tl.constexpr(17)
-V_DS1 = tl.constexpr(18)
-V_DS2 = tl.constexpr(19)
-V_LQDC = tl.constexpr(20)
-V_LQDB = tl.constexpr(21)    # lq + momentum: db after the W2 norms' adjoint
-# scalars
-C_CC = tl.constexpr(0)
-C_BC = tl.constexpr(1)
-C_PC = tl.constexpr(2)
-C_DCC = tl.constexpr(3)
-C_DBC = tl.constexpr(4)
-C_DPC = tl.constexpr(5)
-C_N01 = tl.constexpr(6)     # lq: q-norm and scale s_0 of the chunk-start X1, X2 (inner gradients at s_0 X_0)
-C_N02 = tl.constexpr(7)
-C_S01 = tl.constexpr(8)
-C_S02 = tl.constexpr(9)
-
-
-def scratch_floats(BT: int, SW: int, E: int) -> int:
-    """fp32 scratch elements per program (see the layout above)."""
-    return 22 * BT * SW + 6 * BT * E + 24 * BT + 16
-
-
-@triton.jit
-def scr_base_offset(i_nh, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr):
-    return i_nh.to(tl.int64) * (NSLOT * BT * SW + NE_REG * BT * E + NVEC * BT + NSCA)
-
-
-@triton.jit
-def _pro(cu, coff, step, H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr,
-         SW: tl.constexpr, REV: tl.constexpr):
-    """This program's chunk for launch ``step`` (chunks of each sequence in order, or in reverse
-    for the backward): returns (valid, tm, tb, go, b_in, b_out, scratch base)."""
-    i_nh = tl.program_id(0)
-    n = i_nh // H
-    h = i_nh % H
-    bos = tl.load(cu + n)
-    eos = tl.load(cu + n + 1)
-    NTn = tl.cdiv(eos - bos, BT)
-    if REV:
-        c = NTn - 1 - step
+    W1, W2 = x.initial_state["W1"].float(), x.initial_state["W2"].float()
+    momentum = spec.learner == "momentum"
+    # lq with q = 2 is the identity map (MirasSpec.materialize): the decay kernels
+    lq = spec.retention == "lq" and float(spec.q) != 2.0
+    if momentum:
+        # an omitted momentum state starts at zero (as on every backend)
+        S1, S2 = x.state_or_zeros("S_W1").float(), x.state_or_zeros("S_W2").float()
     else:
-        c = step + 0 * NTn
-    t = bos + c * BT + tl.arange(0, BT)
-    tm = t < eos
-    tb = (bos + c * BT).to(tl.int64) * (H * D) + h * D
-    go = t.to(tl.int64) * H + h
-    j = (tl.load(coff + n) + n + c).to(tl.int64)
-    b_in = (j * H + h) * (D * E)
-    b_out = b_in + H * D * E
-    scr_p = scr_base_offset(i_nh, BT, SW, E)
-    return step < NTn, tm, tb, go, b_in, b_out, scr_p
-
-
-@triton.jit
-def _slT(scr_p, SLOT: tl.constexpr, D: tl.constexpr, SW: tl.constexpr, BT: tl.constexpr):
-    """Pointers of a transposed [D, BT] tile in slot SLOT."""
-    return scr_p + SLOT * BT * SW + tl.arange(0, D)[:, None] * BT + tl.arange(0, BT)[None, :]
-
-
-@triton.jit
-def _er(scr_p, R: tl.constexpr, hh, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr):
-    """Pointers of the [BT, BH] block ``hh`` of [BT, E] region R."""
-    return scr_p + NSLOT * BT * SW + R * BT * E + tl.arange(0, BT)[:, None] * E + hh[None, :]
-
-
-@triton.jit
-def _vp(scr_p, IDX: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr):
-    """Pointers of vector IDX ([BT])."""
-    return scr_p + NSLOT * BT * SW + NE_REG * BT * E + IDX * BT + tl.arange(0, BT)
-
-
-@triton.jit
-def _cp(scr_p, IDX: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr):
-    """Pointer of scalar IDX."""
-    return scr_p + NSLOT * BT * SW + NE_REG * BT * E + NVEC * BT + IDX
-
-
-@triton.jit
-def _w0_off(D: tl.constexpr, E: tl.constexpr):
-    """lq: offset of this program's [D, E] / [E, D] block in the per-program d(W_0) buffers dw1,
-    dw2 (the inner-gradient weights' cotangent, kept apart from d(X_0) until chunk_lq's dw0
-    phase)."""
-    return tl.program_id(0).to(tl.int64) * (D * E)
-
-
-# The phase kernels share one argument list (the host and the AOT list stay simple; a phase
-# ignores what it does not use). Grid: (N * H,), one launch per chunk step.
-@triton.jit
-def _mlp_prep_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Phase 1a (forward and backward): the inner forward at W_0 on the keys, o = W1 gelu(W2 k)
-    (parked); K^T and Q^T staged in fp32."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        O = tl.zeros([BT, D], dtype=tl.float32)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            W2b = tl.load(st2 + b_in + hh[:, None] * D + od[None, :])          # [BH, D]
-            W1b = tl.load(st1 + b_in + od[:, None] * E + hh[None, :])          # [D, BH]
-            if LQ:   # inner gradients at the weights W_0 = s_0 X_0
-                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
-                W1b = W1b * tl.load(_cp(scr_p, C_S01, BT, SW, E))
-            O += tl.dot(_gelu(tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(W2b))), tl.trans(W1b))
-        tl.store(_sl(scr_p, S_OC, BT, D, SW, BT), O)
-        tl.store(_slT(scr_p, S_KT, D, SW, BT), tl.trans(_ld_tok(k + tb, tm, H, D, BT)))
-        tl.store(_slT(scr_p, S_QT, D, SW, BT), tl.trans(_ld_tok(q + tb, tm, H, D, BT)))
-
-
-@triton.jit
-def _mlp_prep2_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Phase 1b (forward and backward): LN of o, the bias map u = dl/dM, do = LN_bwd(u)."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        xh, rstd = _ln_rows(tl.load(_sl(scr_p, S_OC, BT, D, SW, BT)), D)
-        dl_c = tl.load(dlt + go, mask=tm, other=1.0)
-        V = _ld_tok(v + tb, tm, H, D, BT)
-        U = _bias_grad(_ld_tok(k + tb, tm, H, D, BT) + xh - V, V, dl_c, p, BIAS)
-        tl.store(_sl(scr_p, S_DO, BT, D, SW, BT), _ln_bwd(xh, rstd, U, D))
-        tl.store(_sl(scr_p, S_XH, BT, D, SW, BT), xh)
-        tl.store(_sl(scr_p, S_U, BT, D, SW, BT), U)
-        tl.store(_vp(scr_p, V_RSTD, BT, SW, E), rstd)
-
-
-@triton.jit
-def _mlp_coef_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Phase 1c (forward and backward): the in-chunk coefficients (c, gam, b, pi, cC, bC, PC, Gam)
-    and A2 = Gam * (Q K^T)."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        la_c, et_c, dl_c, lm_c = _load_gates(la, eta, dlt, lmu, go, tm)
-        cvec, cC, Dm, Gam, gam, bvec, bC, pi, PC = _chunk_coefs(la_c, lm_c, et_c, tm, BT, MOMENTUM)
-        tl.store(_sl(scr_p, S_GAMM, BT, BT, SW, BT), Gam)
-        tl.store(_sl(scr_p, S_A2, BT, BT, SW, BT),
-                 Gam * tl.dot(_ld_tok(q + tb, tm, H, D, BT), tl.load(_slT(scr_p, S_KT, D, SW, BT))))
-        tl.store(_vp(scr_p, V_C, BT, SW, E), cvec)
-        tl.store(_vp(scr_p, V_GAM, BT, SW, E), gam)
-        tl.store(_vp(scr_p, V_B, BT, SW, E), bvec)
-        tl.store(_vp(scr_p, V_PI, BT, SW, E), pi)
-        tl.store(_cp(scr_p, C_CC, BT, SW, E), cC)
-        tl.store(_cp(scr_p, C_BC, BT, SW, E), bC)
-        tl.store(_cp(scr_p, C_PC, BT, SW, E), PC)
-
-
-@triton.jit
-def _mlp_qw_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Phase 1d (forward and backward), per hidden block: Q W2_0^T (and Q S2_0^T for momentum)
-    into scratch, kept out of the register-heavy hidden-layer phases."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2t = hh[None, :] * D + od[:, None]
-            tl.store(_er(scr_p, R_GDZ, hh, BT, SW, E), tl.dot(_ld_tok(q + tb, tm, H, D, BT), tl.load(st2 + b_in + o2t)))
-            if MOMENTUM:
-                tl.store(_er(scr_p, R_DZ, hh, BT, SW, E), tl.dot(_ld_tok(q + tb, tm, H, D, BT), tl.load(ss2 + b_in + o2t)))
-
-
-@triton.jit
-def _mlp_fwd_hidden_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Forward phase 2a, per hidden block: dz_i and the read's hidden layer Hq; Hq, Hh = gelu(z)
-    and dz_i are parked for the state and Gram phases."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
-            o1 = od[:, None] * E + hh[None, :]
-            Kl = _ld_tok(k + tb, tm, H, D, BT)
-            Dn = tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))
-            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
-            W2b = tl.load(st2 + b_in + o2)
-            W1b = tl.load(st1 + b_in + o1)
-            if LQ:
-                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
-                W1b = W1b * tl.load(_cp(scr_p, C_S01, BT, SW, E))
-            Z = tl.dot(Kl, tl.trans(W2b))
-            Hh = _gelu(Z)
-            DZ = tl.dot(Dn, W1b) * _gelu_d(Z)                                   # dz_i [BT, BH]
-            Zq = cvec[:, None] * tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E)) - tl.dot(tl.load(_sl(scr_p, S_A2, BT, BT, SW, BT)), DZ)
-            if MOMENTUM:
-                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
-                Zq += bvec[:, None] * tl.load(_er(scr_p, R_DZ, hh, BT, SW, E))
-            if LQ:   # lq read of layer 2: z'_t = s2_t (affine read of X2_t)
-                Zq = Zq * tl.load(_vp(scr_p, V_S2, BT, SW, E))[:, None]
-            tl.store(_er(scr_p, R_A, hh, BT, SW, E), _gelu(Zq))
-            tl.store(_er(scr_p, R_B, hh, BT, SW, E), Hh)
-            tl.store(_er(scr_p, R_C, hh, BT, SW, E), DZ)
-
-
-@triton.jit
-def _mlp_fwd_state_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Forward phase 2b, per hidden block: the chunk-end state X' = cC X [+ bC S] - sum_i gam_i
-    g_i (and S' = PC S - sum_i pi_i g_i) from the parked dz_i, h_i."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        cC = tl.load(_cp(scr_p, C_CC, BT, SW, E))
-        bC = tl.load(_cp(scr_p, C_BC, BT, SW, E))
-        PC = tl.load(_cp(scr_p, C_PC, BT, SW, E))
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
-            o1 = od[:, None] * E + hh[None, :]
-            o2 = hh[None, :] * D + od[:, None]      # W2 block as [D, BH] (dot with M = D)
-            KT = tl.load(_slT(scr_p, S_KT, D, SW, BT))
-            Dn = tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))
-            gam = tl.load(_vp(scr_p, V_GAM, BT, SW, E))
-            DZ = tl.load(_er(scr_p, R_C, hh, BT, SW, E))
-            Hh = tl.load(_er(scr_p, R_B, hh, BT, SW, E))
-            W2n = cC * tl.load(st2 + b_in + o2) - tl.dot(KT, DZ * gam[:, None])
-            W1n = cC * tl.load(st1 + b_in + o1) - tl.dot(tl.trans(Dn * gam[:, None]), Hh)
-            if MOMENTUM:
-                pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
-                S2b = tl.load(ss2 + b_in + o2)
-                S1b = tl.load(ss1 + b_in + o1)
-                W2n += bC * S2b
-                W1n += bC * S1b
-                tl.store(ss2 + b_out + o2, PC * S2b - tl.dot(KT, DZ * pi[:, None]))
-                tl.store(ss1 + b_out + o1, PC * S1b - tl.dot(tl.trans(Dn * pi[:, None]), Hh))
-            tl.store(st2 + b_out + o2, W2n)
-            tl.store(st1 + b_out + o1, W1n)
-
-
-@triton.jit
-def _mlp_fwd_gram_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Forward phase 3, per hidden block: the read's o' without the Gram term (c Hq W1^T [+ b Hq
-    S1^T]) and the Gram matrix Hq Hh^T."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        Oq = tl.zeros([BT, D], dtype=tl.float32)
-        Shh = tl.zeros([BT, BT], dtype=tl.float32)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o1 = od[:, None] * E + hh[None, :]
-            Hq = tl.load(_er(scr_p, R_A, hh, BT, SW, E))
-            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
-            Oq += tl.dot(Hq * cvec[:, None], tl.trans(tl.load(st1 + b_in + o1)))
-            if MOMENTUM:
-                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
-                Oq += tl.dot(Hq * bvec[:, None], tl.trans(tl.load(ss1 + b_in + o1)))
-            Shh += tl.dot(Hq, tl.trans(tl.load(_er(scr_p, R_B, hh, BT, SW, E))))
-        tl.store(_sl(scr_p, S_OC, BT, D, SW, BT), Oq)
-        tl.store(_sl(scr_p, S_SHH, BT, BT, SW, BT), Shh)
-
-
-@triton.jit
-def _mlp_fwd_out_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Forward phase 3: o' -= (Gam * Shh) do, y = q + LN(o')."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        A1 = tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT)) * tl.load(_sl(scr_p, S_SHH, BT, BT, SW, BT))
-        Oq = tl.load(_sl(scr_p, S_OC, BT, D, SW, BT)) - tl.dot(A1, tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)))
-        if LQ:   # lq read of layer 1: o'_t = s1_t (affine read of X1_t)
-            Oq = Oq * tl.load(_vp(scr_p, V_S1, BT, SW, E))[:, None]
-        xq, rq = _ln_rows(Oq, D)
-        tl.store(y + tb + _tok_off(H, D, BT), (_ld_tok(q + tb, tm, H, D, BT) + xq).to(y.dtype.element_ty),
-                 mask=tm[:, None])
-
-
-@triton.jit
-def _mlp_bwd_read_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B0a, per hidden block: recompute and park dz_i and h_i = gelu(z_i)."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
-            o1 = od[:, None] * E + hh[None, :]
-            W2b = tl.load(st2 + b_in + o2)
-            if LQ:
-                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
-            Z = tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(W2b))
-            if LQ:
-                W1b = tl.load(st1 + b_in + o1) * tl.load(_cp(scr_p, C_S01, BT, SW, E))
-            else:
-                W1b = tl.load(st1 + b_in + o1)
-            tl.store(_er(scr_p, R_C, hh, BT, SW, E), tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), W1b) * _gelu_d(Z))
-            tl.store(_er(scr_p, R_GH, hh, BT, SW, E), _gelu(Z))
-
-
-@triton.jit
-def _mlp_bwd_read2_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B0b, per hidden block: the read's hidden layer from the parked pieces -> Oc, Os,
-    Shh."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        Oc = tl.zeros([BT, D], dtype=tl.float32)    # sum_blocks Hq W1^T (coefficient c_t)
-        Os = tl.zeros([BT, D], dtype=tl.float32)    # sum_blocks Hq S1^T (coefficient b_t)
-        Shh = tl.zeros([BT, BT], dtype=tl.float32)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o1 = od[:, None] * E + hh[None, :]
-            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
-            Zq = cvec[:, None] * tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E)) \
-                - tl.dot(tl.load(_sl(scr_p, S_A2, BT, BT, SW, BT)), tl.load(_er(scr_p, R_C, hh, BT, SW, E)))
-            if MOMENTUM:
-                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
-                Zq += bvec[:, None] * tl.load(_er(scr_p, R_DZ, hh, BT, SW, E))
-                if LQ:   # z'_t = s2_t (affine read of X2_t)
-                    Zq = Zq * tl.load(_vp(scr_p, V_S2, BT, SW, E))[:, None]
-                Hq = _gelu(Zq)
-                Os += tl.dot(Hq, tl.trans(tl.load(ss1 + b_in + o1)))
-            else:
-                if LQ:
-                    Zq = Zq * tl.load(_vp(scr_p, V_S2, BT, SW, E))[:, None]
-                Hq = _gelu(Zq)
-            Oc += tl.dot(Hq, tl.trans(tl.load(st1 + b_in + o1)))
-            Shh += tl.dot(Hq, tl.trans(tl.load(_er(scr_p, R_GH, hh, BT, SW, E))))
-        tl.store(_sl(scr_p, S_OC, BT, D, SW, BT), Oc)
-        tl.store(_sl(scr_p, S_SHH, BT, BT, SW, BT), Shh)
-        if MOMENTUM:
-            tl.store(_sl(scr_p, S_OS, BT, D, SW, BT), Os)
-
-
-@triton.jit
-def _mlp_bwd_readout_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B1: the read's output layer o' = c Oc [+ b Os] - (Gam * Shh) do and its LN."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
-        A1 = tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT)) * tl.load(_sl(scr_p, S_SHH, BT, BT, SW, BT))
-        Oc = tl.load(_sl(scr_p, S_OC, BT, D, SW, BT))
-        Oq = cvec[:, None] * Oc - tl.dot(A1, tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)))
-        if MOMENTUM:
-            Oq += tl.load(_vp(scr_p, V_B, BT, SW, E))[:, None] * tl.load(_sl(scr_p, S_OS, BT, D, SW, BT))
-        if LQ:
-            # o'_t = s1_t r_t: d s1_t = <d o'_t, r_t>; the affine read r gets s1_t d o'_t
-            s1 = tl.load(_vp(scr_p, V_S1, BT, SW, E))
-            xq, rq = _ln_rows(Oq * s1[:, None], D)
-            dOq = _ln_bwd(xq, rq, _ld_tok(y + tb, tm, H, D, BT), D)
-            tl.store(_vp(scr_p, V_DS1, BT, SW, E), tl.sum(dOq * Oq, axis=1))
-            dOq = dOq * s1[:, None]
-        else:
-            xq, rq = _ln_rows(Oq, D)
-            dOq = _ln_bwd(xq, rq, _ld_tok(y + tb, tm, H, D, BT), D)
-        tl.store(_vp(scr_p, V_DC0, BT, SW, E), tl.sum(dOq * Oc, axis=1))
-        if MOMENTUM:
-            tl.store(_vp(scr_p, V_DB0, BT, SW, E), tl.sum(dOq * tl.load(_sl(scr_p, S_OS, BT, D, SW, BT)), axis=1))
-        else:
-            tl.store(_vp(scr_p, V_DB0, BT, SW, E), tl.zeros([BT], dtype=tl.float32))
-        tl.store(_sl(scr_p, S_DOQ, BT, D, SW, BT), dOq)
-
-
-@triton.jit
-def _mlp_bwd_readout2_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B1b: through the Gram term of the read's output, A1 = Gam * Shh."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        Shh = tl.load(_sl(scr_p, S_SHH, BT, BT, SW, BT))
-        Gam = tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT))
-        dA1 = -tl.dot(tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT)), tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))))
-        tl.store(_sl(scr_p, S_DGR, BT, BT, SW, BT), dA1 * Shh)
-        tl.store(_sl(scr_p, S_DS1, BT, BT, SW, BT), dA1 * Gam)
-        # the two dots in sequence, operands re-read after a CTA barrier: sharing the [BT, D] d(o')
-        # tile between them kept both dots' operand copies live (sm_80 spilled 696 bytes at
-        # D = 128, C = 64)
-        tl.debug_barrier()
-        GS = tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT)) * tl.load(_sl(scr_p, S_SHH, BT, BT, SW, BT))
-        tl.store(_sl(scr_p, S_GDR, BT, D, SW, BT), -tl.dot(tl.trans(GS), tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT))))   # d(do) from the read
-
-
-@triton.jit
-def _mlp_bwd_readgrad_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B2a, per hidden block: the read's hidden layer backward (Zq -> Hq -> o'), dc,
-    db (Q W2^T, h_i, dz_i [, Q S2^T] parked by the read phase); dZq, Hq parked for B2b."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        dc = tl.load(_vp(scr_p, V_DC0, BT, SW, E))
-        db = tl.load(_vp(scr_p, V_DB0, BT, SW, E))
-        ds2 = tl.zeros([BT], dtype=tl.float32)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o1 = od[:, None] * E + hh[None, :]
-            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
-            QW = tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E))
-            Zq = cvec[:, None] * QW - tl.dot(tl.load(_sl(scr_p, S_A2, BT, BT, SW, BT)), tl.load(_er(scr_p, R_C, hh, BT, SW, E)))
-            if MOMENTUM:
-                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
-                QS = tl.load(_er(scr_p, R_DZ, hh, BT, SW, E))
-                Zq += bvec[:, None] * QS
-            if LQ:
-                s2 = tl.load(_vp(scr_p, V_S2, BT, SW, E))
-                Hq = _gelu(Zq * s2[:, None])
-            else:
-                Hq = _gelu(Zq)
-            dOql = tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT))
-            dHq = cvec[:, None] * tl.dot(dOql, tl.load(st1 + b_in + o1)) \
-                + tl.dot(tl.load(_sl(scr_p, S_DS1, BT, BT, SW, BT)), tl.load(_er(scr_p, R_GH, hh, BT, SW, E)))
-            if MOMENTUM:
-                dHq += bvec[:, None] * tl.dot(dOql, tl.load(ss1 + b_in + o1))
-            if LQ:
-                # z'_t = s2_t r_t: d s2_t = <d z'_t, r_t>; the affine read r gets s2_t d z'_t
-                dZq = dHq * _gelu_d(Zq * s2[:, None])
-                ds2 += tl.sum(dZq * Zq, axis=1)
-                dZq = dZq * s2[:, None]
-            else:
-                dZq = dHq * _gelu_d(Zq)
-            dc += tl.sum(dZq * QW, axis=1)
-            if MOMENTUM:
-                db += tl.sum(dZq * QS, axis=1)
-            tl.store(_er(scr_p, R_A, hh, BT, SW, E), dZq)
-            tl.store(_er(scr_p, R_B, hh, BT, SW, E), Hq)
-        tl.store(_vp(scr_p, V_DC, BT, SW, E), dc)
-        tl.store(_vp(scr_p, V_DB, BT, SW, E), db)
-        if LQ:
-            tl.store(_vp(scr_p, V_DS2, BT, SW, E), ds2)
-
-
-@triton.jit
-def _mlp_bwd_readgrad2_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B2b, per hidden block: dq of the read, d(A2), and d/d(dz_i), d/d(h_i) from the
-    read (parked for B3)."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        dQ = tl.zeros([BT, D], dtype=tl.float32)
-        dA2 = tl.zeros([BT, BT], dtype=tl.float32)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
-            dZq = tl.load(_er(scr_p, R_A, hh, BT, SW, E))
-            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
-            dQ += tl.dot(dZq * cvec[:, None], tl.load(st2 + b_in + o2))
-            if MOMENTUM:
-                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
-                dQ += tl.dot(dZq * bvec[:, None], tl.load(ss2 + b_in + o2))
-            dA2 -= tl.dot(dZq, tl.trans(tl.load(_er(scr_p, R_C, hh, BT, SW, E))))
-            tl.store(_er(scr_p, R_GDZ, hh, BT, SW, E), -tl.dot(tl.trans(tl.load(_sl(scr_p, S_A2, BT, BT, SW, BT))), dZq))
-            tl.store(_er(scr_p, R_GH, hh, BT, SW, E),
-                     tl.dot(tl.trans(tl.load(_sl(scr_p, S_DS1, BT, BT, SW, BT))), tl.load(_er(scr_p, R_B, hh, BT, SW, E))))
-        tl.store(_sl(scr_p, S_DQ, BT, D, SW, BT), dQ)
-        tl.store(_sl(scr_p, S_DA2, BT, BT, SW, BT), dA2)
-
-
-@triton.jit
-def _mlp_bwd_readdst_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B2c, per hidden block: the read's share of d(chunk-start state) (written, not
-    accumulated: B3c and B5 add the rest)."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
-            o1 = od[:, None] * E + hh[None, :]
-            cvec = tl.load(_vp(scr_p, V_C, BT, SW, E))
-            dZq = tl.load(_er(scr_p, R_A, hh, BT, SW, E))
-            Hq = tl.load(_er(scr_p, R_B, hh, BT, SW, E))
-            tl.store(dst1 + b_in + o1, tl.dot(tl.trans(tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT)) * cvec[:, None]), Hq))
-            o2 = hh[None, :] * D + od[:, None]      # [D, BH] view of the W2 block
-            tl.store(dst2 + b_in + o2, tl.dot(tl.load(_slT(scr_p, S_QT, D, SW, BT)), dZq * cvec[:, None]))
-            if MOMENTUM:
-                bvec = tl.load(_vp(scr_p, V_B, BT, SW, E))
-                tl.store(dss1 + b_in + o1, tl.dot(tl.trans(tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT)) * bvec[:, None]), Hq))
-                tl.store(dss2 + b_in + o2, tl.dot(tl.load(_slT(scr_p, S_QT, D, SW, BT)), dZq * bvec[:, None]))
-
-
-@triton.jit
-def _mlp_bwd_state_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B3a, per hidden block: through the chunk-end state (X' = cC X [+ bC S] -
-    sum gam_i g_i, S' = PC S - sum pi_i g_i) to d(dz_i) and d(h_i), the inner-gradient chain
-    dz = (W1^T do) gelu'(z); d(gam), d(pi). d(dh) = d(dz) gelu'(z) is parked for B3b/B3c."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        dgam = tl.zeros([BT], dtype=tl.float32)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
-            o1 = od[:, None] * E + hh[None, :]
-            gam = tl.load(_vp(scr_p, V_GAM, BT, SW, E))
-            Kl = _ld_tok(k + tb, tm, H, D, BT)
-            Dnl = tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))
-            W2b = tl.load(st2 + b_in + o2)
-            W1b = tl.load(st1 + b_in + o1)
-            if LQ:
-                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
-                W1b = W1b * tl.load(_cp(scr_p, C_S01, BT, SW, E))
-            dW2e = tl.load(dst2 + b_out + o2)
-            dW1e = tl.load(dst1 + b_out + o1)
-            Z = tl.dot(Kl, tl.trans(W2b))
-            gz = _gelu_d(Z)
-            dH = tl.dot(Dnl, W1b)
-            DZ = dH * gz
-            KdW2 = tl.dot(Kl, tl.trans(dW2e))
-            DdW1 = tl.dot(Dnl, dW1e)      # [C, BH]; <do_i, dW1' h_i> = sum_j h_ij (do_i dW1')_j
-            gDZ = tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E)) - gam[:, None] * KdW2
-            gH = tl.load(_er(scr_p, R_GH, hh, BT, SW, E)) - gam[:, None] * DdW1
-            dgam -= tl.sum(DZ * KdW2, axis=1) + tl.sum(_gelu(Z) * DdW1, axis=1)
-            # dz = dh * gelu'(z), dh = W1^T do
-            tl.store(_er(scr_p, R_A, hh, BT, SW, E), gDZ * gz)
-            # d/dz, partial (the LN-of-o part is added in B5)
-            tl.store(_er(scr_p, R_DZ, hh, BT, SW, E), gDZ * dH * _gelu_dd(Z) + gH * gz)
-        tl.store(_vp(scr_p, V_DGAM, BT, SW, E), dgam)
-
-
-@triton.jit
-def _mlp_bwd_state_mom_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Momentum only, backward B3m (before B3a), per hidden block: the chunk-end momentum
-    S' = PC S - sum_i pi_i g_i into d(dz_i), d(h_i) (accumulated in scratch) and d(pi)."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        dpi = tl.zeros([BT], dtype=tl.float32)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
-            o1 = od[:, None] * E + hh[None, :]
-            pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
-            Kl = _ld_tok(k + tb, tm, H, D, BT)
-            dS2e = tl.load(dss2 + b_out + o2)
-            KdS2 = tl.dot(Kl, tl.trans(dS2e))
-            dpi -= tl.sum(tl.load(_er(scr_p, R_C, hh, BT, SW, E)) * KdS2, axis=1)
-            tl.store(_er(scr_p, R_GDZ, hh, BT, SW, E), tl.load(_er(scr_p, R_GDZ, hh, BT, SW, E)) - pi[:, None] * KdS2)
-            DdS1 = tl.dot(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), tl.load(dss1 + b_out + o1))
-            if LQ:
-                dpi -= tl.sum(_gelu(tl.dot(Kl, tl.trans(tl.load(st2 + b_in + o2) * tl.load(_cp(scr_p, C_S02, BT, SW, E))))) * DdS1, axis=1)
-            else:
-                dpi -= tl.sum(_gelu(tl.dot(Kl, tl.trans(tl.load(st2 + b_in + o2)))) * DdS1, axis=1)
-            tl.store(_er(scr_p, R_GH, hh, BT, SW, E), tl.load(_er(scr_p, R_GH, hh, BT, SW, E)) - pi[:, None] * DdS1)
-        tl.store(_vp(scr_p, V_DPI, BT, SW, E), dpi)
-
-
-@triton.jit
-def _mlp_bwd_state_do_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B3b, per hidden block: d(do_i) total = read part - gam_i h_i dW1'^T [- pi_i h_i
-    dS1'^T] + d(dh_i) W1^T."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        gDn = tl.load(_sl(scr_p, S_GDR, BT, D, SW, BT))
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
-            o1 = od[:, None] * E + hh[None, :]
-            gam = tl.load(_vp(scr_p, V_GAM, BT, SW, E))
-            if LQ:
-                Hh = _gelu(tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(tl.load(st2 + b_in + o2) * tl.load(_cp(scr_p, C_S02, BT, SW, E)))))
-            else:
-                Hh = _gelu(tl.dot(_ld_tok(k + tb, tm, H, D, BT), tl.trans(tl.load(st2 + b_in + o2))))
-            gDn -= tl.dot(Hh * gam[:, None], tl.trans(tl.load(dst1 + b_out + o1)))
-            if MOMENTUM:
-                pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
-                gDn -= tl.dot(Hh * pi[:, None], tl.trans(tl.load(dss1 + b_out + o1)))
-            if LQ:
-                gDn += tl.dot(tl.load(_er(scr_p, R_A, hh, BT, SW, E)), tl.trans(tl.load(st1 + b_in + o1) * tl.load(_cp(scr_p, C_S01, BT, SW, E))))
-            else:
-                gDn += tl.dot(tl.load(_er(scr_p, R_A, hh, BT, SW, E)), tl.trans(tl.load(st1 + b_in + o1)))
-        tl.store(_sl(scr_p, S_GDN, BT, D, SW, BT), gDn)
-
-
-@triton.jit
-def _mlp_bwd_state_dk_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B3c, per hidden block: dk from the chunk-end state, -gam_i dz_i^T dW2' [- pi_i
-    dz_i^T dS2'] (dz_i parked by B2a); d(chunk-start state) += cC dX' [+ bC, PC terms] +
-    do^T d(dh); d(cC), d(bC), d(PC)."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        cC = tl.load(_cp(scr_p, C_CC, BT, SW, E))
-        if LQ:   # dk from the norms' adjoint (chunk_lq)
-            dK = tl.load(_sl(scr_p, S_LQDK, BT, D, SW, BT))
-        else:
-            dK = tl.zeros([BT, D], dtype=tl.float32)
-        dcC = cC * 0.0
-        dbC = dcC
-        dPC = dcC
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
-            o1 = od[:, None] * E + hh[None, :]
-            DZ = tl.load(_er(scr_p, R_C, hh, BT, SW, E))
-            gam = tl.load(_vp(scr_p, V_GAM, BT, SW, E))
-            dW2e = tl.load(dst2 + b_out + o2)
-            dW1e = tl.load(dst1 + b_out + o1)
-            dK -= tl.dot(DZ * gam[:, None], dW2e)
-            dcC += tl.sum(tl.sum(dW2e * tl.load(st2 + b_in + o2), axis=1), axis=0) \
-                + tl.sum(tl.sum(dW1e * tl.load(st1 + b_in + o1), axis=1), axis=0)
-            if LQ:
-                # d(X_0) and d(W_0) (inner gradients' weights) kept apart: chunk_lq's dw0 phase
-                # maps d(W_0) through W_0 = s(X_0) X_0
-                tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + cC * dW1e)
-                tl.store(dw1 + _w0_off(D, E) + o1,
-                         tl.dot(tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))), tl.load(_er(scr_p, R_A, hh, BT, SW, E))))
-            else:
-                tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + cC * dW1e
-                         + tl.dot(tl.trans(tl.load(_sl(scr_p, S_DO, BT, D, SW, BT))), tl.load(_er(scr_p, R_A, hh, BT, SW, E))))
-            tl.store(dst2 + b_in + o2, tl.load(dst2 + b_in + o2) + cC * dW2e)
-        if MOMENTUM:
-            # the momentum terms in a second hidden-block loop (d(chunk-end X) re-read): in one loop
-            # with the X terms the [BH, D] tiles of both states plus the [BT, D] dk accumulator
-            # spilled on sm_80 at D = 128, C = 64 (2920 bytes)
-            pi = tl.load(_vp(scr_p, V_PI, BT, SW, E))
-            bC = tl.load(_cp(scr_p, C_BC, BT, SW, E))
-            PC = tl.load(_cp(scr_p, C_PC, BT, SW, E))
-            for jb in tl.range(0, E, BH, disable_licm=True):
-                hh = jb + oh
-                o2 = hh[:, None] * D + od[None, :]
-                o1 = od[:, None] * E + hh[None, :]
-                DZ = tl.load(_er(scr_p, R_C, hh, BT, SW, E))
-                dW2e = tl.load(dst2 + b_out + o2)
-                dW1e = tl.load(dst1 + b_out + o1)
-                dS2e = tl.load(dss2 + b_out + o2)
-                dS1e = tl.load(dss1 + b_out + o1)
-                S2b = tl.load(ss2 + b_in + o2)
-                S1b = tl.load(ss1 + b_in + o1)
-                dK -= tl.dot(DZ * pi[:, None], dS2e)
-                dbC += tl.sum(tl.sum(dW2e * S2b, axis=1), axis=0) + tl.sum(tl.sum(dW1e * S1b, axis=1), axis=0)
-                dPC += tl.sum(tl.sum(dS2e * S2b, axis=1), axis=0) + tl.sum(tl.sum(dS1e * S1b, axis=1), axis=0)
-                tl.store(dss1 + b_in + o1, tl.load(dss1 + b_in + o1) + bC * dW1e + PC * dS1e)
-                tl.store(dss2 + b_in + o2, tl.load(dss2 + b_in + o2) + bC * dW2e + PC * dS2e)
-        tl.store(_sl(scr_p, S_DK, BT, D, SW, BT), dK)
-        tl.store(_cp(scr_p, C_DCC, BT, SW, E), dcC)
-        tl.store(_cp(scr_p, C_DBC, BT, SW, E), dbC)
-        tl.store(_cp(scr_p, C_DPC, BT, SW, E), dPC)
-
-
-@triton.jit
-def _mlp_bwd_dq_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B4a: A2 = Gam * (Q K^T): completes dq."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        dA2 = tl.load(_sl(scr_p, S_DA2, BT, BT, SW, BT))
-        dS2 = dA2 * tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT))
-        dQ = tl.load(_sl(scr_p, S_DQ, BT, D, SW, BT)) + tl.dot(dS2, _ld_tok(k + tb, tm, H, D, BT)) + _ld_tok(y + tb, tm, H, D, BT)
-        tl.store(dq + tb + _tok_off(H, D, BT), dQ, mask=tm[:, None])
-
-
-@triton.jit
-def _mlp_bwd_dkm_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B4b: dk += (dA2 * Gam)^T Q."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        dS2 = tl.load(_sl(scr_p, S_DA2, BT, BT, SW, BT)) * tl.load(_sl(scr_p, S_GAMM, BT, BT, SW, BT))
-        tl.store(_sl(scr_p, S_DKM, BT, D, SW, BT), tl.load(_sl(scr_p, S_DK, BT, D, SW, BT)) + tl.dot(tl.trans(dS2), _ld_tok(q + tb, tm, H, D, BT)))
-
-
-@triton.jit
-def _mlp_bwd_dgam_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B4b: d(Gam) total = read part + dA2 * (Q K^T) (recomputed: A2 / Gam is unsafe
-    where Gam = 0)."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        dA2 = tl.load(_sl(scr_p, S_DA2, BT, BT, SW, BT))
-        tl.store(_sl(scr_p, S_DGAM, BT, BT, SW, BT), tl.load(_sl(scr_p, S_DGR, BT, BT, SW, BT))
-                 + dA2 * tl.dot(_ld_tok(q + tb, tm, H, D, BT), tl.load(_slT(scr_p, S_KT, D, SW, BT))))
-
-
-@triton.jit
-def _mlp_bwd_mid_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B4b: the second-order path through do = LN_bwd(o, u), the bias map (dv,
-    d delta) and LN(o) -> d(o) at the keys."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        dl_c = tl.load(dlt + go, mask=tm, other=1.0)
-        # through do = LN_bwd(o, u) (second order), the bias, and LN(o) itself
-        xh = tl.load(_sl(scr_p, S_XH, BT, D, SW, BT))
-        rstd = tl.load(_vp(scr_p, V_RSTD, BT, SW, E))
-        dU = _ln_bwd(xh, rstd, tl.load(_sl(scr_p, S_GDN, BT, D, SW, BT)), D)
-        dd_c = tl.zeros([BT], dtype=tl.float32)
-        if BIAS == 0:
-            dV = -dU
-        else:
-            # park dU in the free slot S_DA2 (dq/dkm/dgam have consumed it): with the bias map's
-            # tiles it kept too many [BT, D] fp32 tiles live at D = 128, C = 64 (see below)
-            tl.store(_sl(scr_p, S_DA2, BT, D, SW, BT), dU)
-            tl.debug_barrier()
-            dU = tl.load(_sl(scr_p, S_DA2, BT, D, SW, BT))
-            xh = tl.load(_sl(scr_p, S_XH, BT, D, SW, BT))
-            Ein = _ld_tok(k + tb, tm, H, D, BT) + xh - _ld_tok(v + tb, tm, H, D, BT)
-            if BIAS == 1:
-                dE = dU
-            elif BIAS == 2:
-                e2 = Ein * Ein + 1e-6
-                dE = dU * p * tl.exp((p - 4.0) * 0.5 * tl.log(e2)) * ((p - 1.0) * Ein * Ein + 1e-6)
-            else:  # huber: p carries huber_eps
-                e2 = Ein * Ein + p
-                big = tl.sqrt(tl.sum(Ein * Ein, axis=1)) > dl_c
-                inv = 1.0 / tl.sqrt(e2)
-                dE = tl.where(big[:, None], dU * dl_c[:, None] * p * inv / e2, dU)
-                dd_c = tl.where(big, tl.sum(dU * Ein * inv, axis=1), 0.0)
-            dV = -dE
-        tl.store(dv + tb + _tok_off(H, D, BT), dV, mask=tm[:, None])
-        tl.store(ddlt + go, dd_c, mask=tm)
-        # dk so far (+ dE), finished by B5 (slot S_DQ is free now: dq is written)
-        if BIAS == 0:
-            tl.store(_sl(scr_p, S_DQ, BT, D, SW, BT), tl.load(_sl(scr_p, S_DKM, BT, D, SW, BT)))
-        else:
-            tl.store(_sl(scr_p, S_DQ, BT, D, SW, BT), tl.load(_sl(scr_p, S_DKM, BT, D, SW, BT)) - dV)
-            # park dV (slot S_DOQ is free after the read's backward) and start the LN part from
-            # scratch after a CTA barrier: at D = 128, C = 64 the bias part's [BT, D] tiles (Ein,
-            # dE, e2, inv, dU) stayed live into the LN part and ptxas spilled (lp/huber)
-            tl.store(_sl(scr_p, S_DOQ, BT, D, SW, BT), dV)
-            tl.debug_barrier()
-            xh = tl.load(_sl(scr_p, S_XH, BT, D, SW, BT))
-            rstd = tl.load(_vp(scr_p, V_RSTD, BT, SW, E))
-        gDn = tl.load(_sl(scr_p, S_GDN, BT, D, SW, BT))
-        U = tl.load(_sl(scr_p, S_U, BT, D, SW, BT))
-        P = tl.sum(U * xh, axis=1) / D
-        mgx = tl.sum(gDn * xh, axis=1) / D
-        gx = -rstd[:, None] * (P[:, None] * gDn + mgx[:, None] * U)
-        if BIAS != 0:
-            gx -= tl.load(_sl(scr_p, S_DOQ, BT, D, SW, BT))          # + dE = -dV
-        gr = tl.sum(gDn * tl.load(_sl(scr_p, S_DO, BT, D, SW, BT)), axis=1) / rstd
-        tl.store(_sl(scr_p, S_DOIN, BT, D, SW, BT), _ln_bwd(xh, rstd, gx, D) - (gr * rstd * rstd / D)[:, None] * xh)
-
-
-@triton.jit
-def _mlp_bwd_first_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B5, per hidden block: finish d/dz and the first-layer weight gradients; dk."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        od = tl.arange(0, D)
-        oh = tl.arange(0, BH)
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            o2 = hh[:, None] * D + od[None, :]
-            o1 = od[:, None] * E + hh[None, :]
-            Kl = _ld_tok(k + tb, tm, H, D, BT)
-            dOin = tl.load(_sl(scr_p, S_DOIN, BT, D, SW, BT))
-            W2b = tl.load(st2 + b_in + o2)
-            W1b = tl.load(st1 + b_in + o1)
-            if LQ:
-                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
-                W1b = W1b * tl.load(_cp(scr_p, C_S01, BT, SW, E))
-            Z = tl.dot(Kl, tl.trans(W2b))
-            dZt = tl.load(_er(scr_p, R_DZ, hh, BT, SW, E)) + tl.dot(dOin, W1b) * _gelu_d(Z)
-            if LQ:   # d(W_0), mapped to d(X_0) by chunk_lq's dw0 phase
-                w0 = _w0_off(D, E)
-                tl.store(dw1 + w0 + o1, tl.load(dw1 + w0 + o1) + tl.dot(tl.trans(dOin), _gelu(Z)))
-                o2t = hh[None, :] * D + od[:, None]
-                tl.store(dw2 + w0 + o2t, tl.dot(tl.load(_slT(scr_p, S_KT, D, SW, BT)), dZt))
-            else:
-                tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + tl.dot(tl.trans(dOin), _gelu(Z)))
-                o2t = hh[None, :] * D + od[:, None]
-                tl.store(dst2 + b_in + o2t, tl.load(dst2 + b_in + o2t) + tl.dot(tl.load(_slT(scr_p, S_KT, D, SW, BT)), dZt))
-            # dz_i parked (region R_A is free after state_dk) for the dk loop below
-            tl.store(_er(scr_p, R_A, hh, BT, SW, E), dZt)
-        # dk = (dk so far) + sum_blocks dz W2 in a second loop, after a CTA barrier (the parked dz
-        # tiles are read by other threads): with the [BT, D] dk accumulator live in the loop above
-        # ptxas spilled 532-4820 bytes at D = 128, C = 64 (sm_80 and sm_90)
-        tl.debug_barrier()
-        dK = tl.load(_sl(scr_p, S_DQ, BT, D, SW, BT))
-        for jb in tl.range(0, E, BH, disable_licm=True):
-            hh = jb + oh
-            W2b = tl.load(st2 + b_in + hh[:, None] * D + od[None, :])
-            if LQ:
-                W2b = W2b * tl.load(_cp(scr_p, C_S02, BT, SW, E))
-            dK += tl.dot(tl.load(_er(scr_p, R_A, hh, BT, SW, E)), W2b)
-        tl.store(dk + tb + _tok_off(H, D, BT), dK, mask=tm[:, None])
-
-
-@triton.jit
-def _mlp_bwd_gates_m_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Momentum only, backward B6m: the dA = d(Gam) eta B^T + db exp(M)^T part of the gate
-    gradients, reduced to row/column sums of dA * Dm, and d(eta) through E = Dm Bm."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        rows = tl.arange(0, BT)
-        causal = rows[:, None] >= rows[None, :]
-        la_c, et_c, dl_c, lm_c = _load_gates(la, eta, dlt, lmu, go, tm)
-        L = tl.cumsum(la_c, axis=0)
-        Dm = tl.where(causal, tl.exp(tl.where(causal, L[:, None] - L[None, :], 0.0)), 0.0)
-        M = tl.cumsum(lm_c, axis=0)
-        Bm = tl.where(causal, tl.exp(tl.where(causal, M[:, None] - M[None, :], 0.0)), 0.0)
-        dGam = tl.load(_sl(scr_p, S_DGAM, BT, BT, SW, BT))
-        tl.store(_vp(scr_p, V_DETA, BT, SW, E), tl.sum(dGam * tl.dot(Dm, Bm), axis=0))
-        dA = tl.dot(dGam * et_c[None, :], tl.trans(Bm)) \
-            + tl.load(_vp(scr_p, V_DB, BT, SW, E))[:, None] * tl.exp(M)[None, :]
-        GA = dA * Dm
-        tl.store(_vp(scr_p, V_GAR, BT, SW, E), tl.sum(GA, axis=1))
-        tl.store(_vp(scr_p, V_GAC, BT, SW, E), tl.sum(GA, axis=0))
-
-
-@triton.jit
-def _mlp_bwd_gates_kernel(
-    q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
-    st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
-    H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-    SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
-):
-    """Backward B6: gate gradients through L = cumsum log alpha, M = cumsum log mu and eta."""
-    valid, tm, tb, go, b_in, b_out, so = _pro(cu, coff, step, H, D, E, BT, SW, REV)
-    if valid:
-        scr_p = scr + so
-        rows = tl.arange(0, BT)
-        causal = rows[:, None] >= rows[None, :]
-        la_c, et_c, dl_c, lm_c = _load_gates(la, eta, dlt, lmu, go, tm)
-        L = tl.cumsum(la_c, axis=0)
-        Ltot = tl.sum(la_c, axis=0)
-        cvec = tl.exp(L)
-        cC = tl.exp(Ltot)
-        Dm = tl.where(causal, tl.exp(tl.where(causal, L[:, None] - L[None, :], 0.0)), 0.0)
-        dGam = tl.load(_sl(scr_p, S_DGAM, BT, BT, SW, BT))
-        dgam = tl.load(_vp(scr_p, V_DGAM, BT, SW, E))
-        dc = tl.load(_vp(scr_p, V_DC, BT, SW, E))
-        dcC = tl.load(_cp(scr_p, C_DCC, BT, SW, E))
-        wend = tl.where(tm, tl.exp(Ltot - L), 0.0)
-        if MOMENTUM:
-            # Gam = eta_i E_ti, E = A B (A_ts = exp(L_t-L_s), B_si = exp(M_s-M_i));
-            # gam_i = eta_i sum_s wend_s B_si ; b_t = sum_s A_ts exp(M_s) ; bC = sum_s wend_s exp(M_s)
-            # (the dA part was reduced by the gates_m phase)
-            db = tl.load(_vp(scr_p, V_DB, BT, SW, E))
-            dpi = tl.load(_vp(scr_p, V_DPI, BT, SW, E))
-            dbC = tl.load(_cp(scr_p, C_DBC, BT, SW, E))
-            dPC = tl.load(_cp(scr_p, C_DPC, BT, SW, E))
-            M = tl.cumsum(lm_c, axis=0)
-            Mtot = tl.sum(lm_c, axis=0)
-            Bm = tl.where(causal, tl.exp(tl.where(causal, M[:, None] - M[None, :], 0.0)), 0.0)
-            eM = tl.exp(M)
-            pi = et_c * tl.exp(Mtot - M)
-            PC = tl.exp(Mtot)
-            dB = tl.dot(tl.trans(Dm), dGam * et_c[None, :])
-            dgw = dgam * et_c
-            deta_c = tl.load(_vp(scr_p, V_DETA, BT, SW, E)) + dgam * tl.sum(wend[:, None] * Bm, axis=0) + dpi * tl.exp(Mtot - M)
-            dB += wend[:, None] * dgw[None, :]
-            dwend = tl.sum(Bm * dgw[None, :], axis=1) + dbC * eM
-            GB = dB * Bm
-            dL = tl.load(_vp(scr_p, V_GAR, BT, SW, E)) - tl.load(_vp(scr_p, V_GAC, BT, SW, E)) + dc * cvec
-            dM = tl.sum(GB, axis=1) - tl.sum(GB, axis=0)
-            Hw = dwend * wend                     # wend_s = exp(Ltot - L_s)
-            dLC = tl.sum(Hw, axis=0) + dcC * cC
-            dL -= Hw
-            dM += dbC * wend * eM + tl.sum(Dm * db[:, None], axis=0) * eM
-            Hp = dpi * pi                         # pi_i = eta_i exp(Mtot - M_i); PC = exp(Mtot)
-            dMC = tl.sum(Hp, axis=0) + dPC * PC
-            dM -= Hp
-            dlm_c = tl.sum(dM, axis=0) - tl.cumsum(dM, axis=0) + dM + dMC
-            tl.store(dlmu + go, dlm_c, mask=tm)
-        else:
-            G = dGam * Dm * et_c[None, :]                  # dGam * Gam
-            gam = et_c * wend
-            deta_c = tl.sum(dGam * Dm, axis=0) + dgam * wend
-            dL = tl.sum(G, axis=1) - tl.sum(G, axis=0) + dc * cvec
-            Hg = dgam * gam
-            dLC = tl.sum(Hg, axis=0) + dcC * cC
-            dL -= Hg
-        dla_c = tl.sum(dL, axis=0) - tl.cumsum(dL, axis=0) + dL + dLC
-        tl.store(dla + go, dla_c, mask=tm)
-        tl.store(deta + go, deta_c, mask=tm)
-
-
-FWD_KERNELS = (("mlp_fwd_prep", _mlp_prep_kernel), ("mlp_fwd_prep2", _mlp_prep2_kernel),
-               ("mlp_fwd_coef", _mlp_coef_kernel), ("mlp_fwd_qw", _mlp_qw_kernel), ("mlp_fwd_hidden", _mlp_fwd_hidden_kernel),
-               ("mlp_fwd_state", _mlp_fwd_state_kernel), ("mlp_fwd_gram", _mlp_fwd_gram_kernel),
-               ("mlp_fwd_out", _mlp_fwd_out_kernel))
-BWD_KERNELS = (("mlp_bwd_prep", _mlp_prep_kernel), ("mlp_bwd_prep2", _mlp_prep2_kernel),
-               ("mlp_bwd_coef", _mlp_coef_kernel), ("mlp_bwd_qw", _mlp_qw_kernel), ("mlp_bwd_read", _mlp_bwd_read_kernel),
-               ("mlp_bwd_read2", _mlp_bwd_read2_kernel),
-               ("mlp_bwd_readout", _mlp_bwd_readout_kernel), ("mlp_bwd_readout2", _mlp_bwd_readout2_kernel),
-               ("mlp_bwd_readgrad", _mlp_bwd_readgrad_kernel), ("mlp_bwd_readgrad2", _mlp_bwd_readgrad2_kernel),
-               ("mlp_bwd_readdst", _mlp_bwd_readdst_kernel), ("mlp_bwd_state_mom", _mlp_bwd_state_mom_kernel),
-               ("mlp_bwd_state", _mlp_bwd_state_kernel), ("mlp_bwd_state_do", _mlp_bwd_state_do_kernel),
-               ("mlp_bwd_state_dk", _mlp_bwd_state_dk_kernel), ("mlp_bwd_dq", _mlp_bwd_dq_kernel), ("mlp_bwd_dkm", _mlp_bwd_dkm_kernel),
-               ("mlp_bwd_dgam", _mlp_bwd_dgam_kernel), ("mlp_bwd_mid", _mlp_bwd_mid_kernel),
-               ("mlp_bwd_first", _mlp_bwd_first_kernel), ("mlp_bwd_gates_m", _mlp_bwd_gates_m_kernel),
-               ("mlp_bwd_gates", _mlp_bwd_gates_kernel))
-# phases that only run (and are only compiled) for learner='momentum'
-MOMENTUM_ONLY = ("mlp_bwd_state_mom", "mlp_bwd_gates_m")
-# phases whose code depends on the bias (the others are compiled once per learner)
-BIAS_KERNELS = ("mlp_fwd_prep2", "mlp_bwd_prep2", "mlp_bwd_mid")
+        S1 = S2 = None
+    y, W1T, W2T, S1T, S2T = ChunkMirasMLPFunction.apply(
+        q, k, v, la, x.eta.float(), dlt, lmu, W1, W2, S1, S2, cu, coff, nt_total, nt_max, int(chunk_size),
+        BIAS_CODES[spec.bias], bias_scalar(spec), momentum, lq, float(spec.q), float(spec.lq_eps),
+        spec.retention == "kl", float(spec.c))
+    final = None
+    if output_final_state:
+        final = {"W1": W1T, "W2": W2T}
+        if momentum:
+            final.update({"S_W1": S1T, "S_W2": S2T})
+    return y, final

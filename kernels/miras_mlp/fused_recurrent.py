@@ -3,10 +3,10 @@
 One program per (sequence, head) walks its tokens one by one with matrix-vector products (no
 ``tl.dot``: one token at a time), keeping the state in global fp32 buffers tiled by ``BH`` rows
 of the hidden dimension. Same chunk semantics as the training path and the token loop
-(``kernels/pytorch/recurrent.py``): every inner gradient is taken at the weights frozen at the
+(``miras_kernels/pytorch/recurrent.py``, ``docs/semantics.md``): every inner gradient is taken at the weights frozen at the
 last chunk start, ``W_{t0} = materialize(X_{t0})``; the state's free variable ``X`` follows the
 affine update (``alpha`` decay, momentum ``S``); the read after the write uses
-``materialize(X_t)``. ``chunk_size=1`` is the exact per-token rule of the notes, section 2.
+``materialize(X_t)``. ``chunk_size=1`` is the exact per-token rule.
 
 Every retention of the grid (constexpr ``RET``):
 
@@ -39,11 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import BIAS_CODES, _bias_grad, _gelu, _gelu_d, bias_scalar
-from .chunk_kl import _row_stats, _softmax_read_step
-from .chunk_lq import _absq2, _lq_scale, _qroot
-
-RET_CODES = {"none": 0, "decay": 0, "lq": 1, "kl": 2}
+from miras_kernels.common.codes import BIAS_CODES, RETENTION_CODES, bias_scalar
+from miras_kernels.common.mlp_tiles import (absq2, bias_grad, gelu, gelu_d, lq_scale, qroot, row_stats,
+    softmax_read_step)
+from miras_kernels.configs import mlp_recurrent_block
+from miras_kernels.inputs import validate_inputs
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _qacc(m, ssum, X, LQQ: tl.constexpr):
     inv = 1.0 / tl.where(mn > 0, mn, 1.0)   # all-zero so far: X = 0, any scale
     r = m * inv
     y = X * inv
-    return mn, ssum * r * r * _absq2(r, LQQ) + tl.sum(tl.sum(y * y * _absq2(y, LQQ), axis=1), axis=0)
+    return mn, ssum * r * r * absq2(r, LQQ) + tl.sum(tl.sum(y * y * absq2(y, LQQ), axis=1), axis=0)
 
 
 @triton.jit
@@ -81,7 +81,7 @@ def _mat1(X, sc, rm, rc, RET: tl.constexpr):
 
 
 @triton.jit
-def _mlp_recurrent_kernel(
+def mlp_recurrent_kernel(
     q, k, v, la, eta, dlt, lmu, y,
     x1, x2, s1, s2, f1, f2,               # live state [N, H, D, E] / [N, H, E, D]; frozen copies f*
     cu, p, pos0, lqe, kc,
@@ -117,10 +117,10 @@ def _mlp_recurrent_kernel(
                     m1, a1 = _qacc(m1, a1, X1, LQQ)
                     m2, a2 = _qacc(m2, a2, tl.load(x2 + base + (jb + oh)[:, None] * D + od[None, :]), LQQ)
                 else:
-                    rm1, rl1 = _row_stats(rm1, rl1, X1)
+                    rm1, rl1 = row_stats(rm1, rl1, X1)
             if RET == 1:
-                n1 = m1 * _qroot(a1, LQQ)
-                n2 = m2 * _qroot(a2, LQQ)
+                n1 = m1 * qroot(a1, LQQ)
+                n2 = m2 * qroot(a2, LQQ)
     for t in range(bos, eos):
         ti = tl.cast(t, tl.int64)
         xo = ti * (H * D) + h * D + od
@@ -133,8 +133,8 @@ def _mlp_recurrent_kernel(
         dl = tl.load(dlt + go)
         m = tl.exp(tl.load(lmu + go))
         # materialisation of the current X (used at a chunk start, or on the fly when C == 1)
-        fs1 = _lq_scale(n1, lqe, LQQ)
-        fs2 = _lq_scale(n2, lqe, LQQ)
+        fs1 = lq_scale(n1, lqe, LQQ)
+        fs2 = lq_scale(n2, lqe, LQQ)
         fc1 = kc / tl.where(rl1 > 0, rl1, 1.0)   # rl1 = 0 only where kl's stats are unused
         if C > 1:
             if (pos0 + t - bos) % C == 0:
@@ -156,13 +156,13 @@ def _mlp_recurrent_kernel(
                 F2 = _mat2(F2, fs2, kc, RET)
                 F1 = _mat1(F1, fs1, rm1, fc1, RET)
             z = tl.sum(F2 * kv[None, :], axis=1)
-            o += tl.sum(F1 * _gelu(z)[None, :], axis=1)
+            o += tl.sum(F1 * gelu(z)[None, :], axis=1)
         mean = tl.sum(o, axis=0) / D
         oc = o - mean
         rstd = 1.0 / tl.sqrt(tl.sum(oc * oc, axis=0) / D + 1e-5)
         xh = oc * rstd
         e2 = (kv + xh - vv)[None, :]
-        u = tl.sum(_bias_grad(e2, vv[None, :], dl + tl.zeros([1], dtype=tl.float32), p, BIAS), axis=0)
+        u = tl.sum(bias_grad(e2, vv[None, :], dl + tl.zeros([1], dtype=tl.float32), p, BIAS), axis=0)
         do = rstd * (u - tl.sum(u, axis=0) / D - xh * tl.sum(u * xh, axis=0) / D)
         # gradient outer products and the state update, block by block (lq: q-norms of the new X)
         m1 = lqe * 0.0
@@ -181,8 +181,8 @@ def _mlp_recurrent_kernel(
                 F2 = tl.load(f2 + base + o2)
                 F1 = tl.load(f1 + base + o1)
             z = tl.sum(F2 * kv[None, :], axis=1)
-            hb = _gelu(z)
-            dz = tl.sum(F1 * do[:, None], axis=0) * _gelu_d(z)
+            hb = gelu(z)
+            dz = tl.sum(F1 * do[:, None], axis=0) * gelu_d(z)
             g2 = dz[:, None] * kv[None, :]
             g1 = do[:, None] * hb[None, :]
             if C > 1:
@@ -206,10 +206,10 @@ def _mlp_recurrent_kernel(
                 m1, a1 = _qacc(m1, a1, X1, LQQ)
         tl.debug_barrier()
         if RET == 1:
-            n1 = m1 * _qroot(a1, LQQ)
-            n2 = m2 * _qroot(a2, LQQ)
+            n1 = m1 * qroot(a1, LQQ)
+            n2 = m2 * qroot(a2, LQQ)
         # read after write with the updated weights (kl: online softmax of W1's rows)
-        rs2 = _lq_scale(n2, lqe, LQQ)
+        rs2 = lq_scale(n2, lqe, LQQ)
         oq = tl.zeros([D], dtype=tl.float32)
         rm = tl.full([D], -1e30, dtype=tl.float32)
         rl = tl.zeros([D], dtype=tl.float32)
@@ -217,14 +217,14 @@ def _mlp_recurrent_kernel(
             o2 = (jb + oh)[:, None] * D + od[None, :]
             o1 = od[:, None] * E + (jb + oh)[None, :]
             zq = tl.sum(_mat2(tl.load(x2 + base + o2), rs2, kc, RET) * qv[None, :], axis=1)
-            hq = _gelu(zq)
+            hq = gelu(zq)
             X1 = tl.load(x1 + base + o1)
             if RET == 2:
-                rm, rl, oq = _softmax_read_step(rm, rl, oq, X1, hq)
+                rm, rl, oq = softmax_read_step(rm, rl, oq, X1, hq)
             else:
                 oq += tl.sum(X1 * hq[None, :], axis=1)
         if RET == 1:
-            oq = oq * _lq_scale(n1, lqe, LQQ)
+            oq = oq * lq_scale(n1, lqe, LQQ)
         elif RET == 2:
             oq = oq * (kc / rl)
             rm1 = rm
@@ -236,17 +236,6 @@ def _mlp_recurrent_kernel(
         tl.debug_barrier()
 
 
-def recurrent_block(d: int, e: int, ret: int = 0) -> int:
-    """Hidden rows per tile of the decoding kernel (two [BH, d] weight tiles live at once). 16 from
-    d = 64 up: at d = 64, BH = 32 spilled 16 bytes on sm_90 (Huber; ptxas held it to 128 registers).
-    ``ret`` (:data:`RET_CODES`): lq/kl at d = 128 take 8: with 16, kl + gd (C = 16) spilled 8 bytes
-    on sm_80 and kl/lq + momentum used 243-255 registers (the online softmax / q-norm temporaries
-    add [d, BH] tiles); with 8 they compile to 96-127 registers, spill-free (AOT, sm_80/sm_90)."""
-    if ret != 0 and d >= 128:
-        return min(d * e, 8)
-    return min(d * e, 64 if d <= 32 else 16)
-
-
 def fused_recurrent_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor | None,
                               eta: torch.Tensor, *, spec, chunk_size: int = 1, delta: torch.Tensor | None = None,
                               mu: torch.Tensor | None = None, initial_state: dict[str, torch.Tensor],
@@ -255,8 +244,8 @@ def fused_recurrent_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Token-recurrent MLP-memory read/write for decoding (no autograd), every retention (none,
     decay, lq with any q >= 2, kl with any c > 0), bias and learner of the grid.
 
-    Args: as :func:`kernels.miras_mlp.chunk_miras_mlp` (q, k, v ``[B, T, H, D]``; gates
-        ``[B, T, H]``; ``initial_state`` ``{"W1": [N|1, H, D, E] or [H, D, E], "W2": ...}``: the
+    Args: as :func:`miras_kernels.miras_mlp.chunk_miras_mlp` (q, k, v ``[B, T, H, D]``; gates
+        ``[B, T, H]``; ``initial_state`` ``{"W1": [N, H, D, E] or [H, D, E], "W2": ...}``: the
         retention's free variables ``X``, i.e. lq's accumulators and kl's logits), plus
         ``position``: tokens already consumed since the state's chunk grid origin (mid-chunk
         continuation needs ``initial_state["chunk_start_W1"/"chunk_start_W2"]``, the frozen
@@ -268,7 +257,7 @@ def fused_recurrent_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     if spec.memory != "mlp":
         raise ValueError(f"fused_recurrent_miras_mlp: needs memory='mlp' (got {spec.memory!r}); "
-                         "use kernels.miras_linear.fused_recurrent_miras_linear")
+                         "use miras_kernels.miras_linear.fused_recurrent_miras_linear")
     if q.dim() != 4 or q.shape[-1] not in (16, 32, 64, 128):
         raise ValueError(f"fused_recurrent_miras_mlp: q must be [B, T, H, D] with D in 16/32/64/128 (got {tuple(q.shape)})")
     if chunk_size < 1:
@@ -277,35 +266,39 @@ def fused_recurrent_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                        for t in (q, k, v, alpha, eta, delta, mu, *initial_state.values())):
         raise ValueError("fused_recurrent_miras_mlp is forward-only (decoding): call it under torch.no_grad() "
                          "or train with chunk_miras_mlp")
+    # the frozen chunk-start weights are this kernel's own state keys; the rest is the operator's contract
+    frozen = {key: t for key, t in initial_state.items() if key.startswith("chunk_start_")}
+    checked = validate_inputs(q, k, v, alpha, eta, spec=spec, chunk_size=chunk_size, delta=delta, mu=mu,
+                              initial_state={key: t for key, t in initial_state.items() if key not in frozen},
+                              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     B, T, H, D = q.shape
     E = D * int(spec.expansion)
     dev = q.device
+    N = checked.n_states
     if cu_seqlens is None:
-        N = B
         cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * T
     else:
-        if B != 1:
-            raise ValueError(f"cu_seqlens needs B == 1 (got B={B})")
         cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
-        N = cu.numel() - 1
 
-    def _st(name, shape, required=True):
-        if name not in initial_state:
-            if required:
-                raise ValueError(f"initial_state lacks {name!r} (needed: {spec.state_keys()})")
-            return torch.zeros(N, H, *shape, dtype=torch.float32, device=dev)
-        x = initial_state[name].detach().float()
-        x = x.unsqueeze(0) if x.dim() == 3 else x
-        if tuple(x.shape[-2:]) != shape or x.shape[1] != H or x.shape[0] not in (1, N):
-            raise ValueError(f"initial_state[{name!r}] must be [{N}, {H}, {shape[0]}, {shape[1]}] or [{H}, ...]")
-        x = x.expand(N, H, *shape).contiguous()
+    def _st(name: str, shape: tuple[int, int]) -> torch.Tensor:
+        """A state buffer ``[N, H, *shape]`` fp32 the kernel may update in place."""
+        if name in frozen:
+            x = frozen[name].detach().float()
+            x = x.unsqueeze(0) if x.dim() == 3 else x
+            if tuple(x.shape[-2:]) != shape or x.shape[1] != H or x.shape[0] not in (1, N):
+                raise ValueError(f"initial_state[{name!r}] must be [{N}, {H}, {shape[0]}, {shape[1]}] or [{H}, ...]")
+            x = x.expand(N, H, *shape).contiguous()
+            source = frozen[name]
+        else:
+            x = checked.state_or_zeros(name).detach().float().contiguous()
+            source = checked.initial_state.get(name)
         # the kernel updates the state in place: never the caller's tensor
-        return x.clone() if x.data_ptr() == initial_state[name].data_ptr() else x
+        return x.clone() if source is not None and x.data_ptr() == source.data_ptr() else x
 
     x1, x2 = _st("W1", (D, E)), _st("W2", (E, D))
     momentum = spec.learner == "momentum"
-    s1 = _st("S_W1", (D, E), False) if momentum else x1
-    s2 = _st("S_W2", (E, D), False) if momentum else x2
+    s1 = _st("S_W1", (D, E)) if momentum else x1
+    s2 = _st("S_W2", (E, D)) if momentum else x2
     mid = chunk_size > 1 and position % chunk_size != 0
     if mid and "chunk_start_W1" not in initial_state:
         raise ValueError("position is mid-chunk: pass initial_state['chunk_start_W1'/'chunk_start_W2'] "
@@ -317,17 +310,17 @@ def fused_recurrent_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # document without tokens still returns weights, not a free variable, as chunk_start_W*
         f1 = _st("chunk_start_W1", (D, E)) if mid else spec.materialize(x1).clone()
         f2 = _st("chunk_start_W2", (E, D)) if mid else spec.materialize(x2).clone()
-    la = torch.zeros(B, T, H, device=dev) if spec.retention == "none" else torch.log(alpha.float())
-    lmu = torch.log(mu.float()) if momentum else torch.zeros(B, T, H, device=dev)
-    dlt = delta.float() if spec.needs_delta else torch.ones(B, T, H, device=dev)
+    la = torch.zeros(B, T, H, device=dev) if checked.alpha is None else torch.log(checked.alpha.float())
+    lmu = torch.log(checked.mu.float()) if momentum else torch.zeros(B, T, H, device=dev)
+    dlt = checked.delta.float() if spec.needs_delta else torch.ones(B, T, H, device=dev)
     qf, kf, vf = (x.reshape(B * T, H, D).contiguous() for x in (q, k, v))
     gates = [x.reshape(B * T, H).contiguous() for x in (la, eta.float(), dlt, lmu)]
     y = torch.empty_like(qf)
-    ret = RET_CODES[spec.retention]
-    _mlp_recurrent_kernel[(N * H,)](
+    ret = RETENTION_CODES[spec.retention]
+    mlp_recurrent_kernel[(N * H,)](
         qf, kf, vf, *gates, y, x1, x2, s1, s2, f1, f2, cu, bias_scalar(spec), int(position),
         float(spec.lq_eps), float(spec.c),
-        H=H, D=D, E=E, BH=recurrent_block(D, int(spec.expansion), ret), C=int(chunk_size), BIAS=BIAS_CODES[spec.bias],
+        H=H, D=D, E=E, BH=mlp_recurrent_block(D, int(spec.expansion), ret), C=int(chunk_size), BIAS=BIAS_CODES[spec.bias],
         MOMENTUM=momentum, RET=ret, LQQ=float(spec.q) if ret == 1 else 4.0, num_warps=4, num_stages=1,
     )
     final = None

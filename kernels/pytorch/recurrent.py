@@ -2,15 +2,15 @@
 
 For each document the tokens are split into chunks of C starting at the document start (the last
 chunk may be partial). At a chunk start the weights are frozen, ``W_{t0} = materialize(X_{t0})``;
-every token i of the chunk then takes its inner gradient at ``W_{t0}`` (mini-batch GD, notes
-section 3) and updates the retention's free variable:
+every token i of the chunk then takes its inner gradient at ``W_{t0}`` (mini-batch GD, the chunk
+semantics of ``docs/semantics.md``) and updates the retention's free variable:
 
     gd:        X_i = alpha_i * X_{i-1} - eta_i * g_i
     momentum:  S_i = mu_i * S_{i-1} - eta_i * g_i ;   X_i = alpha_i * X_{i-1} + S_i
 
 (alpha = 1 for retention ``none``; a per-channel alpha ``[dk]`` scales the key/column dim of a
 linear memory), then reads after the write: ``y_i = M(materialize(X_i), q_i)``. At C = 1 this is
-exactly section 2 of the notes for every preset. Slow (one Python step per token): use it as the
+exactly the per-token rule of ``docs/semantics.md`` for every preset. Slow (one Python step per token): use it as the
 reference and for tiny inputs; ``chunked`` computes the same thing chunk-parallel.
 """
 
