@@ -1,8 +1,9 @@
 """Export -> load with transformers -> same logits as the training model; cached decoding ==
 full recompute.
 
-Tolerances: exported logits vs training logits in fp32: 1e-5 absolute (the issue's bound; the
-full pass runs the same op sequence, we measure 0). Cached / piecewise prefill vs the training
+Tolerances: exported logits vs training logits in fp32: 1e-5 absolute (the required bound; the
+full pass runs the training operator's chunk algebra: we measure 0 for the affine retentions and
+<= 3e-6 for lq/kl, whose per-token weights training forms in a separate scan). Cached / piecewise prefill vs the training
 logits in fp32: 5e-5 (the chunk grid is kept exactly, only the summation order differs; Yaad's
 token-by-token path measures 1.4e-5). The same comparison with the model in float64 drops to
 <= 6e-8 (asserted <= 1e-6; RMSNorms, gates and logits are computed in fp32 by design, as in
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from miras_pretrain.export import export_hf, load_exported_state_dict
-from miras_pretrain.export.testing import tiny_config, tiny_tokenizer
+from miras_pretrain.testing.tiny_models import tiny_config, tiny_tokenizer
 from miras_pretrain.model import build_model
 
 TOL = 1e-5

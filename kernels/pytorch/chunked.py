@@ -4,7 +4,7 @@ size, with every token of a chunk handled by a few batched matmuls.
 Inside a chunk (tokens t0 < t <= t0 + C, state X0 = X_{t0} and S0 = S_{t0} before it) the
 inner gradients are all taken at the frozen weights W0 = materialize(X0), so each is an outer
 product g_i = a_i b_iᵀ known up front (``rules.grad_factors``). The free variable is then affine
-in those outer products:
+in those outer products (the functions of this algebra are in ``miras_kernels.chunk_step``):
 
     X_t = cX_t * X0 + cS_t * S0 - sum_{i <= t} G_ti * a_i b_iᵀ
 
@@ -32,99 +32,14 @@ loop over chunks is sequential Python; everything inside a chunk is batched over
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
+from ..chunk_step import apply_affine, chunk_coefficients, end_momentum, end_state
 from ..inputs import State, prepare_inputs, run_documents
 from .per_token_scan import ChunkScanInputs, lq_scales, softmax_reads
 from ..rules import grad_factors, read_memory
 from ..spec import MirasSpec
-
-
-@dataclass
-class _Coefs:
-    """Coefficients of one chunk (see module docstring). Shapes with c = chunk length and K the
-    optional per-channel dim: G [B, H, c, c(, K)], cX [B, H, c(, K)] or None (= 1), cS like cX
-    or None (no momentum), sG [B, H, c] and sX [B, H] (momentum state at chunk end)."""
-
-    channel: bool
-    G: torch.Tensor
-    cX: torch.Tensor | None
-    cS: torch.Tensor | None
-    sG: torch.Tensor | None
-    sX: torch.Tensor | None
-
-
-def _masked_decay(L: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """exp(L_t - L_i) for i <= t, else 0; L: [B, H, c] -> [B, H, c, c] or [B, H, c, K] ->
-    [B, H, c, c, K]. The mask is applied before exp so no entry can overflow."""
-    if L.dim() == 4:
-        diff = L.unsqueeze(3) - L.unsqueeze(2)
-        return torch.exp(torch.where(mask.unsqueeze(-1), diff, float("-inf")))
-    diff = L.unsqueeze(-1) - L.unsqueeze(-2)
-    return torch.exp(torch.where(mask, diff, float("-inf")))
-
-
-def _coefficients(
-    la: torch.Tensor | None, eta: torch.Tensor, lmu: torch.Tensor | None, mask: torch.Tensor
-) -> _Coefs:
-    channel = la is not None and la.dim() == 4
-    if la is None:  # retention 'none': alpha = 1
-        D = mask.to(eta.dtype)
-        cX = None
-    else:
-        L = la.cumsum(dim=2)
-        D = _masked_decay(L, mask)
-        cX = torch.exp(L)
-    eta_i = eta[:, :, None, :, None] if channel else eta[:, :, None, :]
-    if lmu is None:
-        return _Coefs(channel, D * eta_i, cX, None, None, None)
-    Mu = lmu.cumsum(dim=2)
-    E = _masked_decay(Mu, mask)
-    eM = torch.exp(Mu)
-    if channel:
-        G = torch.einsum("bhtsk,bhsi->bhtik", D, E)
-        cS = torch.einsum("bhtsk,bhs->bhtk", D, eM)
-    else:
-        G = D @ E
-        cS = (D @ eM.unsqueeze(-1)).squeeze(-1)
-    return _Coefs(channel, G * eta_i, cX, cS, E[..., -1, :] * eta, eM[..., -1])
-
-
-def _apply_affine(x: torch.Tensor, X0: torch.Tensor, S0: torch.Tensor | None, co: _Coefs,
-                  a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """W_t x_t for every token of the chunk when W = X: x [B, H, c, cols] -> [B, H, c, rows]."""
-    if co.channel:
-        out = (x * co.cX) @ X0.transpose(-1, -2)
-        if S0 is not None:
-            out = out + (x * co.cS) @ S0.transpose(-1, -2)
-        scores = torch.einsum("bhtik,bhik,bhtk->bhti", co.G, b, x)
-        return out - scores @ a
-    out = x @ X0.transpose(-1, -2)
-    if co.cX is not None:
-        out = out * co.cX.unsqueeze(-1)
-    if S0 is not None:
-        out = out + co.cS.unsqueeze(-1) * (x @ S0.transpose(-1, -2))
-    return out - ((x @ b.transpose(-1, -2)) * co.G) @ a
-
-
-def _state_end(X0: torch.Tensor, S0: torch.Tensor | None, co: _Coefs, a: torch.Tensor,
-               b: torch.Tensor) -> torch.Tensor:
-    """X at the last token of the chunk: [B, H, rows, cols]."""
-    if co.channel:
-        out = X0 * co.cX[:, :, -1, None, :]
-        if S0 is not None:
-            out = out + S0 * co.cS[:, :, -1, None, :]
-        return out - a.transpose(-1, -2) @ (co.G[:, :, -1] * b)
-    out = X0 if co.cX is None else X0 * co.cX[:, :, -1, None, None]
-    if S0 is not None:
-        out = out + S0 * co.cS[:, :, -1, None, None]
-    return out - (a * co.G[:, :, -1, :, None]).transpose(-1, -2) @ b
-
-
-def _momentum_end(S0: torch.Tensor, co: _Coefs, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return S0 * co.sX[:, :, None, None] - (a * co.sG.unsqueeze(-1)).transpose(-1, -2) @ b
 
 
 def chunked_core(
@@ -170,10 +85,10 @@ def chunked_core(
             masks[c] = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
         frozen = {n: spec.materialize(X[n]) for n in names}
         factors = grad_factors(spec, frozen, kc, vc, dc)
-        co = _coefficients(lac, etac, lmuc, masks[c])
+        co = chunk_coefficients(lac, etac, lmuc, masks[c])
         if affine:
             ys.append(read_memory(
-                spec, lambda n, x: _apply_affine(x, X[n], S.get(n), co, *factors[n]), qc
+                spec, lambda n, x: apply_affine(x, X[n], S.get(n), co, *factors[n]), qc
             ))
         else:
             for n in names:
@@ -183,9 +98,9 @@ def chunked_core(
                 fac[n].append(factors[n])
             if spec.retention == "lq":
                 chunks.append((qc, dict(X), dict(S), co, factors))
-        newX = {n: _state_end(X[n], S.get(n), co, *factors[n]) for n in names}
+        newX = {n: end_state(X[n], S.get(n), co, *factors[n]) for n in names}
         if momentum:
-            S = {n: _momentum_end(S[n], co, *factors[n]) for n in names}
+            S = {n: end_momentum(S[n], co, *factors[n]) for n in names}
         X = newX
     if not affine and T > 0:
         scan = {
@@ -208,7 +123,7 @@ def chunked_core(
             for i, (qc, X0, S0, co, factors) in enumerate(chunks):
                 ys.append(read_memory(
                     spec,
-                    lambda n, x: scales[n][i].unsqueeze(-1) * _apply_affine(x, X0[n], S0.get(n), co, *factors[n]),
+                    lambda n, x: scales[n][i].unsqueeze(-1) * apply_affine(x, X0[n], S0.get(n), co, *factors[n]),
                     qc,
                 ))
     y = torch.cat(ys, dim=2) if ys else v.new_zeros(v.shape)

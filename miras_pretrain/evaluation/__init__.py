@@ -1,4 +1,4 @@
-"""Evaluation (issue 10): validation perplexity on prepared shards, log-likelihood scoring,
+"""Evaluation: validation perplexity on prepared shards, log-likelihood scoring,
 the lm-evaluation-harness bridge and built-in synthetic long-context tasks (MQAR, S-NIAH).
 
 Everything runs on a Hugging Face model directory written by ``miras-pretrain export hf``

@@ -33,8 +33,9 @@ def exported_model_dir(path: str | Path, tokenizer: str | None = None) -> Iterat
                          "written by `miras-pretrain export hf`")
     from miras_pretrain.export import checkpoint as ck
     from miras_pretrain.export.hf import export_hf
+    from miras_pretrain.train.checkpoint import resolve_checkpoint
 
-    ckpt = ck.resolve_checkpoint_dir(p)
+    ckpt = resolve_checkpoint(p, flag="--model")
     cfg = ck.checkpoint_model_config(ckpt)
     tok = tokenizer or ck.run_tokenizer(ckpt)
     if tok is None:

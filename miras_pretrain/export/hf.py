@@ -2,7 +2,8 @@
 
 The directory holds ``config.json`` (with the full Miras spec and ``auto_map``), the modeling
 code (``configuration_miras.py`` / ``modeling_miras.py``: pure PyTorch, no dependency on this
-package), safetensors weights (sharded above ``max_shard_size``, with an index), the tokenizer
+package) with copies of the operator modules that hold the memory rules (``operator_files``),
+safetensors weights (sharded above ``max_shard_size``, with an index), the tokenizer
 (slow ``LlamaTokenizer`` over the sentencepiece model, no BOS/EOS added so ids equal the data
 pipeline's) and ``generation_config.json``. Input and output embeddings are always stored
 untied (transformers 5 would load a random head for a tied 4.x checkpoint).
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 
 from miras_pretrain.model.config import ModelConfig
+
+from .operator_files import write_operator_files
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
 MODELING_FILES = ("configuration_miras.py", "modeling_miras.py")
@@ -237,6 +240,7 @@ def export_hf(
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in MODELING_FILES:
             shutil.copyfile(TEMPLATE_DIR / name, tmp / name)
+        write_operator_files(tmp)
         _write_weights(weights, tmp, max_shard_size)
         _write_tokenizer(tok, tmp)
         from transformers import GenerationConfig

@@ -1,13 +1,14 @@
 """Miras language model for inference with Hugging Face transformers (pure PyTorch).
 
-Written next to the weights by ``miras-pretrain export hf``; self-contained (needs torch and
-transformers only). Load with::
+Written next to the weights by ``miras-pretrain export hf``, together with copies of the training
+operator's modules that hold the memory rules (``miras_spec.py``, ``miras_rules.py``,
+``miras_chunk_step.py``); needs torch and transformers only. Load with::
 
     model = AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
 
-Numerics follow the training code exactly (same op order, fp32 memory state): a prompt runs
-through the chunk-parallel form of the memory; every later token runs through the same chunk
-math with a chunk of one token.
+Numerics follow the training code (the same rules, fp32 memory state): a prompt runs through the
+chunk-parallel form of the memory (``memory_chunk_step``); every later token runs through the same
+chunk math with a run of one token.
 
 Recurrent cache (``MirasCache``), per layer:
 
@@ -29,7 +30,6 @@ used; right padding is accepted with ``use_cache=False`` (e.g. scoring). Left pa
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -40,193 +40,30 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_miras import MirasConfig
 
-SMOOTH_ABS_EPS = 1e-6  # |x| ~ sqrt(x^2 + eps) in the l_p gradient
-MEMORY_LN_EPS = 1e-5  # layer norm inside the MLP memory
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# The memory rules are the training operator's own modules, copied next to this file by the
+# export (``miras_kernels.spec``, ``.rules``, ``.chunk_step``). transformers copies only the
+# modules this file imports itself, so each copy is imported here, the rules too.
+from .miras_chunk_step import memory_chunk_step
+from .miras_rules import grad_factors  # noqa: F401  (imported so that transformers copies it)
+from .miras_spec import MirasSpec
 
 
-# =============================================================================== memory rule
-class MemorySpec:
-    """The memory rule (memory, bias, retention, learner and their hyper-parameters)."""
+# =============================================================================== memory
+def continue_memory(spec: MirasSpec, chunk_size: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    gates: dict[str, torch.Tensor], state: dict) -> tuple[torch.Tensor, dict]:
+    """Run the memory over T new tokens, continuing ``state`` on the training chunk grid.
 
-    def __init__(self, d: dict) -> None:
-        self.memory = d["memory"]
-        self.bias = d["bias"]
-        self.retention = d["retention"]
-        self.learner = d["learner"]
-        self.p = float(d.get("p", 3.0))
-        self.q = float(d.get("q", 4.0))
-        self.expansion = int(d.get("expansion", 4))
-        self.c = float(d.get("c", 1.0))
-        self.lq_eps = float(d.get("lq_eps", 1e-6))
-        self.huber_eps = float(d.get("huber_eps", 1e-2))  # smooth sign of the Huber l1 branch
+    The tokens are cut where a chunk of the grid (counted from the sequence start) begins; at
+    each such boundary the weights are frozen anew, as in training, and every run between cuts
+    is one :func:`memory_chunk_step`.
 
-    @property
-    def needs_alpha(self) -> bool:
-        return self.retention != "none"
+    Args:
+        q, k, v: ``[B, H, T, d]``.
+        gates: gate name (``alpha``, ``eta``, ``delta``, ``mu``) -> ``[B, H, T]``.
+        state: ``{"X", "S", "frozen": name -> [B, H, r, c], "pos": tokens seen}``.
 
-    def weight_names(self) -> tuple[str, ...]:
-        return ("W",) if self.memory == "linear" else ("W1", "W2")
-
-    def weight_shapes(self, d: int) -> dict[str, tuple[int, int]]:
-        if self.memory == "linear":
-            return {"W": (d, d)}
-        return {"W1": (d, self.expansion * d), "W2": (self.expansion * d, d)}
-
-    def gate_names(self) -> list[str]:
-        names = ["eta"]
-        if self.needs_alpha:
-            names.insert(0, "alpha")
-        if self.bias == "huber":
-            names.append("delta")
-        if self.learner == "momentum":
-            names.append("mu")
-        return names
-
-    def lq_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """(||x||_q + eps)^(2-q) over the last two dims, [..., 1, 1]."""
-        norm = torch.linalg.vector_norm(x, ord=self.q, dim=(-2, -1), keepdim=True)
-        return (norm + self.lq_eps).pow(2.0 - self.q)
-
-    def materialize(self, x: torch.Tensor) -> torch.Tensor:
-        """Weights from the retention's free variable x [..., r, c]."""
-        if self.retention == "lq":
-            return x if self.q == 2.0 else x * self.lq_scale(x)
-        if self.retention == "kl":
-            return self.c * torch.softmax(x, dim=-1)
-        return x
-
-
-def _gelu_derivative(z: torch.Tensor) -> torch.Tensor:
-    cdf = 0.5 * (1.0 + torch.erf(z * _INV_SQRT2))
-    pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-    return cdf + z * pdf
-
-
-def _layer_norm(o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    centred = o - o.mean(dim=-1, keepdim=True)
-    rstd = torch.rsqrt(centred.pow(2).mean(dim=-1, keepdim=True) + MEMORY_LN_EPS)
-    return centred * rstd, rstd
-
-
-def _layer_norm_backward(n: torch.Tensor, rstd: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return rstd * (u - u.mean(dim=-1, keepdim=True) - n * (u * n).mean(dim=-1, keepdim=True))
-
-
-def _output_grad(spec: MemorySpec, pred, v: torch.Tensor, delta) -> torch.Tensor:
-    """dl/dM at the memory output: [..., n, dv]."""
-    if spec.bias == "dot":
-        return -v
-    e = pred - v
-    if spec.bias == "l2":
-        return e
-    if spec.bias == "lp":
-        return spec.p * e * (e * e + SMOOTH_ABS_EPS).pow((spec.p - 2.0) / 2.0)
-    d = delta.unsqueeze(-1)
-    inside = torch.linalg.vector_norm(e, dim=-1, keepdim=True) <= d
-    return torch.where(inside, e, d * e * torch.rsqrt(e * e + spec.huber_eps))
-
-
-def _grad_factors(spec: MemorySpec, w: dict, k: torch.Tensor, v: torch.Tensor, delta) -> dict:
-    """Per-token inner gradients at the frozen weights as outer-product factors (a, b):
-    k, v [B, H, n, d] -> name -> (a [B, H, n, r], b [B, H, n, c])."""
-    if spec.memory == "linear":
-        pred = None if spec.bias == "dot" else k @ w["W"].transpose(-1, -2)
-        return {"W": (_output_grad(spec, pred, v, delta), k)}
-    w1, w2 = w["W1"], w["W2"]
-    z = k @ w2.transpose(-1, -2)
-    h = F.gelu(z)
-    n, rstd = _layer_norm(h @ w1.transpose(-1, -2))
-    pred = None if spec.bias == "dot" else k + n
-    do = _layer_norm_backward(n, rstd, _output_grad(spec, pred, v, delta))
-    dz = (do @ w1) * _gelu_derivative(z)
-    return {"W1": (do, h), "W2": (dz, k)}
-
-
-def _read(spec: MemorySpec, apply, x: torch.Tensor) -> torch.Tensor:
-    """y = M(W_t, x_t) given apply(name, inp) = W_t inp_t. x [B, H, n, d] -> [B, H, n, d]."""
-    if spec.memory == "linear":
-        return apply("W", x)
-    o = apply("W1", F.gelu(apply("W2", x)))
-    return x + F.layer_norm(o, (o.shape[-1],), eps=MEMORY_LN_EPS)
-
-
-def _masked_decay(L: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """exp(L_t - L_i) for i <= t else 0: [B, H, c] -> [B, H, c, c] (masked before exp)."""
-    diff = L.unsqueeze(-1) - L.unsqueeze(-2)
-    return torch.exp(torch.where(mask, diff, float("-inf")))
-
-
-def _memory_chunk(spec: MemorySpec, q, k, v, alpha, eta, delta, mu, X: dict, S: dict, frozen: dict):
-    """One chunk (or the rest of one) of c tokens, all inside one chunk of the training grid.
-
-    q, k, v [B, H, c, d]; gates [B, H, c]; X, S [B, H, r, c] the free variable / momentum after
-    the previous token; ``frozen`` the weights materialised at this chunk's start (every inner
-    gradient is taken there). Returns y [B, H, c, d] and the new X, S.
-    """
-    c = q.shape[2]
-    mask = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    factors = _grad_factors(spec, frozen, k, v, delta)
-    if alpha is None:
-        D, cX = mask.to(eta.dtype), None
-    else:
-        L = torch.log(alpha).cumsum(dim=2)
-        D, cX = _masked_decay(L, mask), torch.exp(L)
-    cS = sG = sX = None
-    if mu is None:
-        G = D * eta[:, :, None, :]
-    else:
-        Mu = torch.log(mu).cumsum(dim=2)
-        E = _masked_decay(Mu, mask)
-        eM = torch.exp(Mu)
-        G = (D @ E) * eta[:, :, None, :]
-        cS = (D @ eM.unsqueeze(-1)).squeeze(-1)
-        sG, sX = E[..., -1, :] * eta, eM[..., -1]
-
-    def affine(x, n):  # W_t x_t for W = X (cX X0 x + cS S0 x - masked decayed sum)
-        a, b = factors[n]
-        out = x @ X[n].transpose(-1, -2)
-        if cX is not None:
-            out = out * cX.unsqueeze(-1)
-        if cS is not None:
-            out = out + cS.unsqueeze(-1) * (x @ S[n].transpose(-1, -2))
-        return out - ((x @ b.transpose(-1, -2)) * G) @ a
-
-    def states(n):  # X_t for every token of the chunk, [B, H, c, r, cols]
-        a, b = factors[n]
-        out = X[n].unsqueeze(2) if cX is None else X[n].unsqueeze(2) * cX[..., None, None]
-        if cS is not None:
-            out = out + S[n].unsqueeze(2) * cS[..., None, None]
-        return out - torch.einsum("bhti,bhir,bhic->bhtrc", G, a, b)
-
-    affine_ret = spec.retention in ("none", "decay") or (spec.retention == "lq" and spec.q == 2.0)
-    if spec.retention == "kl":
-        probs = {n: torch.softmax(states(n), dim=-1) for n in X}
-        y = _read(spec, lambda n, x: spec.c * (probs[n] @ x.unsqueeze(-1)).squeeze(-1), q)
-    elif affine_ret:
-        y = _read(spec, lambda n, x: affine(x, n), q)
-    else:  # lq: W_t x = scale_t * (X_t x)
-        scales = {n: spec.lq_scale(states(n)).squeeze(-1) for n in X}
-        y = _read(spec, lambda n, x: scales[n] * affine(x, n), q)
-
-    newX, newS = {}, {}
-    for n in X:
-        a, b = factors[n]
-        out = X[n] if cX is None else X[n] * cX[:, :, -1, None, None]
-        if cS is not None:
-            out = out + S[n] * cS[:, :, -1, None, None]
-        newX[n] = out - (a * G[:, :, -1, :, None]).transpose(-1, -2) @ b
-        if mu is not None:
-            newS[n] = S[n] * sX[:, :, None, None] - (a * sG.unsqueeze(-1)).transpose(-1, -2) @ b
-    return y, newX, newS
-
-
-def miras_memory_cached(spec: MemorySpec, chunk_size: int, q, k, v, gates: dict, state: dict):
-    """Run the memory over T new tokens continuing ``state`` on the training chunk grid.
-
-    q, k, v [B, H, T, d]; gates name -> [B, H, T]; state: {"X", "S", "frozen": name ->
-    [B, H, r, c], "pos": tokens seen}. Returns y [B, H, T, d] and the new state.
+    Returns:
+        ``y`` ``[B, H, T, d]`` and the new state (same keys).
     """
     T = q.shape[2]
     X, S, frozen, pos = state["X"], state["S"], state["frozen"], state["pos"]
@@ -237,8 +74,8 @@ def miras_memory_cached(spec: MemorySpec, chunk_size: int, q, k, v, gates: dict,
             frozen = {n: spec.materialize(x) for n, x in X.items()}
         c = min(chunk_size - off, T - s)
         cut = lambda t: None if t is None else t[:, :, s:s + c]  # noqa: E731
-        y, X, S = _memory_chunk(spec, cut(q), cut(k), cut(v), cut(gates.get("alpha")), cut(gates["eta"]),
-                                cut(gates.get("delta")), cut(gates.get("mu")), X, S, frozen)
+        y, X, S = memory_chunk_step(spec, cut(q), cut(k), cut(v), cut(gates.get("alpha")), cut(gates["eta"]),
+                                    cut(gates.get("delta")), cut(gates.get("mu")), X, S, frozen)
         ys.append(y)
         s += c
         pos += c
@@ -301,7 +138,7 @@ class MirasMixer(nn.Module):
     def __init__(self, config: MirasConfig) -> None:
         super().__init__()
         self.config = config
-        self.spec = MemorySpec(config.miras_spec)
+        self.spec = MirasSpec.from_dict(config.miras_spec)
         self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
         d, inner, K = config.hidden_size, config.num_attention_heads * config.head_dim, config.conv_size
         self.q_proj = nn.Linear(d, inner, bias=False)
@@ -312,18 +149,25 @@ class MirasMixer(nn.Module):
         self.q_conv = nn.Parameter(torch.zeros(inner, K))
         self.k_conv = nn.Parameter(torch.zeros(inner, K))
         self.v_conv = nn.Parameter(torch.zeros(inner, K))
-        self.gate_names = self.spec.gate_names()
+        # the training mixer's gate order: one column of gate_up per head and gate
+        self.gate_names = ["eta"]
+        if self.spec.needs_alpha:
+            self.gate_names.insert(0, "alpha")
+        if self.spec.needs_delta:
+            self.gate_names.append("delta")
+        if self.spec.needs_mu:
+            self.gate_names.append("mu")
         self.gate_down = nn.Linear(d, config.gate_rank, bias=False)
         self.gate_up = nn.Linear(config.gate_rank, self.n_heads * len(self.gate_names), bias=True)
         self.out_norm = nn.Parameter(torch.ones(self.n_heads, self.head_dim))
         self.mem_init = nn.ParameterDict()
         if self.spec.memory == "mlp":
-            for name, (r, c) in self.spec.weight_shapes(self.head_dim).items():
+            for name, (r, c) in self.spec.weight_shapes(self.head_dim, self.head_dim).items():
                 self.mem_init[name] = nn.Parameter(torch.zeros(self.n_heads, r, c))
 
     def initial_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
         X = {}
-        for name, (r, c) in self.spec.weight_shapes(self.head_dim).items():
+        for name, (r, c) in self.spec.weight_shapes(self.head_dim, self.head_dim).items():
             if name in self.mem_init:
                 X[name] = self.mem_init[name].to(dtype).unsqueeze(0).expand(batch, -1, -1, -1)
             else:
@@ -362,7 +206,7 @@ class MirasMixer(nn.Module):
         v = branch("v", self.v_proj, self.v_conv)
         g = self.gates(x)
         hm = lambda z: z.to(cdt).transpose(1, 2).contiguous()  # noqa: E731  [B,T,H,..] -> [B,H,T,..]
-        y, mem = miras_memory_cached(
+        y, mem = continue_memory(
             self.spec, self.config.chunk_size, hm(q), hm(k), hm(v), {n: hm(z) for n, z in g.items()},
             {key: state[key] for key in ("X", "S", "frozen", "pos")},
         )
