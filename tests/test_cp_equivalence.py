@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from miras_pretrain.parallel.context_parallel_launch import spawn
+from miras_pretrain.testing.context_parallel_launch import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -117,8 +117,8 @@ def _layer_case(preset, scheme, grp, packed, errors, tag):
     local = slice_batch_for_cp(b, grp.rank, grp.size, chunk_size=cfg.chunk_size)
     lay = local["cp_slice"]
     x_loc = x[:, lay.start:lay.end].clone().requires_grad_()
-    with cp.batch(lay):
-        y = mixer(x_loc, local.get("cu_seqlens"))
+    with cp.batch(lay) as ctx:
+        y = mixer(x_loc, local.get("cu_seqlens"), ctx)
     (y * dy[:, lay.start:lay.end]).sum().backward()
     cp.finish_step()
     _close(y, y_ref[:, lay.start:lay.end], f"{tag} layer output", errors)
@@ -143,8 +143,8 @@ def _model_case(preset, scheme, grp, packed, errors, tag):
 
     cp = ContextParallel(grp, scheme)
     local = slice_batch_for_cp(b, grp.rank, grp.size, chunk_size=cfg.chunk_size)
-    with cp.batch(local["cp_slice"]):
-        loss = model(local["input_ids"], labels=local["labels"], cu_seqlens=local.get("cu_seqlens"))
+    with cp.batch(local["cp_slice"]) as ctx:
+        loss = model(local["input_ids"], labels=local["labels"], cu_seqlens=local.get("cu_seqlens"), cp=ctx)
         loss = loss * local["cp_loss_scale"]
     loss.backward()
     cp.finish_step()

@@ -7,7 +7,7 @@ import torch
 
 from miras_pretrain.model import ModelConfig, build_model
 from miras_pretrain.parallel.context_parallel import (
-    ContextParallel, CPGroup, CPSlice, Segment, active, slice_batch_for_cp, validate_cp_model,
+    ContextParallel, CPGroup, CPSlice, Segment, slice_batch_for_cp, validate_cp_model,
 )
 from miras_kernels import MirasSpec
 
@@ -93,10 +93,10 @@ def test_one_rank_group_equals_plain_model(preset, scheme):
     model.zero_grad(set_to_none=True)
     cp = ContextParallel(CPGroup([0]), scheme)
     local = slice_batch_for_cp(b, 0, 1, chunk_size=4)
-    with cp.batch(local["cp_slice"]):
-        assert active() is not None
-        loss = model(local["input_ids"], labels=local["labels"], cu_seqlens=local["cu_seqlens"]) * local["cp_loss_scale"]
-    assert active() is None
+    with cp.batch(local["cp_slice"]) as ctx:
+        assert cp.active is ctx is not None
+        loss = model(local["input_ids"], labels=local["labels"], cu_seqlens=local["cu_seqlens"], cp=ctx) * local["cp_loss_scale"]
+    assert cp.active is None
     loss.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     for n, p in model.named_parameters():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from miras_pretrain.parallel.context_parallel_launch import spawn
+from miras_pretrain.testing.context_parallel_launch import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -57,13 +57,14 @@ def _reference(path: Path) -> None:
 
 
 def _worker(rank: int, world: int, workdir: str) -> None:
-    from miras_pretrain.model import ModelConfig, build_model
+    from miras_pretrain.model import ModelConfig
     from miras_pretrain.parallel import state
     from miras_pretrain.parallel.checkpoint import gather_full_state_dict, shard_state_dict
     from miras_pretrain.parallel.context_parallel import (
         ContextParallel, CPGroup, all_reduce_cp_grads, cp_loss_reduce, slice_batch_for_cp, validate_cp_model,
     )
     from miras_pretrain.parallel.mpu import MegatronMPU
+    from miras_pretrain.parallel.tensor_parallel import build_sharded_model
 
     state.initialize_parallel(2, 1, cp=2, timeout_s=120)
     grp = CPGroup.from_megatron()
@@ -75,14 +76,14 @@ def _worker(rank: int, world: int, workdir: str) -> None:
         ref = torch.load(Path(workdir) / f"ref_{name}.pt")
         cfg = ModelConfig.from_dict(cfg_dict)
         torch.manual_seed(0)
-        model = build_model(cfg)
+        model = build_sharded_model(cfg)
         model.load_state_dict(shard_state_dict(ref["full"], model))
         b = _batch(packed)
         validate_cp_model(cfg, b["input_ids"].shape[1], grp.size)
         cp = ContextParallel(grp, scheme)
         local = slice_batch_for_cp(b, grp.rank, grp.size, chunk_size=cfg.chunk_size)
-        with cp.batch(local["cp_slice"]):
-            loss = model(local["input_ids"], labels=local["labels"], cu_seqlens=local.get("cu_seqlens"))
+        with cp.batch(local["cp_slice"]) as ctx:
+            loss = model(local["input_ids"], labels=local["labels"], cu_seqlens=local.get("cu_seqlens"), cp=ctx)
             loss = loss * local["cp_loss_scale"]
         loss.backward()
         cp.finish_step()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from miras_pretrain.parallel.local_launch import free_port, run_local_workers
+from miras_pretrain.testing.local_launch import free_port, run_local_workers
 
 pytestmark = pytest.mark.distributed
 
@@ -38,9 +38,9 @@ def _worker(rank: int, port: int, workdir: str, tok_path: str) -> None:
                       WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from miras_pretrain.export import export_hf, load_exported_state_dict
-    from miras_pretrain.export.testing import tiny_config
-    from miras_pretrain.model import build_model
+    from miras_pretrain.testing.tiny_models import tiny_config
     from miras_pretrain.parallel import state
+    from miras_pretrain.parallel.tensor_parallel import build_sharded_model as build_model
     from miras_pretrain.parallel.checkpoint import gather_full_state_dict, shard_state_dict
 
     state.initialize_parallel(2, 1, timeout_s=120)
@@ -75,7 +75,7 @@ def _worker(rank: int, port: int, workdir: str, tok_path: str) -> None:
 def test_tp2_gather_export_parity_and_back(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from miras_pretrain.export.testing import tiny_tokenizer
+    from miras_pretrain.testing.tiny_models import tiny_tokenizer
 
     tok_path = tiny_tokenizer(tmp_path / "tok")
     run_local_workers(_worker, (free_port(), str(tmp_path), str(tok_path)), 2, timeout=240,

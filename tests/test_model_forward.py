@@ -197,3 +197,39 @@ def test_cu_seqlens_bad_input():
         model(torch.zeros(2, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="end at the sequence length"):
         model(torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 3]))
+
+
+_ISOLATION_CHECK = """
+import sys
+import torch
+
+cuda_attrs = ("get_rng_state", "set_rng_state", "manual_seed", "current_device", "synchronize")
+before = {name: getattr(torch.cuda, name) for name in cuda_attrs}
+import miras_pretrain.model  # noqa: F401
+runtime = sorted(m for m in sys.modules if m.startswith("miras_pretrain.parallel")
+                 and m != "miras_pretrain.parallel.layout" and m != "miras_pretrain.parallel")
+assert not runtime, f"the model imported the parallel runtime: {runtime}"
+import miras_pretrain.parallel  # noqa: F401
+import miras_pretrain.parallel.context_parallel  # noqa: F401
+import miras_pretrain.parallel.cpu_compat as cpu_compat
+import miras_pretrain.parallel.pipeline  # noqa: F401
+import miras_pretrain.parallel.state  # noqa: F401
+assert all(getattr(torch.cuda, n) is f for n, f in before.items()), "importing parallel patched torch.cuda"
+assert not cpu_compat.cpu_compat_installed()
+if not torch.cuda.is_available():  # the CPU path asks for the patches explicitly and can undo them
+    assert cpu_compat.install_cpu_compat() and torch.cuda.current_device() == 0
+    cpu_compat.uninstall_cpu_compat()
+    assert all(getattr(torch.cuda, n) is f for n, f in before.items()), "uninstall left torch.cuda patched"
+print("isolated")
+"""
+
+
+def test_model_needs_no_parallel_runtime_and_parallel_patches_nothing_on_import():
+    """In a fresh process: importing the model loads no module of the parallel runtime (only the
+    layout dataclass), importing the parallel package leaves ``torch.cuda`` untouched, and the
+    CPU compatibility layer applies only when asked and is undone by ``uninstall``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ISOLATION_CHECK], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "isolated" in proc.stdout, proc.stderr[-3000:]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from miras_pretrain.model import ModelConfig, build_model
-from miras_pretrain.parallel.local_launch import free_port, run_local_workers
+from miras_pretrain.testing.local_launch import free_port, run_local_workers
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -70,12 +70,13 @@ def _tp_case(rank: int, workdir: Path) -> dict:
     from miras_pretrain.parallel.checkpoint import gather_full_state_dict, shard_state_dict
     from miras_pretrain.parallel.cpu_compat import cuda_to_cpu
     from miras_pretrain.parallel.mpu import MegatronMPU
+    from miras_pretrain.parallel.tensor_parallel import build_sharded_model
 
     out: dict = {}
     for name in CONFIGS:
         ref = torch.load(workdir / f"ref_{name}.pt")
         torch.manual_seed(0)
-        model = build_model(ModelConfig.from_dict(CONFIGS[name]))
+        model = build_sharded_model(ModelConfig.from_dict(CONFIGS[name]))
         # same seed -> the TP shards are slices of the single-process initialisation
         init = gather_full_state_dict(model)
         model.load_state_dict(shard_state_dict(ref["full"], model))
@@ -109,7 +110,7 @@ def _tp_case(rank: int, workdir: Path) -> dict:
 def _pp_case(rank: int, workdir: Path) -> dict:
     import deepspeed
 
-    from miras_pretrain.model import build_pipeline_module
+    from miras_pretrain.parallel.pipeline import build_pipeline_module
     from miras_pretrain.parallel.checkpoint import gather_full_state_dict, shard_state_dict
 
     out: dict = {}

@@ -57,8 +57,8 @@ def _worker(rank: int, world: int, preset: str, scheme: str, seq_len: int, steps
         cp.reset_stats()
         dist.barrier()
         t0 = time.perf_counter()
-        with cp.batch(local["cp_slice"]):
-            loss = model(local["input_ids"], labels=local["labels"]) * local["cp_loss_scale"]
+        with cp.batch(local["cp_slice"]) as ctx:
+            loss = model(local["input_ids"], labels=local["labels"], cp=ctx) * local["cp_loss_scale"]
         loss.backward()
         cp.finish_step()
         times.append(time.perf_counter() - t0)
@@ -74,7 +74,7 @@ def _worker(rank: int, world: int, preset: str, scheme: str, seq_len: int, steps
 
 def run(presets: list[str], sizes: list[int], seq_len: int, steps: int, quick: bool) -> list[dict]:
     from miras_kernels import MirasSpec
-    from miras_pretrain.parallel.context_parallel_launch import spawn
+    from miras_pretrain.testing.context_parallel_launch import spawn
 
     rows = []
     for item in presets:

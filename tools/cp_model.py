@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench_results" / "cp_model.json"))
     args = p.parse_args(argv)
     from miras_pretrain.model import ModelConfig
+    from miras_pretrain.model.registry import split_name
 
     hw = {k: getattr(args, k) for k in ("peak_tflops", "mfu", "mem_eff", "bw_intra_gbs", "bw_inter_gbs",
                                         "lat_intra_us", "lat_inter_us", "gpus_per_node")}
@@ -145,11 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'preset':<12} {'GPUs':>5} {'T/rank':>7} {'scheme':<14} {'GB sent/rank':>12} {'bubble ms':>10} "
           f"{'extra ms':>9} {'comm ms':>8} {'step ms':>8} {'overlap':>8} {'overhead':>8}")
     for preset in [s for s in args.presets.split(",") if s]:
-        path = ROOT / "configs" / "models" / f"{preset}_{args.size}.yaml"
-        if path.is_file():
-            cfg = ModelConfig.from_yaml(path)
-        else:  # a grid point without its own YAML (e.g. gla): the gated_delta shape, other memory
-            cfg = ModelConfig.from_yaml(ROOT / "configs" / "models" / f"gated_delta_{args.size}.yaml")
+        if split_name(f"{preset}_{args.size}"):
+            cfg = ModelConfig.from_ref(f"{preset}_{args.size}")
+        else:  # a grid point the registry does not name (e.g. gla): the gated_delta shape, other memory
+            cfg = ModelConfig.from_ref(f"gated_delta_{args.size}")
             cfg = ModelConfig.from_dict({**cfg.to_dict(), "miras": {"preset": preset}})
         for P in [int(g) for g in args.gpus.split(",")]:
             if args.tokens % P:

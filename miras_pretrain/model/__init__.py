@@ -1,4 +1,9 @@
-"""The language model (issue 5): config, model, parameter and FLOP counting."""
+"""The language model: config, model, parameter and FLOP counting.
+
+The model is built for an explicit parallel layout (``build_model(cfg, layout)``) and takes
+context parallelism as a forward argument; it never imports the parallel runtime. The DeepSpeed
+pipeline form lives in :mod:`miras_pretrain.parallel.pipeline`.
+"""
 
 from .config import ModelConfig
 from .counting import count_parameters, flops_per_token
@@ -8,14 +13,3 @@ __all__ = [
     "ModelConfig", "MirasLM", "build_model", "Block", "TokenEmbedding", "LMHead",
     "count_parameters", "flops_per_token",
 ]
-
-
-def build_pipeline_module(*args, **kwargs):
-    """See :func:`miras_pretrain.parallel.pipeline.build_pipeline_module` (re-exported here for
-    the trainer; imported lazily because it pulls in DeepSpeed)."""
-    from miras_pretrain.parallel.pipeline import build_pipeline_module as impl
-
-    return impl(*args, **kwargs)
-
-
-__all__.append("build_pipeline_module")

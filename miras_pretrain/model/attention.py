@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miras_pretrain.parallel import context_parallel
-from miras_pretrain.parallel import layers as tpl
+from miras_pretrain.parallel.layout import SINGLE_PROCESS, ContextParallelContext, ParallelLayout
 
+from . import sharded_layers as sl
 from .config import ModelConfig
-from .layers import doc_positions, local_heads, rotary
+from .layers import doc_positions, rotary
 
 
 def attention_mask(
@@ -34,32 +34,35 @@ def attention_mask(
 class Attention(nn.Module):
     """Multi-head causal attention; heads split over TP ranks. x [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, cfg: ModelConfig, *, sliding: bool, out_std: float) -> None:
+    def __init__(self, cfg: ModelConfig, *, sliding: bool, out_std: float,
+                 layout: ParallelLayout = SINGLE_PROCESS) -> None:
         super().__init__()
         self.cfg = cfg
         self.window = cfg.window if sliding else None
-        self.n_local = local_heads(cfg.n_heads)
+        self.n_local = sl.local_heads(cfg.n_heads, layout)
         self.head_dim = cfg.head_dim
         d, std = cfg.d_model, cfg.init_std
-        self.q_proj = tpl.column_linear(d, d, init_std=std)
-        self.k_proj = tpl.column_linear(d, d, init_std=std)
-        self.v_proj = tpl.column_linear(d, d, init_std=std)
-        self.o_proj = tpl.row_linear(d, d, init_std=out_std)
+        self.q_proj = sl.column_linear(layout, d, d, init_std=std)
+        self.k_proj = sl.column_linear(layout, d, d, init_std=std)
+        self.v_proj = sl.column_linear(layout, d, d, init_std=std)
+        self.o_proj = sl.row_linear(layout, d, d, init_std=out_std)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                cp: ContextParallelContext | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]. ``cu_seqlens`` [N+1] (B == 1): packed documents. ``cp``:
+        this batch's context parallelism (x holds this rank's T_local tokens), or None."""
         b, t, _ = x.shape
         shape = (b, t, self.n_local, self.head_dim)
-        q = self.q_proj(x)[0].view(shape)
-        k = self.k_proj(x)[0].view(shape)
-        v = self.v_proj(x)[0].view(shape)
-        cp = context_parallel.active()  # sequence split over a context-parallel group?
+        q = self.q_proj(x).view(shape)
+        k = self.k_proj(x).view(shape)
+        v = self.v_proj(x).view(shape)
         # RoPE restarts in every packed document (under CP: positions in the global sequence)
         pos = doc_positions(cu_seqlens, t, x.device) if cp is None else cp.positions(x.device)
         q = rotary(q, pos, self.cfg.rope_theta)
         k = rotary(k, pos, self.cfg.rope_theta)
         if cp is not None:
             o = cp.attention(q, k, v, window=self.window).reshape(b, t, self.n_local * self.head_dim)
-            return self.o_proj(o)[0]
+            return self.o_proj(o)
         mask = attention_mask(t, window=self.window, cu_seqlens=cu_seqlens, device=x.device)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, d]
         if mask is None:
@@ -67,4 +70,4 @@ class Attention(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         o = o.transpose(1, 2).reshape(b, t, self.n_local * self.head_dim)
-        return self.o_proj(o)[0]
+        return self.o_proj(o)

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miras_pretrain.parallel import layers as tpl
-from miras_pretrain.parallel import state
+from miras_pretrain.parallel.layout import SINGLE_PROCESS, ParallelLayout
+
+from . import sharded_layers as sl
 
 
 class RMSNorm(nn.Module):
@@ -35,24 +36,15 @@ class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel.
     x [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, d_model: int, hidden: int, *, init_std: float, out_std: float) -> None:
+    def __init__(self, d_model: int, hidden: int, *, init_std: float, out_std: float,
+                 layout: ParallelLayout = SINGLE_PROCESS) -> None:
         super().__init__()
-        self.gate = tpl.column_linear(d_model, hidden, init_std=init_std)
-        self.up = tpl.column_linear(d_model, hidden, init_std=init_std)
-        self.down = tpl.row_linear(hidden, d_model, init_std=out_std)
+        self.gate = sl.column_linear(layout, d_model, hidden, init_std=init_std)
+        self.up = sl.column_linear(layout, d_model, hidden, init_std=init_std)
+        self.down = sl.row_linear(layout, hidden, d_model, init_std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, _ = self.gate(x)
-        u, _ = self.up(x)
-        y, _ = self.down(F.silu(g) * u)
-        return y
-
-
-def local_heads(n_heads: int) -> int:
-    tp = state.tensor_parallel_world_size()
-    if n_heads % tp:
-        raise ValueError(f"n_heads={n_heads} is not divisible by the tensor parallel size {tp}")
-    return n_heads // tp
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def doc_positions(cu_seqlens: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -66,6 +58,7 @@ def doc_positions(cu_seqlens: torch.Tensor | None, seq_len: int, device: torch.d
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
+    """Refuse document offsets that are not ``[0, ..., seq_len]`` of one packed row."""
     if batch != 1:
         raise ValueError(f"cu_seqlens needs batch size 1 (packed documents), got batch {batch}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:

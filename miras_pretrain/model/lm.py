@@ -3,6 +3,10 @@
 The three stage-able pieces (:class:`TokenEmbedding`, :class:`Block`, :class:`LMHead`) are the
 same modules in the single-process / TP model (:class:`MirasLM`) and in the DeepSpeed pipeline
 (``miras_pretrain.parallel.pipeline``), so there is one copy of the model code.
+
+Parallelism is passed in, never looked up: the tensor-parallel split as the
+:class:`~miras_pretrain.parallel.layout.ParallelLayout` the pieces are built with, context
+parallelism as the ``cp`` argument of a forward (one context per batch).
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from miras_pretrain.parallel import layers as tpl
-from miras_pretrain.parallel import state
+from miras_pretrain.parallel.layout import SINGLE_PROCESS, ContextParallelContext, ParallelLayout
 
+from . import sharded_layers as sl
 from .attention import Attention
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU, check_cu_seqlens
@@ -28,8 +32,9 @@ def residual_out_std(cfg: ModelConfig) -> float:
     return cfg.init_std / math.sqrt(2.0 * cfg.n_layers)
 
 
-def check_tp_divisibility(cfg: ModelConfig) -> None:
-    tp = state.tensor_parallel_world_size()
+def check_tp_divisibility(cfg: ModelConfig, layout: ParallelLayout = SINGLE_PROCESS) -> None:
+    """Refuse a config whose heads, vocabulary or MLP width do not split over the TP ranks."""
+    tp = layout.tp_size
     for key, value in (("n_heads", cfg.n_heads), ("vocab_size", cfg.vocab_size), ("ffn_hidden", cfg.ffn_width)):
         if value % tp:
             raise ValueError(
@@ -41,9 +46,10 @@ def check_tp_divisibility(cfg: ModelConfig) -> None:
 class TokenEmbedding(nn.Module):
     """input_ids [B, T] long -> [B, T, D] (vocab-parallel under TP)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layout: ParallelLayout = SINGLE_PROCESS) -> None:
         super().__init__()
-        self.word = tpl.vocab_embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std)
+        self.layout = layout
+        self.word = sl.vocab_embedding(layout, cfg.vocab_size, cfg.d_model, init_std=cfg.init_std)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word(input_ids)
@@ -52,7 +58,7 @@ class TokenEmbedding(nn.Module):
 class Block(nn.Module):
     """h + mixer(norm(h)), then h + SwiGLU(norm(h)). h [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, layout: ParallelLayout = SINGLE_PROCESS) -> None:
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
@@ -60,21 +66,24 @@ class Block(nn.Module):
         out_std = residual_out_std(cfg)
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         if self.kind == "miras":
-            self.mixer: nn.Module = MirasMixer(cfg, out_std=out_std)
+            self.mixer: nn.Module = MirasMixer(cfg, out_std=out_std, layout=layout)
         else:
-            self.mixer = Attention(cfg, sliding=self.kind == "sliding_attention", out_std=out_std)
+            self.mixer = Attention(cfg, sliding=self.kind == "sliding_attention", out_std=out_std, layout=layout)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_width, init_std=cfg.init_std, out_std=out_std)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_width, init_std=cfg.init_std, out_std=out_std, layout=layout)
 
-    def _forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        h = h + self.mixer(self.norm1(h), cu_seqlens)
+    def _forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                 cp: ContextParallelContext | None) -> torch.Tensor:
+        h = h + self.mixer(self.norm1(h), cu_seqlens, cp)
         return h + self.mlp(self.norm2(h))
 
-    def forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                cp: ContextParallelContext | None = None) -> torch.Tensor:
+        """h [B, T, D] -> [B, T, D] (``cu_seqlens``, ``cp``: see :class:`MirasLM`)."""
         if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
             # recompute the block in backward: keeps one [B, T, D] activation per block
-            return checkpoint(self._forward, h, cu_seqlens, use_reentrant=False)
-        return self._forward(h, cu_seqlens)
+            return checkpoint(self._forward, h, cu_seqlens, cp, use_reentrant=False)
+        return self._forward(h, cu_seqlens, cp)
 
 
 class LMHead(nn.Module):
@@ -84,29 +93,33 @@ class LMHead(nn.Module):
     passed to :meth:`forward`.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layout: ParallelLayout = SINGLE_PROCESS) -> None:
         super().__init__()
+        self.layout = layout
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.tied = cfg.tie_embeddings
         if not self.tied:
-            self.proj = tpl.column_linear(cfg.d_model, cfg.vocab_size, init_std=cfg.init_std)
+            self.proj = sl.column_linear(layout, cfg.d_model, cfg.vocab_size, init_std=cfg.init_std)
 
     def forward(self, h: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(h)
         if self.tied:
             if tied_weight is None:
                 raise ValueError("tie_embeddings=True: pass the embedding weight to LMHead.forward")
-            # copy the (replicated) input to the TP region so its grad is all-reduced, as
-            # ColumnParallelLinear does
-            if state.is_initialized():
-                from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-                h = copy_to_tensor_model_parallel_region(h)
-            return torch.nn.functional.linear(h, tied_weight)
-        return self.proj(h)[0]
+            return tied_output(h, tied_weight, self.layout)
+        return self.proj(h)
 
 
-def collect_memory_stats(model: nn.Module) -> dict[str, float]:
+def tied_output(h: torch.Tensor, weight: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """Output head sharing the embedding's weight. h [B, T, D], weight [V / tp, D] ->
+    logits [B, T, V / tp]."""
+    # the replicated input enters the TP region so its grad is all-reduced, as
+    # ColumnParallelLinear does for its own input
+    h = sl.copy_to_tensor_parallel_region(h, layout)
+    return torch.nn.functional.linear(h, weight)
+
+
+def collect_memory_stats(model: nn.Module, layout: ParallelLayout = SINGLE_PROCESS) -> dict[str, float]:
     """Per-Miras-layer stats of the last forward, combined over TP ranks (call on every rank):
     ``layer{i}/init_{W}_norm`` (Frobenius norm of the learned initial memory weights, all heads)
     and ``layer{i}/{gate}_mean`` (mean gate value over batch, time and heads)."""
@@ -121,8 +134,8 @@ def collect_memory_stats(model: nn.Module) -> dict[str, float]:
         return {}
     vec = torch.stack(values)
     means = torch.tensor([op == "mean" for op in ops])
-    tpl.tp_all_reduce_(vec)
-    vec = torch.where(means, vec / state.tensor_parallel_world_size(), vec)
+    sl.tp_all_reduce_(vec, layout)
+    vec = torch.where(means, vec / layout.tp_size, vec)
     out = {}
     for key, val in zip(keys, vec.tolist()):
         if key.endswith("_sqnorm"):
@@ -133,46 +146,54 @@ def collect_memory_stats(model: nn.Module) -> dict[str, float]:
 
 
 class MirasLM(nn.Module):
-    """Decoder LM. ``forward(input_ids [B, T], labels=None, cu_seqlens=None)``.
+    """Decoder LM. ``forward(input_ids [B, T], labels=None, cu_seqlens=None, cp=None)``.
 
     Returns logits [B, T, V / tp] when ``labels`` is None, else the mean cross entropy over
     tokens with ``labels != -100``. ``labels`` are the targets *aligned with* ``input_ids``
     (``labels[:, t]`` is the token that should follow ``input_ids[:, t]``; the data loader
     shifts), Megatron's convention. ``cu_seqlens`` [N+1] (B == 1): packed documents; nothing
-    (memory state, conv, attention) crosses a document boundary.
+    (memory state, conv, attention) crosses a document boundary. ``cp``: this batch's context
+    parallelism (``input_ids`` and ``labels`` are this rank's slice, ``cu_seqlens`` its local
+    offsets), or None.
+
+    ``layout``: the tensor-parallel split (:func:`miras_pretrain.parallel.tensor_parallel.
+    parallel_layout` gives this process's); the default is one TP rank with plain torch layers.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layout: ParallelLayout = SINGLE_PROCESS) -> None:
         super().__init__()
-        check_tp_divisibility(cfg)
+        check_tp_divisibility(cfg, layout)
         self.cfg = cfg
-        self.embed = TokenEmbedding(cfg)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.head = LMHead(cfg)
+        self.layout = layout
+        self.embed = TokenEmbedding(cfg, layout)
+        self.layers = nn.ModuleList(Block(cfg, i, layout) for i in range(cfg.n_layers))
+        self.head = LMHead(cfg, layout)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        cp: ContextParallelContext | None = None,
     ) -> torch.Tensor:
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, input_ids.shape[0], input_ids.shape[1])
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = layer(h, cu_seqlens)
+            h = layer(h, cu_seqlens, cp)
         logits = self.head(h, self.embed.word.weight if self.cfg.tie_embeddings else None)
         if labels is None:
             return logits
-        return tpl.lm_cross_entropy(logits, labels)
+        return sl.lm_cross_entropy(logits, labels, self.layout)
 
     def memory_stats(self) -> dict[str, float]:
-        return collect_memory_stats(self)
+        return collect_memory_stats(self, self.layout)
 
 
-def build_model(cfg: ModelConfig | dict) -> MirasLM:
-    """Build the model for the current process: under TP (megatron groups initialised) every
-    rank holds its shard; otherwise the full model with plain torch layers."""
+def build_model(cfg: ModelConfig | dict, layout: ParallelLayout = SINGLE_PROCESS) -> MirasLM:
+    """The model for ``layout``: the whole model with plain torch layers by default, this
+    rank's shard under tensor parallelism (every rank built from the same seed holds slices of
+    the single-process initialisation)."""
     if isinstance(cfg, dict):
         cfg = ModelConfig.from_dict(cfg)
-    return MirasLM(cfg)
+    return MirasLM(cfg, layout)

@@ -1,4 +1,5 @@
-"""The Miras token mixer (miras-notes section 4).
+"""The Miras token mixer: the layer around the memory (the memory's maths and the gates' starting
+points: docs/semantics.md §1-§5 and §8).
 
 x [B, T, D] -> q, k, v (column-parallel projections) -> causal depthwise conv (kernel
 ``conv_size``) + SiLU on each -> l2-normalised q, k -> per-head gates from a low-rank projection
@@ -16,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from miras_kernels import causal_depthwise_conv, miras_memory
-from miras_pretrain.parallel import context_parallel
-from miras_pretrain.parallel import layers as tpl
+from miras_pretrain.parallel.layout import SINGLE_PROCESS, ContextParallelContext, ParallelLayout
 
+from . import sharded_layers as sl
 from .config import ModelConfig
-from .layers import doc_positions, head_rms_norm, local_heads
+from .layers import doc_positions, head_rms_norm
 
 # Gate activations and the bias each starts from (per gate, same for every head):
 # alpha = sigmoid -> 0.99 (slow forgetting at init), eta = sigmoid * eta_max -> eta_max / 2,
@@ -85,20 +86,21 @@ def init_memory_free_variable(spec, shape: tuple[int, ...], std: float) -> torch
 class MirasMixer(nn.Module):
     """Multi-head Miras memory mixer. x [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, cfg: ModelConfig, *, out_std: float) -> None:
+    def __init__(self, cfg: ModelConfig, *, out_std: float, layout: ParallelLayout = SINGLE_PROCESS) -> None:
         super().__init__()
         self.cfg = cfg
         self.spec = cfg.spec
+        self.layout = layout
         self.n_heads = cfg.n_heads
-        self.n_local = local_heads(cfg.n_heads)
+        self.n_local = sl.local_heads(cfg.n_heads, layout)
         self.head_dim = dh = cfg.head_dim
         d, std = cfg.d_model, cfg.init_std
         inner = cfg.n_heads * dh
-        self.q_proj = tpl.column_linear(d, inner, init_std=std)
-        self.k_proj = tpl.column_linear(d, inner, init_std=std)
-        self.v_proj = tpl.column_linear(d, inner, init_std=std)
-        self.g_proj = tpl.column_linear(d, inner, init_std=std)  # output gate
-        self.o_proj = tpl.row_linear(inner, d, init_std=out_std)
+        self.q_proj = sl.column_linear(layout, d, inner, init_std=std)
+        self.k_proj = sl.column_linear(layout, d, inner, init_std=std)
+        self.v_proj = sl.column_linear(layout, d, inner, init_std=std)
+        self.g_proj = sl.column_linear(layout, d, inner, init_std=std)  # output gate
+        self.o_proj = sl.row_linear(layout, inner, d, init_std=out_std)
         # depthwise conv weights [channels, K]; nn.Conv1d's default init U(-1/sqrt(K), 1/sqrt(K))
         bound = 1.0 / math.sqrt(cfg.conv_size)
         self.q_conv = self._sharded(torch.empty(inner, cfg.conv_size).uniform_(-bound, bound))
@@ -117,7 +119,7 @@ class MirasMixer(nn.Module):
         self.gate_down = nn.Linear(d, cfg.gate_rank, bias=False, device="meta").to_empty(device="cpu")
         with torch.no_grad():
             nn.init.normal_(self.gate_down.weight, std=std)
-        self.gate_up = tpl.column_linear(cfg.gate_rank, cfg.n_heads * n_g, init_std=std, bias=True)
+        self.gate_up = sl.column_linear(layout, cfg.gate_rank, cfg.n_heads * n_g, init_std=std, bias=True)
         with torch.no_grad():
             self.gate_up.bias.copy_(
                 torch.tensor([gate_init_bias(g, dh) for g in self.gate_names]).repeat(self.n_local)
@@ -133,17 +135,16 @@ class MirasMixer(nn.Module):
         self._stats: dict[str, torch.Tensor] = {}
         self._state_norms: dict[str, torch.Tensor] = {}
 
-    @staticmethod
-    def _sharded(full: torch.Tensor) -> nn.Parameter:
+    def _sharded(self, full: torch.Tensor) -> nn.Parameter:
         """Parameter holding this TP rank's heads (dim 0) of ``full``."""
-        p = nn.Parameter(tpl.shard_rows(full, 0).contiguous())
-        tpl.mark_tensor_parallel(p, 0)
+        p = nn.Parameter(sl.shard_rows(full, self.layout, 0).contiguous())
+        sl.mark_tensor_parallel(p, 0)
         return p
 
     def gates(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x [B, T, D] -> {name: [B, T, H_local]} in fp32."""
         b, t, _ = x.shape
-        raw = self.gate_up(self.gate_down(x))[0].float().view(b, t, self.n_local, -1)
+        raw = self.gate_up(self.gate_down(x)).float().view(b, t, self.n_local, -1)
         out = {}
         for i, name in enumerate(self.gate_names):
             z = raw[..., i]
@@ -155,23 +156,26 @@ class MirasMixer(nn.Module):
                 out[name] = torch.sigmoid(z)
         return out
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                cp: ContextParallelContext | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]. ``cu_seqlens`` [N+1] (B == 1): packed documents, nothing
+        crosses a document start. ``cp``: this batch's context parallelism (x holds this rank's
+        T_local tokens of the sequence), or None."""
         b, t, _ = x.shape
         h, dh = self.n_local, self.head_dim
-        cp = context_parallel.active()
         if cp is None:
             pos = None if cu_seqlens is None else doc_positions(cu_seqlens, t, x.device)
             conv = lambda z, w: causal_depthwise_conv(z, w, pos)  # noqa: E731
             memory = miras_memory
         else:
             # the sequence is split over a context-parallel group: the conv needs the previous
-            # rank's last inputs and the memory its state (parallel/context_parallel_memory.py)
+            # rank's last inputs and the memory its state (parallel/context_parallel/memory.py)
             seq = cp.miras_layer(self.spec, batch=b, heads=h, head_dim=dh, chunk_size=self.cfg.chunk_size,
                                  dtype=x.dtype)
             conv, memory = seq.conv, seq.memory
 
         def branch(proj, conv_w):
-            z = conv(proj(x)[0], conv_w.to(x.dtype))
+            z = conv(proj(x), conv_w.to(x.dtype))
             return F.silu(z).view(b, t, h, dh)
 
         q = F.normalize(branch(self.q_proj, self.q_conv), dim=-1)
@@ -188,13 +192,13 @@ class MirasMixer(nn.Module):
             backend=self.cfg.backend, **extra,
         )
         y = head_rms_norm(y, self.out_norm, self.cfg.norm_eps)
-        y = y * F.silu(self.g_proj(x)[0]).view(b, t, h, dh)
+        y = y * F.silu(self.g_proj(x)).view(b, t, h, dh)
         self._stats = {name: gate.detach().mean() for name, gate in g.items()}
         # Frobenius norm of each final free variable (W, A for lq, Z for kl), mean over
         # sequences and heads: a memory that blows up shows here before the loss does
         self._state_norms = {} if final is None else {
             name: final[name].detach().float().flatten(-2).norm(dim=-1).mean() for name in self.spec.weight_names()}
-        return self.o_proj(y.reshape(b, t, h * dh))[0]
+        return self.o_proj(y.reshape(b, t, h * dh))
 
     @torch.no_grad()
     def local_stats(self) -> dict[str, tuple[torch.Tensor, str]]:

@@ -1,32 +1,10 @@
-"""Tensor / pipeline / data parallelism for the model (megatron-core TP layers, DeepSpeed
-pipeline), a DeepSpeed ``mpu`` adapter, CPU compatibility for megatron, and state-dict
-conversion between sharded and single-process layouts. Heavy imports stay in the submodules."""
+"""Parallelism around the model: process groups (:mod:`.state`), megatron-core tensor
+parallelism handed to the model as its layout (:mod:`.layout`, :mod:`.tensor_parallel`), the
+DeepSpeed pipeline (:mod:`.pipeline`), context parallelism (:mod:`.context_parallel`), the
+DeepSpeed ``mpu`` adapter (:mod:`.mpu`), state-dict conversion between sharded and
+single-process layouts (:mod:`.checkpoint`) and megatron's CPU compatibility layer
+(:mod:`.cpu_compat`, applied only by ``initialize_parallel`` on a machine without CUDA).
 
-from .state import (
-    context_parallel_global_ranks,
-    context_parallel_group,
-    context_parallel_rank,
-    context_parallel_world_size,
-    data_context_parallel_group,
-    data_parallel_group,
-    data_parallel_rank,
-    data_parallel_world_size,
-    destroy_parallel,
-    initialize_parallel,
-    is_initialized,
-    pipeline_parallel_group,
-    pipeline_parallel_rank,
-    pipeline_parallel_world_size,
-    tensor_parallel_group,
-    tensor_parallel_rank,
-    tensor_parallel_world_size,
-)
-
-__all__ = [
-    "initialize_parallel", "destroy_parallel", "is_initialized",
-    "tensor_parallel_world_size", "tensor_parallel_rank", "tensor_parallel_group",
-    "pipeline_parallel_world_size", "pipeline_parallel_rank", "pipeline_parallel_group",
-    "data_parallel_world_size", "data_parallel_rank", "data_parallel_group",
-    "context_parallel_world_size", "context_parallel_rank", "context_parallel_group",
-    "context_parallel_global_ranks", "data_context_parallel_group",
-]
+Importing this package imports none of its submodules (and patches nothing): the model imports
+:mod:`.layout` alone.
+"""

@@ -4,7 +4,7 @@ The single-process ("full") layout is ``build_model(cfg).state_dict()``'s parame
 ``embed.word.weight``, ``layers.{i}.…``, ``head.norm.weight``, ``head.proj.weight``. A
 ``PipelineModule`` names its layers by position (``0.…`` embedding, ``{i+1}.…`` block i,
 ``{N+1}.…`` head, ``tied_modules.embed.…`` for a tied embedding). TP-split parameters carry
-``partition_dim`` (see :mod:`.layers`); they are concatenated over the TP group in that dim.
+``partition_dim`` (see :mod:`miras_pretrain.model.sharded_layers`); they are concatenated over the TP group in that dim.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import layers as tpl
+from miras_pretrain.model.sharded_layers import is_tensor_parallel
+
 from . import state
 
 _PIPE_RE = re.compile(r"^(\d+)\.(.*)$")
@@ -59,7 +60,7 @@ def gather_full_state_dict(
         t = tensors[name]
         if t is None:
             raise ValueError(f"gather_full_state_dict: no tensor for parameter {name!r}")
-        if tp > 1 and tpl.is_tensor_parallel(p):
+        if tp > 1 and is_tensor_parallel(p):
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t.contiguous(), group=group)
             t = torch.cat(parts, dim=p.partition_dim)
@@ -85,7 +86,7 @@ def shard_state_dict(full: dict[str, torch.Tensor], module: nn.Module) -> dict[s
         if key not in full:
             raise ValueError(f"state dict lacks {key!r}: it was saved from a different model config")
         t = full[key]
-        if tp > 1 and tpl.is_tensor_parallel(p):
+        if tp > 1 and is_tensor_parallel(p):
             t = t.chunk(tp, dim=p.partition_dim)[rank]
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(

@@ -10,7 +10,10 @@ with ``device=torch.cuda.current_device()`` or ``device="cuda"`` and ``torch.cud
 * stubs ``torch.cuda.current_device`` (0) and ``torch.cuda.synchronize`` (no-op),
 * keeps the "CUDA" RNG state of megatron's tracker on the CPU generator.
 
-Everything is applied only when ``torch.cuda.is_available()`` is False; on a GPU it is a no-op.
+Nothing happens on import. :func:`install_cpu_compat` applies the patches -- only when
+``torch.cuda.is_available()`` is False; on a GPU it is a no-op -- and is called by the CPU branch
+of ``initialize_parallel``; :func:`uninstall_cpu_compat` (from ``destroy_parallel``) puts the
+originals back, so a process that leaves megatron behind has an untouched ``torch.cuda``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from typing import Any, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-_INSTALLED = False
+# (owner, attribute name) -> the original, while the patches are installed
+_ORIGINALS: dict[tuple[Any, str], Any] = {}
+_CUDA_ATTRS = ("get_rng_state", "set_rng_state", "manual_seed", "current_device", "synchronize")
 
 
 def _is_cuda_device(dev: Any) -> bool:
@@ -53,12 +58,15 @@ def install_cpu_compat() -> bool:
 
     Returns True when the patches are (now) active, False on a machine with CUDA.
     """
-    global _INSTALLED
     if torch.cuda.is_available():
         return False
-    if _INSTALLED:
+    if _ORIGINALS:
         return True
     from megatron.core.tensor_parallel import random as mrandom
+
+    for owner, names in ((mrandom, ("_get_cuda_rng_state", "_set_cuda_rng_state")), (torch.cuda, _CUDA_ATTRS)):
+        for name in names:
+            _ORIGINALS[(owner, name)] = getattr(owner, name)
 
     def _get_state(device: Any = -1, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
         state = torch.get_rng_state()
@@ -76,8 +84,19 @@ def install_cpu_compat() -> bool:
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None
-    _INSTALLED = True
     return True
+
+
+def uninstall_cpu_compat() -> None:
+    """Undo :func:`install_cpu_compat` (a no-op when it is not installed)."""
+    for (owner, name), original in _ORIGINALS.items():
+        setattr(owner, name, original)
+    _ORIGINALS.clear()
+
+
+def cpu_compat_installed() -> bool:
+    """Whether the patches are active now."""
+    return bool(_ORIGINALS)
 
 
 @contextlib.contextmanager

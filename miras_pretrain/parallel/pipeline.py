@@ -7,22 +7,29 @@ documents, the tuple ``(h, cu_seqlens)``; the engine's data iterator yields
 ``(input_ids, labels)`` or ``((input_ids, cu_seqlens), labels)``. Under TP the topology is
 ``PipeModelDataParallelTopology(pp, dp, tp)`` whose rank layout equals megatron's, so the TP
 groups megatron's layers use and DeepSpeed's grid agree. Under context parallelism the grid's
-data axis is DP x CP and the labels carry a loss factor (see :func:`pipeline_loss`).
+data axis is DP x CP and the labels carry a loss factor (see :func:`pipeline_loss`); the engine
+calls the stages with activations only, so the batch's CP context is bound to the module around
+``train_batch`` / ``eval_batch`` (:meth:`MirasPipelineModule.context_parallel`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from miras_pretrain.model.config import ModelConfig
 from miras_pretrain.model.layers import check_cu_seqlens
-from miras_pretrain.model.lm import Block, LMHead, TokenEmbedding, check_tp_divisibility
+from miras_pretrain.model.lm import (
+    Block, LMHead, TokenEmbedding, check_tp_divisibility, collect_memory_stats, tied_output,
+)
+from miras_pretrain.model.sharded_layers import lm_cross_entropy
 
-from . import layers as tpl
 from . import state
+from .layout import SINGLE_PROCESS, ContextParallelContext, ParallelLayout
+from .tensor_parallel import parallel_layout
 
 TIED_KEY = "embed"
 
@@ -45,12 +52,26 @@ class EmbeddingPipe(TokenEmbedding):
         return h, cu
 
 
+class ContextParallelSlot:
+    """The CP context of the batch the pipeline engine is running (None outside one), shared
+    by every block of a stage: the engine passes activations only, so the context cannot travel
+    with them."""
+
+    def __init__(self) -> None:
+        self.context: ContextParallelContext | None = None
+
+
 class BlockPipe(Block):
     """h or (h, cu_seqlens) -> same structure."""
 
+    def __init__(self, cfg: ModelConfig, layer_idx: int, layout: ParallelLayout,
+                 cp_slot: ContextParallelSlot) -> None:
+        super().__init__(cfg, layer_idx, layout)
+        self.cp_slot = cp_slot
+
     def forward(self, inputs):  # type: ignore[override]
         h, cu = _split(inputs)
-        out = super().forward(h, cu)
+        out = super().forward(h, cu, self.cp_slot.context)
         return out if cu is None else (out, cu)
 
 
@@ -66,24 +87,22 @@ class LMHeadPipe(LMHead):
 
 
 def tied_logits(embedding: EmbeddingPipe, h: torch.Tensor) -> torch.Tensor:
-    """Output head sharing the embedding weight (last stage's copy of the tied module)."""
-    if state.is_initialized():
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-        h = copy_to_tensor_model_parallel_region(h)
-    return F.linear(h, embedding.word.weight)
+    """Output head sharing the embedding weight (last stage's copy of the tied module).
+    h [B, T, D] -> logits [B, T, V / tp]."""
+    return tied_output(h, embedding.word.weight, embedding.layout)
 
 
-def pipeline_loss(logits: torch.Tensor, labels) -> torch.Tensor:
+def pipeline_loss(logits: torch.Tensor, labels, layout: ParallelLayout = SINGLE_PROCESS) -> torch.Tensor:
     """Mean token loss of one micro-batch (labels aligned with inputs, -100 ignored).
 
     ``labels`` is [B, T] long, or ``(labels, factor)`` with a float tensor ``factor`` the loss is
     multiplied by: under context parallelism each rank's factor is CP x its share of the
-    micro-batch's counted labels, because the engine averages over its data axis (DP x CP)."""
+    micro-batch's counted labels, because the engine averages over its data axis (DP x CP).
+    ``layout``: the model's (the vocab-parallel loss under TP)."""
     if isinstance(labels, (tuple, list)):
         labels, factor = labels
-        return tpl.lm_cross_entropy(logits, labels) * factor.to(torch.float32).reshape(())
-    return tpl.lm_cross_entropy(logits, labels)
+        return lm_cross_entropy(logits, labels, layout) * factor.to(torch.float32).reshape(())
+    return lm_cross_entropy(logits, labels, layout)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,15 +110,25 @@ def _pipeline_class():
     """The PipelineModule subclass, defined lazily so importing this module needs no DeepSpeed."""
     from deepspeed.pipe import PipelineModule
 
-    from miras_pretrain.model.lm import collect_memory_stats
-
     class MirasPipelineModule(PipelineModule):
-        """DeepSpeed's PipelineModule plus the model's ``memory_stats()`` (this stage's layers)."""
+        """DeepSpeed's PipelineModule plus the model's ``memory_stats()`` (this stage's layers)
+        and the binding of a batch's context parallelism."""
 
         miras_config: ModelConfig
+        miras_layout: ParallelLayout
+        cp_slot: ContextParallelSlot
 
         def memory_stats(self) -> dict[str, float]:
-            return collect_memory_stats(self)
+            return collect_memory_stats(self, self.miras_layout)
+
+        @contextlib.contextmanager
+        def context_parallel(self, cp: ContextParallelContext) -> Iterator[None]:
+            """Run the stage's blocks with ``cp`` inside the block (around ``train_batch``)."""
+            previous, self.cp_slot.context = self.cp_slot.context, cp
+            try:
+                yield
+            finally:
+                self.cp_slot.context = previous
 
     return MirasPipelineModule
 
@@ -125,7 +154,8 @@ def build_pipeline_module(
 
     if isinstance(cfg, dict):
         cfg = ModelConfig.from_dict(cfg)
-    check_tp_divisibility(cfg)
+    layout = parallel_layout()
+    check_tp_divisibility(cfg, layout)
     if state.is_initialized():
         # DeepSpeed's grid has no CP axis: its data axis is DP x CP (megatron's tp-cp-dp-pp
         # order puts CP right inside DP, the grid's order puts data right outside model = TP, so
@@ -145,18 +175,19 @@ def build_pipeline_module(
         topology = None
     if cfg.n_layers + 2 < (num_stages or topology.get_dim("pipe")):
         raise ValueError("build_pipeline_module: more pipeline stages than layers")
+    cp_slot = ContextParallelSlot()
     specs: list = []
     if cfg.tie_embeddings:
-        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, cfg, tied_weight_attr=["word.weight"]))
+        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, cfg, layout, tied_weight_attr=["word.weight"]))
     else:
-        specs.append(LayerSpec(EmbeddingPipe, cfg))
-    specs += [LayerSpec(BlockPipe, cfg, i) for i in range(cfg.n_layers)]
-    specs.append(LayerSpec(LMHeadPipe, cfg))
+        specs.append(LayerSpec(EmbeddingPipe, cfg, layout))
+    specs += [LayerSpec(BlockPipe, cfg, i, layout, cp_slot) for i in range(cfg.n_layers)]
+    specs.append(LayerSpec(LMHeadPipe, cfg, layout))
     if cfg.tie_embeddings:
-        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, cfg, forward_fn=tied_logits,
+        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, cfg, layout, forward_fn=tied_logits,
                                    tied_weight_attr=["word.weight"]))
     module = _pipeline_class()(
-        layers=specs, num_stages=num_stages, topology=topology, loss_fn=pipeline_loss,
+        layers=specs, num_stages=num_stages, topology=topology, loss_fn=functools.partial(pipeline_loss, layout=layout),
         partition_method=partition_method,
         activation_checkpoint_interval=activation_checkpoint_interval,
         dynamic_shape=dynamic_shape,
@@ -167,4 +198,6 @@ def build_pipeline_module(
             f"{state.pipeline_parallel_rank()}: rank layouts disagree"
         )
     module.miras_config = cfg
+    module.miras_layout = layout
+    module.cp_slot = cp_slot
     return module

@@ -19,6 +19,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .cpu_compat import install_cpu_compat, uninstall_cpu_compat
+
 
 def _ps():
     from megatron.core import parallel_state
@@ -57,8 +59,6 @@ def initialize_parallel(
     cuda = torch.cuda.is_available()
     backend = backend or ("nccl" if cuda else "gloo")
     if not cuda:
-        from .cpu_compat import install_cpu_compat
-
         install_cpu_compat()
         # DeepSpeed JIT-builds a shared-memory op (~22 s) on every CPU init; we do not use it.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
@@ -95,11 +95,12 @@ def initialize_parallel(
 
 def destroy_parallel() -> None:
     """Tear down megatron's groups and the default process group (barrier first: avoids the
-    rare teardown abort seen with gloo)."""
+    rare teardown abort seen with gloo), and undo the CPU compatibility patches."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         _ps().destroy_model_parallel()
         dist.destroy_process_group()
+    uninstall_cpu_compat()
 
 
 def tensor_parallel_world_size() -> int:

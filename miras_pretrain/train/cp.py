@@ -1,10 +1,11 @@
 """The trainer's context-parallel (CP) glue: config checks, batch slicing, loss scale, metrics.
 
-The CP runtime itself lives in :mod:`miras_pretrain.parallel.context_parallel`; this module
-only adapts it to the training loop (see docs/context_parallel.md, "Trainer"):
+The CP runtime and its rules live in :mod:`miras_pretrain.parallel.context_parallel`; this
+module only adapts them to the training loop (see docs/context_parallel.md, "Trainer"):
 
-* :func:`check_cp_config` -- every CP rule as a one-line ``ValueError`` naming the config key,
-  run before any process-group work.
+* :func:`check_cp_config` -- the CP rules (checked by the runtime's one validator, naming the
+  config keys) plus the launch's and the engine's limits, each a one-line ``ValueError``; run
+  before any process-group work.
 * :class:`TrainerCP` -- per process: the :class:`ContextParallel` runtime bound to megatron's CP
   group, :meth:`TrainerCP.slice` (this rank's part of a batch every rank of the group received
   whole) and the ``cp/*`` metrics of a logging window.
@@ -20,11 +21,17 @@ additionally multiplied by the CP size (:meth:`TrainerCP.pipe_loss_scale`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+
+from miras_pretrain.parallel import state
+from miras_pretrain.parallel.context_parallel import (
+    ContextParallel, CPContext, CPGroup, CPSlice, FieldNames, slice_batch_for_cp, validate_cp_model,
+)
 
 # CPStats fields summed per logging window, in this order (one all-reduce each for SUM and MAX)
 _FIELDS = ("wait_s", "comm_s", "bytes_sent", "messages", "tokens")
@@ -41,49 +48,42 @@ def launch_world_size() -> int:
     return 1
 
 
+# how CP errors name the training config's keys
+CONFIG_FIELD_NAMES = FieldNames(
+    seq_len="data.seq_len", cp_size="parallel.context_parallel_size",
+    scheme="parallel.context_parallel_scheme", chunk_size="model.chunk_size",
+    activation_checkpointing="model.activation_checkpointing",
+    conv_size="model.conv_size", window="model.window", config_keys=True,
+)
+
+
 def check_cp_config(cfg, model_cfg, seq_len: int, world_size: int, *, data_layout: str = "packed") -> None:
-    """Validate the ``parallel`` section against the layout, the model and the data.
+    """Validate the ``parallel`` section against the launch, the model, the data and the engine.
 
     Args:
-        cfg: the ``RunConfig``; model_cfg: its resolved ``ModelConfig`` (activation
-            checkpointing from ``train`` already merged); seq_len: ``data.seq_len``;
+        cfg: the ``RunConfig``; model_cfg: its resolved ``ModelConfig``; seq_len: ``data.seq_len``;
         world_size: number of processes of the job; data_layout: ``data.layout``.
 
-    Raises ValueError (one line naming the key and the fix) when: the world size is not a
-    multiple of tp * pp * cp; ``data.seq_len`` is not a multiple of cp * ``model.chunk_size``
-    (each rank's slice must be whole chunks, otherwise CP = n and CP = 1 would use different
-    chunk grids -- there is no padding); the scheme is ``all_gather`` for a non-affine memory;
-    activation checkpointing or ZeRO-3 with CP > 1; the conv / sliding-window halo does not fit
-    in one slice; packed documents (``data.layout: documents``) with pipeline parallelism.
+    Raises ValueError (one line naming the key and the fix) when the world size is not a
+    multiple of tp * pp * cp; when a rule of context parallelism itself fails
+    (:func:`~miras_pretrain.parallel.context_parallel.validate_cp_model`: slices of whole
+    chunks, scheme vs memory, activation checkpointing, halos); and for the engine's limits with
+    CP > 1: ZeRO-3, packed documents (``data.layout: documents``) with pipeline parallelism.
     """
-    t, cp = cfg.train, cfg.parallel.context_parallel_size
-    scheme = cfg.parallel.context_parallel_scheme
-    span = t.tensor_parallel * t.pipeline_parallel * cp
+    par = cfg.parallel
+    tp, pp, cp = par.tensor_parallel_size, par.pipeline_parallel_size, par.context_parallel_size
+    span = tp * pp * cp
     if world_size % span:
         raise ValueError(
             f"config key 'parallel.context_parallel_size' = {cp}: the world size {world_size} is not a multiple of "
-            f"train.tensor_parallel x train.pipeline_parallel x parallel.context_parallel_size = "
-            f"{t.tensor_parallel} x {t.pipeline_parallel} x {cp} = {span}: start a multiple of {span} processes "
-            "or change these sizes"
+            f"parallel.tensor_parallel_size x parallel.pipeline_parallel_size x parallel.context_parallel_size = "
+            f"{tp} x {pp} x {cp} = {span}: start a multiple of {span} processes or change these sizes"
         )
-    has_miras = "M" in model_cfg.layer_pattern
-    if has_miras and scheme == "all_gather" and not model_cfg.spec.is_affine:
-        s = model_cfg.spec
-        raise ValueError(
-            f"config key 'parallel.context_parallel_scheme' = 'all_gather' needs an affine memory (linear memory, "
-            f"dot/l2 bias, none/decay retention) but the model's memory is {s.memory}/{s.bias}/{s.retention}: "
-            "use 'auto' or 'state_passing'"
-        )
+    validate_cp_model(model_cfg, seq_len, cp, scheme=par.context_parallel_scheme,
+                      names=CONFIG_FIELD_NAMES)
     if cp == 1:
         return
-    step = cp * model_cfg.chunk_size
-    if seq_len % step:
-        raise ValueError(
-            f"config key 'data.seq_len' = {seq_len} is not a multiple of parallel.context_parallel_size x "
-            f"model.chunk_size = {cp} x {model_cfg.chunk_size} = {step}: use a multiple of {step} (each CP rank's "
-            "slice must be whole chunks; context parallelism does not pad)"
-        )
-    if t.zero_stage == 3:
+    if cfg.train.zero_stage == 3:
         # measured: the losses drift from CP = 1 from step 2 on. DeepSpeed 0.19.8's ZeRO-3
         # reduce-scatter averages gradients over DP x CP (its sequence-parallel factor is applied
         # on the all-reduce path only), and with reduce_scatter off the global grad norm is still
@@ -92,23 +92,11 @@ def check_cp_config(cfg, model_cfg, seq_len: int, world_size: int, *, data_layou
             f"config key 'train.zero_stage' = 3 is not supported with parallel.context_parallel_size = {cp} "
             "(DeepSpeed's ZeRO-3 does not reduce gradients correctly over context-parallel ranks): use zero_stage 1 or 2"
         )
-    if model_cfg.activation_checkpointing or t.activation_checkpointing:
-        raise ValueError(
-            f"config key 'train.activation_checkpointing' (or model.activation_checkpointing) = true is not supported "
-            f"with parallel.context_parallel_size = {cp} (the recomputed forward would exchange states again): set it "
-            "to false"
-        )
-    if t.pipeline_parallel > 1 and data_layout == "documents":
+    if pp > 1 and data_layout == "documents":
         raise ValueError(
             "config key 'data.layout' = 'documents' is not supported with parallel.context_parallel_size > 1 and "
-            "train.pipeline_parallel > 1 (one CP layout per pipeline batch): use data.layout: packed"
+            "parallel.pipeline_parallel_size > 1 (one CP layout per pipeline batch): use data.layout: packed"
         )
-    from miras_pretrain.parallel.context_parallel import validate_cp_model
-
-    try:
-        validate_cp_model(model_cfg, seq_len, cp)
-    except ValueError as err:
-        raise ValueError(f"config key 'parallel.context_parallel_size' = {cp}: {err}") from None
 
 
 @dataclass
@@ -124,9 +112,6 @@ class TrainerCP:
     """One process's CP state in the trainer (build after ``initialize_parallel(cp=...)``)."""
 
     def __init__(self, scheme: str, chunk_size: int) -> None:
-        from miras_pretrain.parallel import state
-        from miras_pretrain.parallel.context_parallel import ContextParallel, CPGroup
-
         self.runtime = ContextParallel(CPGroup.from_megatron(), scheme)
         self.size = self.runtime.group.size
         self.rank = state.context_parallel_rank()
@@ -141,12 +126,18 @@ class TrainerCP:
         [B, T], ``cu_seqlens`` [N+1] with B == 1 or None). Returns ``slice_batch_for_cp``'s dict:
         ``input_ids``/``labels`` [B, T/cp], ``cu_seqlens`` (local, or None), ``cp_slice``,
         ``cp_loss_scale``."""
-        from miras_pretrain.parallel.context_parallel import slice_batch_for_cp
-
         batch = {"input_ids": ids, "labels": labels}
         if cu_seqlens is not None:
             batch["cu_seqlens"] = cu_seqlens
         return slice_batch_for_cp(batch, self.rank, self.size, chunk_size=self.chunk_size)
+
+    @contextlib.contextmanager
+    def pipeline_batch(self, module: torch.nn.Module, layout: CPSlice) -> Iterator[CPContext]:
+        """Bind one pipeline batch's CP context to the pipeline ``module`` (built by
+        ``build_pipeline_module``) around ``engine.train_batch`` / ``eval_batch``: the engine
+        calls the stages with activations only, so the context cannot be an argument there."""
+        with self.runtime.batch(layout) as context, module.context_parallel(context):
+            yield context
 
     def pipe_loss_scale(self, local: dict[str, Any]) -> float:
         """Loss factor for DeepSpeed's pipeline engine, which averages over DP x CP."""
@@ -171,7 +162,6 @@ class TrainerCP:
     def verify_grad_order(self) -> None:
         """Compare the recorded order over the DP x CP group (collective); raise on mismatch."""
         import torch.distributed as dist
-        from miras_pretrain.parallel import state
 
         for h in getattr(self, "_hooks", []):
             h.remove()

@@ -9,11 +9,10 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import socket
 
 import torch
 import torch.distributed as dist
-
-from miras_pretrain.parallel.local_launch import free_port
 
 
 # variables this process invented for its lone 1-process group; removed again by destroy() so
@@ -21,7 +20,14 @@ from miras_pretrain.parallel.local_launch import free_port
 _ADDED_ENV: list[str] = []
 
 
-def _fill_env_for_single_process() -> None:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill_env_for_single_process() -> None:
     # SLURM without torchrun: map SLURM's variables to torch's
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ \
             and int(os.environ["SLURM_NTASKS"]) > 1:
@@ -52,7 +58,7 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def init_distributed(device: torch.device, timeout_s: int = 1800) -> None:
     """Initialise torch.distributed + DeepSpeed comm (gloo on CPU, nccl on CUDA). Idempotent."""
-    _fill_env_for_single_process()
+    fill_env_for_single_process()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:

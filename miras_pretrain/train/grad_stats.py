@@ -17,8 +17,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from miras_pretrain.parallel import layers as tpl
-from miras_pretrain.parallel import state
+from miras_pretrain.model.sharded_layers import is_tensor_parallel, tp_all_reduce_
+from miras_pretrain.parallel.tensor_parallel import parallel_layout
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -51,7 +51,8 @@ def grad_norms_by_group(
     summed over the TP group -- the same counting as DeepSpeed's global norm, so the groups'
     squares add up to ``engine.get_global_grad_norm() ** 2``.
     """
-    count_replicated = state.tensor_parallel_rank() == 0
+    layout = parallel_layout()
+    count_replicated = layout.tp_rank == 0
     sums: dict[str, torch.Tensor] = {}
     for name, p in named_params:
         if not p.requires_grad:
@@ -60,14 +61,14 @@ def grad_norms_by_group(
         if g is None:
             continue
         sq = torch.linalg.vector_norm(g.detach(), dtype=torch.float32).square()
-        if not (tpl.is_tensor_parallel(p) or count_replicated):
+        if not (is_tensor_parallel(p) or count_replicated):
             sq = torch.zeros_like(sq)  # keep the group (same keys on every TP rank), add nothing
         group = grad_group(name)
         sums[group] = sums[group] + sq if group in sums else sq
     if not sums:
         return {}
     vec = torch.stack(list(sums.values())).double()
-    tpl.tp_all_reduce_(vec)  # no-op without TP; keys are in the same order on every TP rank
+    tp_all_reduce_(vec, layout)  # no-op without TP; keys are in the same order on every TP rank
     return {k: math.sqrt(v) for k, v in zip(sums, vec.tolist())}
 
 

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from miras_pretrain.parallel.state import destroy_parallel
+
 from .local_launch import free_port, run_local_workers
 
 
@@ -20,7 +22,7 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, megatron: b
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    if not megatron:  # megatron users call state.initialize_parallel themselves
+    if not megatron:  # megatron users call initialize_parallel themselves
         import datetime
 
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -29,8 +31,6 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, megatron: b
     finally:
         if dist.is_initialized():
             if megatron:
-                from .state import destroy_parallel
-
                 destroy_parallel()
             else:
                 dist.barrier()

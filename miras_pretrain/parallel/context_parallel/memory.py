@@ -33,10 +33,10 @@ from collections.abc import Mapping
 
 import torch
 
-from miras_kernels import miras_memory
+from miras_kernels import causal_depthwise_conv, miras_memory
 
-from .context_parallel import ActiveCP, Segment
-from .context_parallel_comm import AllGather, Attach, FromPrev, PostedRecv, ToNext, anchor, halo_exchange
+from .comm import AllGather, Attach, CPTransport, FromPrev, PostedRecv, ToNext, anchor, halo_exchange
+from .layout import CPSlice, Segment
 
 TOKEN_INPUTS = ("q", "k", "v", "alpha", "eta", "delta", "mu")
 Tok = dict[str, torch.Tensor]
@@ -57,17 +57,18 @@ def _length(tok: Tok) -> int:
 
 class MirasLayerCP:
     """CP helper of one Miras mixer forward (see module docstring). Created by
-    ``ActiveCP.miras_layer``; posts the receive of rank r-1's state right away so the transfer
-    overlaps this rank's projections and convolutions."""
+    ``CPContext.miras_layer`` with the layer's resolved ``scheme`` (``"state_passing"`` or
+    ``"all_gather"``); posts the receive of rank r-1's state right away so the transfer overlaps
+    this rank's projections and convolutions. ``heads`` are this rank's (TP-local) heads."""
 
-    def __init__(self, active: ActiveCP, spec, *, batch: int, heads: int, head_dim: int, chunk_size: int,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.cp, self.layout, self.spec = active.runtime, active.layout, spec
+    def __init__(self, transport: CPTransport, layout: CPSlice, scheme: str, spec, *, batch: int, heads: int,
+                 head_dim: int, chunk_size: int, dtype: torch.dtype = torch.float32) -> None:
+        self.cp, self.layout, self.spec = transport, layout, spec
         self.dtype = dtype  # of q, k, v; gates are fp32; the state at least fp32 (as in the op)
         self.sdt = torch.promote_types(dtype, torch.float32)
         self.batch, self.heads, self.dk = batch, heads, head_dim
         self.chunk = chunk_size
-        self.scheme = self.cp.scheme_for(spec)
+        self.scheme = scheme
         self.segs: list[Segment] = self.layout.segments()
         first, last = self.segs[0], self.segs[-1]
         C = chunk_size
@@ -98,8 +99,6 @@ class MirasLayerCP:
         """Causal depthwise conv across the rank boundary. x [B, T_local, C], weight [C, K] ->
         [B, T_local, C]; the previous rank's last K-1 inputs arrive by a halo exchange and are
         masked by the document positions (nothing crosses a document start)."""
-        from miras_kernels.conv import causal_depthwise_conv
-
         pos = self.layout.positions(x.device)
         h = weight.shape[1] - 1
         if h == 0:

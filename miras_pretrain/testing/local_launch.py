@@ -1,24 +1,20 @@
 """Run a few local worker processes and never leave one behind (tests, CPU benchmarks).
 
-One place for what every multi-process check needs: a free loopback port for the rendezvous,
-and a join loop with a deadline that kills every child when one fails, hangs or the caller is
-interrupted.
+One place for what every multi-process check needs: a free loopback port for the rendezvous
+(:func:`free_port`, the one a lone training process uses too) and a join loop with a deadline
+that kills every child when one fails, hangs or the caller is interrupted.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+from miras_pretrain.train.dist import free_port
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "run_local_workers"]
 
 
 def run_local_workers(entry: Callable[..., Any], args: tuple, nprocs: int, *, timeout: float,

@@ -2,7 +2,7 @@
 
 * Sliding window (``window = w``): a query sees the ``w - 1`` keys before it, so rank r needs the
   last ``w - 1`` keys and values of rank r-1 -- a halo exchange, forward and backward (requires
-  ``w - 1 <= T_local``; ``validate_cp_model`` says so in one line).
+  ``w - 1 <= T_local``; ``rules.validate_cp_model`` says so in one line).
 * Full causal attention: one all-gather of every rank's keys and values (simple and exact; memory
   O(T) per rank -- a ring schedule would be the next step for very long contexts).
 
@@ -15,14 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .context_parallel import ActiveCP
-from .context_parallel_comm import AllGather, Attach, anchor, halo_exchange
+from .comm import AllGather, Attach, CPTransport, anchor, halo_exchange
+from .layout import CPSlice
 
 
-def cp_attention(active: ActiveCP, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None) -> torch.Tensor:
-    """q, k, v [B, T_local, H, d] (RoPE applied with global document positions) ->
+def cp_attention(cp: CPTransport, lay: CPSlice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                 window: int | None) -> torch.Tensor:
+    """Causal (sliding-window) attention of this rank's queries over the global sequence laid
+    out by ``lay``. q, k, v [B, T_local, H, d] (RoPE applied with global document positions) ->
     o [B, T_local, H, d]."""
-    cp, lay = active.runtime, active.layout
     grp = cp.group
     b, t, h, d = q.shape
     tokens = []

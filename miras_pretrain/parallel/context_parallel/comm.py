@@ -1,28 +1,83 @@
 """Differentiable CP communication: halo exchange, state passing (send / receive), all-gather.
 
+:class:`CPTransport` is what every exchange needs from the runtime: the group, a message tag per
+exchange, the non-blocking sends still in flight and the timers (:class:`CPStats`).
+
 Every message is ONE flat buffer (tensors packed in order, cast back on arrival) in fp32, or
 fp64 when any of its tensors is fp64 (:func:`wire_dtype`; both sides derive it from the same
-shapes and dtypes): fewer messages, and bf16 inputs round-trip exactly through fp32. Point-to-point messages use global
-ranks on ``CPGroup.p2p`` (a group that carries no collectives; the default group when None) with
-a tag per exchange (``ContextParallel.next_tag``; backward uses ``tag + 1``) so several messages
-between the same pair can be in flight.
+shapes and dtypes): fewer messages, and bf16 inputs round-trip exactly through fp32.
+Point-to-point messages use global ranks on ``CPGroup.p2p`` (a group that carries no
+collectives; the default group when None) with a tag per exchange
+(:meth:`CPTransport.next_tag`; backward uses ``tag + 1``) so several messages between the same
+pair can be in flight.
 
-Sends are non-blocking (``isend``; the work is kept in ``ContextParallel`` until
-``finish_step``). Receives are posted early (``irecv``) and waited for only where the data is
-needed; the time spent waiting is added to ``stats.wait_s`` (state / state gradient) or
-``stats.comm_s`` (halos, all-gathers).
+Sends are non-blocking (``isend``; the work is kept until :meth:`CPTransport.finish_step`).
+Receives are posted early (``irecv``) and waited for only where the data is needed; the time
+spent waiting is added to ``stats.wait_s`` (state / state gradient) or ``stats.comm_s`` (halos,
+all-gathers).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .context_parallel import ContextParallel
+from .group import CPGroup
+
+
+@dataclass
+class CPStats:
+    """Counters since the last reset. ``wait_s``: time blocked on another rank's memory state
+    (forward) or state gradient (backward) -- the wavefront bubble plus transfer; ``comm_s``: time
+    in the other CP communication (halos, all-gathers); ``bytes_sent`` and ``messages`` sent by
+    this rank; ``tokens``: local tokens run through the model."""
+
+    wait_s: float = 0.0
+    comm_s: float = 0.0
+    bytes_sent: int = 0
+    messages: int = 0
+    tokens: int = 0
+
+    def as_dict(self, prefix: str = "cp/") -> dict[str, float]:
+        return {prefix + f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+class CPTransport:
+    """Per-process state of CP communication: the group, message tags, pending sends, timers."""
+
+    def __init__(self, group: CPGroup) -> None:
+        self.group = group
+        self.stats = CPStats()
+        self._tag = 0
+        self._pending: list[Any] = []
+
+    # every CP exchange gets the next tag; all ranks of a group run the same program, so the
+    # counters agree. Forward uses even tags, backward the odd tag after them.
+    def next_tag(self) -> int:
+        self._tag = (self._tag + 1) % (1 << 24)
+        return 2 * self._tag
+
+    def add_pending(self, work: Any) -> None:
+        self._pending.append(work)
+
+    def finish_step(self) -> None:
+        """Wait for every outstanding send (call after backward, before the optimizer step)."""
+        t0 = time.perf_counter()
+        for w in self._pending:
+            w.wait()
+        self._pending.clear()
+        self.stats.comm_s += time.perf_counter() - t0
+
+    def reset_stats(self) -> CPStats:
+        """The counters since the last reset; start new ones."""
+        old, self.stats = self.stats, CPStats()
+        return old
 
 
 Like = Sequence[tuple[tuple[int, ...], torch.dtype]]
@@ -53,7 +108,7 @@ def unpack(buf: torch.Tensor, like: Sequence[tuple[tuple[int, ...], torch.dtype]
     return out
 
 
-def _isend(cp: ContextParallel, buf: torch.Tensor, dst: int, tag: int) -> None:
+def _isend(cp: CPTransport, buf: torch.Tensor, dst: int, tag: int) -> None:
     cp.add_pending(dist.isend(buf, dst=dst, tag=tag, group=cp.group.p2p))
     cp.stats.bytes_sent += buf.numel() * buf.element_size()
     cp.stats.messages += 1
@@ -63,7 +118,7 @@ class PostedRecv:
     """An ``irecv`` of the message ``like`` (shapes, dtypes) from ``src`` posted now, waited for by
     :meth:`wait`."""
 
-    def __init__(self, cp: ContextParallel, like: Like, src: int, tag: int) -> None:
+    def __init__(self, cp: CPTransport, like: Like, src: int, tag: int) -> None:
         numel = sum(math.prod(s) for s, _ in like)
         self.cp, self.buf = cp, torch.empty(numel, dtype=wire_dtype([d for _, d in like]))
         self.work = dist.irecv(self.buf, src=src, tag=tag, group=cp.group.p2p)
@@ -121,7 +176,7 @@ def anchor() -> torch.Tensor:
     return torch.empty(0, requires_grad=torch.is_grad_enabled())
 
 
-def halo_exchange(cp: ContextParallel, tensors: Sequence[torch.Tensor], *, send: bool, recv: bool,
+def halo_exchange(cp: CPTransport, tensors: Sequence[torch.Tensor], *, send: bool, recv: bool,
                   recv_like: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Functional wrapper of :class:`HaloExchange` (one tag per call). Returns the received
     tensors and a scalar token: the caller MUST ``Attach`` the token to its output, so that this
