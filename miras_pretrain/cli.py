@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "miras_pretrain.launch.cli",
     "miras_pretrain.export.cli",
     "miras_pretrain.evaluation.cli",
+    "miras_pretrain.model.cli",
 ]
 
 

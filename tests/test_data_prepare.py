@@ -1,5 +1,5 @@
-"""Tokenizer, shard preparation, embedded corpora, DataConfig, CLI and bad-input handling
-(issue 6). Runs in-process; the only child processes are the tokenizer pool workers."""
+"""Tokenizer, shard preparation, embedded corpora, DataConfig, CLI and bad-input handling.
+Runs in-process; the only child processes are the tokenizer pool workers."""
 
 from __future__ import annotations
 
@@ -204,14 +204,16 @@ def test_data_config_validation():
                                 "layout": "packed"})
     assert [(s.path, s.weight) for s in cfg.streams] == [("a", 1.0), ("b", 3)]
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
-    bad = [({"streams": ["a"], "seq_lenn": 3}, r"^data\.seq_lenn: unknown key"),
-           ({"streams": ["a"], "seq_len": 0}, r"^data\.seq_len: must be an integer >= 1"),
-           ({"streams": ["a"], "layout": "flat"}, r"^data\.layout: must be one of"),
-           ({"streams": [{"path": "a", "weight": -1}]}, r"^data\.streams\[0\]\.weight"),
-           ({"streams": [{"path": "a", "w": 1}]}, r"^data\.streams\[0\]: needs keys path"),
-           ({}, r"^data\.streams: at least one"),
-           ({"streams": ["a"], "shuffle": "yes"}, r"^data\.shuffle: must be true or false"),
-           ({"streams": ["a"], "num_workers": -1}, r"^data\.num_workers")]
+    # one error format for every section: config key '<section.key>' [= value] is not valid: ...
+    bad = [({"streams": ["a"], "seq_lenn": 3}, r"^config key 'data\.seq_lenn' is not valid: unknown key"),
+           ({"streams": ["a"], "seq_len": 0}, r"^config key 'data\.seq_len' = 0 is not valid: must be >= 1"),
+           ({"streams": ["a"], "layout": "flat"}, r"^config key 'data\.layout' = 'flat' is not valid: choose one of"),
+           ({"streams": [{"path": "a", "weight": -1}]}, r"^config key 'data\.streams\[0\]\.weight'"),
+           ({"streams": [{"path": "a", "w": 1}]}, r"^config key 'data\.streams\[0\]\.w' is not valid: unknown key"),
+           ({"streams": [{"weight": 1}]}, r"^config key 'data\.streams\[0\]\.path' is not valid: missing"),
+           ({}, r"^config key 'data\.streams' = \[\] is not valid: at least one"),
+           ({"streams": ["a"], "shuffle": "yes"}, r"^config key 'data\.shuffle' = 'yes' is not valid: expected true or false"),
+           ({"streams": ["a"], "num_workers": -1}, r"^config key 'data\.num_workers'")]
     for d, match in bad:
         with pytest.raises(ValueError, match=match) as info:
             DataConfig.from_dict(d)

@@ -1,4 +1,5 @@
-"""ModelConfig validation, the shipped YAMLs, parameter/FLOP counting and tools/count_params.py."""
+"""ModelConfig validation, the model registry (presets x sizes), parameter/FLOP counting,
+tools/count_params.py and ``miras-pretrain models``."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ import pytest
 import torch
 
 from miras_pretrain.model import ModelConfig, build_model, count_parameters, flops_per_token
+from miras_pretrain.model.config import expand_model_section
 from miras_pretrain.model.counting import flops_breakdown, memory_flops_per_token_head
 from miras_kernels import MirasSpec
 from miras_pretrain.parallel.checkpoint import gather_full_state_dict, shard_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "configs" / "models"
 PRESETS = ["moneta", "yaad", "memora", "titans", "gated_delta", "deltanet", "transformer",
            "moneta_hybrid", "yaad_hybrid", "memora_hybrid"]
 SIZES = ["tiny", "170m", "340m", "760m", "1.3b"]
@@ -24,19 +25,19 @@ SIZES = ["tiny", "170m", "340m", "760m", "1.3b"]
 
 @pytest.mark.parametrize("data,match", [
     ({"d_modle": 64}, r"unknown key 'd_modle'"),
-    ({"d_model": 0}, r"ModelConfig.d_model=0 .*positive integer"),
-    ({"n_layers": 2.5}, r"ModelConfig.n_layers=2.5"),
-    ({"d_model": 64, "n_heads": 5}, r"ModelConfig.n_heads=5 .*divisible"),
-    ({"layer_pattern": "MX"}, r"ModelConfig.layer_pattern='MX'"),
+    ({"d_model": 0}, r"config key 'model.d_model' = 0 .*positive integer"),
+    ({"n_layers": 2.5}, r"config key 'model.n_layers' = 2.5"),
+    ({"d_model": 64, "n_heads": 5}, r"config key 'model.n_heads' = 5 .*divisible"),
+    ({"layer_pattern": "MX"}, r"config key 'model.layer_pattern' = 'MX'"),
     ({"n_layers": 4, "layer_pattern": "MMA"}, r"must divide n_layers=4"),
-    ({"miras": {"preset": "nope"}}, r"ModelConfig.miras: unknown Miras preset 'nope'"),
-    ({"miras": {"preset": "moneta", "p": 0.5}}, r"ModelConfig.miras: MirasSpec.p=0.5"),
-    ({"miras": "moneta"}, r"ModelConfig.miras='moneta'"),
-    ({"backend": "cuda"}, r"ModelConfig.backend='cuda' .*auto, recurrent, chunked, triton"),
-    ({"eta_max": -1}, r"ModelConfig.eta_max=-1 .*> 0"),
-    ({"norm_eps": "1e-6"}, r"ModelConfig.norm_eps='1e-6'"),
-    ({"tie_embeddings": "yes"}, r"ModelConfig.tie_embeddings='yes' .*true or false"),
-    ({"ffn_hidden": -3}, r"ModelConfig.ffn_hidden=-3"),
+    ({"miras": {"preset": "nope"}}, r"config key 'model.miras.preset' = 'nope' is not valid: unknown Miras preset 'nope'"),
+    ({"miras": {"preset": "moneta", "p": 0.5}}, r"config key 'model.miras.p' = 0.5"),
+    ({"miras": "moneta"}, r"config key 'model.miras' = 'moneta'"),
+    ({"backend": "cuda"}, r"config key 'model.backend' = 'cuda' .*auto, recurrent, chunked, triton"),
+    ({"eta_max": -1}, r"config key 'model.eta_max' = -1 .*> 0"),
+    ({"norm_eps": "1e-6"}, r"config key 'model.norm_eps' = '1e-6'"),
+    ({"tie_embeddings": "yes"}, r"config key 'model.tie_embeddings' = 'yes' .*true or false"),
+    ({"ffn_hidden": -3}, r"config key 'model.ffn_hidden' = -3"),
 ])
 def test_bad_config_one_line_error(data, match):
     with pytest.raises(ValueError, match=match) as info:
@@ -53,7 +54,7 @@ def test_yaml_roundtrip_and_errors(tmp_path):
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     assert ModelConfig.from_yaml(path) == cfg
     path.write_text("d_model: 64\nwindow: -1\n")
-    with pytest.raises(ValueError, match=r"m.yaml: ModelConfig.window=-1"):
+    with pytest.raises(ValueError, match=r"m.yaml: config key 'model.window' = -1"):
         ModelConfig.from_yaml(path)
     with pytest.raises(FileNotFoundError, match="not found"):
         ModelConfig.from_yaml(tmp_path / "missing.yaml")
@@ -65,7 +66,7 @@ def test_yaml_roundtrip_and_errors(tmp_path):
 def test_every_preset_and_size_ships():
     for preset in PRESETS:
         for size in SIZES:
-            cfg = ModelConfig.from_yaml(MODELS / f"{preset}_{size}.yaml")
+            cfg = ModelConfig.from_ref(f"{preset}_{size}")
             if size != "tiny":
                 assert cfg.vocab_size == 32000 and not cfg.tie_embeddings
             want = {"transformer": "T"}.get(preset, "MA" if "hybrid" in preset else "M")
@@ -76,19 +77,19 @@ def test_every_preset_and_size_ships():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_340m_within_10_percent(preset):
-    n = count_parameters(ModelConfig.from_yaml(MODELS / f"{preset}_340m.yaml"))
+    n = count_parameters(ModelConfig.from_ref(f"{preset}_340m"))
     assert abs(n - 340e6) / 340e6 < 0.10, n
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_count_matches_built_tiny_model(preset):
-    cfg = ModelConfig.from_yaml(MODELS / f"{preset}_tiny.yaml")
+    cfg = ModelConfig.from_ref(f"{preset}_tiny")
     model = build_model(cfg)
     assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
 
 
 def test_flops_accounting():
-    cfg = ModelConfig.from_yaml(MODELS / "gated_delta_340m.yaml")
+    cfg = ModelConfig.from_ref("gated_delta_340m")
     br = flops_breakdown(cfg, 4096)
     assert br["train"] == pytest.approx(3 * br["forward"])
     assert flops_per_token(cfg, 4096) == br["train"]
@@ -97,17 +98,17 @@ def test_flops_accounting():
     # linear memory, l2 bias, decay, chunk C: error 2d^2 + update 2d^2 + read 2d^2 + 4C*2d
     assert memory_flops_per_token_head(cfg.spec, h, 64) == 6 * h * h + 4 * 64 * 2 * h
     # attention context: full causal averages (T+1)/2 keys; a window caps it
-    tf = ModelConfig.from_yaml(MODELS / "transformer_340m.yaml")
+    tf = ModelConfig.from_ref("transformer_340m")
     assert flops_breakdown(tf, 8)["attention_core"] == pytest.approx(tf.n_layers * 4 * d * 4.5)
     assert flops_per_token(tf, 8192) > flops_per_token(tf, 4096)
     # lq / kl reads scan and materialise per-token weights (2 + 5 + 2 FLOPs per entry and token,
     # plus the q-norm of the chunk-start weights once per chunk) instead of decay's in-chunk products
-    mon = ModelConfig.from_yaml(MODELS / "moneta_340m.yaml")
+    mon = ModelConfig.from_ref("moneta_340m")
     dh, hid = mon.head_dim, mon.spec.expansion * mon.head_dim
     entries = 2 * dh * hid
     expected = 4 * dh * hid + 2 * dh * hid + 2 * entries + (2 + 5 + 2) * entries + 5 * entries / 64
     assert memory_flops_per_token_head(mon.spec, dh, 64) == pytest.approx(expected)
-    yaad = ModelConfig.from_yaml(MODELS / "yaad_340m.yaml")
+    yaad = ModelConfig.from_ref("yaad_340m")
     assert flops_breakdown(mon, 4096)["memory"] > flops_breakdown(yaad, 4096)["memory"]
 
 
@@ -115,7 +116,7 @@ def test_count_params_tool(tmp_path):
     out = tmp_path / "rows.json"
     res = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "count_params.py"), "--seq-len", "2048", "--json", str(out),
-         str(MODELS / "moneta_340m.yaml"), str(MODELS / "transformer_tiny.yaml")],
+         "moneta_340m", "transformer_tiny"],
         capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 0, res.stderr
@@ -131,7 +132,7 @@ def test_count_params_tool(tmp_path):
 
 
 def test_shard_state_dict_single_process_and_errors():
-    cfg = ModelConfig.from_yaml(MODELS / "moneta_hybrid_tiny.yaml")
+    cfg = ModelConfig.from_ref("moneta_hybrid_tiny")
     model = build_model(cfg)
     full = gather_full_state_dict(model)
     assert set(full) == {n for n, _ in model.named_parameters()}
@@ -147,3 +148,51 @@ def test_shard_state_dict_single_process_and_errors():
     small = build_model(ModelConfig.from_dict(dict(cfg.to_dict(), ffn_hidden=128)))
     with pytest.raises(ValueError, match=r"layers.0.mlp.gate.weight.* check the model config"):
         shard_state_dict(full, small)
+
+
+# Parameter counts of every registered model; they equal the counts of the model YAMLs the
+# registry replaced (configs/models/*.yaml, checked field by field when they were removed).
+REGISTERED_PARAMS = {
+    "moneta": (2113696, 169922688, 341968640, 759511296, 1302072064),
+    "yaad": (2113968, 169929024, 341981312, 759536256, 1302097024),
+    "memora": (2113696, 169922688, 341968640, 759511296, 1302072064),
+    "titans": (2113968, 169929024, 341981312, 759536256, 1302097024),
+    "deltanet": (1982352, 169916352, 338810240, 759486336, 1298901376),
+    "gated_delta": (1982624, 169922688, 338822912, 759511296, 1298926336),
+    "transformer": (1901696, 169495296, 340837376, 756622848, 1298237440),
+    "moneta_hybrid": (2007696, 169708992, 341403008, 758067072, 1300154752),
+    "yaad_hybrid": (2007832, 169712160, 341409344, 758079552, 1300167232),
+    "memora_hybrid": (2007696, 169708992, 341403008, 758067072, 1300154752),
+}
+
+
+def test_registry_parameter_counts_are_pinned():
+    from miras_pretrain.model import registry
+
+    assert set(registry.PRESETS) == set(REGISTERED_PARAMS) and list(registry.SIZES) == SIZES
+    assert len(registry.model_names()) == 50
+    for preset, counts in REGISTERED_PARAMS.items():
+        for size, want in zip(SIZES, counts):
+            assert count_parameters(ModelConfig.from_ref(f"{preset}_{size}")) == want, (preset, size)
+
+
+def test_model_yaml_by_path_and_registry_forms(tmp_path):
+    # a user's own model YAML: plain fields, or a registered base with overrides
+    own = tmp_path / "mine.yaml"
+    own.write_text("d_model: 64\nn_layers: 2\nn_heads: 4\nmiras: {preset: titans}\n")
+    cfg = ModelConfig.from_yaml(own)
+    assert (cfg.d_model, cfg.n_layers, cfg.spec) == (64, 2, MirasSpec.preset("titans"))
+    assert ModelConfig.from_ref(str(own)) == cfg
+    based = tmp_path / "based.yaml"
+    based.write_text("preset: moneta\nsize: 340m\nn_layers: 12\n")
+    want = ModelConfig.from_dict(dict(ModelConfig.from_ref("moneta_340m").to_dict(), n_layers=12))
+    assert ModelConfig.from_yaml(based) == want
+    chained = tmp_path / "chained.yaml"
+    chained.write_text("from: based.yaml\nwindow: 256\n")
+    assert ModelConfig.from_yaml(chained).window == 256 and ModelConfig.from_yaml(chained).n_layers == 12
+    with pytest.raises(ValueError, match=r"'model' = 'moneta_350m' .*did you mean 'moneta_340m'") as err:
+        ModelConfig.from_ref("moneta_350m")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"'model.size' = '5m' is not valid: unknown size"):
+        expand_model_section({"preset": "moneta", "size": "5m"})
+

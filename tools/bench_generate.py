@@ -1,6 +1,6 @@
 """Cached generation speed of exported models vs prompt length.
 
-For each model (a configs/models YAML with random weights, exported to a temp dir and loaded
+For each model (a registered model with random weights, exported to a temp dir and loaded
 with transformers, i.e. the artefact users get) and each prompt length: prefill the prompt
 through the cache in pieces of ``--prefill-chunk`` tokens, then decode ``--new-tokens`` tokens
 greedily one at a time and report decode tokens/s and the cache size. Miras presets should be
@@ -33,7 +33,7 @@ DEFAULT_MODELS = ["moneta_tiny", "yaad_tiny", "gated_delta_tiny", "moneta_hybrid
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="configs/models/<name>.yaml")
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="registered model names (miras-pretrain models)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill-chunk", type=int, default=2048)
@@ -45,10 +45,10 @@ def parse_args(argv=None):
 
 def export_random(name: str, tmp: Path) -> Path:
     from miras_pretrain.export import export_hf
-    from miras_pretrain.export.testing import tiny_tokenizer
+    from miras_pretrain.testing.tiny_models import tiny_tokenizer
     from miras_pretrain.model import ModelConfig, build_model
 
-    cfg = ModelConfig.from_yaml(ROOT / "configs" / "models" / f"{name}.yaml")
+    cfg = ModelConfig.from_ref(name)
     tok = tmp / "tok" / "tok.model"
     if not tok.is_file():
         tiny_tokenizer(tmp / "tok")

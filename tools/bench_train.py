@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput (tokens/s) and MFU through the real trainer stack on the current device.
 
-Each row: one model config (configs/models/<preset>_<size>.yaml) at sequence length T, batch
+Each row: one registered model (``<preset>_<size>``, see ``miras-pretrain models``) at sequence length T, batch
 1 x T random tokens, a DeepSpeed ZeRO-1 engine with torch AdamW (exactly what `miras-pretrain
 train` builds), one warm-up step then ``--steps`` timed optimizer steps. MFU uses the model
 helper's ``flops_per_token`` (training = 3 x forward) over the device peak (``--peak-flops``, or
@@ -40,8 +40,7 @@ def _bench_one(preset: str, size: str, seq_len: int, steps: int, batch: int, pea
     from miras_pretrain.train.engine import build_engine
     from miras_pretrain.train.metrics import device_peak_flops, memory_gib
 
-    path = REPO / "configs" / "models" / f"{preset}_{size}.yaml"
-    mcfg = ModelConfig.from_yaml(path)
+    mcfg = ModelConfig.from_ref(f"{preset}_{size}")
     cfg = config_from_dict({"train": {"max_steps": steps + 1, "micro_batch_size": batch, "warmup_steps": 0,
                                       "zero_stage": 1}})
     torch.manual_seed(0)
@@ -124,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from miras_pretrain.model.registry import split_name
     from miras_pretrain.train import dist as mdist
 
     if args.one:
@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes.split(","):
         for seq_len in (int(s) for s in args.seq_lens.split(",")):
             for preset in args.presets.split(","):
-                if not (REPO / "configs" / "models" / f"{preset}_{size}.yaml").is_file():
-                    raise SystemExit(f"configs/models/{preset}_{size}.yaml not found: check --presets/--sizes")
+                if split_name(f"{preset}_{size}") is None:
+                    raise SystemExit(f"{preset}_{size} is not a registered model (miras-pretrain models): "
+                                     "check --presets/--sizes")
                 row = _row_in_child(preset, size, seq_len, args)
                 rows.append(row)
                 if "failed" in row:

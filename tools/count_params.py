@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Print parameters and FLOPs per token for model configs, as a table.
 
-    python tools/count_params.py                       # every configs/models/*.yaml
-    python tools/count_params.py configs/models/moneta_340m.yaml --seq-len 4096 --json out.json
+    python tools/count_params.py                       # every registered model (presets x sizes)
+    python tools/count_params.py moneta_340m my_model.yaml --seq-len 4096 --json out.json
+
+A model is a registered name (``miras-pretrain models`` lists them) or a model YAML path.
 
 FLOPs: training FLOPs per token = 3 x forward (backward = 2 x forward), at context --seq-len;
 the memory's inner gradients, state updates and reads are counted as the chunked op computes
@@ -21,16 +23,19 @@ sys.path.insert(0, str(ROOT))
 
 from miras_pretrain.model.config import ModelConfig  # noqa: E402
 from miras_pretrain.model.counting import flops_breakdown, parameter_breakdown  # noqa: E402
+from miras_pretrain.model.registry import model_names, split_name  # noqa: E402
 
 
-def rows_for(paths: list[Path], seq_len: int) -> list[dict]:
+def rows_for(refs: list[str], seq_len: int) -> list[dict]:
+    """One row per model: a registered name, or a YAML path (labelled by its file stem)."""
     rows = []
-    for path in paths:
-        cfg = ModelConfig.from_yaml(path)
+    for ref in refs:
+        named = split_name(ref) is not None
+        cfg = ModelConfig.from_ref(ref) if named else ModelConfig.from_yaml(ref)
         params = parameter_breakdown(cfg)
         flops = flops_breakdown(cfg, seq_len)
         rows.append({
-            "config": path.stem, "layers": cfg.n_layers, "d_model": cfg.d_model,
+            "config": ref if named else Path(ref).stem, "layers": cfg.n_layers, "d_model": cfg.d_model,
             "heads": cfg.n_heads, "ffn": cfg.ffn_width, "pattern": cfg.layer_pattern,
             "params": params["total"], "non_embedding": params["non_embedding"],
             "fwd_flops": flops["forward"], "memory_flops": flops["memory"],
@@ -54,13 +59,12 @@ def format_table(rows: list[dict], seq_len: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("configs", nargs="*", type=Path, help="model YAMLs (default: configs/models/*.yaml)")
+    ap.add_argument("configs", nargs="*", help="registered names or model YAMLs (default: every registered model)")
     ap.add_argument("--seq-len", type=int, default=4096, help="context length for FLOPs (paper: 4096)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
-    paths = args.configs or sorted((ROOT / "configs" / "models").glob("*.yaml"))
     try:
-        rows = rows_for(paths, args.seq_len)
+        rows = rows_for(args.configs or model_names(), args.seq_len)
     except (ValueError, FileNotFoundError) as err:
         print(f"count_params: error: {err}", file=sys.stderr)
         return 2

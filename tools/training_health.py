@@ -29,23 +29,24 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from miras_pretrain.train.testing import child_env, train_command  # noqa: E402
+from miras_pretrain.testing.tiny_training import child_env, train_command  # noqa: E402
 
-# name -> model section (a tiny model YAML, or one with the preset swapped for those that have none)
+# name -> model section (a registered tiny model, or one with the Miras preset swapped for the
+# grid points the registry does not name)
 MODELS: dict[str, object] = {
-    "moneta": "models/moneta_tiny.yaml",
-    "yaad": "models/yaad_tiny.yaml",
-    "memora": "models/memora_tiny.yaml",
-    "titans": "models/titans_tiny.yaml",
-    "ttt_mlp": {"from": "models/titans_tiny.yaml", "miras": {"preset": "ttt_mlp"}},
-    "deltanet": "models/deltanet_tiny.yaml",
-    "gated_delta": "models/gated_delta_tiny.yaml",
-    "linear_attn": {"from": "models/gated_delta_tiny.yaml", "miras": {"preset": "linear_attn"}},
-    "gla": {"from": "models/gated_delta_tiny.yaml", "miras": {"preset": "gla"}},
-    "transformer": "models/transformer_tiny.yaml",
-    "moneta_hybrid": "models/moneta_hybrid_tiny.yaml",
-    "yaad_hybrid": "models/yaad_hybrid_tiny.yaml",
-    "memora_hybrid": "models/memora_hybrid_tiny.yaml",
+    "moneta": "moneta_tiny",
+    "yaad": "yaad_tiny",
+    "memora": "memora_tiny",
+    "titans": "titans_tiny",
+    "ttt_mlp": {"from": "titans_tiny", "miras": {"preset": "ttt_mlp"}},
+    "deltanet": "deltanet_tiny",
+    "gated_delta": "gated_delta_tiny",
+    "linear_attn": {"from": "gated_delta_tiny", "miras": {"preset": "linear_attn"}},
+    "gla": {"from": "gated_delta_tiny", "miras": {"preset": "gla"}},
+    "transformer": "transformer_tiny",
+    "moneta_hybrid": "moneta_hybrid_tiny",
+    "yaad_hybrid": "yaad_hybrid_tiny",
+    "memora_hybrid": "memora_hybrid_tiny",
 }
 REFERENCE = "moneta"
 
@@ -68,10 +69,6 @@ def run_config(name: str, out: Path, prepared, steps: int) -> Path:
     """The demo config with ``name``'s model, ``steps`` steps, every step logged, one final eval."""
     cfg = yaml.safe_load((REPO / "configs" / "demo_moneta_tiny.yaml").read_text())
     model = MODELS[name]
-    if isinstance(model, dict):
-        model = {**model, "from": str(REPO / "configs" / model["from"])}
-    else:
-        model = str(REPO / "configs" / model)
     run_dir = out / name
     cfg["run"].update(name=f"health_{name}", out_dir=str(run_dir))
     cfg["model"] = model

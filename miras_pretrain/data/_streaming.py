@@ -1,8 +1,8 @@
 """The single place that imports mosaicml-streaming.
 
 mosaicml-streaming's package ``__init__`` imports ``streaming.vision``, which needs torchvision;
-torchvision is CUDA-only on our CPU machines and fails to import against the CPU torch (see
-../shared/platform-notes.md). We never use the vision datasets, so when torchvision is missing we
+no torchvision build matches the pinned CPU torch, so it is not installed (tools/setup_env.sh
+installs mosaicml-streaming without its dependency list). We never use the vision datasets, so when torchvision is missing we
 register an empty ``streaming.vision`` module before the first ``import streaming``.
 """
 

@@ -1,7 +1,7 @@
 """Reading documents from text, JSONL and Parquet files.
 
 Every reader yields ``Document(text, source, line)`` so errors downstream can name the file and
-line. Bad input policy (issue 6): an empty file, undecodable bytes or a missing Parquet column is a
+line. Bad input policy: an empty file, undecodable bytes or a missing Parquet column is a
 ``ValueError`` naming the file (and line); a JSONL line that is not JSON, not an object, or lacks
 the text field is skipped, counted in ``SkipCounter`` and reported, since one bad line in a large
 crawl should not stop a job.

@@ -1,4 +1,16 @@
-"""``ModelConfig``: every architecture knob of the language model, validated at load."""
+"""``ModelConfig``: every architecture knob of the language model, and how a config names one.
+
+A ``model:`` section (training config) or a model YAML file is one of:
+
+* a registered name -- ``moneta_340m`` (:mod:`miras_pretrain.model.registry`, listed by
+  ``miras-pretrain models``);
+* a path to a model YAML file (relative to the CWD or to the config file's directory);
+* a mapping of ``ModelConfig`` fields, optionally based on ``preset`` + ``size`` or on
+  ``from: <name or path>``, whose other keys override the base.
+
+:func:`expand_model_section` turns any of these into a flat mapping of fields; the schema engine
+(:mod:`miras_pretrain.schema`) validates it into a ``ModelConfig``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from miras_kernels.spec import MirasSpec
+
+from miras_pretrain import config_yaml, schema
+from miras_pretrain.model import registry
 
 # Layer kinds in ``layer_pattern``: M = Miras mixer, A = sliding-window softmax attention,
 # T = full causal softmax attention (Transformer++).
@@ -24,9 +39,15 @@ BACKENDS = ("auto", "recurrent", "chunked", "triton")
 # 1e4 (docs/training_health.md). 0.1 trains as stably as Moneta; every other retention keeps 1.0.
 DEFAULT_ETA_MAX = {"kl": 0.1}
 
+_POSITIVE = dict(ge=1, fix="use a positive integer")
+_POSITIVE_NUMBER = dict(gt=0, finite=True, fix="use a finite number > 0")
 
-def _bad(key: str, value: Any, fix: str) -> ValueError:
-    return ValueError(f"ModelConfig.{key}={value!r} is not valid: {fix}")
+
+def _f(default: Any, doc: str, **meta: Any) -> Any:
+    """A field with its config-reference line and constraints (schema metadata)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **meta})
+    return field(default=default, metadata={"doc": doc, **meta})
 
 
 @dataclass
@@ -36,77 +57,58 @@ class ModelConfig:
     ``layer_pattern`` is tiled over ``n_layers`` (``"M"`` = all Miras, ``"T"`` = Transformer++,
     ``"MMA"`` = two Miras layers then one sliding-window attention layer, repeated); its length
     must divide ``n_layers``. ``ffn_hidden`` = SwiGLU width; when None it is ``8/3 * d_model``
-    rounded up to ``ffn_multiple_of``. ``miras`` is a dict accepted by ``MirasSpec.from_dict``.
-    ``eta_max`` caps the inner learning rate ``eta = sigmoid(.) * eta_max``; unset (None) it is
-    0.1 for kl retention (Memora) and 1.0 otherwise (:data:`DEFAULT_ETA_MAX`).
+    rounded up to ``ffn_multiple_of``. ``miras`` is a mapping of ``MirasSpec`` fields, optionally
+    with ``preset``. ``eta_max`` caps the inner learning rate ``eta = sigmoid(.) * eta_max``;
+    unset (None) it is 0.1 for kl retention (Memora) and 1.0 otherwise (:data:`DEFAULT_ETA_MAX`).
+    Construction validates every field (one-line ``ConfigError`` naming ``model.<field>``).
     """
 
-    vocab_size: int = 32000
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 16
-    ffn_hidden: int | None = None
-    ffn_multiple_of: int = 64
-    layer_pattern: str = "M"
-    miras: dict = field(default_factory=lambda: {"preset": "moneta"})
-    chunk_size: int = 64
-    conv_size: int = 4
-    gate_rank: int = 32
-    eta_max: float | None = None
-    window: int = 512
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    norm_eps: float = 1e-6
-    activation_checkpointing: bool = False
-    backend: str = "auto"
+    vocab_size: int = _f(32000, "vocabulary size (the tokenizer's)", **_POSITIVE)
+    d_model: int = _f(768, "residual width", **_POSITIVE)
+    n_layers: int = _f(12, "number of blocks", **_POSITIVE)
+    n_heads: int = _f(16, "heads of every mixer; must divide d_model", **_POSITIVE)
+    ffn_hidden: int | None = _f(None, "SwiGLU width; null = 8/3 d_model rounded up to ffn_multiple_of",
+                                ge=1, fix="use a positive integer or null (8/3 * d_model)")
+    ffn_multiple_of: int = _f(64, "rounding of the default ffn_hidden", **_POSITIVE)
+    layer_pattern: str = _f("M", "layer kinds tiled over n_layers: M Miras, A sliding-window "
+                                 "attention, T full attention")
+    miras: dict = _f({"preset": "moneta"}, "the Miras memory: {preset: NAME} and/or MirasSpec fields "
+                     "(model.miras.* rows)", fix="use a mapping such as {preset: moneta}")
+    chunk_size: int = _f(64, "chunk length of the chunk-parallel memory", **_POSITIVE)
+    conv_size: int = _f(4, "depthwise causal conv width on q, k, v", **_POSITIVE)
+    gate_rank: int = _f(32, "rank of the low-rank gate projections", **_POSITIVE)
+    eta_max: float | None = _f(None, "cap of the inner learning rate; null = 0.1 for kl retention, "
+                                     "1.0 otherwise", **_POSITIVE_NUMBER)
+    window: int = _f(512, "sliding-window attention width (A layers)", **_POSITIVE)
+    rope_theta: float = _f(10000.0, "RoPE base", **_POSITIVE_NUMBER)
+    tie_embeddings: bool = _f(False, "share input embedding and output head")
+    init_std: float = _f(0.02, "std of the normal weight init", **_POSITIVE_NUMBER)
+    norm_eps: float = _f(1e-6, "RMSNorm epsilon", **_POSITIVE_NUMBER)
+    activation_checkpointing: bool = _f(False, "recompute every block in backward (the one switch: "
+                                               "there is no train.activation_checkpointing)")
+    backend: str = _f("auto", "memory operator backend", choices=BACKENDS)
 
-    # ----- validation ------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_multiple_of",
-                    "chunk_size", "conv_size", "gate_rank", "window"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _bad(key, value, "use a positive integer")
-        if self.ffn_hidden is not None and (
-            isinstance(self.ffn_hidden, bool) or not isinstance(self.ffn_hidden, int)
-            or self.ffn_hidden < 1
-        ):
-            raise _bad("ffn_hidden", self.ffn_hidden, "use a positive integer or null (8/3 * d_model)")
-        for key in ("eta_max", "rope_theta", "init_std", "norm_eps"):
-            value = getattr(self, key)
-            if key == "eta_max" and value is None:
-                continue  # the retention's default, set once the miras section is parsed below
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0
-            ):
-                raise _bad(key, value, "use a finite number > 0")
-            setattr(self, key, float(value))
-        for key in ("tie_embeddings", "activation_checkpointing"):
-            if not isinstance(getattr(self, key), bool):
-                raise _bad(key, getattr(self, key), "use true or false")
+        schema.validate(self, "model")
+
+    def check(self, prefix: str) -> None:
+        """Cross-field rules (the schema engine checked each field already)."""
         if self.d_model % self.n_heads:
-            raise _bad("n_heads", self.n_heads, f"d_model={self.d_model} must be divisible by n_heads")
-        if not isinstance(self.layer_pattern, str) or not self.layer_pattern or any(
-            c not in LAYER_KINDS for c in self.layer_pattern
-        ):
-            raise _bad("layer_pattern", self.layer_pattern,
-                       "use a non-empty string of M (Miras), A (sliding-window attention), T (full attention)")
+            raise schema.bad_value(f"{prefix}.n_heads", self.n_heads,
+                                   f"d_model={self.d_model} must be divisible by n_heads")
+        if not self.layer_pattern or any(c not in LAYER_KINDS for c in self.layer_pattern):
+            raise schema.bad_value(f"{prefix}.layer_pattern", self.layer_pattern, "unknown layer kind",
+                                   "use a non-empty string of M (Miras), A (sliding-window attention), "
+                                   "T (full attention)")
         if self.n_layers % len(self.layer_pattern):
-            raise _bad("layer_pattern", self.layer_pattern,
-                       f"its length must divide n_layers={self.n_layers} (the pattern is tiled)")
-        if self.backend not in BACKENDS:
-            raise _bad("backend", self.backend, f"choose one of {', '.join(BACKENDS)}")
-        if not isinstance(self.miras, dict):
-            raise _bad("miras", self.miras, "use a mapping such as {preset: moneta}")
-        try:
-            spec = MirasSpec.from_dict(self.miras)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"ModelConfig.miras: {err}") from None
+            raise schema.bad_value(f"{prefix}.layer_pattern", self.layer_pattern,
+                                   f"its length must divide n_layers={self.n_layers} (the pattern is tiled)")
+        spec = parse_miras(self.miras, f"{prefix}.miras")
         if self.eta_max is None:
             self.eta_max = DEFAULT_ETA_MAX.get(spec.retention, 1.0)
         if "M" in self.layer_pattern and spec.memory == "mlp" and self.head_dim < 2:
-            raise _bad("n_heads", self.n_heads, "the MLP memory needs head_dim >= 2")
+            raise schema.bad_value(f"{prefix}.n_heads", self.n_heads, "the MLP memory needs head_dim >= 2",
+                                   "use fewer heads")
 
     # ----- derived ---------------------------------------------------------------------------
     @property
@@ -132,33 +134,95 @@ class ModelConfig:
 
     # ----- (de)serialisation -----------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"ModelConfig: expected a mapping of fields, got {type(data).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                raise ValueError(
-                    f"ModelConfig: unknown key {key!r}: remove it or use one of {', '.join(known)}"
-                )
-        return cls(**data)
+    def from_dict(cls, data: dict, prefix: str = "model") -> "ModelConfig":
+        """Validate a flat mapping of fields (unknown keys name the closest field)."""
+        return schema.build(cls, data, prefix)
+
+    @classmethod
+    def from_ref(cls, ref: str | Path, base_dir: str | Path = ".") -> "ModelConfig":
+        """A registered name (``moneta_340m``) or a model YAML path, as the ``model:`` key takes."""
+        return cls.from_dict(expand_model_section(str(ref), base_dir))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
-        import yaml
-
+        """A model YAML file: fields, optionally on a ``preset``/``size`` or ``from:`` base."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model config {path} not found: pass an existing YAML file "
-                                    "(see configs/models/)")
-        with path.open() as fh:
-            data = yaml.safe_load(fh) or {}
+                                    "or a registered name (miras-pretrain models)")
+        data = config_yaml.read_mapping(path, "model")  # its errors name the file already
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(expand_model_section(data, path.parent))
         except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise schema.ConfigError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["miras"] = dict(self.miras)
         return out
+
+
+def parse_miras(miras: Any, prefix: str) -> MirasSpec:
+    """``{preset: NAME, <MirasSpec field overrides>}`` -> a validated ``MirasSpec``; the schema
+    engine reads MirasSpec's field metadata (choices, bounds) and MirasSpec its own rules."""
+    if not isinstance(miras, dict):
+        raise schema.bad_value(prefix, miras, "expected a mapping", "use a mapping such as {preset: moneta}")
+    data = dict(miras)
+    name = data.pop("preset", None)
+    valid = [f.name for f in dataclasses.fields(MirasSpec)] + ["preset"]
+    for key in data:
+        if key not in valid:
+            raise schema.unknown_key(prefix, key, valid)
+    if name is not None:
+        if name not in MirasSpec.PRESETS:
+            raise schema.bad_value(f"{prefix}.preset", name, f"unknown Miras preset {name!r}",
+                                   f"choose one of {', '.join(sorted(MirasSpec.PRESETS))}")
+        data = {**MirasSpec.PRESETS[name], **data}
+    return schema.build(MirasSpec, data, prefix)
+
+
+_MAX_FROM_DEPTH = 8  # a `from:` chain longer than this is a loop
+
+
+def expand_model_section(value: Any, base_dir: str | Path = ".", _depth: int = 0) -> dict:
+    """A ``model:`` value (name, YAML path, or mapping with ``preset``/``size``/``from``) as a
+    flat mapping of ``ModelConfig`` fields; relative paths resolve against ``base_dir``."""
+    if _depth > _MAX_FROM_DEPTH:
+        raise schema.bad_value("model.from", value, "the from: chain is too long", "check it for a loop")
+    if value is None:
+        return {}
+    if isinstance(value, (str, Path)):
+        value = {"from": str(value)}
+    if not isinstance(value, dict):
+        raise schema.bad_value("model", value, "expected a registered name, a YAML path or a mapping",
+                               "see miras-pretrain models")
+    value = dict(value)
+    base: dict = {}
+    ref = value.pop("from", None)
+    preset, size = value.pop("preset", None), value.pop("size", None)
+    if ref is not None and (preset is not None or size is not None):
+        raise schema.bad_value("model.from", ref, "give either from: or preset + size, not both")
+    if preset is not None or size is not None:
+        if preset is None or size is None:
+            raise schema.bad_value("model.preset" if preset is None else "model.size", None,
+                                   "preset and size go together", "e.g. {preset: moneta, size: 340m}")
+        base = registry.registry_fields(str(preset), str(size))
+    elif ref is not None:
+        base = _expand_ref(str(ref), base_dir, _depth)
+    base.update(value)
+    return base
+
+
+def _expand_ref(ref: str, base_dir: str | Path, depth: int) -> dict:
+    """``from:`` target: a registered name, else a model YAML file (which may itself use
+    ``from``/``preset``/``size``, relative to its own directory)."""
+    named = registry.split_name(ref)
+    if named:
+        return registry.registry_fields(*named)
+    path = config_yaml.resolve_path(ref, base_dir)
+    if not path.is_file() and not ref.endswith((".yaml", ".yml")) and "/" not in ref:
+        guess = schema.closest(ref, registry.model_names())
+        hint = f"did you mean '{guess}'? " if guess else ""
+        raise schema.bad_value("model", ref, "not a registered model name or a YAML file",
+                               f"{hint}(miras-pretrain models lists the names)")
+    return expand_model_section(config_yaml.read_mapping(path, "model.from"), path.parent, depth + 1)
