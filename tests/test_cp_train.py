@@ -23,28 +23,28 @@ import sys
 import pytest
 import torch
 
-from miras_pretrain.train import testing
+from miras_pretrain.testing import tiny_training
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 4
 REL = 2e-4
 SEQ = 32  # tiny corpus rows; chunk 8 -> 16 tokens (2 chunks) per CP rank
-GATED_DELTA = dict(testing.TINY_MODEL)
-TITANS = dict(testing.TINY_MODEL, miras={"preset": "titans"})
+GATED_DELTA = dict(tiny_training.TINY_MODEL)
+TITANS = dict(tiny_training.TINY_MODEL, miras={"preset": "titans"})
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return testing.prepare_tiny_corpus(tmp_path_factory.mktemp("corpus"), seq_len=SEQ)
+    return tiny_training.prepare_tiny_corpus(tmp_path_factory.mktemp("corpus"), seq_len=SEQ)
 
 
 def _config(out, corpus, *, model, micro=2, ga=1, cp=1, scheme="auto", train=None, checkpoint=None,
-            layout="packed"):
-    return testing.tiny_run_config(
+            layout="packed", parallel=None):
+    return tiny_training.tiny_run_config(
         out, corpus, steps=STEPS, micro_batch_size=micro, seq_len=SEQ, model=model, layout=layout,
         train={"grad_accum_steps": ga, **(train or {})},
-        parallel={"context_parallel_size": cp, "context_parallel_scheme": scheme},
+        parallel={"context_parallel_size": cp, "context_parallel_scheme": scheme, **(parallel or {})},
         eval={"interval": 0, "batches": 2, "at_start": False},
         checkpoint={"interval": 0, "keep_last": 2, "save_at_end": True, **(checkpoint or {})},
     )
@@ -52,8 +52,8 @@ def _config(out, corpus, *, model, micro=2, ga=1, cp=1, scheme="auto", train=Non
 
 def _run(tmp, corpus, *, nproc, name="run", extra=None, **kw):
     out = tmp / name
-    path = testing.write_config(tmp / f"{name}.yaml", _config(out, corpus, **kw))
-    proc = testing.run_train(path, tmp, nproc=nproc, extra=extra, timeout=600)
+    path = tiny_training.write_config(tmp / f"{name}.yaml", _config(out, corpus, **kw))
+    proc = tiny_training.run_train(path, tmp, nproc=nproc, extra=extra, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return out
 
@@ -61,7 +61,7 @@ def _run(tmp, corpus, *, nproc, name="run", extra=None, **kw):
 def _result(out):
     from miras_pretrain.train.consolidate import consolidate_checkpoint
 
-    return testing.step_losses(out), testing.step_losses(out, "val/loss"), consolidate_checkpoint(out / "checkpoints")
+    return tiny_training.step_losses(out), tiny_training.step_losses(out, "val/loss"), consolidate_checkpoint(out / "checkpoints")
 
 
 def _check(out, reference):
@@ -117,7 +117,7 @@ def test_cp2_all_gather_matches_cp1_metrics_and_resume(tmp_path, corpus, ref_gat
     # resume from step 2 (a new run directory): steps 3 and 4 repeat the uninterrupted run
     resumed = _run(tmp_path, corpus, nproc=2, name="resumed", model=GATED_DELTA, cp=2, scheme="all_gather",
                    extra=["--resume", str(out / "checkpoints" / "step_00000002")])
-    got, want = testing.step_losses(resumed), testing.step_losses(out)
+    got, want = tiny_training.step_losses(resumed), tiny_training.step_losses(out)
     assert sorted(got) == [3, 4]
     for s in got:
         assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-7), (s, got, want)
@@ -127,7 +127,7 @@ def test_cp2_state_passing_packed_documents_matches_cp1(tmp_path, tmp_path_facto
     """Titans + sliding-window attention on the loader's ``documents`` layout: the micro-batch is
     packed into one [1, B*T] row whose documents cross the CP boundary (state passing with the
     carried tail tokens, conv and attention halos masked at document starts)."""
-    docs = testing.prepare_tiny_corpus(tmp_path_factory.mktemp("docs_corpus"), seq_len=SEQ, layout="documents")
+    docs = tiny_training.prepare_tiny_corpus(tmp_path_factory.mktemp("docs_corpus"), seq_len=SEQ, layout="documents")
     model = dict(TITANS, layer_pattern="MA", window=8)
     # micro-batch 1: the CP boundary (token 16) then falls inside a row; with 2 rows it would be
     # the second row's start, where the loader's documents layout always starts a document
@@ -149,12 +149,12 @@ def test_dp2_x_cp2_zero2_matches_single_process(tmp_path, corpus, ref_titans):
 
 
 def test_cp2_x_tp2_matches_single_process(tmp_path, corpus, ref_titans):
-    _check(_run(tmp_path, corpus, nproc=4, model=TITANS, cp=2, train={"tensor_parallel": 2}), ref_titans)
+    _check(_run(tmp_path, corpus, nproc=4, model=TITANS, cp=2, parallel={"tensor_parallel_size": 2}), ref_titans)
 
 
 def test_cp2_x_pp2_matches_single_process(tmp_path, corpus, ref_titans):
     # one pipeline, two micro-batches of 1 per step = the reference's batch of 2
-    _check(_run(tmp_path, corpus, nproc=4, model=TITANS, micro=1, ga=2, cp=2, train={"pipeline_parallel": 2}),
+    _check(_run(tmp_path, corpus, nproc=4, model=TITANS, micro=1, ga=2, cp=2, parallel={"pipeline_parallel_size": 2}),
            ref_titans)
 
 
@@ -171,14 +171,14 @@ def _check_cfg(tmp_path, corpus, world=2, model=None, **kw):
 
 @pytest.mark.parametrize("world, kw, needle", [
     (3, dict(cp=2), "config key 'parallel.context_parallel_size' = 2: the world size 3 is not a multiple"),
-    (8, dict(cp=2, train={"tensor_parallel": 2, "pipeline_parallel": 4}), "= 2 x 4 x 2 = 16"),
+    (8, dict(cp=2, parallel={"tensor_parallel_size": 2, "pipeline_parallel_size": 4}), "= 2 x 4 x 2 = 16"),
     (2, dict(cp=2, model=dict(TITANS, chunk_size=32)), "config key 'data.seq_len' = 32 is not a multiple of"),
     (4, dict(cp=4, model=dict(TITANS, chunk_size=16)), "use a multiple of 64"),
     (2, dict(cp=2, scheme="all_gather"), "config key 'parallel.context_parallel_scheme' = 'all_gather' needs an affine"),
     (1, dict(cp=1, scheme="all_gather"), "use 'auto' or 'state_passing'"),
-    (2, dict(cp=2, train={"activation_checkpointing": True}), "config key 'train.activation_checkpointing'"),
+    (2, dict(cp=2, model=dict(TITANS, activation_checkpointing=True)), "config key 'model.activation_checkpointing'"),
     (2, dict(cp=2, train={"zero_stage": 3}), "config key 'train.zero_stage' = 3 is not supported"),
-    (2, dict(cp=2, model=dict(TITANS, layer_pattern="MA", window=20)), "ModelConfig.window=20"),
+    (2, dict(cp=2, model=dict(TITANS, layer_pattern="MA", window=20)), "config key 'model.window' = 20"),
 ])
 def test_bad_cp_config_is_one_line(tmp_path, corpus, world, kw, needle):
     with pytest.raises(ValueError) as err:
@@ -187,7 +187,7 @@ def test_bad_cp_config_is_one_line(tmp_path, corpus, world, kw, needle):
 
 
 def test_good_cp_configs_pass(tmp_path, corpus):
-    _check_cfg(tmp_path, corpus, world=4, cp=2, train={"tensor_parallel": 2})
+    _check_cfg(tmp_path, corpus, world=4, cp=2, parallel={"tensor_parallel_size": 2})
     _check_cfg(tmp_path, corpus, world=2, cp=2, model=GATED_DELTA, scheme="all_gather")
     _check_cfg(tmp_path, corpus, world=2, cp=2, scheme="state_passing")
 
@@ -209,7 +209,7 @@ def test_documents_layout_with_pipeline_is_refused(tmp_path, corpus):
     from miras_pretrain.train.config import config_from_dict, resolve_model_config
     from miras_pretrain.train.cp import check_cp_config
 
-    cfg = config_from_dict(_config(tmp_path / "bad", corpus, model=TITANS, cp=2, train={"pipeline_parallel": 2}))
+    cfg = config_from_dict(_config(tmp_path / "bad", corpus, model=TITANS, cp=2, parallel={"pipeline_parallel_size": 2}))
     with pytest.raises(ValueError, match="config key 'data.layout' = 'documents'"):
         check_cp_config(cfg, resolve_model_config(cfg), SEQ, 4, data_layout="documents")
 
@@ -229,9 +229,9 @@ def test_parallel_section_validation(raw, needle):
 def test_cli_reports_cp_error_in_one_line(tmp_path, corpus):
     """A lone process with context_parallel_size 2: the CLI exits 2 with one line, before any
     process group or model is built."""
-    path = testing.write_config(tmp_path / "c.yaml", _config(tmp_path / "run", corpus, model=TITANS, cp=2))
+    path = tiny_training.write_config(tmp_path / "c.yaml", _config(tmp_path / "run", corpus, model=TITANS, cp=2))
     proc = subprocess.run([sys.executable, "-m", "miras_pretrain.cli", "train", "--config", str(path)],
-                          env=testing.child_env(tmp_path), capture_output=True, text=True, timeout=300)
+                          env=tiny_training.child_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.splitlines() if "parallel.context_parallel_size" in l]
     assert len(lines) == 1 and "world size 1 is not a multiple" in lines[0], proc.stderr[-2000:]

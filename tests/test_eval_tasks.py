@@ -13,7 +13,7 @@ from torch import nn
 
 from miras_pretrain.cli import main
 from miras_pretrain.export import export_hf
-from miras_pretrain.export.testing import tiny_config
+from miras_pretrain.testing.tiny_models import tiny_config
 from miras_pretrain.model import build_model
 
 

@@ -13,29 +13,29 @@ import sys
 import pytest
 import torch
 
-from miras_pretrain.train import testing
+from miras_pretrain.testing import tiny_training
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def test_tp2_zero2_checkpoint_exports_with_logit_parity(tmp_path, monkeypatch):
-    corpus = testing.prepare_tiny_corpus(tmp_path / "corpus")
+    corpus = tiny_training.prepare_tiny_corpus(tmp_path / "corpus")
     out = tmp_path / "run"
-    model = dict(testing.TINY_MODEL, miras={"preset": "yaad"}, layer_pattern="MA")
-    cfg = testing.tiny_run_config(
+    model = dict(tiny_training.TINY_MODEL, miras={"preset": "yaad"}, layer_pattern="MA")
+    cfg = tiny_training.tiny_run_config(
         out, corpus, steps=2, micro_batch_size=2, model=model,
-        train={"zero_stage": 2, "tensor_parallel": 2},
+        train={"zero_stage": 2}, parallel={"tensor_parallel_size": 2},
         checkpoint={"interval": 0, "keep_last": 1, "save_at_end": True},
     )
-    path = testing.write_config(tmp_path / "c.yaml", cfg)
-    proc = testing.run_train(path, tmp_path, nproc=2, timeout=900)
+    path = tiny_training.write_config(tmp_path / "c.yaml", cfg)
+    proc = tiny_training.run_train(path, tmp_path, nproc=2, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
 
     hf_dir = tmp_path / "hf_tp2_zero2_roundtrip"
     exp = subprocess.run(
         [sys.executable, "-m", "miras_pretrain.cli", "export", "hf",
          "--checkpoint", str(out / "checkpoints" / "latest"), "--out", str(hf_dir)],
-        env=testing.child_env(tmp_path), capture_output=True, text=True, timeout=600)
+        env=tiny_training.child_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert exp.returncode == 0, exp.stdout[-2000:] + exp.stderr[-2000:]
 
     from transformers import AutoModelForCausalLM

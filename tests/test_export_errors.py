@@ -10,7 +10,7 @@ import torch
 
 from miras_pretrain.cli import main
 from miras_pretrain.export import export_hf
-from miras_pretrain.export.testing import tiny_config, tiny_tokenizer
+from miras_pretrain.testing.tiny_models import tiny_config, tiny_tokenizer
 from miras_pretrain.model import build_model
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from miras_pretrain.export import export_hf
-from miras_pretrain.export.testing import tiny_config, tiny_tokenizer
+from miras_pretrain.testing.tiny_models import tiny_config, tiny_tokenizer
 from miras_pretrain.model import build_model
 
 CHILD = textwrap.dedent('''

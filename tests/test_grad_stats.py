@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from miras_pretrain.train import testing
+from miras_pretrain.testing import tiny_training
 from miras_pretrain.train.grad_stats import GradSpikeMonitor, grad_group, grad_norms_by_group
 
 
@@ -107,7 +107,7 @@ def test_grad_norms_by_group_matches_manual_norms():
 # ---------------------------------------------------------------------------- a real run
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return testing.prepare_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+    return tiny_training.prepare_tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def test_training_run_logs_group_norms_and_warns_on_a_spike(tmp_path, corpus, monkeypatch, capsys):
@@ -126,7 +126,7 @@ def test_training_run_logs_group_norms_and_warns_on_a_spike(tmp_path, corpus, mo
 
     monkeypatch.setattr(trainer_mod, "_grad_norm", fake_grad_norm)
     out = tmp_path / "run"
-    cfg = testing.tiny_run_config(
+    cfg = tiny_training.tiny_run_config(
         out, corpus, steps=12, train={"grad_accum_steps": 2, "grad_clip": 0.01},
         log={"interval": 3, "progress_bar": False, "wandb": True, "wandb_mode": "offline"},
     )

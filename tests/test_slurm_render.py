@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def config(tmp_path) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(f"run: {{name: tiny-run, out_dir: {tmp_path / 'out'}}}\n"
-                    f"model: {REPO / 'configs' / 'models' / 'moneta_tiny.yaml'}\n")
+                    "model: moneta_tiny\n")
     return path
 
 

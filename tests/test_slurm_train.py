@@ -53,7 +53,7 @@ def write_config(path: Path, data: Path, out_dir: Path) -> Path:
     path.write_text(f"""\
 run: {{name: slurm-tiny, out_dir: {out_dir}, seed: 7}}
 model:
-  from: {REPO / 'configs' / 'models' / 'moneta_tiny.yaml'}
+  from: moneta_tiny
   vocab_size: 512
   d_model: 32
   n_layers: 1
@@ -63,7 +63,6 @@ data:
   streams: [{data / 'data'}]
   layout: packed
   seq_len: 64
-  micro_batch_size: 2
   num_workers: 0
   tokenizer: {data / 'tokenizer.model'}
 train: {{max_steps: {MAX_STEPS}, micro_batch_size: 2, warmup_steps: 1, lr: 1.0e-3, device: cpu, precision: fp32,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from miras_pretrain.train import testing
+from miras_pretrain.testing import tiny_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def test_bench_train_quick(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "bench_train.py"), "--quick", "--presets", "moneta,transformer",
          "--out", str(out)],
-        cwd=REPO, env=testing.child_env(tmp_path), capture_output=True, text=True, timeout=600)
+        cwd=REPO, env=tiny_training.child_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads(out.read_text())
     rows = {r["model"]: r for r in data["rows"]}

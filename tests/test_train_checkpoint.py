@@ -32,7 +32,8 @@ def test_find_latest_ignores_partial_and_temp_dirs(tmp_path):
 
 def test_resume_refuses_other_layout(tmp_path):
     from miras_pretrain.train.config import config_from_dict
-    from miras_pretrain.train.trainer import Trainer, _Layout
+    from miras_pretrain.train.setup import ProcessLayout
+    from miras_pretrain.train.trainer import Trainer
 
     ck = tmp_path / "run" / "checkpoints"
     d = _fake(ck, 10)
@@ -40,7 +41,7 @@ def test_resume_refuses_other_layout(tmp_path):
                                              "zero_stage": 1}))
     cfg = config_from_dict({"run": {"out_dir": str(tmp_path / "run")}})
     t = Trainer(cfg, resume="auto", quiet=True)
-    t.layout = _Layout(tp=1, pp=1, dp=1, dp_rank=0, world=1)
+    t.layout = ProcessLayout(tp=1, pp=1, dp=1, dp_rank=0, world=1)
     t.is_main = True
     with pytest.raises(ValueError, match="world_size=2 but this run has world_size=1"):
         t._resume()
@@ -48,11 +49,12 @@ def test_resume_refuses_other_layout(tmp_path):
 
 def test_resume_from_explicit_partial_dir_is_an_error(tmp_path):
     from miras_pretrain.train.config import config_from_dict
-    from miras_pretrain.train.trainer import Trainer, _Layout
+    from miras_pretrain.train.setup import ProcessLayout
+    from miras_pretrain.train.trainer import Trainer
 
     d = _fake(tmp_path / "ck", 5, complete=False)
     t = Trainer(config_from_dict({}), resume=str(d), quiet=True)
-    t.layout = _Layout(tp=1, pp=1, dp=1, dp_rank=0, world=1)
+    t.layout = ProcessLayout(tp=1, pp=1, dp=1, dp_rank=0, world=1)
     t.is_main = True
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         t._resume()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from miras_pretrain.train import testing
+from miras_pretrain.testing import tiny_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,12 +26,12 @@ def test_demo_short(tmp_path):
         [sys.executable, "-m", "miras_pretrain.cli", "demo", "--out", str(out), "--steps", "5",
          "--corpus-mb", "0.5", "--set", "train.micro_batch_size=4", "--set", "eval.batches=2",
          "--set", "log.progress_bar=false"],
-        cwd=REPO, env=testing.child_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=REPO, env=tiny_training.child_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True)
     try:
         stdout, _ = proc.communicate(timeout=900)
     finally:
-        testing.kill_group(proc)
+        tiny_training.kill_group(proc)
     assert proc.returncode == 0, stdout[-4000:]
     m = re.search(r"validation loss: step 0: ([\d.]+) .*->\s+step 5: ([\d.]+)", stdout)
     assert m, stdout[-3000:]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miras_pretrain.train import testing
+from miras_pretrain.testing import tiny_training
 
 pytestmark = pytest.mark.distributed
 
@@ -23,21 +23,21 @@ REL = 2e-4
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return testing.prepare_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+    return tiny_training.prepare_tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def _run(tmp, corpus, *, nproc, micro, ga=1, **train):
+def _run(tmp, corpus, *, nproc, micro, ga=1, parallel=None, **train):
     out = tmp / "run"
-    cfg = testing.tiny_run_config(
+    cfg = tiny_training.tiny_run_config(
         out, corpus, steps=STEPS, micro_batch_size=micro,
-        train={"grad_accum_steps": ga, **train},
+        train={"grad_accum_steps": ga, **train}, parallel=parallel or {},
         eval={"interval": 0, "batches": 2, "at_start": False},
         checkpoint={"interval": 0, "keep_last": 1, "save_at_end": True},
     )
-    path = testing.write_config(tmp / "c.yaml", cfg)
-    proc = testing.run_train(path, tmp, nproc=nproc, timeout=900)
+    path = tiny_training.write_config(tmp / "c.yaml", cfg)
+    proc = tiny_training.run_train(path, tmp, nproc=nproc, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    return testing.step_losses(out), testing.step_losses(out, "val/loss"), out
+    return tiny_training.step_losses(out), tiny_training.step_losses(out, "val/loss"), out
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,9 @@ def test_zero_two_ranks_match_single_process(tmp_path, corpus, reference, stage)
 
 
 def test_tensor_parallel_2_x_data_parallel_2(tmp_path, corpus, reference):
-    _check(_run(tmp_path, corpus, nproc=4, micro=1, tensor_parallel=2, zero_stage=1), reference)
+    _check(_run(tmp_path, corpus, nproc=4, micro=1, parallel={"tensor_parallel_size": 2}, zero_stage=1), reference)
 
 
 def test_pipeline_parallel_2(tmp_path, corpus, reference):
     # one pipeline, two micro-batches of 1 per step = the reference's batch of 2
-    _check(_run(tmp_path, corpus, nproc=2, micro=1, ga=2, pipeline_parallel=2, zero_stage=1), reference)
+    _check(_run(tmp_path, corpus, nproc=2, micro=1, ga=2, parallel={"pipeline_parallel_size": 2}, zero_stage=1), reference)

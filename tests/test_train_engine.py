@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from miras_pretrain.train import testing
+from miras_pretrain.testing import tiny_training
 from miras_pretrain.train.config import config_from_dict
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return testing.prepare_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+    return tiny_training.prepare_tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _train(cfg_dict):
@@ -30,7 +30,7 @@ def test_run_metrics_wandb_and_checkpoints(tmp_path, corpus):
     from miras_pretrain.train.wandb_reader import find_run_files, read_config, read_history
 
     out = tmp_path / "run"
-    cfg = testing.tiny_run_config(
+    cfg = tiny_training.tiny_run_config(
         out, corpus, steps=6,
         eval={"interval": 3, "batches": 2, "at_start": True},
         checkpoint={"interval": 2, "keep_last": 2},
@@ -80,7 +80,7 @@ def test_run_metrics_wandb_and_checkpoints(tmp_path, corpus):
 
 def test_nonfinite_step_is_skipped_counted_and_logged(tmp_path, corpus):
     out = tmp_path / "run"
-    cfg = testing.tiny_run_config(out, corpus, steps=5, debug={"nan_loss_steps": [3]},
+    cfg = tiny_training.tiny_run_config(out, corpus, steps=5, debug={"nan_loss_steps": [3]},
                                   checkpoint={"interval": 0, "keep_last": 1})
     res = _train(cfg)
     assert res.exit_code == 0 and res.skipped_steps == 1
@@ -99,7 +99,7 @@ def test_consecutive_nonfinite_steps_abort(tmp_path, corpus):
     from miras_pretrain.train.signals import EXIT_NONFINITE
 
     out = tmp_path / "run"
-    cfg = testing.tiny_run_config(out, corpus, steps=8, debug={"nan_loss_steps": [3, 4, 5, 6]},
+    cfg = tiny_training.tiny_run_config(out, corpus, steps=8, debug={"nan_loss_steps": [3, 4, 5, 6]},
                                   train={"max_consecutive_skips": 3},
                                   checkpoint={"interval": 1, "keep_last": 10})
     res = _train(cfg)
@@ -138,7 +138,7 @@ def test_time_limit_evaluates_checkpoints_and_requests_requeue(tmp_path, corpus)
     from miras_pretrain.train.signals import EXIT_REQUEUE
 
     out = tmp_path / "run"
-    cfg = testing.tiny_run_config(out, corpus, steps=50, train={"time_limit_minutes": 0.0001},
+    cfg = tiny_training.tiny_run_config(out, corpus, steps=50, train={"time_limit_minutes": 0.0001},
                                   eval={"interval": 0, "batches": 1, "at_start": False})
     res = _train(cfg)
     assert res.exit_code == EXIT_REQUEUE and res.reason == "time_limit"

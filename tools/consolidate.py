@@ -20,16 +20,17 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a step_* directory or a checkpoints root (newest complete one)")
+    ap.add_argument("checkpoint", help="a step_* directory, a checkpoints root or <root>/latest "
+                    "(the newest complete one)")
     ap.add_argument("--out", default=None, help="output .pt (default: <checkpoint>/consolidated_fp32.pt)")
     args = ap.parse_args(argv)
     try:
         import torch
 
-        from miras_pretrain.train.checkpoint import read_meta
-        from miras_pretrain.train.consolidate import consolidate_checkpoint, resolve
+        from miras_pretrain.train.checkpoint import read_meta, resolve_checkpoint
+        from miras_pretrain.train.consolidate import consolidate_checkpoint
 
-        ckpt = resolve(args.checkpoint)
+        ckpt = resolve_checkpoint(args.checkpoint)
         state = consolidate_checkpoint(ckpt)
         out = Path(args.out) if args.out else ckpt / "consolidated_fp32.pt"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv with every pinned dependency and the project installed in editable mode.
 # Idempotent: a second run only checks what is already there. Order matters: torch is pinned
-# first so that nothing later can resolve a CUDA build (see ../shared/platform-notes.md).
+# first so that nothing later can resolve a CUDA build (an unpinned torch range pulls torch +
+# CUDA wheels, several GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,7 +12,8 @@ fi
 # pip warns about missing local index folders of this image on every call: keep the log readable.
 PIP=".venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt"
 export PIP_NO_WARN_SCRIPT_LOCATION=1
-$PIP --upgrade pip setuptools wheel >/dev/null
+# setuptools >= 77 builds the wheel (SPDX license string; tests/test_packaging.py builds without isolation)
+$PIP --upgrade pip "setuptools>=77" wheel >/dev/null
 $PIP torch==2.13.0 numpy
 $PIP triton
 $PIP deepspeed megatron-core wandb sentencepiece "transformers<5" pyarrow pyyaml tqdm \

@@ -1,6 +1,7 @@
-"""Locate and read what an export needs from a training run: the checkpoint directory, its
-model config (``meta.json``), the fp32 state dict (through the trainer's consolidation, any
-ZeRO stage / TP / PP / CP layout) and the tokenizer the run was trained with.
+"""Read what an export needs from a training run: a checkpoint's model config (``meta.json``),
+its fp32 state dict (through the trainer's consolidation, any ZeRO stage / TP / PP / CP layout)
+and the tokenizer the run was trained with. Which directory ``--checkpoint`` names is decided by
+:func:`miras_pretrain.train.checkpoint.resolve_checkpoint`, as for ``--resume`` and consolidation.
 
 Layout written by the trainer (``miras_pretrain/train/checkpoint.py``)::
 
@@ -19,35 +20,8 @@ import torch
 from miras_pretrain.model.config import ModelConfig
 
 
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """``<run>/checkpoints/<step_...|latest>`` (or the checkpoints root, meaning latest) -> the
-    complete checkpoint directory. Raises FileNotFoundError for a missing or partial one."""
-    from miras_pretrain.train.checkpoint import META, find_latest
-
-    p = Path(path)
-    if p.name == "latest" and not p.is_dir():
-        root = p.parent
-        if not root.is_dir():
-            raise FileNotFoundError(f"checkpoint root {root} does not exist: pass <run>/checkpoints/<step|latest>")
-        found = find_latest(root)
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint (with {META}) under {root}: train longer or "
-                                    "pass an existing step directory")
-        return found
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist: pass <run>/checkpoints/<step|latest>")
-    if p.is_dir() and not (p / META).is_file() and find_latest(p) is not None:
-        return find_latest(p)  # the checkpoints root itself: take the newest complete one
-    if not p.is_dir() or not (p / META).is_file():
-        raise FileNotFoundError(
-            f"checkpoint {p} is partial or not a checkpoint directory (no {META}): a save was "
-            "interrupted; pass a complete step directory or <run>/checkpoints/latest"
-        )
-    return p
-
-
 def checkpoint_model_config(ckpt_dir: Path) -> ModelConfig:
-    """The model config recorded in the checkpoint's meta.json."""
+    """The model config recorded in the (complete, resolved) checkpoint's meta.json."""
     meta = json.loads((ckpt_dir / "meta.json").read_text())
     if "model" not in meta:
         raise ValueError(f"{ckpt_dir / 'meta.json'} has no 'model' entry: this checkpoint predates "

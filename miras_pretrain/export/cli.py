@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     src.add_argument("--checkpoint", help="<run>/checkpoints/<step_N|latest> (any ZeRO/TP/PP layout)")
     src.add_argument("--state-dict", help="a consolidated single-process state dict (.pt or .safetensors); "
                                           "needs --model-config")
-    hf.add_argument("--model-config", help="model YAML (configs/models/...) for --state-dict")
+    hf.add_argument("--model-config", help="registered model name (miras-pretrain models) or model YAML, for --state-dict")
     hf.add_argument("--tokenizer", help="sentencepiece .model (default: data.tokenizer of the run config)")
     hf.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     hf.add_argument("--max-shard-size", default="2GB", help="safetensors shard limit, e.g. 500MB, 2GB")
@@ -35,12 +35,14 @@ def load_source(args) -> tuple:
     from . import checkpoint as ck
 
     if args.checkpoint:
-        ckpt = ck.resolve_checkpoint_dir(args.checkpoint)
+        from miras_pretrain.train.checkpoint import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(args.checkpoint, flag="--checkpoint")
         cfg = ck.checkpoint_model_config(ckpt)
         return cfg, ck.consolidated_state_dict(ckpt), ck.run_tokenizer(ckpt)
     if not args.model_config:
-        raise ValueError("--state-dict needs --model-config (the configs/models/*.yaml it was trained with)")
-    return ModelConfig.from_yaml(args.model_config), ck.load_state_dict_file(args.state_dict), None
+        raise ValueError("--state-dict needs --model-config (the model name or YAML it was trained with)")
+    return ModelConfig.from_ref(args.model_config), ck.load_state_dict_file(args.state_dict), None
 
 
 def run_export_hf(args) -> int:

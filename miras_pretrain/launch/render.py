@@ -1,4 +1,4 @@
-"""Render the SLURM batch script (launch/slurm_train.sbatch) for a training run.
+"""Render the SLURM batch script (the checkout's launch/slurm_train.sbatch) for a training run.
 
 Pure string work, no SLURM needed: :class:`SlurmJobSpec` holds every choice, :func:`validate`
 checks it (one-line ``ValueError`` naming the option), :func:`render_sbatch` fills the template.
@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TEMPLATE = REPO_ROOT / "launch" / "slurm_train.sbatch"
+# Package data: pyproject.toml maps the checkout's launch/ folder onto this package, so the same
+# file is found in the checkout and in an installed wheel, whatever the working directory.
+DEFAULT_TEMPLATE = Path(str(files("miras_pretrain.launch.templates") / "slurm_train.sbatch"))
 
 # `miras-pretrain train` exit codes (miras_pretrain/train/signals.py): 75 = checkpoint saved after
 # SIGTERM/SIGUSR1, requeue; 2 = bad config/flag/file, retrying cannot help.

@@ -1,4 +1,4 @@
-"""Training (issue 7): DeepSpeed engine, loop, checkpoints, metrics/W&B, signals, the demo.
+"""Training: DeepSpeed engine, loop, checkpoints, metrics/W&B, signals, the demo.
 
 Entry points: ``miras-pretrain train`` / ``miras-pretrain demo`` (:mod:`.cli`),
 :func:`miras_pretrain.train.trainer.train`, :func:`miras_pretrain.train.config.load_config`,

@@ -68,13 +68,65 @@ def find_latest(root: str | Path) -> Optional[Path]:
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:
+    """The ``meta.json`` of a complete checkpoint directory (layout, step, model and run config)."""
     return json.loads((Path(ckpt_dir) / META).read_text())
+
+
+def resolve_checkpoint(spec: str | Path, *, root: str | Path | None = None,
+                       flag: str = "checkpoint") -> Optional[Path]:
+    """The complete checkpoint directory that ``spec`` names (the one place paths are resolved).
+
+    ``spec`` is one of:
+
+    * ``"auto"`` -- the newest complete checkpoint under ``root``, or ``None`` when there is
+      none yet (a first start and a requeued job run the same command);
+    * ``"latest"`` -- the newest complete checkpoint under ``root``; an error when there is none;
+    * ``<root>/latest`` -- the same for the root it sits in (the pointer file is not trusted,
+      see :func:`find_latest`);
+    * a checkpoints root -- its newest complete checkpoint;
+    * a ``step_*`` directory -- itself, if complete (has ``meta.json``).
+
+    ``flag`` names the option the user gave it with (``--resume``, ``--checkpoint``), so the
+    one-line ``FileNotFoundError`` / ``ValueError`` names both the option and the path.
+    """
+    if str(spec) in ("auto", "latest"):
+        if root is None:
+            raise ValueError(f"{flag} {spec} needs the run's checkpoints root: pass <run>/checkpoints/latest "
+                             "or a step_* directory instead")
+        root = Path(root)
+        found = find_latest(root)
+        if found is None and str(spec) == "latest":
+            raise FileNotFoundError(f"{flag} latest: no complete checkpoint (with {META}) under {root}: "
+                                    "train longer, or use --resume auto to start from step 0")
+        return found
+    p = Path(spec)
+    if p.name == LATEST and not p.is_dir():  # the pointer file, or where it would be
+        if not p.parent.is_dir():
+            raise FileNotFoundError(f"{flag} {p}: checkpoint root {p.parent} does not exist: "
+                                    "pass <run>/checkpoints/<step|latest>")
+        found = find_latest(p.parent)
+        if found is None:
+            raise FileNotFoundError(f"{flag} {p}: no complete checkpoint (with {META}) under {p.parent}: "
+                                    "train longer or pass an existing step directory")
+        return found
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {p} does not exist: pass <run>/checkpoints/<step|latest>")
+    if p.is_dir() and (p / META).is_file():
+        return p
+    found = find_latest(p) if p.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(
+            f"{flag} {p} is partial or not a checkpoint directory (no {META}): a save was "
+            "interrupted, or this is not a checkpoint; pass a complete step_* directory or "
+            "<run>/checkpoints/latest"
+        )
+    return found  # a checkpoints root: its newest complete checkpoint
 
 
 # layout keys a resume must match (a checkpoint without "cp" predates context parallelism: 1)
 RESUME_KEYS = ("world_size", "tp", "pp", "cp", "zero_stage")
-_KEY_NAMES = {"world_size": "the number of processes", "tp": "train.tensor_parallel",
-              "pp": "train.pipeline_parallel", "cp": "parallel.context_parallel_size",
+_KEY_NAMES = {"world_size": "the number of processes", "tp": "parallel.tensor_parallel_size",
+              "pp": "parallel.pipeline_parallel_size", "cp": "parallel.context_parallel_size",
               "zero_stage": "train.zero_stage"}
 
 

@@ -36,9 +36,10 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True, help="training YAML, e.g. configs/demo_moneta_tiny.yaml")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set train.lr=1e-3")
-    p.add_argument("--resume", default=None, metavar="auto|DIR",
+    p.add_argument("--resume", default=None, metavar="auto|latest|DIR",
                    help="'auto': continue from the newest complete checkpoint (start fresh if none); "
-                        "or a checkpoint directory (…/checkpoints/step_00000100)")
+                        "'latest': the same, but an error if there is none; or a checkpoint directory "
+                        "(…/checkpoints/step_00000100)")
     p.set_defaults(func=_train)
 
     d = subparsers.add_parser(

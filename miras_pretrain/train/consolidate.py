@@ -22,19 +22,7 @@ from pathlib import Path
 
 import torch
 
-from miras_pretrain.train.checkpoint import META, find_latest, read_meta
-
-
-def resolve(path: str | Path) -> Path:
-    """A complete ``step_*`` directory, or the newest one under a checkpoints root."""
-    p = Path(path)
-    if (p / META).is_file():
-        return p
-    found = find_latest(p) if p.is_dir() else None
-    if found is None:
-        raise FileNotFoundError(f"{p}: not a complete checkpoint directory (no {META}) and no complete "
-                                "checkpoint under it")
-    return found
+from miras_pretrain.train.checkpoint import META, read_meta, resolve_checkpoint
 
 
 def _zero_only(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -52,7 +40,7 @@ def _worker(ckpt: Path, out: Path) -> None:
     from miras_pretrain.parallel.mpu import MegatronMPU
     from miras_pretrain.train import dist as mdist
     from miras_pretrain.train.config import config_from_dict
-    from miras_pretrain.train.trainer import _build_model, _setup_parallel, _teardown
+    from miras_pretrain.train.setup import build_local_model, setup_parallel, teardown_parallel
 
     meta = read_meta(ckpt)
     cfg = config_from_dict(meta["config"])
@@ -60,11 +48,11 @@ def _worker(ckpt: Path, out: Path) -> None:
 
     model_cfg = resolve_model_config(cfg)
     device = torch.device("cpu")
-    layout = _setup_parallel(cfg, device)
+    layout = setup_parallel(cfg, device)
     try:
         from miras_pretrain.train.engine import build_engine
 
-        model = _build_model(model_cfg, layout, cfg)
+        model = build_local_model(model_cfg, layout, cfg)
         mpu = MegatronMPU() if layout.pp == 1 else None  # a PipelineModule carries its own grid
         engine, _ = build_engine(model, cfg, device, mpu=mpu,
                                  zero3_persistence_threshold=cfg.train.zero3_persistence_threshold)
@@ -81,12 +69,16 @@ def _worker(ckpt: Path, out: Path) -> None:
         if mdist.rank() == 0:
             torch.save(merged, out)
     finally:
-        _teardown(layout)
+        teardown_parallel(layout)
 
 
 def consolidate_checkpoint(path: str | Path, *, timeout: float = 1800) -> dict[str, torch.Tensor]:
-    """The fp32 single-process state dict of a checkpoint written by ``miras-pretrain train``."""
-    ckpt = resolve(path)
+    """The fp32 single-process state dict (``{name: fp32 CPU tensor}``, names of
+    ``build_model(cfg).state_dict()``) of a checkpoint written by ``miras-pretrain train``.
+
+    ``path``: a ``step_*`` directory, a checkpoints root or ``<root>/latest`` (see
+    :func:`~miras_pretrain.train.checkpoint.resolve_checkpoint`)."""
+    ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     tp, pp, world = int(meta.get("tp", 1)), int(meta.get("pp", 1)), int(meta.get("world_size", 1))
     if tp == 1 and pp == 1:

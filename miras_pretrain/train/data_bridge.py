@@ -1,8 +1,8 @@
-"""The trainer's view of the data package (issue 6): config, loaders, batch shape.
+"""The trainer's view of the data package: config, loaders, batch shape.
 
-``train.micro_batch_size`` is the batch size the loaders use (``data.micro_batch_size`` is the
-data package's default for standalone use and is ignored by the trainer); the data-parallel
-rank and size come from the parallel layout, not the global rank.
+``train.micro_batch_size`` is the batch size the loaders use (a training config refuses
+``data.micro_batch_size``; ``resolve_data_config`` fills it in); the data-parallel rank and size
+come from the parallel layout, not the global rank.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
 4. print first vs last validation loss/perplexity and where the checkpoint, the offline W&B run
    and the loss-curve PNG are.
 
-The training config is ``configs/demo_moneta_tiny.yaml``; ``--set`` overrides any of its keys.
+The training config is ``configs/demo_moneta_tiny.yaml`` (shipped in the package as
+``miras_pretrain.configs``); ``--set`` overrides any of its keys.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from importlib.resources import files
 from pathlib import Path
 from typing import Optional
 
@@ -27,24 +29,20 @@ DEMO_CONFIG = "demo_moneta_tiny.yaml"
 DEFAULT_CORPUS_MB = 4.0
 
 
-def _configs_dir() -> Path:
-    here = Path(__file__).resolve().parents[2] / "configs"
-    if (here / DEMO_CONFIG).is_file():
-        return here
-    cwd = Path.cwd() / "configs"
-    if (cwd / DEMO_CONFIG).is_file():
-        return cwd
-    raise FileNotFoundError(
-        f"configs/{DEMO_CONFIG} not found next to the package or in the current directory: "
-        "run the demo from the repository root"
-    )
+def demo_config_path() -> Path:
+    """The demo's training config, shipped as package data: pyproject.toml maps the checkout's
+    configs/ folder onto ``miras_pretrain.configs``, so the demo runs from any directory, from the
+    checkout and from an installed wheel. A real file path, because the config names its model
+    YAML relative to its own directory."""
+    path = Path(str(files("miras_pretrain.configs") / DEMO_CONFIG))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed package: reinstall miras-pretrain")
+    return path
 
 
 def _time_step(cfg: RunConfig, repeats: int = 1) -> float:
     """Seconds per optimizer step of the configured model at the configured batch shape
     (forward + backward + AdamW on random tokens; the median of ``repeats`` after a warm-up)."""
-    import dataclasses
-
     import torch
 
     from miras_pretrain.model import build_model
@@ -52,8 +50,6 @@ def _time_step(cfg: RunConfig, repeats: int = 1) -> float:
     from miras_pretrain.train.data_bridge import resolve
 
     mcfg = resolve_model_config(cfg)
-    if cfg.train.activation_checkpointing:
-        mcfg = dataclasses.replace(mcfg, activation_checkpointing=True)
     dcfg = resolve(cfg)
     B, T = cfg.train.micro_batch_size * cfg.train.grad_accum_steps, dcfg.seq_len
     torch.manual_seed(0)
@@ -110,7 +106,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 6.0, steps: Optional[int] 
     corpus_dir = out_dir / "corpus"
     # validate the config (and the user's --set keys) before spending time on data
     base_overrides = [f"run.out_dir={out_dir}"]
-    cfg = load_config(_configs_dir() / DEMO_CONFIG, base_overrides + list(overrides or []))
+    cfg = load_config(demo_config_path(), base_overrides + list(overrides or []))
 
     from miras_pretrain.data import prepare_embedded_corpus
     from miras_pretrain.train.config import resolve_model_config
@@ -129,7 +125,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 6.0, steps: Optional[int] 
           f"train {splits['train'].num_tokens:,} tokens, val {splits['val'].num_tokens:,} tokens; "
           f"tokenizer {prepared.tokenizer_path}", flush=True)
     cfg = load_config(
-        _configs_dir() / DEMO_CONFIG,
+        demo_config_path(),
         base_overrides
         + [f"data.streams=[{prepared.root}]", f"data.tokenizer={prepared.tokenizer_path}"]
         + list(overrides or []),
@@ -160,7 +156,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 6.0, steps: Optional[int] 
     if cfg.checkpoint.interval > n_steps:
         sized.append(f"checkpoint.interval={n_steps}")
     cfg = load_config(
-        _configs_dir() / DEMO_CONFIG,
+        demo_config_path(),
         base_overrides
         + [f"data.streams=[{prepared.root}]", f"data.tokenizer={prepared.tokenizer_path}"]
         + sized + list(overrides or []),

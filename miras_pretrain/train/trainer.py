@@ -12,7 +12,6 @@ schedule, as with fp16 overflow). Checkpoint tags, logs and ``max_steps`` all us
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -23,7 +22,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from miras_pretrain.train import dist as mdist
-from miras_pretrain.train.checkpoint import CheckpointManager, check_resume_layout, find_latest, read_meta
+from miras_pretrain.train.checkpoint import CheckpointManager, check_resume_layout, read_meta, resolve_checkpoint
 from miras_pretrain.train.config import RunConfig, dump_config, resolve_model_config
 from miras_pretrain.train.cp import TrainerCP, check_cp_config, launch_world_size
 from miras_pretrain.train import data_bridge
@@ -31,7 +30,9 @@ from miras_pretrain.train.engine import build_engine, resolve_precision
 from miras_pretrain.train.grad_stats import GradSpikeMonitor, grad_norms_by_group
 from miras_pretrain.train.metrics import device_peak_flops, memory_gib, mfu
 from miras_pretrain.train.rng import get_rng_state, seed_all, set_rng_state
-from miras_pretrain.train.signals import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, StopFlag
+from miras_pretrain.train.loop import Console, LogWindow, RunEnd, TimeLimit, perplexity
+from miras_pretrain.train.setup import build_local_model, setup_parallel, teardown_parallel
+from miras_pretrain.train.signals import StopFlag
 from miras_pretrain.train.tracking import MetricsLogger
 
 
@@ -53,84 +54,6 @@ class TrainResult:
     message: str = ""
     # "done" | "signal" | "time_limit" | "nonfinite"
     reason: str = "done"
-
-
-@dataclass
-class _Layout:
-    tp: int
-    pp: int
-    dp: int  # data parallel size WITHOUT the CP dimension (the loader's view)
-    dp_rank: int
-    world: int
-    cp: int = 1
-
-    @property
-    def megatron(self) -> bool:
-        """Whether megatron's parallel_state owns the process groups."""
-        return self.tp > 1 or self.pp > 1 or self.cp > 1
-
-
-def _setup_parallel(cfg: RunConfig, device: torch.device) -> _Layout:
-    t = cfg.train
-    cp = cfg.parallel.context_parallel_size
-    if t.tensor_parallel > 1 or t.pipeline_parallel > 1 or cp > 1:
-        from miras_pretrain.parallel import state as pstate
-
-        mdist._fill_env_for_single_process()
-        pstate.initialize_parallel(t.tensor_parallel, t.pipeline_parallel, cp=cp, seed=cfg.run.seed)
-        return _Layout(t.tensor_parallel, t.pipeline_parallel, pstate.data_parallel_world_size(),
-                       pstate.data_parallel_rank(), mdist.world_size(), cp)
-    mdist.init_distributed(device)
-    return _Layout(1, 1, mdist.world_size(), mdist.rank(), mdist.world_size())
-
-
-def _teardown(layout: _Layout) -> None:
-    if layout.megatron:
-        from miras_pretrain.parallel import state as pstate
-
-        pstate.destroy_parallel()
-        mdist.reset_deepspeed_groups()
-        mdist.restore_env()
-    else:
-        mdist.destroy()
-
-
-def _build_model(model_cfg, layout: _Layout, cfg: RunConfig):
-    """Plain model, or DeepSpeed pipeline stages when pipeline_parallel > 1."""
-    if layout.pp > 1:
-        from miras_pretrain.model import build_pipeline_module
-
-        # activation checkpointing per block is done by the blocks themselves
-        # (ModelConfig.activation_checkpointing), so the pipeline's own interval stays 0
-        module = build_pipeline_module(model_cfg)
-        _init_stage_like_single_process(module, model_cfg, cfg.run.seed)
-        return module
-    from miras_pretrain.model import build_model
-
-    return build_model(model_cfg)
-
-
-@torch.no_grad()
-def _init_stage_like_single_process(module, model_cfg, seed: int) -> None:
-    """Give this pipeline stage the weights the single-process model (same seed) has.
-
-    Each stage builds only its own layers, so drawing their initial weights from the generator
-    would differ from the one-process model's draws. Instead the whole model is built once on
-    this rank from ``seed`` (TP-sharded exactly like the stage under TP: megatron's CPU init
-    slices the full draw) and the stage copies its layers out of it; afterwards the full model
-    is dropped. Costs one model build per rank at start-up.
-    """
-    from miras_pretrain.model import build_model
-    from miras_pretrain.parallel.checkpoint import full_name
-
-    seed_all(seed)
-    ref = dict(build_model(model_cfg).named_parameters())
-    for name, p in module.named_parameters():
-        src = ref[full_name(module, name)]
-        if src.shape != p.shape:
-            raise RuntimeError(f"pipeline init: {name} {tuple(p.shape)} vs model {tuple(src.shape)}")
-        p.copy_(src)
-    del ref
 
 
 def _grad_norm(engine) -> float:
@@ -162,14 +85,12 @@ class Trainer:
 
         # validate model and data sections before any process-group work
         self.model_cfg = resolve_model_config(cfg)
-        if cfg.train.activation_checkpointing and not self.model_cfg.activation_checkpointing:
-            self.model_cfg = dataclasses.replace(self.model_cfg, activation_checkpointing=True)
         self.data_cfg = data_bridge.resolve(cfg)
         self.seq_len = data_bridge.seq_len_of(self.data_cfg)
         check_cp_config(cfg, self.model_cfg, self.seq_len, launch_world_size(), data_layout=self.data_cfg.layout)
         self.device = pick_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.layout = _setup_parallel(cfg, self.device)
+        self.layout = setup_parallel(cfg, self.device)
         self.rank = mdist.rank()
         self.is_main = self.rank == 0
         seed_all(cfg.run.seed)
@@ -177,7 +98,7 @@ class Trainer:
         self.cp = (TrainerCP(cfg.parallel.context_parallel_scheme, self.model_cfg.chunk_size)
                    if self.layout.cp > 1 else None)
 
-        model = _build_model(self.model_cfg, self.layout, cfg)
+        model = build_local_model(self.model_cfg, self.layout, cfg)
         mpu = None
         if (self.layout.tp > 1 or self.layout.cp > 1) and self.layout.pp == 1:
             # a PipelineModule brings its own grid (topology); DeepSpeed takes no mpu with it.
@@ -222,20 +143,14 @@ class Trainer:
                 "cp_scheme": self.cfg.parallel.context_parallel_scheme}
 
     def _resume(self) -> None:
+        """Load the checkpoint ``--resume`` names (auto | latest | a path) into the engine,
+        the loader, the RNGs and the counters; ``auto`` with no checkpoint yet starts at step 0."""
         root = self.cfg.checkpoint_dir
-        if self.resume == "auto":
-            ckpt_dir = find_latest(root)
-            if ckpt_dir is None:
-                if self.is_main and not self.quiet:
-                    print(f"resume auto: no complete checkpoint under {root}; starting from step 0", flush=True)
-                return
-        else:
-            ckpt_dir = Path(self.resume)
-            if not (ckpt_dir / "meta.json").is_file():
-                raise FileNotFoundError(
-                    f"--resume {self.resume}: not a complete checkpoint directory (no meta.json); "
-                    "use --resume auto or a step_* directory"
-                )
+        ckpt_dir = resolve_checkpoint(self.resume, root=root, flag="--resume")
+        if ckpt_dir is None:
+            if self.is_main and not self.quiet:
+                print(f"resume auto: no complete checkpoint under {root}; starting from step 0", flush=True)
+            return
         check_resume_layout(read_meta(ckpt_dir), self._layout_meta(), ckpt_dir)
         state = self.ckpt.load(self.engine, ckpt_dir)
         self.step = int(state["step"])
@@ -267,16 +182,19 @@ class Trainer:
             loss = self._engine_loss(ids, labels, cu)
             return loss, loss, int((labels != -100).sum())
         local = self.cp.slice(ids, labels, cu)
-        with self.cp.runtime.batch(local["cp_slice"]):
-            loss = self._engine_loss(local["input_ids"], local["labels"], local.get("cu_seqlens"))
+        with self.cp.runtime.batch(local["cp_slice"]) as cp_context:
+            loss = self._engine_loss(local["input_ids"], local["labels"], local.get("cu_seqlens"), cp_context)
         return loss * local["cp_loss_scale"], loss, int((local["labels"] != -100).sum())
 
-    def _engine_loss(self, ids: torch.Tensor, labels: torch.Tensor, cu: Optional[torch.Tensor]) -> torch.Tensor:
+    def _engine_loss(self, ids: torch.Tensor, labels: torch.Tensor, cu: Optional[torch.Tensor],
+                     cp_context=None) -> torch.Tensor:
         """The engine's mean loss over ``labels``; ``cu_seqlens`` is passed only for packed
-        documents (dense batches keep the model's plain signature)."""
+        documents and ``cp`` only under context parallelism (otherwise the model's plain
+        signature)."""
+        extra = {} if cp_context is None else {"cp": cp_context}
         if cu is not None:
-            return self.engine(ids, labels=labels, cu_seqlens=cu)
-        return self.engine(ids, labels=labels)
+            return self.engine(ids, labels=labels, cu_seqlens=cu, **extra)
+        return self.engine(ids, labels=labels, **extra)
 
     def _pipe_iter(self, batches: list) -> Iterator:
         """Micro-batches in the pipeline engine's format: ``(input_ids, labels)`` or, with
@@ -329,7 +247,7 @@ class Trainer:
             else:
                 # the CP exchanges happen inside each stage's layers, for every micro-batch of
                 # the schedule; backward may run after the block (autograd holds the runtime)
-                with self.cp.runtime.batch(self._pipe_layout(micro)):
+                with self.cp.pipeline_batch(self.engine.module, self._pipe_layout(micro)):
                     loss = self.engine.train_batch(data_iter=self._pipe_iter(micro))
                 self.cp.runtime.finish_step()
             loss_val = float(loss.item())
@@ -368,7 +286,7 @@ class Trainer:
         if self.layout.megatron:
             from miras_pretrain.parallel import state as pstate
 
-            return pstate._ps().get_data_parallel_group()
+            return pstate.data_parallel_group()
         return None
 
     def _dp_cp_group(self):
@@ -403,7 +321,7 @@ class Trainer:
                     if self.cp is None:
                         losses.append(float(self.engine.eval_batch(self._pipe_iter(micro)).item()))
                     else:
-                        with self.cp.runtime.batch(self._pipe_layout(micro)):
+                        with self.cp.pipeline_batch(self.engine.module, self._pipe_layout(micro)):
                             losses.append(float(self.engine.eval_batch(self._pipe_iter(micro)).item()))
                     weights.append(1)
             else:
@@ -472,152 +390,196 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
-        cfg = self.cfg
-        t = cfg.train
-        logger = MetricsLogger(cfg, enabled=self.is_main)
+        """The training run: an optional evaluation at the start, then optimizer steps, each
+        followed by its log row, evaluation and checkpoint when they are due, until
+        ``train.max_steps``, the time limit, SIGTERM/SIGUSR1 or too many non-finite steps."""
+        self._open_run()
+        max_steps = self.cfg.train.max_steps
         stop = StopFlag().install()
-        bar = None
-        if self.is_main and cfg.log.progress_bar and not self.quiet:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=t.max_steps, initial=self.step, desc=cfg.run.name, unit="step",
-                       dynamic_ncols=True, smoothing=0.1)
-        say = (bar.write if bar is not None else print) if (self.is_main and not self.quiet) else (lambda *_: None)
-        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.layout.dp * self.seq_len
-        last_ckpt: Optional[Path] = None
-        exit_code = EXIT_OK
-        message = ""
-        reason = "done"
-        loop_t0 = time.perf_counter()
-        limit_s = t.time_limit_minutes * 60 if t.time_limit_minutes else None
-        window_losses: list[float] = []
-        window_t0 = time.perf_counter()
-        window_steps = 0
-        spikes = GradSpikeMonitor()
+        end: Optional[RunEnd] = None
         try:
-            if cfg.eval.at_start and self.step == 0 and not self.val_history:
-                v = self.evaluate()
-                self.val_history.append((0, v))
-                logger.log(0, {"val/loss": v, "val/ppl": math.exp(min(v, 50.0))})
-                say(f"step 0: val loss {v:.4f}  ppl {math.exp(min(v, 50.0)):.2f}")
-            # per-rank tokens of one optimizer step (this rank's slices under CP)
-            tokens_per_rank = t.micro_batch_size * t.grad_accum_steps * self.seq_len / self.layout.cp
-            if self.cp is not None:
-                self.cp.discard_stats()
-            check_order = self.cp is not None
-            while self.step < t.max_steps:
-                step_t0 = time.perf_counter()
-                if check_order:
-                    self.cp.arm_grad_order_check(self.engine.module)
-                loss, applied, gnorm = self.train_step()
-                if check_order:  # once per job: the first step's backward
-                    self.cp.verify_grad_order()
-                    check_order = False
-                if self.cp is not None:
-                    self.cp.end_step(time.perf_counter() - step_t0)
-                self.step += 1
-                window_steps += 1
-                self.tokens_seen += tokens_per_step
-                spike = False
-                if applied:
-                    self.consecutive_skips = 0
-                    window_losses.append(loss)
-                    warning = spikes.update(self.step, gnorm)  # gnorm is global: same on every rank
-                    if warning is not None:
-                        spike = True
-                        say(warning)
-                else:
-                    self.skipped_total += 1
-                    self.consecutive_skips += 1
-                    say(f"step {self.step}: non-finite loss/gradient (loss={loss}, grad norm={gnorm}); "
-                        f"update skipped ({self.consecutive_skips} in a row, {self.skipped_total} total)")
-                    logger.log(self.step, {"train/skipped_steps": self.skipped_total, "train/nonfinite": 1})
-                    if self.consecutive_skips >= t.max_consecutive_skips:
-                        raise NonFiniteAbort(
-                            f"aborting at step {self.step}: {self.consecutive_skips} consecutive steps had a "
-                            f"non-finite loss or gradient (train.max_consecutive_skips={t.max_consecutive_skips}); "
-                            "lower train.lr, check the data, or resume from the last checkpoint"
-                        )
-                if bar is not None:
-                    bar.update(1)
-                log_step = self._is_log_step(self.step)
-                if spike and not log_step:  # the spike's own row; the log step's row carries it otherwise
-                    logger.log(self.step, {"train/grad_spike": 1, "train/grad_norm": gnorm})
-                if log_step:
-                    dt = max(time.perf_counter() - window_t0, 1e-9)
-                    tok_s = tokens_per_step * window_steps / dt
-                    mean_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
-                    row = {
-                        "train/loss": mean_loss,
-                        "train/ppl": math.exp(min(mean_loss, 50.0)) if math.isfinite(mean_loss) else float("nan"),
-                        "train/lr": float(self.engine.get_lr()[0]),
-                        "train/grad_norm": gnorm,
-                        "train/tokens_per_s": tok_s,
-                        "train/mfu": mfu(self.flops_per_token, tok_s, self.peak_total),
-                        "train/tokens_seen": self.tokens_seen,
-                        "train/skipped_steps": self.skipped_total,
-                        **({"train/grad_spike": 1} if spike else {}),
-                        **self.group_grad_norms,
-                        **memory_gib(self.device),
-                        **self._memory_stats(),
-                        # collective over all ranks (every rank logs at the same steps)
-                        **(self.cp.window_metrics(tokens_per_rank) if self.cp is not None else {}),
-                    }
-                    logger.log(self.step, row)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{row['train/lr']:.2e}",
-                                        tok_s=f"{tok_s:.0f}", refresh=False)
-                    window_losses, window_steps, window_t0 = [], 0, time.perf_counter()
-                final = self.step == t.max_steps
-                # the time limit must be agreed on by all ranks (clocks differ slightly)
-                out_of_time = limit_s is not None and not final and mdist.all_reduce_max(
-                    1.0 if time.perf_counter() - loop_t0 > limit_s else 0.0) > 0
-                if out_of_time:
-                    final = True
-                if (cfg.eval.interval and self.step % cfg.eval.interval == 0) or final:
-                    v = self.evaluate()
-                    self.val_history.append((self.step, v))
-                    logger.log(self.step, {"val/loss": v, "val/ppl": math.exp(min(v, 50.0))})
-                    say(f"step {self.step}: val loss {v:.4f}  ppl {math.exp(min(v, 50.0)):.2f}")
-                if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or (
-                        final and (cfg.checkpoint.save_at_end or out_of_time)):
-                    last_ckpt = self.save()
-                if cfg.debug.sleep_per_step:
-                    time.sleep(cfg.debug.sleep_per_step)
-                # every rank must agree before anyone saves: a scheduler signals ranks at
-                # slightly different times
-                if out_of_time:
-                    message = (f"time limit of {t.time_limit_minutes:g} min reached at step {self.step}; "
-                               f"checkpoint {last_ckpt}")
-                    say(message)
-                    exit_code, reason = EXIT_REQUEUE, "time_limit"
-                    break
-                if not final and mdist.all_reduce_max(1.0 if stop.received is not None else 0.0) > 0:
-                    if last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:08d}"):
-                        last_ckpt = self.save()
-                    message = f"stopped by signal at step {self.step}; checkpoint {last_ckpt}"
-                    say(message)
-                    exit_code, reason = EXIT_REQUEUE, "signal"
-                    break
+            self._evaluate_at_start()
+            while end is None and self.step < max_steps:
+                loss, applied, gnorm = self._timed_train_step()
+                spike = self._account_step(loss, applied, gnorm)
+                self._log_if_due(gnorm, spike)
+                # a finished run needs no time check (and all ranks skip the collective alike)
+                out_of_time = self.step < max_steps and self.time_limit.reached()
+                final = out_of_time or self.step == max_steps
+                self._evaluate_if_due(final)
+                self._checkpoint_if_due(final, out_of_time)
+                if self.cfg.debug.sleep_per_step:  # slows a tiny run so tests can signal it mid-way
+                    time.sleep(self.cfg.debug.sleep_per_step)
+                end = self._end_at_time_limit() if out_of_time else self._end_on_signal(stop, final)
         except NonFiniteAbort as err:
-            message = str(err)
-            exit_code, reason = EXIT_NONFINITE, "nonfinite"
-            say(message)
+            end = RunEnd.nonfinite(str(err))
+            self.console.say(end.message)
         finally:
             stop.restore()
-            if bar is not None:
-                bar.close()
+            self.console.close()
+        return self._close_run(end or RunEnd())
+
+    def _open_run(self) -> None:
+        """The per-run helpers: metrics logger, console, log window, spike monitor, time limit."""
+        cfg, t = self.cfg, self.cfg.train
+        self.logger = MetricsLogger(cfg, enabled=self.is_main)
+        self.console = Console.open(enabled=self.is_main and not self.quiet, progress_bar=cfg.log.progress_bar,
+                                    total=t.max_steps, initial=self.step, desc=cfg.run.name)
+        # tokens of one optimizer step: over all data-parallel ranks, and on one rank (its slices under CP)
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.layout.dp * self.seq_len
+        self.tokens_per_rank = t.micro_batch_size * t.grad_accum_steps * self.seq_len / self.layout.cp
+        # both clocks start before the evaluation at the start: the first log row's tokens/s and
+        # the time limit include it
+        self.window = LogWindow()
+        self.time_limit = TimeLimit(t.time_limit_minutes)
+        self.spikes = GradSpikeMonitor()
+        self.last_checkpoint: Optional[Path] = None
+        self._grad_order_checked = False
+        if self.cp is not None:
+            self.cp.discard_stats()  # the cp/* metrics describe training steps only
+
+    def _evaluate_at_start(self) -> None:
+        """The step-0 validation row (``eval.at_start``), unless resuming a run that has one."""
+        if self.cfg.eval.at_start and self.step == 0 and not self.val_history:
+            self._validate()
+
+    def _timed_train_step(self) -> tuple[float, bool, float]:
+        """:meth:`train_step` plus what context parallelism does around it: the gradient-order
+        check on the job's first step (its backward) and the step time behind ``cp/wait_frac``."""
+        t0 = time.perf_counter()
+        check_order = self.cp is not None and not self._grad_order_checked
+        if check_order:
+            self.cp.arm_grad_order_check(self.engine.module)
+        result = self.train_step()
+        if check_order:
+            self.cp.verify_grad_order()
+            self._grad_order_checked = True
+        if self.cp is not None:
+            self.cp.end_step(time.perf_counter() - t0)
+        return result
+
+    def _account_step(self, loss: float, applied: bool, gnorm: float) -> bool:
+        """Count the finished step (step, tokens, log window, skips) and warn on a gradient
+        spike; returns whether it was one. Raises :class:`NonFiniteAbort` after
+        ``train.max_consecutive_skips`` skipped steps in a row."""
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        self.window.add(loss if applied else None)
+        spike = False
+        if applied:
+            self.consecutive_skips = 0
+            warning = self.spikes.update(self.step, gnorm)  # gnorm is global: same on every rank
+            if warning is not None:
+                spike = True
+                self.console.say(warning)
+        else:
+            self._record_skip(loss, gnorm)
+        self.console.advance()
+        return spike
+
+    def _record_skip(self, loss: float, gnorm: float) -> None:
+        """A step whose update was discarded (non-finite loss or gradient): report it and abort
+        once too many came in a row."""
+        limit = self.cfg.train.max_consecutive_skips
+        self.skipped_total += 1
+        self.consecutive_skips += 1
+        self.console.say(f"step {self.step}: non-finite loss/gradient (loss={loss}, grad norm={gnorm}); "
+                         f"update skipped ({self.consecutive_skips} in a row, {self.skipped_total} total)")
+        self.logger.log(self.step, {"train/skipped_steps": self.skipped_total, "train/nonfinite": 1})
+        if self.consecutive_skips >= limit:
+            raise NonFiniteAbort(
+                f"aborting at step {self.step}: {self.consecutive_skips} consecutive steps had a "
+                f"non-finite loss or gradient (train.max_consecutive_skips={limit}); "
+                "lower train.lr, check the data, or resume from the last checkpoint"
+            )
+
+    def _log_if_due(self, gnorm: float, spike: bool) -> None:
+        """The ``train/*`` row of a log step (then a new window starts); on other steps only a
+        gradient spike gets a row of its own."""
+        if not self._is_log_step(self.step):
+            if spike:
+                self.logger.log(self.step, {"train/grad_spike": 1, "train/grad_norm": gnorm})
+            return
+        row = self._train_row(gnorm, spike)
+        self.logger.log(self.step, row)
+        self.console.show(loss=f"{row['train/loss']:.3f}", lr=f"{row['train/lr']:.2e}",
+                          tok_s=f"{row['train/tokens_per_s']:.0f}")
+        self.window.reset()
+
+    def _train_row(self, gnorm: float, spike: bool) -> dict[str, float]:
+        """The metrics of the window that ends at this log step. Collective: the memory stats
+        (ZeRO-3 gathers) and the CP metrics reduce over ranks, and every rank logs at the same steps."""
+        tok_s = self.window.tokens_per_s(self.tokens_per_step)  # before the collectives below
+        mean_loss = self.window.mean_loss()
+        return {
+            "train/loss": mean_loss,
+            "train/ppl": perplexity(mean_loss) if math.isfinite(mean_loss) else float("nan"),
+            "train/lr": float(self.engine.get_lr()[0]),
+            "train/grad_norm": gnorm,
+            "train/tokens_per_s": tok_s,
+            "train/mfu": mfu(self.flops_per_token, tok_s, self.peak_total),
+            "train/tokens_seen": self.tokens_seen,
+            "train/skipped_steps": self.skipped_total,
+            **({"train/grad_spike": 1} if spike else {}),
+            **self.group_grad_norms,
+            **memory_gib(self.device),
+            **self._memory_stats(),
+            **(self.cp.window_metrics(self.tokens_per_rank) if self.cp is not None else {}),
+        }
+
+    def _validate(self) -> None:
+        """Evaluate now; record, log and print the validation loss of this step."""
+        v = self.evaluate()
+        self.val_history.append((self.step, v))
+        self.logger.log(self.step, {"val/loss": v, "val/ppl": perplexity(v)})
+        self.console.say(f"step {self.step}: val loss {v:.4f}  ppl {perplexity(v):.2f}")
+
+    def _evaluate_if_due(self, final: bool) -> None:
+        """Every ``eval.interval`` steps, and on the last step of the job."""
+        interval = self.cfg.eval.interval
+        if (interval and self.step % interval == 0) or final:
+            self._validate()
+
+    def _checkpoint_if_due(self, final: bool, out_of_time: bool) -> None:
+        """Every ``checkpoint.interval`` steps; on the last step with ``checkpoint.save_at_end``,
+        and always when the time limit ends the job (the requeued job resumes from it)."""
+        ck = self.cfg.checkpoint
+        if (ck.interval and self.step % ck.interval == 0) or (final and (ck.save_at_end or out_of_time)):
+            self.last_checkpoint = self.save()
+
+    def _end_at_time_limit(self) -> RunEnd:
+        """The job ran out of ``train.time_limit_minutes`` (its checkpoint is already saved)."""
+        message = (f"time limit of {self.cfg.train.time_limit_minutes:g} min reached at step {self.step}; "
+                   f"checkpoint {self.last_checkpoint}")
+        self.console.say(message)
+        return RunEnd.time_limit(message)
+
+    def _end_on_signal(self, stop: StopFlag, final: bool) -> Optional[RunEnd]:
+        """Checkpoint and end when any rank got SIGTERM/SIGUSR1 (None otherwise). Collective:
+        every rank must agree before anyone saves, as a scheduler signals ranks at slightly
+        different times. Not on the last step, which has ended the run anyway."""
+        if final or mdist.all_reduce_max(1.0 if stop.received is not None else 0.0) == 0:
+            return None
+        if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
+            self.last_checkpoint = self.save()
+        message = f"stopped by signal at step {self.step}; checkpoint {self.last_checkpoint}"
+        self.console.say(message)
+        return RunEnd.signal(message)
+
+    def _close_run(self, end: RunEnd) -> TrainResult:
+        """Summary, W&B finish and the loss-curve plot; what the job reports back."""
         if self.is_main and self.val_history:
-            logger.summary({"val/first_loss": self.val_history[0][1], "val/last_loss": self.val_history[-1][1]})
-        wandb_dir = logger.wandb_dir
-        logger.finish(exit_code=0 if exit_code in (EXIT_OK, EXIT_REQUEUE) else exit_code)
-        if self.is_main and logger.path is not None and reason in ("done", "time_limit"):
+            self.logger.summary({"val/first_loss": self.val_history[0][1], "val/last_loss": self.val_history[-1][1]})
+        wandb_dir = self.logger.wandb_dir
+        self.logger.finish(exit_code=end.tracker_exit_code)
+        if self.is_main and self.logger.path is not None and end.plots:
             from miras_pretrain.train.plot import plot_loss_curve
 
-            plot_loss_curve(logger.path, cfg.out_dir / "loss_curve.png", title=cfg.run.name)
-        return TrainResult(exit_code=exit_code, step=self.step, out_dir=cfg.out_dir, checkpoint=last_ckpt,
-                           val_history=list(self.val_history), skipped_steps=self.skipped_total,
-                           wandb_dir=wandb_dir, message=message, reason=reason)
+            plot_loss_curve(self.logger.path, self.cfg.out_dir / "loss_curve.png", title=self.cfg.run.name)
+        return TrainResult(exit_code=end.exit_code, step=self.step, out_dir=self.cfg.out_dir,
+                           checkpoint=self.last_checkpoint, val_history=list(self.val_history),
+                           skipped_steps=self.skipped_total, wandb_dir=wandb_dir, message=end.message,
+                           reason=end.reason)
 
 
 def train(cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False) -> TrainResult:
@@ -633,4 +595,4 @@ def train(cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False) 
                 loader.close()  # frees streaming's shared memory and cache files
         layout = getattr(trainer, "layout", None)
         if layout is not None:
-            _teardown(layout)
+            teardown_parallel(layout)

@@ -1,4 +1,5 @@
-"""Tiny runs for tests and benchmarks: a small prepared corpus and a training YAML around it.
+"""Tiny training runs for tests and benchmarks: a small prepared corpus, a training YAML around
+it, and ``miras-pretrain train`` in a child process (one or several ranks) with its metrics read back.
 
 Everything here uses the real pieces (the data package's embedded corpus and loaders, the
 model, DeepSpeed); it only picks sizes small enough for a 2-core CI machine.
@@ -55,6 +56,7 @@ def tiny_run_config(out_dir: str | Path, prepared, *, steps: int = 6, micro_batc
 
 
 def write_config(path: str | Path, cfg: dict) -> Path:
+    """Write a config mapping (e.g. :func:`tiny_run_config`'s) as YAML; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
