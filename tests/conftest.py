@@ -1,5 +1,5 @@
 """Test-wide settings. TRITON_INTERPRET must be set before triton is first imported so kernels
-run on CPU tensors (../shared/platform-notes.md)."""
+run on CPU tensors (the interpreter ignores the device; shapes must stay tiny)."""
 
 import os
 

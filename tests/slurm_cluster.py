@@ -6,7 +6,7 @@
 is started here in the foreground, so the PID we hold is the daemon's own; teardown stops exactly
 those PIDs (SIGTERM, then SIGKILL), in a ``finally`` and from ``atexit``, never by name.
 
-The config follows ../shared/platform-notes.md: proctrack/linuxproc and task/none (no cgroups
+The config suits a container without systemd or cgroups: proctrack/linuxproc and task/none (no cgroups
 here), select/cons_tres, a ``%n``-templated spool/pid/log per slurmd and a job completion log
 (jobcomp/filetxt) so a test can see how a job ended without slurmdbd. A TaskProlog gives each
 emulated node its own TMPDIR and a mount namespace its own /dev/shm, as real nodes have.
@@ -115,7 +115,7 @@ class SlurmCluster:
         """Wait until the job has ended for good; return its completion-log records.
 
         A requeued job is held ~120 s by SLURM before it may start again; ``kick_requeued``
-        releases it at once (``scontrol update StartTime=now``), as the issue suggests for tests.
+        releases it at once (``scontrol update StartTime=now``) so a test does not wait out the delay.
         """
         deadline = time.monotonic() + timeout
         final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",

@@ -1,4 +1,4 @@
-"""tools/bench_data.py --quick runs end to end and writes its JSON (issue 6)."""
+"""tools/bench_data.py --quick runs end to end and writes its JSON."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Two real data-parallel ranks (gloo, 2 processes) on the streaming loader (issue 6):
+"""Two real data-parallel ranks (gloo, 2 processes) on the streaming loader:
 coverage without duplicates, resume of a 2-rank state on 1 rank, identical batches for two
 ranks sharing a DP rank (the TP > 1 case, one machine), and documents-layout row dealing."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from miras_pretrain.parallel.local_launch import free_port
+from miras_pretrain.testing.local_launch import free_port
 
 from test_data_loader import cfg_for, id_rows, synthetic_docs, write_docs, write_rows
 

@@ -1,4 +1,4 @@
-"""Streaming loader (issue 6): round trip text -> batch for both layouts, label/cu_seqlens
+"""Streaming loader: round trip text -> batch for both layouts, label/cu_seqlens
 semantics, exact resume (mid-epoch, across an epoch end, other worker count, other DP size),
 mixing weights, corrupted shards, cleanup after close and after kill -9, two jobs at once.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Data pipeline throughput on the embedded stdlib corpus (issue 6).
+"""Data pipeline throughput on the embedded stdlib corpus.
 
 Measures (1) tokenization: tokens/s of one core (in-process) and of a worker pool, and
 (2) loading: tokens/s delivered by the streaming loader for both layouts and a few worker counts.
