@@ -21,7 +21,8 @@ def _fake(root, step, complete=True):
 
 @pytest.fixture()
 def root(tmp_path):
-    """A checkpoints root with complete steps 10 and 20, a partial 30 and a stale pointer."""
+    """A checkpoints root with complete steps 10 and 20, a partial 30 and ``latest`` naming 10
+    (20 may be another run's: a higher step that ``latest`` does not name is never taken)."""
     ck = tmp_path / "run" / "checkpoints"
     _fake(ck, 10)
     _fake(ck, 20)
@@ -36,9 +37,11 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
     return msg
 
 
-def test_auto_and_latest_take_the_newest_complete(root):
+def test_auto_and_latest_follow_the_pointer(root):
+    assert resolve_checkpoint("auto", root=root) == root / tag_for(10)
+    assert resolve_checkpoint("latest", root=root) == root / tag_for(10)
+    (root / "latest").unlink()  # without a pointer: the newest complete one
     assert resolve_checkpoint("auto", root=root) == root / tag_for(20)
-    assert resolve_checkpoint("latest", root=root) == root / tag_for(20)
 
 
 def test_auto_without_checkpoint_is_none(tmp_path):
@@ -64,10 +67,10 @@ def test_keyword_without_root_is_an_error(spec):
     assert "<run>/checkpoints/latest" in msg
 
 
-def test_pointer_path_is_not_trusted(root):
-    # <root>/latest names step 10, but step 20 is complete and newer
-    assert resolve_checkpoint(root / "latest") == root / tag_for(20)
-    assert resolve_checkpoint(str(root / "latest")) == root / tag_for(20)
+def test_pointer_path_is_followed(root):
+    # <root>/latest names step 10; step 20 is complete and newer but not named by it
+    assert resolve_checkpoint(root / "latest") == root / tag_for(10)
+    assert resolve_checkpoint(str(root / "latest")) == root / tag_for(10)
 
 
 def test_pointer_path_without_pointer_file(tmp_path):
@@ -77,7 +80,7 @@ def test_pointer_path_without_pointer_file(tmp_path):
 
 
 def test_root_and_step_directory(root):
-    assert resolve_checkpoint(root) == root / tag_for(20)
+    assert resolve_checkpoint(root) == root / tag_for(10)
     assert resolve_checkpoint(root / tag_for(10)) == root / tag_for(10)
     assert resolve_checkpoint(str(root / tag_for(10))) == root / tag_for(10)
 

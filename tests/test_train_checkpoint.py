@@ -25,7 +25,9 @@ def test_find_latest_ignores_partial_and_temp_dirs(tmp_path):
     _fake(tmp_path, 200)
     _fake(tmp_path, 300, complete=False)  # killed before meta.json
     (tmp_path / ".tmp-step_00000400").mkdir()  # killed mid-save
-    (tmp_path / "latest").write_text("step_00000100")  # a pointer one save behind
+    (tmp_path / "latest").write_text("step_00000100")  # a pointer one save behind (kill before its update)
+    assert find_latest(tmp_path).name == "step_00000100"  # followed: 200 could be another run's
+    (tmp_path / "latest").write_text("step_00000300")  # dangling: names the partial directory
     assert find_latest(tmp_path).name == "step_00000200"
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [100, 200]
 

@@ -7,12 +7,13 @@ Layout written by the trainer (``miras_pretrain/train/checkpoint.py``)::
 
     <run>/config.yaml                    the resolved run config (data.tokenizer)
     <run>/checkpoints/latest             text file naming the newest complete tag
-    <run>/checkpoints/step_00000100/     DeepSpeed shards + meta.json (written last)
+    <run>/checkpoints/step_00000100/     DeepSpeed shards + meta.json (written last, with the
+                                         digest of every file: resolve_checkpoint verifies them
+                                         before anything here reads the shards)
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,8 +22,11 @@ from miras_pretrain.model.config import ModelConfig
 
 
 def checkpoint_model_config(ckpt_dir: Path) -> ModelConfig:
-    """The model config recorded in the (complete, resolved) checkpoint's meta.json."""
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    """The model config recorded in the (complete, resolved and so verified) checkpoint's
+    meta.json; an unreadable meta.json is a one-line error naming it."""
+    from miras_pretrain.train.checkpoint import read_meta
+
+    meta = read_meta(ckpt_dir)
     if "model" not in meta:
         raise ValueError(f"{ckpt_dir / 'meta.json'} has no 'model' entry: this checkpoint predates "
                          "model configs in meta.json; export its consolidated state dict with --state-dict")

@@ -77,7 +77,9 @@ def consolidate_checkpoint(path: str | Path, *, timeout: float = 1800) -> dict[s
     ``build_model(cfg).state_dict()``) of a checkpoint written by ``miras-pretrain train``.
 
     ``path``: a ``step_*`` directory, a checkpoints root or ``<root>/latest`` (see
-    :func:`~miras_pretrain.train.checkpoint.resolve_checkpoint`)."""
+    :func:`~miras_pretrain.train.checkpoint.resolve_checkpoint`). Its files are verified against
+    the manifest in meta.json before any is read: a damaged one is a one-line ``ValueError``
+    naming the file (no walk-back: the caller asked for this checkpoint)."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     tp, pp, world = int(meta.get("tp", 1)), int(meta.get("pp", 1)), int(meta.get("world_size", 1))
