@@ -134,7 +134,9 @@ def run_all(names: list[str], out: Path, *, steps: int = 100, after: int = 20, p
     for name in names:
         tmp = out / name / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        jobs.append((name, train_command(run_config(name, out, prepared, steps)), child_env(tmp),
+        # --overwrite: a rerun into the same --out replaces that model's earlier run (its rows would
+        # otherwise mix into the summary; the trainer refuses a fresh run over an old one)
+        jobs.append((name, train_command(run_config(name, out, prepared, steps), extra=["--overwrite"]), child_env(tmp),
                      out / f"{name}.log"))
 
     def done(name: str, code: int, secs: float) -> None:

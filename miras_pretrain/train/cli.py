@@ -11,7 +11,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)  # validate before importing torch/deepspeed
     from miras_pretrain.train.trainer import train
 
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_model_change=args.allow_model_change)
     return result.exit_code
 
 
@@ -40,6 +40,12 @@ def register(subparsers) -> None:
                    help="'auto': continue from the newest complete checkpoint (start fresh if none); "
                         "'latest': the same, but an error if there is none; or a checkpoint directory "
                         "(…/checkpoints/step_00000100)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in a run.out_dir that holds an earlier run, deleting that run's "
+                        "checkpoints, metrics.jsonl, loss curve and W&B run (without it: an error)")
+    p.add_argument("--allow-model-change", action="store_true", dest="allow_model_change",
+                   help="with --resume: accept model.* fields that differ from the checkpoint's (the weights "
+                        "must still fit; a tensor of another shape is an error)")
     p.set_defaults(func=_train)
 
     d = subparsers.add_parser(

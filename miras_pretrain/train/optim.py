@@ -80,3 +80,31 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, betas, eps: float, wei
     # foreach=False: identical arithmetic order on every layout, so ZeRO partitions of the same
     # tensors update bit-identically to the single-process run
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=False)
+
+
+def apply_schedule_config(scheduler: torch.optim.lr_scheduler.LambdaLR, *, lr: float, warmup_steps: int,
+                          max_steps: int, min_lr_ratio: float, betas, eps: float, weight_decay: float) -> float:
+    """Rebuild a restored scheduler (and the optimizer's hyperparameters) from the current config,
+    keeping its position; returns the lr of the next update.
+
+    A checkpoint restores the LambdaLR with the *old* run's peak lr, warmup and ``max_steps``
+    (its lambda's ``__dict__`` is in the state), so a resumed run with a new ``train.lr`` or a
+    longer ``max_steps`` would silently keep the old schedule. ``last_epoch`` counts the applied
+    updates (skipped non-finite steps do not advance it), so the next update uses
+    ``lr * lr_factor(last_epoch)`` of the new schedule. With an unchanged config the result is
+    bit-identical to the restored state (the same product LambdaLR computes).
+    """
+    lam = WarmupCosine(warmup_steps, max_steps, min_lr_ratio)
+    scheduler.lr_lambdas = [lam for _ in scheduler.lr_lambdas]
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    next_lr = lr * lam(scheduler.last_epoch)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = next_lr
+        group["betas"] = tuple(betas)
+        group["eps"] = eps
+        # the no-decay group (see param_groups) keeps 0; groups without a name are left alone
+        if group.get("name") == "decay":
+            group["weight_decay"] = weight_decay
+    scheduler._last_lr = [next_lr for _ in scheduler.optimizer.param_groups]
+    return next_lr
