@@ -29,6 +29,31 @@ def loads(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
 
 
+def _position(mark) -> str:
+    # PyYAML marks count from 0; editors and people count lines and columns from 1
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def yaml_error_line(err: yaml.YAMLError) -> str:
+    """One line for a PyYAML error: where it is (line, column) and what is wrong there.
+
+    PyYAML's own message spans several lines (a context, its position, a quoted excerpt of the
+    source, the problem): keep the problem and its position, plus the opening construct (an
+    unclosed bracket or quote) when it starts elsewhere, since that is usually what to fix.
+    """
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None or mark is None:
+        text = " ".join(str(err).split())
+        return text or "parse error"
+    line = f"{_position(mark)}: {problem}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None and \
+            (context_mark.line, context_mark.column) != (mark.line, mark.column):
+        line += f" ({context} started at {_position(context_mark)})"
+    return line
+
+
 def read_mapping(path: Path, what: str) -> dict:
     """The top-level mapping of YAML file ``path``; ``what`` names it in errors."""
     if not path.is_file():
@@ -36,8 +61,8 @@ def read_mapping(path: Path, what: str) -> dict:
     try:
         data = loads(path.read_text())
     except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else "parse error"
-        raise ConfigError(f"{what} file {path} is not valid YAML: {first}") from None
+        raise ConfigError(f"{what} file {path} is not valid YAML: {yaml_error_line(err)}; "
+                          "fix the syntax there") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

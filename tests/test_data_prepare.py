@@ -177,7 +177,7 @@ def test_embedded_corpus_is_deterministic_and_idempotent(tmp_path):
     assert second.reused and (Path(first.root) / "manifest.json").stat().st_mtime_ns == stamp
     assert Tokenizer(second.tokenizer_path).sha256 == second.manifest.tokenizer_sha256
     third = prepare_embedded_corpus(str(tmp_path), vocab_size=400, seq_len=64, max_files=9,
-                                    num_workers=1)
+                                    num_workers=1, overwrite=True)
     assert not third.reused  # different parameters -> rebuilt
 
 

@@ -38,8 +38,13 @@ def register(subparsers) -> None:
     pr.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet"])
     pr.add_argument("--text-field", default="text", help="JSONL field / Parquet column")
     pr.add_argument("--split", default="train", help="split name when --val-fraction is 0")
-    pr.add_argument("--val-fraction", type=float, default=0.0,
-                    help="send this fraction of documents (by hash) to split 'val'")
+    pr.add_argument("--val-fraction", type=float, default=None,
+                    help="send this fraction of documents (by hash) to split 'val'; 0 writes no "
+                         "validation split (default: 0 for --input, 0.05 for stdlib, 1/16 of "
+                         "--num-samples for assoc-recall)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace the data prepared in a non-empty --out (removed first, so no "
+                         "stale split remains)")
     pr.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: auto)")
     pr.add_argument("--vocab-size", type=int, default=4096, help="builtin sets: vocab size")
     pr.add_argument("--max-files", type=int, default=None, help="stdlib: limit the file count")
@@ -85,6 +90,8 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 def _data_prepare(args: argparse.Namespace) -> int:
     if bool(args.input) == bool(args.builtin):
         raise ValueError("data prepare: give exactly one of --input or --builtin")
+    if args.val_fraction is not None and not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"data prepare: --val-fraction must be in [0, 1), got {args.val_fraction}")
     progress = not args.no_progress
     if args.builtin == "stdlib":
         from miras_pretrain.data.embedded import prepare_embedded_corpus, prepared_to_dict
@@ -92,17 +99,20 @@ def _data_prepare(args: argparse.Namespace) -> int:
         res = prepare_embedded_corpus(
             args.out, vocab_size=args.vocab_size, seq_len=args.seq_len or 512,
             layout=args.layout, max_files=args.max_files, max_bytes=args.max_bytes,
-            val_fraction=args.val_fraction or 0.05, num_workers=args.workers,
-            progress=progress, tokenizer_path=args.tokenizer)
+            val_fraction=0.05 if args.val_fraction is None else args.val_fraction,
+            num_workers=args.workers, progress=progress, tokenizer_path=args.tokenizer,
+            overwrite=args.overwrite)
         print(json.dumps({k: v for k, v in prepared_to_dict(res).items() if k != "manifest"}))
         return 0
     if args.builtin == "assoc-recall":
         from miras_pretrain.data.embedded import prepare_assoc_recall, prepared_to_dict
 
+        num_val = (max(1, args.num_samples // 16) if args.val_fraction is None
+                   else round(args.num_samples * args.val_fraction))
         res = prepare_assoc_recall(args.out, vocab_size=args.vocab_size,
                                    seq_len=args.seq_len or 128, num_pairs=args.num_pairs,
-                                   num_train=args.num_samples,
-                                   num_val=max(1, args.num_samples // 16))
+                                   num_train=args.num_samples, num_val=num_val,
+                                   overwrite=args.overwrite)
         print(json.dumps({k: v for k, v in prepared_to_dict(res).items() if k != "manifest"}))
         return 0
     from miras_pretrain.data.prepare import prepare_files
@@ -111,12 +121,10 @@ def _data_prepare(args: argparse.Namespace) -> int:
         raise ValueError("data prepare: --tokenizer is required with --input")
     if args.layout == "packed" and not args.seq_len:
         raise ValueError("data prepare: --seq-len is required with --layout packed")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise ValueError(f"data prepare: --val-fraction must be in [0, 1), got {args.val_fraction}")
     m = prepare_files(args.input, args.out, args.tokenizer, layout=args.layout,
                       seq_len=args.seq_len, fmt=args.format, text_field=args.text_field,
-                      split=args.split, val_fraction=args.val_fraction,
-                      num_workers=args.workers, progress=progress)
+                      split=args.split, val_fraction=args.val_fraction or 0.0,
+                      num_workers=args.workers, progress=progress, overwrite=args.overwrite)
     summary = {name: {"samples": s.num_samples, "tokens": s.num_tokens,
                       "documents": s.num_documents} for name, s in m.splits.items()}
     print(json.dumps({"out": args.out, "layout": m.layout, "vocab_size": m.vocab_size,

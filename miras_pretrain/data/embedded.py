@@ -80,10 +80,13 @@ def stdlib_files(max_files: int | None = None, max_bytes: int | None = None) -> 
 
 
 def split_files(files: list[CorpusFile], val_fraction: float) -> dict[str, list[CorpusFile]]:
-    """Train/val by file: hash(relpath) < val_fraction -> val; at least one file in each."""
+    """Train/val by file: hash(relpath) < val_fraction -> val; at least one file in each when
+    ``val_fraction > 0``, none in val when it is 0 (no validation split asked for)."""
     def h(f):
         return int.from_bytes(hashlib.sha256(f.relpath.encode()).digest()[:8], "little") / 2.0**64
 
+    if val_fraction <= 0:
+        return {"train": list(files), "val": []}
     val = [f for f in files if h(f) < val_fraction]
     if not val:
         val = [min(files, key=h)]
@@ -100,7 +103,7 @@ class PreparedData:
     root: str  # dataset root (manifest + split dirs); use as a DataConfig stream path
     tokenizer_path: str | None
     train_split: str
-    val_split: str
+    val_split: str | None  # None: prepared without a validation split (val_fraction 0)
     manifest: Manifest
     reused: bool
 
@@ -109,13 +112,17 @@ def prepare_embedded_corpus(out_dir: str, *, vocab_size: int = 4096, seq_len: in
                             layout: str = "documents", max_files: int | None = None,
                             max_bytes: int | None = None, val_fraction: float = 0.05,
                             num_workers: int = 0, progress: bool = False,
-                            tokenizer_path: str | None = None) -> PreparedData:
+                            tokenizer_path: str | None = None,
+                            overwrite: bool = False) -> PreparedData:
     """Train a tokenizer on the stdlib corpus (train files only) and write train/val shards.
 
     Writes ``<out_dir>/tokenizer.model`` (unless ``tokenizer_path`` is given, e.g. a Llama .model),
-    ``<out_dir>/data/{manifest.json,train/,val/}``. Idempotent: when an existing manifest records
-    the same parameters and file list and the tokenizer hash matches, nothing is redone.
+    ``<out_dir>/data/{manifest.json,train/,val/}`` (no ``val/`` when ``val_fraction`` is 0).
+    Idempotent: when an existing manifest records the same parameters and file list and the
+    tokenizer hash matches, nothing is redone. Otherwise a non-empty ``out_dir`` is refused
+    unless ``overwrite``, which removes the previous preparation first.
     """
+    from miras_pretrain.data.output_dir import claim_output_dir
     from miras_pretrain.data.prepare import prepare_documents_from_files
     from miras_pretrain.data.tokenizer import Tokenizer, file_sha256, train_tokenizer
 
@@ -138,8 +145,12 @@ def prepare_embedded_corpus(out_dir: str, *, vocab_size: int = 4096, seq_len: in
             old = None
         if old is not None and old.params == params and \
                 old.tokenizer_sha256 == file_sha256(tok_path):
-            return PreparedData(str(data_root), str(tok_path), "train", "val", old, reused=True)
+            return PreparedData(str(data_root), str(tok_path), "train",
+                                "val" if "val" in old.splits else None, old, reused=True)
 
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise FileNotFoundError(f"tokenizer model {tokenizer_path} does not exist")
+    claim_output_dir(str(out), overwrite=overwrite, keep=(str(tokenizer_path or ""),))
     if tokenizer_path is None:
         tok = train_tokenizer((f.path.read_text(encoding="utf-8") for f in splits["train"]),
                               out / "tokenizer", vocab_size=vocab_size,
@@ -150,7 +161,8 @@ def prepare_embedded_corpus(out_dir: str, *, vocab_size: int = 4096, seq_len: in
     manifest = prepare_documents_from_files(
         file_split, str(data_root), tok, layout=layout, seq_len=seq_len, params=params,
         num_workers=num_workers, progress=progress)
-    return PreparedData(str(data_root), str(tok.path), "train", "val", manifest, reused=False)
+    return PreparedData(str(data_root), str(tok.path), "train",
+                        "val" if splits["val"] else None, manifest, reused=False)
 
 
 def generate_assoc_recall(num_samples: int, *, seq_len: int, vocab_size: int, num_pairs: int,
@@ -185,12 +197,15 @@ def generate_assoc_recall(num_samples: int, *, seq_len: int, vocab_size: int, nu
 
 def prepare_assoc_recall(out_dir: str, *, vocab_size: int = 256, seq_len: int = 128,
                          num_pairs: int = 16, num_train: int = 4096, num_val: int = 256,
-                         seed: int = 0) -> PreparedData:
-    """Write MQAR train/val as a packed-layout dataset (samples of ``seq_len + 1`` tokens).
+                         seed: int = 0, overwrite: bool = False) -> PreparedData:
+    """Write MQAR train/val as a packed-layout dataset (samples of ``seq_len + 1`` tokens);
+    ``num_val`` 0 writes no validation split.
 
-    Idempotent like :func:`prepare_embedded_corpus`. Its manifest's tokenizer hash is
+    Idempotent like :func:`prepare_embedded_corpus` (and, like it, refuses a non-empty
+    ``out_dir`` holding something else unless ``overwrite``). Its manifest's tokenizer hash is
     ``synthetic:assoc-recall-v1``: it mixes only with other MQAR data.
     """
+    from miras_pretrain.data.output_dir import claim_output_dir
     from miras_pretrain.data.prepare import write_dataset
 
     params = {"corpus": "assoc-recall", "vocab_size": vocab_size, "seq_len": seq_len,
@@ -200,9 +215,11 @@ def prepare_assoc_recall(out_dir: str, *, vocab_size: int = 256, seq_len: int = 
         try:
             old = read_manifest(str(root))
             if old.params == params:
-                return PreparedData(str(root), None, "train", "val", old, reused=True)
+                return PreparedData(str(root), None, "train",
+                                    "val" if "val" in old.splits else None, old, reused=True)
         except ValueError:
             pass
+    claim_output_dir(str(root), overwrite=overwrite)
 
     def records():
         for split, n, s in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
@@ -213,7 +230,8 @@ def prepare_assoc_recall(out_dir: str, *, vocab_size: int = 256, seq_len: int = 
     manifest = write_dataset(str(root), records(), layout="packed", seq_len=seq_len, rows=True,
                              vocab_size=vocab_size, eos_id=2, bos_id=1, pad_id=None,
                              tokenizer_sha256=ASSOC_RECALL_TOKENIZER, params=params)
-    return PreparedData(str(root), None, "train", "val", manifest, reused=False)
+    return PreparedData(str(root), None, "train", "val" if num_val else None, manifest,
+                        reused=False)
 
 
 def prepared_to_dict(p: PreparedData) -> dict:

@@ -131,7 +131,9 @@ def check_manifests(cfg: DataConfig, split: str) -> list[Manifest]:
             raise ValueError(f"{spec.path}: packed with seq_len {m.seq_len} but data.seq_len is "
                              f"{cfg.seq_len}; re-run data prepare or change data.seq_len")
         if split not in m.splits:
-            raise ValueError(f"{spec.path}: no split {split!r} (has {sorted(m.splits)})")
+            raise ValueError(f"{spec.path}: no split {split!r} (has {sorted(m.splits)}); prepare "
+                             "the data with one (`data prepare --val-fraction F` with F > 0 writes "
+                             "'val') or name an existing one in data.train_split/data.eval_split")
     return manifests
 
 

@@ -41,6 +41,16 @@ def _init_worker(model_path: str) -> None:
     _WORKER_TOKENIZER = Tokenizer(model_path)
 
 
+def _init_pool_worker(model_path: str) -> None:
+    """A tokenizer pool process: :func:`_init_worker`, deaf to Ctrl-C."""
+    import signal
+
+    # Ctrl-C reaches the whole process group: only the parent may act on it. A worker killed by
+    # KeyboardInterrupt while holding the task queue's lock deadlocks the parent's pool.terminate().
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(model_path)
+
+
 def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
     tok = _WORKER_TOKENIZER
     dtype = tok.token_dtype
@@ -86,7 +96,7 @@ def tokenize_documents(docs: Iterable[Document], model_path: str, *, num_workers
             results = ((c, _encode_chunk([d.text for d in c])) for c in chunk_iter)
         else:
             # spawn: workers import only sentencepiece/numpy, never a parent's torch/threads state
-            pool = mp.get_context("spawn").Pool(num_workers, _init_worker, (model_path,))
+            pool = mp.get_context("spawn").Pool(num_workers, _init_pool_worker, (model_path,))
             results = _ordered_pool_results(pool, chunk_iter, num_workers * 2)
         for chunk, arrays in results:
             for doc, arr in zip(chunk, arrays):
@@ -254,19 +264,27 @@ def write_dataset(out_dir: str, token_docs: Iterable[tuple[str, str, np.ndarray]
 def prepare_files(inputs: list[str], out_dir: str, tokenizer_path: str, *, layout: str,
                   seq_len: int | None, fmt: str = "auto", text_field: str = "text",
                   split: str = "train", val_fraction: float = 0.0, num_workers: int = 0,
-                  progress: bool = True, size_limit: int = 1 << 25) -> Manifest:
+                  progress: bool = True, size_limit: int = 1 << 25,
+                  overwrite: bool = False) -> Manifest:
     """Tokenize text/JSONL/Parquet ``inputs`` into MDS shards under ``out_dir``.
 
     With ``val_fraction > 0`` documents go to ``train``/``val`` by a hash of ``file:line``;
-    otherwise all go to ``split``. ``num_workers`` 0 means ``min(4, cpu count)``.
+    otherwise all go to ``split`` (no validation split). ``num_workers`` 0 means
+    ``min(4, cpu count)``. A non-empty ``out_dir`` is refused unless ``overwrite``, which first
+    removes the previous preparation there (:func:`~miras_pretrain.data.output_dir.claim_output_dir`).
     """
+    from miras_pretrain.data.output_dir import claim_output_dir
     from miras_pretrain.data.sources import SkipCounter, expand_inputs, read_documents
     from miras_pretrain.data.tokenizer import Tokenizer
 
     if layout == "packed" and not seq_len:
         raise ValueError("--seq-len is required for layout 'packed'")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data prepare: --val-fraction must be in [0, 1), got {val_fraction}")
     tok = Tokenizer(tokenizer_path)
     paths = expand_inputs(inputs)
+    # inputs checked first: a bad tokenizer or input path must not cost the old data
+    claim_output_dir(out_dir, overwrite=overwrite, keep=(str(tok.path), *map(str, paths)))
     skips = SkipCounter()
     docs = read_documents(paths, fmt=fmt, text_field=text_field, skips=skips)
     workers = num_workers or min(4, os.cpu_count() or 1)

@@ -40,6 +40,10 @@ def exported_model_dir(path: str | Path, tokenizer: str | None = None) -> Iterat
     tok = tokenizer or ck.run_tokenizer(ckpt)
     if tok is None:
         raise ValueError(f"no tokenizer for checkpoint {ckpt}: pass --tokenizer <sentencepiece .model>")
+    from miras_pretrain.export.tokenizer_check import check_export_tokenizer, trained_tokenizer
+
+    # the numbers must be the trained model's: refuse a tokenizer it was not trained with
+    check_export_tokenizer(tok, trained_tokenizer(ckpt), accept_flag=None)
     sd = ck.consolidated_state_dict(ckpt)
     with tempfile.TemporaryDirectory(prefix="miras-eval-") as tmp:
         yield export_hf(cfg, sd, tok, Path(tmp) / f"export-{ckpt.name}")

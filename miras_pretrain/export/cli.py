@@ -25,24 +25,43 @@ def register(subparsers) -> None:
     hf.add_argument("--max-positions", type=int, default=8192,
                     help="advisory context length written to config.json (what harnesses truncate to)")
     hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    hf.add_argument("--accept-other-tokenizer", action="store_true",
+                    help="export with a --tokenizer whose sha256 differs from the one the "
+                         "checkpoint was trained with")
     hf.set_defaults(func=run_export_hf)
 
 
 def load_source(args) -> tuple:
-    """(ModelConfig, state dict, tokenizer path or None) from --checkpoint or --state-dict."""
+    """(ModelConfig, state dict, tokenizer path) from --checkpoint or --state-dict.
+
+    The tokenizer is ``--tokenizer`` or the run config's ``data.tokenizer``; for a checkpoint it
+    is checked against the hash the checkpoint recorded *before* the (slow) consolidation. A bare
+    state dict records no tokenizer: ``--tokenizer`` is taken as given.
+    """
     from miras_pretrain.model.config import ModelConfig
 
     from . import checkpoint as ck
+    from .tokenizer_check import check_export_tokenizer, trained_tokenizer
 
     if args.checkpoint:
         from miras_pretrain.train.checkpoint import resolve_checkpoint
 
         ckpt = resolve_checkpoint(args.checkpoint, flag="--checkpoint")
         cfg = ck.checkpoint_model_config(ckpt)
-        return cfg, ck.consolidated_state_dict(ckpt), ck.run_tokenizer(ckpt)
+        tok = _tokenizer_or_error(args.tokenizer or ck.run_tokenizer(ckpt))
+        check_export_tokenizer(tok, trained_tokenizer(ckpt), accept_other=args.accept_other_tokenizer)
+        return cfg, ck.consolidated_state_dict(ckpt), tok
     if not args.model_config:
         raise ValueError("--state-dict needs --model-config (the model name or YAML it was trained with)")
-    return ModelConfig.from_ref(args.model_config), ck.load_state_dict_file(args.state_dict), None
+    return (ModelConfig.from_ref(args.model_config), ck.load_state_dict_file(args.state_dict),
+            _tokenizer_or_error(args.tokenizer))
+
+
+def _tokenizer_or_error(tok):
+    if tok is None:
+        raise ValueError("no tokenizer found: pass --tokenizer <sentencepiece .model> "
+                         "(the run config names none, or it has moved)")
+    return tok
 
 
 def run_export_hf(args) -> int:
@@ -50,11 +69,7 @@ def run_export_hf(args) -> int:
 
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise FileNotFoundError(f"--tokenizer {args.tokenizer} does not exist")
-    cfg, sd, run_tok = load_source(args)
-    tok = args.tokenizer or run_tok
-    if tok is None:
-        raise ValueError("no tokenizer found: pass --tokenizer <sentencepiece .model> "
-                         "(the run config names none, or it has moved)")
+    cfg, sd, tok = load_source(args)
     out = export_hf(cfg, sd, tok, args.out, max_shard_size=args.max_shard_size,
                     max_position_embeddings=args.max_positions, overwrite=args.overwrite)
     print(f"exported to {out}")

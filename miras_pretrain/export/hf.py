@@ -158,6 +158,21 @@ def _check_tokenizer(path: str | os.PathLike, cfg: ModelConfig):
     return tok
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_permissions(root: Path) -> None:
+    """Give the export the modes of any directory a person creates (0755 / 0644 under the usual
+    umask 022): ``mkdtemp`` makes its directory 0700, which the final rename would carry into the
+    export and hide the model from the rest of the group on a shared cluster."""
+    mask = _current_umask()
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _write_tokenizer(tok, out: Path) -> None:
     from transformers import LlamaTokenizer
 
@@ -249,6 +264,7 @@ def export_hf(
             bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
             pad_token_id=tok.pad_id if tok.pad_id is not None else tok.eos_id, do_sample=False,
         ).save_pretrained(str(tmp))
+        _ordinary_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
