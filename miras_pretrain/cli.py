@@ -12,6 +12,12 @@ import importlib
 import os
 import sys
 
+from miras_pretrain.train.signals import (EXIT_ABORTED, EXIT_REQUEUE, StopFlag, install_early,
+                                          launch_is_single_process, signal_name)
+
+# subcommands that train: SIGTERM/SIGUSR1/SIGINT there mean "checkpoint and exit 75"
+TRAINING_COMMANDS = ("train", "demo")
+
 # subcommand module paths, in the order they appear in --help
 COMMAND_MODULES: list[str] = [
     "miras_pretrain.data.cli",
@@ -43,11 +49,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv``, found without the (slow) parser: the first word that
+    is not a top-level option or its value."""
+    it = iter(argv)
+    for word in it:
+        if word in ("--local_rank", "--local-rank"):
+            next(it, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_of(argv)
+    # A training job must act on a scheduler's signal from its first moment, but building the
+    # parser and the job import torch and deepspeed (seconds): take the signals over first.
+    stop = install_early(command) if command in TRAINING_COMMANDS else None
+    try:
+        return _run(argv, stop)
+    except KeyboardInterrupt:
+        # Ctrl-C in a subcommand that does not train (it keeps Python's default SIGINT)
+        print(f"miras-pretrain{' ' + command if command else ''}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_ABORTED
+
+
+def _run(argv: list[str], stop: StopFlag | None) -> int:
+    """Parse and run the subcommand; one-line errors for bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if stop is not None and stop.received is not None and launch_is_single_process():
+        # signalled while starting: nothing was written yet, so stop before touching the run
+        # directory (several ranks instead agree on it in the trainer, before the first step)
+        hint = "; rerun with --resume auto" if args.command == "train" else ""
+        print(f"miras-pretrain {args.command}: stopped by {signal_name(stop.received)} before training "
+              f"started; nothing written{hint}", file=sys.stderr)
+        return EXIT_REQUEUE
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as err:
