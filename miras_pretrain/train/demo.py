@@ -119,6 +119,8 @@ def run_demo(out: str = "runs/demo", minutes: float = 6.0, steps: Optional[int] 
     prepared = prepare_embedded_corpus(
         str(corpus_dir), vocab_size=mcfg.vocab_size, seq_len=seq_len,
         layout=cfg.data.get("layout", "documents"), max_bytes=int(mb * 1e6),
+        # <out>/corpus is the demo's own: reused when unchanged, rebuilt for another size
+        overwrite=True,
     )
     splits = prepared.manifest.splits
     print(f"    {'reused' if prepared.reused else 'prepared'} in {time.perf_counter() - t0:.1f}s: "
@@ -169,7 +171,9 @@ def run_demo(out: str = "runs/demo", minutes: float = 6.0, steps: Optional[int] 
     print(f"    model: {count_parameters(resolve_model_config(cfg)):,} parameters; "
           f"batch {cfg.train.micro_batch_size} x {seq_len} tokens", flush=True)
     t0 = time.perf_counter()
-    result = train(cfg, resume=None)
+    # running the demo again means running it again: its earlier run in the same --out is
+    # replaced (overwrite, with a printed line), as the prepared corpus there is reused
+    result = train(cfg, resume=None, overwrite=True)
     train_s = time.perf_counter() - t0
 
     _banner("4/4 results")

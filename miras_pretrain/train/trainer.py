@@ -22,17 +22,23 @@ from typing import Any, Iterator, Optional
 import torch
 
 from miras_pretrain.train import dist as mdist
-from miras_pretrain.train.checkpoint import CheckpointManager, check_resume_layout, read_meta, resolve_checkpoint
+from miras_pretrain.train.checkpoint import (CheckpointManager, check_resume_layout, read_meta,
+                                             resolve_resume_checkpoint)
 from miras_pretrain.train.config import RunConfig, dump_config, resolve_model_config
 from miras_pretrain.train.cp import TrainerCP, check_cp_config, launch_world_size
+from miras_pretrain.data.run_checks import check_training_data
 from miras_pretrain.train import data_bridge
 from miras_pretrain.train.engine import build_engine, resolve_precision
 from miras_pretrain.train.grad_stats import GradSpikeMonitor, grad_norms_by_group
 from miras_pretrain.train.metrics import device_peak_flops, memory_gib, mfu
+from miras_pretrain.train.optim import apply_schedule_config
+from miras_pretrain.train.resume_changes import (format_changes, model_changes, optim_changes,
+                                                 refuse_model_changes, shape_mismatch_message)
 from miras_pretrain.train.rng import get_rng_state, seed_all, set_rng_state
+from miras_pretrain.train.run_dir import RunDirError, RunDirLock, agree_on_error, claim_fresh_run
 from miras_pretrain.train.loop import Console, LogWindow, RunEnd, TimeLimit, perplexity
 from miras_pretrain.train.setup import build_local_model, setup_parallel, teardown_parallel
-from miras_pretrain.train.signals import StopFlag
+from miras_pretrain.train.signals import StopFlag, signal_name
 from miras_pretrain.train.tracking import MetricsLogger
 
 
@@ -66,10 +72,17 @@ def _grad_norm(engine) -> float:
 class Trainer:
     """Holds the engine, loaders and counters of one job. Use :func:`train`."""
 
-    def __init__(self, cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False,
+                 overwrite: bool = False, allow_model_change: bool = False) -> None:
+        if overwrite and resume:
+            raise ValueError(f"--overwrite starts a new run but --resume {resume} continues one: pass only one of them")
         self.cfg = cfg
         self.resume = resume
         self.quiet = quiet
+        self.overwrite = overwrite
+        self.allow_model_change = allow_model_change
+        # the run directory's lock (rank 0 only), held from before the first write to the end
+        self.run_lock: Optional[RunDirLock] = None
         self.step = 0
         self.skipped_total = 0
         self.consecutive_skips = 0
@@ -88,11 +101,15 @@ class Trainer:
         self.data_cfg = data_bridge.resolve(cfg)
         self.seq_len = data_bridge.seq_len_of(self.data_cfg)
         check_cp_config(cfg, self.model_cfg, self.seq_len, launch_world_size(), data_layout=self.data_cfg.layout)
+        # splits present, model.vocab_size >= the tokenizer's (else an IndexError in the embedding)
+        check_training_data(self.data_cfg, model_vocab_size=self.model_cfg.vocab_size)
         self.device = pick_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.layout = setup_parallel(cfg, self.device)
         self.rank = mdist.rank()
         self.is_main = self.rank == 0
+        # before any rank writes (the loaders' cache may live in out_dir): one run per directory
+        self._claim_run_dir()
         seed_all(cfg.run.seed)
         # the CP runtime (None without CP): ranks of one CP group share every batch, each runs its slice
         self.cp = (TrainerCP(cfg.parallel.context_parallel_scheme, self.model_cfg.chunk_size)
@@ -124,13 +141,40 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
         self.flops_per_token = self._flops_per_token()
         self.peak_total = device_peak_flops(self.device, cfg.log.peak_flops) * self.layout.world
+        if self.resume:
+            self._resume()
+        # after a resume was accepted: a refused one leaves the run's config.yaml as it was
         if self.is_main:
             cfg.out_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, cfg.out_dir / "config.yaml")
             (cfg.out_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
-        if self.resume:
-            self._resume()
         self.train_iter = iter(self.train_loader)
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 locks ``run.out_dir`` and, for a fresh run, refuses (or with ``--overwrite``
+        clears) an earlier run there; every rank then raises the same one-line error, or none.
+        Collective."""
+        error: Optional[str] = None
+        if self.is_main:
+            try:
+                self.run_lock = RunDirLock(self.cfg.out_dir)
+                self.run_lock.acquire()
+                if not self.resume:
+                    removed = claim_fresh_run(self.cfg.out_dir, self.cfg.checkpoint_dir, overwrite=self.overwrite)
+                    if removed and not self.quiet:
+                        print(f"overwrite: deleted the earlier run in {self.cfg.out_dir} "
+                              f"({len(removed)} entries: checkpoints, metrics, plot, W&B)", flush=True)
+            except RunDirError as err:
+                error = str(err)
+        error = agree_on_error(error)
+        if error is not None:
+            raise RunDirError(error)
+
+    def release_run_dir(self) -> None:
+        """Drop the run directory's lock (at the end of the job)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     def _flops_per_token(self) -> float:
         from miras_pretrain.model import flops_per_token
@@ -142,26 +186,68 @@ class Trainer:
                 "cp": self.layout.cp, "dp": self.layout.dp, "zero_stage": self.cfg.train.zero_stage,
                 "cp_scheme": self.cfg.parallel.context_parallel_scheme}
 
+    def _say_resume(self, line: str) -> None:
+        """A resume notice (skipped or unverified checkpoint): printed once, by rank 0."""
+        if self.is_main:
+            print(line, flush=True)
+
     def _resume(self) -> None:
         """Load the checkpoint ``--resume`` names (auto | latest | a path) into the engine,
         the loader, the RNGs and the counters; ``auto`` with no checkpoint yet starts at step 0."""
         root = self.cfg.checkpoint_dir
-        ckpt_dir = resolve_checkpoint(self.resume, root=root, flag="--resume")
+        # verified against its manifest; for auto/latest a damaged checkpoint is skipped (one line each)
+        ckpt_dir = resolve_resume_checkpoint(self.resume, root, report=self._say_resume)
         if ckpt_dir is None:
             if self.is_main and not self.quiet:
                 print(f"resume auto: no complete checkpoint under {root}; starting from step 0", flush=True)
             return
-        check_resume_layout(read_meta(ckpt_dir), self._layout_meta(), ckpt_dir)
-        state = self.ckpt.load(self.engine, ckpt_dir)
+        meta = read_meta(ckpt_dir)
+        check_resume_layout(meta, self._layout_meta(), ckpt_dir)
+        self._check_model_unchanged(meta, ckpt_dir)
+        try:
+            state = self.ckpt.load(self.engine, ckpt_dir)
+        except RuntimeError as err:
+            message = shape_mismatch_message(err, ckpt_dir)
+            if message is None:
+                raise
+            raise ValueError(message) from None
         self.step = int(state["step"])
         self.skipped_total = int(state["skipped_total"])
-        self.consecutive_skips = int(state["consecutive_skips"])
+        # a new job starts a new streak: a run that aborted (exit 3) and is resumed with a lower
+        # lr must get max_consecutive_skips fresh chances, not stop at its first bad step
+        self.consecutive_skips = 0
         self.tokens_seen = int(state["tokens_seen"])
         self.val_history = [tuple(v) for v in state.get("val_history", [])]
         self.train_loader.load_state_dict(state["train_loader"])
         set_rng_state(state["rng"])
+        self._apply_schedule_config(meta)
         if self.is_main and not self.quiet:
             print(f"resumed from {ckpt_dir} at step {self.step}", flush=True)
+
+    def _check_model_unchanged(self, meta: dict[str, Any], ckpt_dir: Path) -> None:
+        """A model field that differs from the checkpoint's is a one-line error, unless
+        ``--allow-model-change`` (then a printed line; a tensor that no longer fits is still a
+        one-line error, from the load)."""
+        changes = model_changes(meta.get("model"), self.model_cfg.to_dict())
+        if not changes:
+            return
+        if not self.allow_model_change:
+            refuse_model_changes(changes, ckpt_dir)
+        if self.is_main and not self.quiet:
+            print(f"--allow-model-change: resuming {ckpt_dir} into a changed model ({format_changes(changes)})",
+                  flush=True)
+
+    def _apply_schedule_config(self, meta: dict[str, Any]) -> None:
+        """The lr schedule and optimizer hyperparameters come from this run's config, rebuilt at
+        the resumed step (the checkpoint restored the old ones); print what changed."""
+        t = self.cfg.train
+        next_lr = apply_schedule_config(self.engine.lr_scheduler, lr=t.lr, warmup_steps=t.warmup_steps,
+                                        max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio, betas=t.betas,
+                                        eps=t.eps, weight_decay=t.weight_decay)
+        changes = optim_changes(meta.get("config"), self.cfg.to_dict()["train"])
+        if changes and self.is_main and not self.quiet:
+            print(f"resume: applying the changed optimizer/schedule config from step {self.step} "
+                  f"({format_changes(changes)}); next lr {next_lr:.3e}", flush=True)
 
     # ------------------------------------------------------------------ pieces of a step
     def _next_batch(self) -> dict[str, torch.Tensor]:
@@ -385,7 +471,11 @@ class Trainer:
         }
         meta = {**self._layout_meta(), "tokens_seen": self.tokens_seen, "run_name": self.cfg.run.name,
                 "val_history": self.val_history, "model": self.model_cfg.to_dict(),
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(),
+                # what the shards were tokenized with: export refuses another tokenizer
+                "tokenizer_sha256": self.train_loader.tokenizer_sha256,
+                # > 0: written during a non-finite streak; pruning keeps the newest checkpoint from before it
+                "nonfinite_streak": self.consecutive_skips}
         return self.ckpt.save(self.engine, self.step, state, meta)
 
     # ------------------------------------------------------------------ the loop
@@ -395,10 +485,12 @@ class Trainer:
         ``train.max_steps``, the time limit, SIGTERM/SIGUSR1 or too many non-finite steps."""
         self._open_run()
         max_steps = self.cfg.train.max_steps
-        stop = StopFlag().install()
+        stop = StopFlag.for_run()  # the CLI's flag when there is one: a signal during setup counts
         end: Optional[RunEnd] = None
         try:
-            self._evaluate_at_start()
+            end = self._end_before_first_step(stop)
+            if end is None:
+                self._evaluate_at_start()
             while end is None and self.step < max_steps:
                 loss, applied, gnorm = self._timed_train_step()
                 spike = self._account_step(loss, applied, gnorm)
@@ -415,7 +507,7 @@ class Trainer:
             end = RunEnd.nonfinite(str(err))
             self.console.say(end.message)
         finally:
-            stop.restore()
+            stop.release()
             self.console.close()
         return self._close_run(end or RunEnd())
 
@@ -554,6 +646,18 @@ class Trainer:
         self.console.say(message)
         return RunEnd.time_limit(message)
 
+    def _end_before_first_step(self, stop: StopFlag) -> Optional[RunEnd]:
+        """End at once, writing no checkpoint, when any rank was signalled while the job started
+        (None otherwise): there is no new step to save, and the run directory keeps at most the
+        checkpoints of an earlier job, so the requeued `--resume auto` continues (or starts) as
+        if this job had never run. Collective, like :meth:`_end_on_signal`."""
+        if mdist.all_reduce_max(1.0 if stop.received is not None else 0.0) == 0:
+            return None
+        name = signal_name(stop.received) if stop.received is not None else "a signal on another rank"
+        message = f"stopped by {name} before the first step (step {self.step}); nothing new to checkpoint"
+        self.console.say(message)
+        return RunEnd.signal(message)
+
     def _end_on_signal(self, stop: StopFlag, final: bool) -> Optional[RunEnd]:
         """Checkpoint and end when any rank got SIGTERM/SIGUSR1 (None otherwise). Collective:
         every rank must agree before anyone saves, as a scheduler signals ranks at slightly
@@ -562,7 +666,9 @@ class Trainer:
             return None
         if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
             self.last_checkpoint = self.save()
-        message = f"stopped by signal at step {self.step}; checkpoint {self.last_checkpoint}"
+        # "stopped by signal at step N" is what logs and launch tooling look for: the name goes last
+        name = f" ({signal_name(stop.received)})" if stop.received is not None else ""
+        message = f"stopped by signal at step {self.step}; checkpoint {self.last_checkpoint}{name}"
         self.console.say(message)
         return RunEnd.signal(message)
 
@@ -582,9 +688,14 @@ class Trainer:
                            reason=end.reason)
 
 
-def train(cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False) -> TrainResult:
-    """Run one training job; always tears the process group down."""
-    trainer = Trainer(cfg, resume=resume, quiet=quiet)
+def train(cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False, overwrite: bool = False,
+          allow_model_change: bool = False) -> TrainResult:
+    """Run one training job; always tears the process group down and releases the run directory.
+
+    ``overwrite``: a fresh run may replace an earlier run in ``run.out_dir`` (its checkpoints,
+    metrics, plot and W&B run are deleted); otherwise that is a one-line error.
+    ``allow_model_change``: resume into a model whose config differs from the checkpoint's."""
+    trainer = Trainer(cfg, resume=resume, quiet=quiet, overwrite=overwrite, allow_model_change=allow_model_change)
     try:
         trainer.setup()
         return trainer.run()
@@ -596,3 +707,4 @@ def train(cfg: RunConfig, *, resume: Optional[str] = None, quiet: bool = False) 
         layout = getattr(trainer, "layout", None)
         if layout is not None:
             teardown_parallel(layout)
+        trainer.release_run_dir()
