@@ -197,7 +197,7 @@ def test_sigterm_during_setup_on_two_ranks_exits_requeue(tmp_path, corpus):
     cfg = tiny_training.write_config(tmp_path / "c.yaml", _cfg(out, corpus, train={"micro_batch_size": 1}))
     proc = _start(tiny_training.train_command(cfg, nproc=2), tmp_path)
     deadline = time.time() + 60
-    while len(workers := _children(proc.pid)) < 2 and time.time() < deadline:
+    while len(workers := tiny_training.child_pids(proc.pid)) < 2 and time.time() < deadline:
         time.sleep(0.05)
     assert len(workers) == 2, workers
     time.sleep(0.3)
@@ -209,20 +209,6 @@ def test_sigterm_during_setup_on_two_ranks_exits_requeue(tmp_path, corpus):
     resumed = tiny_training.run_train(cfg, tmp_path, nproc=2, extra=["--resume", "auto"])
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert max(tiny_training.step_losses(out)) == STEPS
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (torchrun's workers), from /proc."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
 
 
 # ------------------------------------------------------------------ other subcommands

@@ -44,20 +44,6 @@ def _cfg(out: Path, corpus, **extra) -> dict:
         checkpoint={"interval": 3, "keep_last": 3}, **extra)
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (torchrun's workers), from /proc."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
-
-
 def _start(cfg: Path, tmp: Path, nproc: int = 1, extra=None) -> subprocess.Popen:
     return subprocess.Popen(tiny_training.train_command(cfg, nproc=nproc, extra=extra), env=tiny_training.child_env(tmp),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -109,7 +95,7 @@ def test_signal_checkpoints_and_exits_with_requeue_code(tmp_path, corpus, refere
     proc = _start(cfg, tmp_path, nproc=2)
     try:
         _wait_for_step(proc, out, 2)
-        workers = sorted(_children(proc.pid))
+        workers = sorted(tiny_training.child_pids(proc.pid))
         assert len(workers) == 2, workers
         os.kill(workers[1], sig)
         stdout, _ = proc.communicate(timeout=300)

@@ -116,3 +116,17 @@ def step_losses(out_dir: str | Path, key: str = "train/loss") -> dict[int, float
     """``{step: value}`` from metrics.jsonl (the last row wins: a resumed run re-logs steps)."""
     rows = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
     return {r["step"]: r[key] for r in rows if key in r}
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (e.g. torchrun's workers), read from /proc."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
