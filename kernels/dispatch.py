@@ -58,6 +58,11 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         return False, f"device {q.device.type!r} is not supported (CUDA, or CPU in the interpreter)"
     if alpha is not None and alpha.dim() == 4:
         return False, "alpha is per-channel [B, T, H, dk]: the Triton kernels take [B, T, H] gates"
+    if spec.retention_chunking != "per_token":
+        return False, f"retention_chunking={spec.retention_chunking!r} has no Triton kernel (the PyTorch paths compute it)"
+    if spec.chunk_rule != "minibatch" or spec.step_at != "previous":
+        return False, (f"chunk_rule={spec.chunk_rule!r}, step_at={spec.step_at!r} have no Triton kernel yet "
+                       "(the PyTorch paths compute them)")
     if spec.memory == "mlp":
         if kernel != "chunk":
             return False, "memory='mlp': no token-recurrent Triton kernel here"

@@ -37,6 +37,16 @@ MEMORIES = ("linear", "mlp")
 BIASES = ("dot", "l2", "lp", "huber")
 RETENTIONS = ("none", "decay", "lq", "kl")
 LEARNERS = ("gd", "momentum")
+# Where the inner gradient is taken (docs/semantics.md): at the previous state (Miras, DeltaNet)
+# or at the retained state, i.e. after the retention gate (Gated DeltaNet's order).
+STEP_AT = ("previous", "retained")
+# How a chunk of C > 1 tokens is computed: mini-batch GD (every gradient of a chunk at the
+# chunk-start state; Titans, TTT, the Miras models) or exactly the per-token rule (the delta rule's
+# WY form; DeltaNet, Gated DeltaNet).
+CHUNK_RULES = ("minibatch", "exact")
+# Where lq / kl apply their nonlinearity inside a chunk: per token (the default) or only at chunk
+# boundaries (the paper's chunk semantics for Moneta and Memora).
+RETENTION_CHUNKINGS = ("per_token", "boundary")
 
 # Smoothing of |x| ~ sqrt(x^2 + eps) used by the l_p gradient (``docs/semantics.md``, per-bias rules).
 SMOOTH_ABS_EPS = 1e-6
@@ -83,6 +93,13 @@ class MirasSpec:
         lq_eps: the ``eps`` in ``A / (||A||_q + eps)^(q-2)``.
         huber_eps: the ``eps`` of the smooth sign ``e / sqrt(e^2 + eps)`` in the Huber bias's l1
             branch (``bias="huber"``), > 0; the slope at 0 is ``1/sqrt(eps)``.
+        step_at: ``"previous"`` (gradient at the state before the token) or ``"retained"``
+            (gradient at the state after the retention gate, Gated DeltaNet's order).
+        chunk_rule: ``"minibatch"`` (all gradients of a chunk at the chunk-start state) or
+            ``"exact"`` (the per-token rule at any chunk size; linear memory, l2 bias, none/decay
+            retention, gd learner only).
+        retention_chunking: ``"per_token"`` or ``"boundary"`` (the paper's chunk semantics: lq's
+            normalisation and kl's softmax step only at chunk boundaries; lq/kl only).
     """
 
     # Choices and bounds are plain field metadata (choices, gt, ge, finite, integer, fix, doc) so
@@ -109,6 +126,12 @@ class MirasSpec:
     huber_eps: float = field(default=HUBER_EPS, metadata=dict(
         gt=0.0, finite=True, fix=f"use a finite number > 0 (default {HUBER_EPS})",
         doc="eps of the Huber bias's smooth sign"))
+    step_at: str = field(default="previous", metadata=dict(
+        choices=STEP_AT, doc="where the inner gradient is taken: previous state, or retained state (Gated DeltaNet)"))
+    chunk_rule: str = field(default="minibatch", metadata=dict(
+        choices=CHUNK_RULES, doc="chunk semantics: minibatch GD, or exact per-token rule (delta rule only)"))
+    retention_chunking: str = field(default="per_token", metadata=dict(
+        choices=RETENTION_CHUNKINGS, doc="lq/kl nonlinearity per token, or only at chunk boundaries (paper)"))
 
     PRESETS: ClassVar[dict[str, dict]] = {
         # The paper's new models.
@@ -125,12 +148,23 @@ class MirasSpec:
     }
 
     def __post_init__(self) -> None:
-        # Single-field rules from the metadata above; a spec has no cross-field rules (every
-        # combination of the grid is valid).
+        # Single-field rules from the metadata above. Every combination of the four grid choices
+        # is valid; the only cross-field rules are where a chunk form cannot exist.
         for f in dataclasses.fields(self):
             what = _metadata_violation(getattr(self, f.name), f.metadata)
             if what:
                 raise ValueError(f"MirasSpec.{f.name}={getattr(self, f.name)!r} is not valid: {what}")
+        if self.chunk_rule == "exact" and not self.exact_chunking_exists:
+            raise ValueError(
+                f"MirasSpec.chunk_rule='exact' is not valid for memory={self.memory!r}, bias={self.bias!r}, "
+                f"retention={self.retention!r}, learner={self.learner!r}: exact chunking exists only for the "
+                "delta rule (memory linear, bias l2, retention none/decay, learner gd); use chunk_rule='minibatch'"
+            )
+        if self.retention_chunking == "boundary" and self.retention not in ("lq", "kl"):
+            raise ValueError(
+                f"MirasSpec.retention_chunking='boundary' is not valid for retention={self.retention!r}: "
+                "only lq and kl have a nonlinearity to move to chunk boundaries; use 'per_token'"
+            )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "MirasSpec":
@@ -163,6 +197,13 @@ class MirasSpec:
     def needs_alpha(self) -> bool:
         """Retention ``none`` has no forgetting gate; every other retention decays by alpha."""
         return self.retention != "none"
+
+    @property
+    def exact_chunking_exists(self) -> bool:
+        """True where the per-token rule has an exact chunk-parallel form (the delta rule's WY /
+        UT transform): linear memory, l2 bias, none/decay retention, gd learner."""
+        return (self.memory == "linear" and self.bias == "l2"
+                and self.retention in ("none", "decay") and self.learner == "gd")
 
     @property
     def needs_delta(self) -> bool:

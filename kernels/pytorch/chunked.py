@@ -55,6 +55,10 @@ def chunked_core(
     state: State,
 ) -> tuple[torch.Tensor, State]:
     """Chunk loop over one dense batch (head-major, see ``inputs.Core``)."""
+    if spec.retention_chunking == "boundary":
+        # the paper's chunk semantics for lq / kl live in their own module (kernels/pytorch/boundary.py)
+        from .boundary import boundary_chunked_core
+        return boundary_chunked_core(spec, chunk_size, q, k, v, alpha, eta, delta, mu, state)
     T = q.shape[2]
     names = spec.weight_names()
     momentum = spec.learner == "momentum"

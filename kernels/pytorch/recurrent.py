@@ -38,6 +38,10 @@ def recurrent_core(
     state: State,
 ) -> tuple[torch.Tensor, State]:
     """Token loop over one dense batch (head-major, see ``inputs.Core``)."""
+    if spec.retention_chunking == "boundary":
+        # the paper's chunk semantics for lq / kl live in their own module (kernels/pytorch/boundary.py)
+        from .boundary import boundary_recurrent_core
+        return boundary_recurrent_core(spec, chunk_size, q, k, v, alpha, eta, delta, mu, state)
     T = q.shape[2]
     names = spec.weight_names()
     momentum = spec.learner == "momentum"
