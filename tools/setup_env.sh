@@ -23,6 +23,9 @@ $PIP deepspeed megatron-core wandb sentencepiece "transformers<5" pyarrow pyyaml
 $PIP --no-deps mosaicml-streaming
 $PIP "xxhash<4" zstd brotli python-snappy catalogue pillow
 $PIP lm-eval accelerate peft
+# flash-linear-attention's pure-PyTorch references are the tests' external oracles (pure Python;
+# its GPU kernels are never imported, see miras_pretrain/testing/fla_reference.py)
+$PIP --no-deps fla-core einops
 $PIP --no-deps -e .
 .venv/bin/python -c "import torch; assert '+cpu' in torch.__version__ or torch.cuda.is_available(), torch.__version__"
 echo "environment ready: $(pwd)/.venv"
