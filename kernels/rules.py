@@ -82,31 +82,91 @@ def grad_factors(
     k: torch.Tensor,
     v: torch.Tensor,
     delta: torch.Tensor | None,
+    scale: dict[str, torch.Tensor] | None = None,
 ) -> Factors:
     """Outer-product factors of grad_W l(W; k_i, v_i) at frozen weights, for n tokens at once.
 
     Args:
         weights: materialised weights, ``"W"`` ``[B, H, dv, dk]`` or ``"W1"`` ``[B, H, d, e*d]``
-            and ``"W2"`` ``[B, H, e*d, d]``.
+            and ``"W2"`` ``[B, H, e*d, d]`` shared by the n tokens, or one block per token
+            ``[B, H, n, rows, cols]`` (``step_at="retained"`` with ``kl``, see :func:`retained_weights`).
         k: ``[B, H, n, dk]``; v: ``[B, H, n, dv]``; delta: ``[B, H, n]`` or None.
+        scale: optional per-token factor of shared weights: token i's gradient is taken at
+            ``scale_i * W`` (``[B, H, n]``, or ``[B, H, n, cols]`` scaling the columns of a linear
+            memory); None means 1.
 
     Returns:
         name -> (a ``[B, H, n, rows]``, b ``[B, H, n, cols]``) with g_i = a_i b_iᵀ.
     """
+    def lam(name: str) -> torch.Tensor | None:
+        return None if scale is None else scale[name]
+
+    def forward(name: str, x: torch.Tensor) -> torch.Tensor:
+        # (scale_i * W) x_i for every token, without forming the scaled matrices
+        w, s = weights[name], lam(name)
+        if w.dim() == 5:
+            return matvec(w, x)
+        if s is not None and s.dim() == 4:  # per column: W diag(s_i) x_i = W (s_i * x_i)
+            return (x * s) @ w.transpose(-1, -2)
+        out = x @ w.transpose(-1, -2)
+        return out if s is None else out * s.unsqueeze(-1)
+
     if spec.memory == "linear":
-        w = weights["W"]
-        pred = None if spec.bias == "dot" else k @ w.transpose(-1, -2)
+        pred = None if spec.bias == "dot" else forward("W", k)
         return {"W": (output_grad(spec, pred, v, delta), k)}
-    w1, w2 = weights["W1"], weights["W2"]
-    z = k @ w2.transpose(-1, -2)
+    z = forward("W2", k)
     h = gelu(z)
-    o = h @ w1.transpose(-1, -2)
+    o = forward("W1", h)
     n, rstd = layer_norm(o)
     pred = None if spec.bias == "dot" else k + n
     u = output_grad(spec, pred, v, delta)
     do = layer_norm_backward(n, rstd, u)
-    dz = (do @ w1) * gelu_derivative(z)
+    w1, s1 = weights["W1"], lam("W1")
+    if w1.dim() == 5:
+        back = matvec(w1.transpose(-1, -2), do)
+    else:
+        back = do @ w1 if s1 is None else (do @ w1) * s1.unsqueeze(-1)
+    dz = back * gelu_derivative(z)
     return {"W1": (do, h), "W2": (dz, k)}
+
+
+def retained_weights(
+    spec: MirasSpec, X0: dict[str, torch.Tensor], gamma: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Where ``step_at="retained"`` takes the gradient of each token of a mini-batch chunk:
+    ``materialize(gamma_i * X0)``, the chunk-start free variable carried to token i by the
+    retention alone (``gamma_i = prod_{j <= i} alpha_j`` over the chunk so far).
+
+    Args:
+        X0: free variable per weight name, ``[B, H, rows, cols]``.
+        gamma: ``[B, H, n]``, or per key channel ``[B, H, n, cols]`` (linear memory).
+
+    Returns:
+        ``(weights, scale)`` for :func:`grad_factors`. For ``decay`` and ``lq`` the retained weights
+        are a per-token multiple of ``X0`` (``lq``: ``gamma * s(gamma X0)`` with Moneta's scale
+        ``s``, whose norm of ``gamma X0`` is ``gamma ||X0||_q``), so ``weights = X0`` and ``scale``
+        holds the multiples -- no per-token matrices. ``kl`` (``c * softmax(gamma_i Z0)``) has no
+        such form: ``weights`` are per-token blocks ``[B, H, n, rows, cols]`` and ``scale`` is None.
+    """
+    channel = gamma.dim() == 4
+    if spec.retention == "kl":
+        g = gamma[:, :, :, None, :] if channel else gamma[..., None, None]
+        return {n: spec.materialize(g * x.unsqueeze(2)) for n, x in X0.items()}, None
+    if spec.retention != "lq" or spec.q == 2.0:  # decay (and lq with q = 2): W = X
+        return dict(X0), {n: gamma for n in X0}
+    scale = {}
+    for n, x in X0.items():
+        if channel:
+            # ||X0 diag(g)||_q^q = sum_c g_c^q sum_r |X0_rc|^q: one small matmul per token
+            col = x.abs().pow(spec.q).sum(dim=-2)  # [B, H, cols]
+            nq = (gamma.pow(spec.q) * col.unsqueeze(2)).sum(-1)
+            # clamped so that the gradient of the root stays finite at X0 = 0
+            norm = nq.clamp_min(torch.finfo(nq.dtype).tiny).pow(1.0 / spec.q)
+            scale[n] = gamma * (norm + spec.lq_eps).pow(2.0 - spec.q).unsqueeze(-1)
+        else:
+            norm = spec.lq_norm(x).squeeze(-1)  # [B, H, 1]
+            scale[n] = gamma * (gamma * norm + spec.lq_eps).pow(2.0 - spec.q)
+    return dict(X0), scale
 
 
 def read_memory(spec: MirasSpec, apply: Apply, x: torch.Tensor) -> torch.Tensor:

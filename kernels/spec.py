@@ -141,8 +141,12 @@ class MirasSpec:
         # Baselines that are points of the same grid.
         "titans": dict(memory="mlp", bias="l2", retention="decay", learner="momentum"),
         "ttt_mlp": dict(memory="mlp", bias="l2", retention="none", learner="gd"),
-        "deltanet": dict(memory="linear", bias="l2", retention="none", learner="gd"),
-        "gated_delta": dict(memory="linear", bias="l2", retention="decay", learner="gd"),
+        # DeltaNet and Gated DeltaNet are published with exact chunking (the WY / UT form of the
+        # per-token rule), and Gated DeltaNet retains before it steps: S_t = a_t S_{t-1}(I - b_t
+        # k_t k_tᵀ) + b_t v_t k_tᵀ. Their presets compute those models at every chunk size.
+        "deltanet": dict(memory="linear", bias="l2", retention="none", learner="gd", chunk_rule="exact"),
+        "gated_delta": dict(memory="linear", bias="l2", retention="decay", learner="gd", chunk_rule="exact",
+                            step_at="retained"),
         "linear_attn": dict(memory="linear", bias="dot", retention="none", learner="gd"),
         "gla": dict(memory="linear", bias="dot", retention="decay", learner="gd"),
     }
@@ -204,6 +208,13 @@ class MirasSpec:
         UT transform): linear memory, l2 bias, none/decay retention, gd learner."""
         return (self.memory == "linear" and self.bias == "l2"
                 and self.retention in ("none", "decay") and self.learner == "gd")
+
+    @property
+    def steps_on_retained(self) -> bool:
+        """True when the inner gradient is taken at the retained state (``step_at="retained"``)
+        and the retention actually moves the state (``none`` has alpha = 1, so both orders agree
+        and the cheaper ``previous`` form is used)."""
+        return self.step_at == "retained" and self.retention != "none"
 
     @property
     def needs_delta(self) -> bool:
@@ -269,14 +280,16 @@ class MirasSpec:
         """Moneta's normalisation factor ``(||x||_q + eps)^(2-q)`` (``[..., 1, 1]``) so that
         ``materialize(x) = x * lq_scale(x)``. ``vector_norm`` is one fused op and its gradient
         stays finite at x = 0 (``|x|^q`` summed then raised to ``1/q`` would give 0 * inf)."""
+        return (self.lq_norm(x) + self.lq_eps).pow(2.0 - self.q)
+
+    def lq_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """``||x||_q`` over the last two dims (``[..., 1, 1]``), the norm inside :meth:`lq_scale`."""
         if self.q == 4.0:
             # ||x||_4 = sqrt(||x*x||_2): the 2-norm kernel is ~10x faster than a generic-order one
             # (clamped at the smallest normal number so the gradient at x = 0 stays finite)
             n2 = torch.linalg.vector_norm(x * x, ord=2, dim=(-2, -1), keepdim=True)
-            norm = n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
-        else:
-            norm = torch.linalg.vector_norm(x, ord=self.q, dim=(-2, -1), keepdim=True)
-        return (norm + self.lq_eps).pow(2.0 - self.q)
+            return n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
+        return torch.linalg.vector_norm(x, ord=self.q, dim=(-2, -1), keepdim=True)
 
     def free_variable_from_weights(self, w: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`materialize` where one exists (``kl``: ``log(W / c)``, needs W > 0;

@@ -6,8 +6,8 @@ CP = 1 reference itself (plain forward on the whole batch), then the CP forward/
 slice; parameter gradients are summed over the CP group (what DeepSpeed does with the mpu's
 sequence-data-parallel group). Checked for a single Miras mixer (output, input gradient, every
 parameter gradient) and for the whole model (loss, every gradient), for moneta, yaad, memora,
-titans (state passing) and gated_delta (state passing AND all-gather, which must also agree with
-each other), dense [B=2] input and packed documents crossing rank boundaries off the chunk grid,
+titans (state passing), gated_delta (state passing AND all-gather, which must also agree with
+each other) and deltanet (all-gather; both exact delta rules, ``chunk_rule="exact"``), dense [B=2] input and packed documents crossing rank boundaries off the chunk grid,
 with a hybrid (sliding-window + full attention) model for the packed case.
 
 Tolerance: fp32, ``rtol = atol = 1e-5`` (torch.testing.assert_close semantics). State passing
@@ -48,6 +48,7 @@ PACKED_CU = [0, 13, 37, 38, 40, 48]  # crosses 12/24/36 (CP=4) and 24 (CP=2) off
 CASES = [
     ("moneta", "auto"), ("yaad", "auto"), ("memora", "auto"), ("titans", "auto"),
     ("gated_delta", "state_passing"), ("gated_delta", "all_gather"),
+    ("deltanet", "all_gather"),  # exact delta rule (WY chunks): still affine in the incoming state
 ]
 
 

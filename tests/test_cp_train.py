@@ -10,7 +10,7 @@ differences of ~1e-7 relative on the losses, <= 1.2e-6 on the weights.
 
 Cases: CP 2 with gated_delta (all-gather scheme) incl. cp/* metrics, checkpoint metadata and
 exact resume; CP 2 with a Titans + sliding-window hybrid on packed documents crossing the CP
-boundary (state passing); DP 2 x CP 2 with ZeRO-2, CP 2 x TP 2 and CP 2 x PP 2 (4 ranks, Titans,
+boundary (state passing); CP 2 with DeltaNet on packed documents (state passing); DP 2 x CP 2 with ZeRO-2, CP 2 x TP 2 and CP 2 x PP 2 (4 ranks, Titans,
 dense rows); the configuration errors (one line naming the key).
 """
 
@@ -141,6 +141,17 @@ def test_cp2_state_passing_packed_documents_matches_cp1(tmp_path, tmp_path_facto
     # rank 1 blocks on rank 0's state (forward) and rank 0 on rank 1's state gradient (backward)
     # whenever a document crosses the boundary (the data are fixed: it does in these steps)
     assert sum(r["cp/wait_s"] for r in rows) > 0
+
+
+@pytest.mark.slow
+def test_cp2_deltanet_state_passing_packed_documents_matches_cp1(tmp_path, tmp_path_factory):
+    """DeltaNet (the exact delta rule, ``chunk_rule="exact"``) on packed documents crossing the CP
+    boundary off the chunk grid, state passing: the carried grid-point state plus tail tokens
+    reproduce the exact per-token rule (gated_delta covers the all-gather scheme above)."""
+    docs = tiny_training.prepare_tiny_corpus(tmp_path_factory.mktemp("dn_corpus"), seq_len=SEQ, layout="documents")
+    model = dict(tiny_training.TINY_MODEL, miras={"preset": "deltanet"})
+    ref = _result(_run(tmp_path, docs, nproc=1, name="ref", model=model, micro=1, layout="documents"))
+    _check(_run(tmp_path, docs, nproc=2, model=model, micro=1, cp=2, scheme="state_passing", layout="documents"), ref)
 
 
 def test_dp2_x_cp2_zero2_matches_single_process(tmp_path, corpus, ref_titans):

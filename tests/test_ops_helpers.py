@@ -1,5 +1,9 @@
 """Shared helpers for the ops tests (random inputs, an INDEPENDENT transcription of the
-per-token rules of docs/semantics.md, gradient collection) plus sanity tests of the helpers themselves."""
+per-token rules of docs/semantics.md, gradient collection) plus sanity tests of the helpers themselves.
+
+Inputs are drawn on the CPU (the same numbers everywhere) and put on ``test_device()``: the CPU, or
+the GPU under ``MIRAS_TEST_DEVICE=cuda`` (miras_pretrain/testing/devices.py). The operators' float64
+paths do no TF32 math (torch's fp32 matmul TF32 switch is off by default), so bounds are unchanged."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from miras_kernels import MirasSpec, miras_memory
+from miras_pretrain.testing.devices import test_device as device_under_test
 
 
 
@@ -33,7 +38,7 @@ def make_case(spec: MirasSpec, B=2, T=13, H=2, D=4, dtype=torch.float64, channel
             state["S_" + name] = r(*lead, rows, cols) * 0.1
     leaves = dict(q=q, k=k, v=v, alpha=alpha, eta=eta, delta=delta, mu=mu)
     leaves.update({"state_" + n: t for n, t in state.items()})
-    leaves = {n: t.to(dtype).requires_grad_(grad) for n, t in leaves.items()}
+    leaves = {n: t.to(device=device_under_test(), dtype=dtype).requires_grad_(grad) for n, t in leaves.items()}
     return leaves
 
 
@@ -63,9 +68,10 @@ def outputs_and_grads(spec, leaves, fn, seed=1):
     (y, final state) w.r.t. every used leaf."""
     y, state = fn(leaves)
     g = torch.Generator().manual_seed(seed)
-    loss = (y * torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)).sum()
+    loss = (y * torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)).sum()
     for key in sorted(state):
-        loss = loss + (state[key] * torch.randn(state[key].shape, generator=g, dtype=torch.float64).to(state[key].dtype)).sum()
+        cot = torch.randn(state[key].shape, generator=g, dtype=torch.float64).to(state[key].device, state[key].dtype)
+        loss = loss + (state[key] * cot).sum()
     used = used_leaves(spec, leaves)
     grads = torch.autograd.grad(loss, list(used.values()))
     return y.detach(), {k: s.detach() for k, s in state.items()}, dict(zip(used, grads))
@@ -140,19 +146,21 @@ def notes_reference(spec: MirasSpec, leaves: dict):
             S[n] = leaves["state_S_" + n].expand(B, H, r, c)
     ys = []
     for t in range(T):
-        W = {n: notes_materialize(spec, X[n]) for n in names}
+        if spec.retention == "none":
+            a = 1.0
+        elif leaves["alpha"].dim() == 4:
+            a = leaves["alpha"][:, t, :, None, :]
+        else:
+            a = leaves["alpha"][:, t, :, None, None]
+        # step_at="retained" (Gated DeltaNet's order): the gradient at the retained state a * X
+        point = (lambda x: a * x) if spec.step_at == "retained" else (lambda x: x)
+        W = {n: notes_materialize(spec, point(X[n])) for n in names}
         W = {n: w if w.requires_grad else w.detach().requires_grad_() for n, w in W.items()}
         with torch.enable_grad():
             loss = notes_loss(spec, W, k[:, t], v[:, t], leaves["delta"][:, t])
             grads = torch.autograd.grad(loss, [W[n] for n in names], create_graph=True)
         for n, g in zip(names, grads):
             eta = leaves["eta"][:, t, :, None, None]
-            if spec.retention == "none":
-                a = 1.0
-            elif leaves["alpha"].dim() == 4:
-                a = leaves["alpha"][:, t, :, None, :]
-            else:
-                a = leaves["alpha"][:, t, :, None, None]
             if spec.learner == "momentum":
                 S[n] = leaves["mu"][:, t, :, None, None] * S[n] - eta * g
                 X[n] = a * X[n] + S[n]

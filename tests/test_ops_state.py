@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from miras_kernels import MirasSpec, miras_memory
+from miras_pretrain.testing.devices import test_device as device_under_test
 from test_ops_helpers import call, make_case, outputs_and_grads, rel_err
 
 TOL = 1e-10
@@ -44,7 +45,7 @@ def test_chaining_on_chunk_grid_equals_one_pass(name, backend):
 def test_chaining_off_grid_changes_the_grid():
     """Documented behaviour: a split at t not a multiple of C restarts the chunk grid at t. It
     then equals the one pass only at C = 1 (every t is on the grid)."""
-    spec = MirasSpec.preset("gated_delta")
+    spec = MirasSpec.preset("gated_delta", chunk_rule="minibatch")  # the exact rule has no grid
     leaves = make_case(spec, B=1, T=20, H=2, D=4, seed=22, grad=False)
     for C, same in ((8, False), (1, True)):
         y, _ = call(spec, leaves, "chunked", C)
@@ -61,7 +62,7 @@ def _varlen_leaves(spec, lengths, seed, per_doc_state=True):
         g = torch.Generator().manual_seed(seed + 1)
         for n in [k for k in leaves if k.startswith("state_")]:
             base = leaves[n].detach()
-            extra = torch.randn((N,) + tuple(base.shape), generator=g, dtype=torch.float64) * 0.2
+            extra = torch.randn((N,) + tuple(base.shape), generator=g, dtype=torch.float64).to(base.device) * 0.2
             leaves[n] = (base.unsqueeze(0) + extra).requires_grad_(True)
     return leaves
 
@@ -71,7 +72,7 @@ def _varlen_leaves(spec, lengths, seed, per_doc_state=True):
 def test_varlen_equals_separate_runs(name, backend):
     spec = MirasSpec.preset(name)
     lengths = [7, 13, 1, 12]
-    cu = torch.tensor([0, 7, 20, 21, 33], dtype=torch.int32)
+    cu = torch.tensor([0, 7, 20, 21, 33], dtype=torch.int32, device=device_under_test())
     leaves = _varlen_leaves(spec, lengths, seed=23)
     y, state = call(spec, leaves, backend, 5, cu_seqlens=cu)
     assert y.shape == (1, 33, 2, 4)
@@ -86,7 +87,7 @@ def test_varlen_equals_separate_runs(name, backend):
 
 def test_varlen_gradients_equal_separate_runs():
     spec = MirasSpec.preset("titans")
-    cu = torch.tensor([0, 9, 25], dtype=torch.int64)
+    cu = torch.tensor([0, 9, 25], dtype=torch.int64, device=device_under_test())
     leaves = _varlen_leaves(spec, [9, 16], seed=24)
 
     def separate(lv):
@@ -109,7 +110,7 @@ def test_varlen_broadcast_state_and_defaults():
     omitted S_* keys are zeros."""
     spec = MirasSpec(memory="linear", bias="l2", retention="decay", learner="momentum")
     leaves = make_case(spec, B=1, T=15, H=2, D=4, seed=25, grad=False)
-    cu = torch.tensor([0, 6, 6, 15])  # the empty middle document keeps its initial state
+    cu = torch.tensor([0, 6, 6, 15], device=device_under_test())  # the empty middle document keeps its initial state
     y, st = call(spec, leaves, "chunked", 4, cu_seqlens=cu)
     assert st["W"].shape == (3, 2, 4, 4)
     assert torch.equal(st["W"][1], leaves["state_W"]) and torch.equal(st["S_W"][1], leaves["state_S_W"])
@@ -120,7 +121,7 @@ def test_varlen_broadcast_state_and_defaults():
             assert rel_err(st["W"][j : j + 1], sj["W"]) < TOL
     args = (leaves["q"], leaves["k"], leaves["v"], leaves["alpha"], leaves["eta"])
     kw = dict(spec=spec, mu=leaves["mu"], chunk_size=4, output_final_state=True)
-    zeros = torch.zeros(2, 4, 4, dtype=torch.float64)
+    zeros = torch.zeros(2, 4, 4, dtype=torch.float64, device=device_under_test())
     y_none, s_none = miras_memory(*args, **kw)
     y_zero, s_zero = miras_memory(*args, initial_state={"W": zeros, "S_W": zeros}, **kw)
     y_part, _ = miras_memory(*args, initial_state={"W": zeros}, **kw)

@@ -2,8 +2,11 @@
 size, with every token of a chunk handled by a few batched matmuls.
 
 Inside a chunk (tokens t0 < t <= t0 + C, state X0 = X_{t0} and S0 = S_{t0} before it) the
-inner gradients are all taken at the frozen weights W0 = materialize(X0), so each is an outer
-product g_i = a_i b_iᵀ known up front (``rules.grad_factors``). The free variable is then affine
+inner gradients are all taken at the frozen weights W0 = materialize(X0) -- with
+``step_at="retained"`` at materialize(gamma_i X0), gamma_i the in-chunk product of alpha
+(``rules.retained_weights``: a per-token multiple of X0 for decay/lq, per-token softmax blocks
+for kl) -- so each is an outer product g_i = a_i b_iᵀ known up front (``rules.grad_factors``).
+``chunk_rule="exact"`` (the delta rule) is routed to ``delta_exact``. The free variable is then affine
 in those outer products (the functions of this algebra are in ``miras_kernels.chunk_step``):
 
     X_t = cX_t * X0 + cS_t * S0 - sum_{i <= t} G_ti * a_i b_iᵀ
@@ -38,7 +41,8 @@ import torch
 from ..chunk_step import apply_affine, chunk_coefficients, end_momentum, end_state
 from ..inputs import State, prepare_inputs, run_documents
 from .per_token_scan import ChunkScanInputs, lq_scales, softmax_reads
-from ..rules import grad_factors, read_memory
+from ..rules import grad_factors, read_memory, retained_weights
+from .delta_exact import delta_exact_core
 from ..spec import MirasSpec
 
 
@@ -59,9 +63,13 @@ def chunked_core(
         # the paper's chunk semantics for lq / kl live in their own module (kernels/pytorch/boundary.py)
         from .boundary import boundary_chunked_core
         return boundary_chunked_core(spec, chunk_size, q, k, v, alpha, eta, delta, mu, state)
+    if spec.chunk_rule == "exact":
+        # the delta rule's exact chunk form (WY / UT transform) lives in its own module
+        return delta_exact_core(spec, chunk_size, q, k, v, alpha, eta, state)
     T = q.shape[2]
     names = spec.weight_names()
     momentum = spec.learner == "momentum"
+    retained = spec.steps_on_retained
     # W = X exactly for these retentions, so reads need no per-token materialisation.
     affine = spec.retention in ("none", "decay") or (spec.retention == "lq" and spec.q == 2.0)
     la = None if alpha is None else torch.log(alpha)
@@ -87,9 +95,12 @@ def chunked_core(
         c = qc.shape[2]
         if c not in masks:
             masks[c] = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-        frozen = {n: spec.materialize(X[n]) for n in names}
-        factors = grad_factors(spec, frozen, kc, vc, dc)
         co = chunk_coefficients(lac, etac, lmuc, masks[c])
+        if retained:  # token i's gradient at materialize(gamma_i * X0), gamma_i = cX_i
+            weights, scale = retained_weights(spec, X, co.cX)
+            factors = grad_factors(spec, weights, kc, vc, dc, scale)
+        else:
+            factors = grad_factors(spec, {n: spec.materialize(X[n]) for n in names}, kc, vc, dc)
         if affine:
             ys.append(read_memory(
                 spec, lambda n, x: apply_affine(x, X[n], S.get(n), co, *factors[n]), qc

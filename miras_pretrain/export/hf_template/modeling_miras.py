@@ -13,15 +13,20 @@ chunk math with a run of one token.
 Recurrent cache (``MirasCache``), per layer:
 
 * Miras layer: the memory's free variables ``X`` (and momentum ``S``) ``[B, H, r, c]`` after the
-  last seen token, the *frozen* weights ``W0 = materialize(X_{t0})`` of the chunk the next token
-  belongs to, the last ``conv_size - 1`` pre-convolution q/k/v projections, and the position.
+  last seen token, what the start of the chunk the next token belongs to fixed (``frozen``, see
+  ``miras_chunk_step.freeze``: the weights ``W0 = materialize(X_{t0})``; with
+  ``step_at="retained"`` the free variable ``X_{t0}`` carried by the retention to the last seen
+  token; nothing for the exact delta rule), the last ``conv_size - 1`` pre-convolution q/k/v
+  projections, and the position.
 * Attention layer: keys/values ``[B, H, L, d]`` (all tokens for full attention, the last
   ``window - 1`` for sliding-window attention) and the position.
 
-Chunk grid: training takes every inner gradient of a chunk of ``chunk_size`` tokens (counted
-from the sequence start) at the weights frozen at the chunk start. Keeping ``W0`` in the cache
-and re-freezing exactly when ``position % chunk_size == 0`` makes cached decoding, and prefill
-in pieces of any length, compute the same function as one full forward pass. Each new token
+Chunk grid: with mini-batch GD training takes every inner gradient of a chunk of ``chunk_size``
+tokens (counted from the sequence start) at the weights frozen at the chunk start (or at their
+retained copy). Keeping ``frozen`` in the cache and re-freezing exactly when ``position %
+chunk_size == 0`` makes cached decoding, and prefill in pieces of any length, compute the same
+function as one full forward pass. The exact delta rule (``chunk_rule="exact"``: DeltaNet, Gated
+DeltaNet) does not depend on the grid at all. Each new token
 costs O(1) in the prompt length for Miras layers (O(window) for sliding attention).
 
 Padding: the memory reads every token, so only un-padded batches are supported when a cache is
@@ -43,7 +48,7 @@ from .configuration_miras import MirasConfig
 # The memory rules are the training operator's own modules, copied next to this file by the
 # export (``miras_kernels.spec``, ``.rules``, ``.chunk_step``). transformers copies only the
 # modules this file imports itself, so each copy is imported here, the rules too.
-from .miras_chunk_step import memory_chunk_step
+from .miras_chunk_step import carry_frozen, freeze, memory_chunk_step
 from .miras_rules import grad_factors  # noqa: F401  (imported so that transformers copies it)
 from .miras_spec import MirasSpec
 
@@ -60,7 +65,7 @@ def continue_memory(spec: MirasSpec, chunk_size: int, q: torch.Tensor, k: torch.
     Args:
         q, k, v: ``[B, H, T, d]``.
         gates: gate name (``alpha``, ``eta``, ``delta``, ``mu``) -> ``[B, H, T]``.
-        state: ``{"X", "S", "frozen": name -> [B, H, r, c], "pos": tokens seen}``.
+        state: ``{"X", "S", "frozen": name -> [B, H, r, c] (see ``freeze``), "pos": tokens seen}``.
 
     Returns:
         ``y`` ``[B, H, T, d]`` and the new state (same keys).
@@ -71,11 +76,12 @@ def continue_memory(spec: MirasSpec, chunk_size: int, q: torch.Tensor, k: torch.
     while s < T:
         off = pos % chunk_size
         if off == 0:  # a new chunk of the training grid starts: freeze its weights
-            frozen = {n: spec.materialize(x) for n, x in X.items()}
+            frozen = freeze(spec, X)
         c = min(chunk_size - off, T - s)
         cut = lambda t: None if t is None else t[:, :, s:s + c]  # noqa: E731
         y, X, S = memory_chunk_step(spec, cut(q), cut(k), cut(v), cut(gates.get("alpha")), cut(gates["eta"]),
                                     cut(gates.get("delta")), cut(gates.get("mu")), X, S, frozen)
+        frozen = carry_frozen(spec, frozen, cut(gates.get("alpha")))
         ys.append(y)
         s += c
         pos += c
