@@ -1,12 +1,14 @@
 """``miras-pretrain launch slurm``: render the batch script for a training config and submit it.
 
     miras-pretrain launch slurm --config configs/run.yaml --nodes 4 --gpus-per-node 8 \\
-        --time 2-00:00:00 [--partition P] [--account A] [--dry-run]
+        --time 2-00:00:00 [--partition P] [--account A] [--venv PATH] \\
+        [--setup "module load cuda/12.8"] [--nccl-socket-ifname ib0] [--dry-run]
 
 The script (launch/slurm_train.sbatch) runs ``miras-pretrain train --config <abs> --resume auto``
 on every node, asks SLURM for SIGUSR1 ``--signal-lead`` seconds before the time limit, requeues
 itself after the trainer has saved, and retries a crashing run at most ``--max-retries`` times.
-See docs/launch.md.
+A job with GPUs is refused at submission when the venv it activates has a CPU build of torch
+(``--allow-cpu-venv`` overrides). See docs/launch.md and docs/install_gpu.md.
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ def register(subparsers) -> None:
     p.add_argument("--log-dir", help="job and rank logs (default: <run.out_dir>/slurm)")
     p.add_argument("--venv", help="virtualenv to activate in the job (default: the one running this command)")
     p.add_argument("--no-venv", action="store_true", help="activate no virtualenv in the job")
+    p.add_argument("--allow-cpu-venv", action="store_true",
+                   help="submit a job with --gpus-per-node > 0 even though the venv has a CPU build of torch "
+                        "(the trainer then stops at start; install the CUDA build with tools/setup_env.sh --gpu)")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="shell line run in the job before the venv is activated, e.g. --setup 'module load "
+                        "cuda/12.8' (repeatable, in order; a failing line stops the job)")
+    p.add_argument("--nccl-debug", choices=["VERSION", "WARN", "INFO", "TRACE"], default=None,
+                   help="NCCL_DEBUG in the job (default: the submitting shell's, else WARN)")
+    p.add_argument("--nccl-socket-ifname", default=None, metavar="IFACE",
+                   help="NCCL_SOCKET_IFNAME in the job: the network interface(s) NCCL's bootstrap uses, e.g. "
+                        "ib0, eth or ^docker,lo (default: NCCL's choice). TORCH_NCCL_ASYNC_ERROR_HANDLING=1 is "
+                        "always set unless the submitting shell sets it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override passed on to `miras-pretrain train` (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -120,11 +134,30 @@ def build_spec(args: argparse.Namespace):
         procs_per_node=args.procs_per_node if args.procs_per_node is not None else 1,
         launcher=args.launcher, partition=args.partition, account=args.account,
         cpus_per_node=args.cpus_per_node, signal_lead=args.signal_lead, max_retries=args.max_retries,
-        max_requeues=args.max_requeues, venv=venv, extra_sbatch=list(args.sbatch_option), env=env,
+        max_requeues=args.max_requeues, venv=venv, setup=list(args.setup), nccl_debug=args.nccl_debug,
+        nccl_socket_ifname=args.nccl_socket_ifname, extra_sbatch=list(args.sbatch_option), env=env,
         requeue_exit_code=EXIT_REQUEUE, no_retry_exit_codes=(EXIT_USAGE,),
     )
     validate(spec)
     return spec
+
+
+def cpu_venv_problem(spec) -> str | None:
+    """One line when a job that asks for GPUs would activate a venv whose torch cannot use them
+    (a CPU build, or no torch); None when fine or not checkable (no venv, no GPUs asked)."""
+    from miras_pretrain.launch.venv_check import torch_build
+
+    if spec.gpus_per_node <= 0 or spec.venv is None:
+        return None
+    build = torch_build(spec.venv)
+    fix = "install the CUDA build there with `bash tools/setup_env.sh --gpu` (docs/install_gpu.md), pass --venv"
+    if build is None:
+        return (f"--gpus-per-node {spec.gpus_per_node} but the venv {spec.venv} has no torch: {fix} "
+                f"with another venv, or --allow-cpu-venv")
+    if not build.gpu:
+        return (f"--gpus-per-node {spec.gpus_per_node} but the venv {spec.venv} has torch {build.version}, a CPU "
+                f"build: {fix} with a CUDA venv, or --allow-cpu-venv")
+    return None
 
 
 def submit(script: str, spec) -> int:
@@ -147,9 +180,14 @@ def run(args: argparse.Namespace) -> int:
 
     spec = build_spec(args)
     script = render_sbatch(spec)
+    problem = None if args.allow_cpu_venv else cpu_venv_problem(spec)
     if args.dry_run:
+        if problem:  # printing the script is fine; say what submitting it would refuse
+            print(f"warning: submitting would be refused: {problem}", file=sys.stderr)
         sys.stdout.write(script)
         return 0
+    if problem:
+        raise CLIError(problem)
     job_id = submit(script, spec)
     print(f"submitted job {job_id} ({spec.nodes} nodes x {spec.nproc_per_node} processes); "
           f"log: {spec.log_dir / f'{spec.job_name}-{job_id}.out'}")

@@ -24,6 +24,9 @@ TRAIN_REQUEUE_EXIT_CODE = 75
 TRAIN_USAGE_EXIT_CODE = 2
 
 LAUNCHERS = ("torchrun", "srun")
+NCCL_DEBUG_LEVELS = ("VERSION", "WARN", "INFO", "TRACE")
+# an interface name, a prefix list ("ib,eth"), or NCCL's ^exclude / =exact forms
+_IFNAME_RE = re.compile(r"^[\^=]?[A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*$")
 _TIME_FORMS = "MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _PLACEHOLDER_RE = re.compile(r"@([A-Z_]+)@")
@@ -75,6 +78,10 @@ class SlurmJobSpec:
     max_retries: int = 3
     max_requeues: int = 100
     venv: Path | None = None
+    # shell lines run in the batch shell before the venv is activated ("module load cuda/12.8")
+    setup: list[str] = field(default_factory=list)
+    nccl_debug: str | None = None  # NCCL_DEBUG for the job (None: inherited, else WARN)
+    nccl_socket_ifname: str | None = None  # NCCL_SOCKET_IFNAME (None: NCCL picks an interface)
     extra_sbatch: list[str] = field(default_factory=list)  # verbatim "--qos=high" style options
     env: dict[str, str] = field(default_factory=dict)  # exported in the job, before the step
     requeue_exit_code: int = TRAIN_REQUEUE_EXIT_CODE
@@ -132,6 +139,15 @@ def validate(spec: SlurmJobSpec) -> None:
     for key in spec.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError(f"--env {key!r} is not a valid environment variable name")
+    for line in spec.setup:
+        if not line.strip() or "\n" in line or "\r" in line:
+            raise ValueError(f"--setup {line!r} must be one non-empty shell line, e.g. --setup 'module load cuda/12.8' "
+                             f"(repeat --setup for several)")
+    if spec.nccl_debug is not None and spec.nccl_debug not in NCCL_DEBUG_LEVELS:
+        raise ValueError(f"--nccl-debug {spec.nccl_debug!r} must be one of {', '.join(NCCL_DEBUG_LEVELS)}")
+    if spec.nccl_socket_ifname is not None and not _IFNAME_RE.match(spec.nccl_socket_ifname):
+        raise ValueError(f"--nccl-socket-ifname {spec.nccl_socket_ifname!r} is not an interface list: use e.g. "
+                         f"ib0, eth or ^docker,lo")
     if spec.venv is not None and not (Path(spec.venv) / "bin" / "activate").is_file():
         raise ValueError(f"--venv {spec.venv}: no bin/activate there; give a virtualenv directory")
     if not Path(spec.template).is_file():
@@ -174,6 +190,22 @@ def sbatch_directives(spec: SlurmJobSpec) -> list[str]:
     return [f"#SBATCH {line}" for line in lines]
 
 
+def launch_env(spec: SlurmJobSpec) -> list[str]:
+    """``export`` lines fixed by ``launch slurm`` itself; they win over the submitting shell's.
+
+    ``MIRAS_GPUS_PER_NODE`` tells the trainer how many GPUs the job asked for, so that a job with
+    GPUs whose torch cannot use them stops with one line instead of training on the CPU
+    (:func:`miras_pretrain.train.dist.choose_device`).
+    """
+    q = shlex.quote
+    lines = [f"export MIRAS_GPUS_PER_NODE={spec.gpus_per_node}"]
+    if spec.nccl_debug is not None:
+        lines.append(f"export NCCL_DEBUG={q(spec.nccl_debug)}")
+    if spec.nccl_socket_ifname is not None:
+        lines.append(f"export NCCL_SOCKET_IFNAME={q(spec.nccl_socket_ifname)}")
+    return lines
+
+
 def render_sbatch(spec: SlurmJobSpec) -> str:
     """The complete batch script text for ``spec`` (validated first)."""
     validate(spec)
@@ -193,6 +225,10 @@ def render_sbatch(spec: SlurmJobSpec) -> str:
         "VENV": q(str(spec.venv)) if spec.venv else "''",
         "TRAIN_ARGV": " ".join(q(a) for a in spec.train_argv),
         "EXTRA_ENV": env_lines.rstrip("\n"),
+        "LAUNCH_ENV": "\n".join(launch_env(spec)),
+        # each line runs in this shell (module load changes PATH/LD_LIBRARY_PATH here); a failing
+        # one stops the job with a FATAL line instead of training in the wrong environment
+        "SETUP_LINES": "\n".join(f"run_setup {q(line)}" for line in spec.setup) or ":  # none (--setup)",
     }
     text = Path(spec.template).read_text()
     missing = set(_PLACEHOLDER_RE.findall(text)) - set(values)

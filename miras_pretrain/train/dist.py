@@ -10,6 +10,9 @@ import datetime
 import importlib
 import os
 import socket
+import sys
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -48,10 +51,98 @@ def fill_env_for_single_process() -> None:
             os.environ[k] = v
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("train.device = 'cuda' but no CUDA device is visible: use 'auto' or 'cpu'")
+# Variables that say this process was given GPUs, in the order they are reported: the launcher's
+# own (rendered by `launch slurm --gpus-per-node N`), then the scheduler's, then CUDA's.
+GPU_REQUEST_VARS = ("MIRAS_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES")
+# counts (a number of GPUs) vs lists (GPU indices: "0" is the first GPU, not none)
+_COUNT_VARS = ("MIRAS_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE")
+# list values that assign no GPU: SLURM writes NoDevFiles into CUDA_VISIBLE_DEVICES when a job has
+# none, and -1 / empty are the usual ways to hide every GPU
+_NO_GPU_LISTS = {"", "-1", "nodevfiles", "none", "void"}
+
+
+def gpus_requested(env: Mapping[str, str] | None = None) -> str | None:
+    """Why this process must run on a GPU, as ``"NAME=value"`` of the first variable of
+    :data:`GPU_REQUEST_VARS` that assigns GPUs (a count > 0, or a non-empty list of GPU
+    indices); None when nothing asks for one."""
+    env = os.environ if env is None else env
+    for name in GPU_REQUEST_VARS:
+        value = env.get(name)
+        if value is None:
+            continue
+        value = value.strip()
+        if name in _COUNT_VARS:
+            # SLURM_GPUS_ON_NODE is a plain count; anything else there still means GPUs were given
+            asks = (int(value) > 0) if value.isdigit() else bool(value)
+        else:
+            asks = value.lower() not in _NO_GPU_LISTS
+        if asks:
+            return f"{name}={value}"
+    return None
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """The device type for this process and the line to log once about it (None: nothing to say)."""
+
+    type: str  # "cuda" | "cpu"
+    note: str | None = None
+
+
+def choose_device(requested: str, *, env: Mapping[str, str], torch_version: str, cuda_build: str | None,
+                  cuda_available: bool) -> DeviceChoice:
+    """Decide cpu or cuda from ``train.device`` and plain facts about this process (testable
+    without a GPU). Never falls back to the CPU when a GPU was asked for.
+
+    Args:
+        requested: ``train.device``: ``auto`` | ``cpu`` | ``cuda``.
+        env: the process environment (see :func:`gpus_requested`).
+        torch_version: ``torch.__version__``.
+        cuda_build: ``torch.version.cuda`` (None for a CPU build of torch).
+        cuda_available: ``torch.cuda.is_available()``.
+
+    Raises:
+        ValueError: one line with the cause and the fix when a GPU is asked for (``cuda``, or
+            ``auto`` with GPUs assigned) and torch is a CPU build or sees no GPU.
+    """
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device = {requested!r}: use auto, cpu or cuda")
+    asked = gpus_requested(env)
+    if requested == "cpu":
+        note = (f"device: cpu (train.device = cpu, although GPUs are assigned: {asked})" if asked else None)
+        return DeviceChoice("cpu", note)
+    if requested == "cuda" or asked:
+        cause = "train.device = 'cuda'" if requested == "cuda" else f"GPUs are assigned to this job ({asked})"
+        if cuda_build is None:
+            venv = env.get("VIRTUAL_ENV") or sys.prefix
+            raise ValueError(f"{cause} but torch {torch_version} in {venv} is a CPU build: install the CUDA build "
+                             f"with `bash tools/setup_env.sh --gpu` (docs/install_gpu.md), or set train.device: cpu")
+        if not cuda_available:
+            raise ValueError(f"{cause} but torch {torch_version} (CUDA {cuda_build}) sees no GPU "
+                             f"(torch.cuda.is_available() is False): check nvidia-smi and the driver on this node "
+                             f"(.venv/bin/python tools/check_torch_build.py), or set train.device: cpu")
+        return DeviceChoice("cuda")
+    if cuda_available:
+        return DeviceChoice("cuda")
+    return DeviceChoice("cpu", f"device: cpu (train.device = auto: no GPU asked for by the job or scheduler and "
+                               f"none visible; torch {torch_version})")
+
+
+def _is_first_rank() -> bool:
+    """Rank 0 (or a lone process) by the launcher's variables; used before the group exists."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def pick_device(requested: str = "auto", *, announce: bool = True) -> torch.device:
+    """The device this process trains on (``cuda:LOCAL_RANK`` or ``cpu``), see :func:`choose_device`;
+    its note (e.g. "device: cpu (...)") is printed once, by rank 0, when ``announce``."""
+    # a ROCm build drives AMD GPUs through torch.cuda: it counts as a GPU build here
+    gpu_build = torch.version.cuda or getattr(torch.version, "hip", None)
+    choice = choose_device(requested, env=os.environ, torch_version=torch.__version__,
+                           cuda_build=gpu_build, cuda_available=torch.cuda.is_available())
+    if announce and choice.note and _is_first_rank():
+        print(choice.note, flush=True)
+    if choice.type == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 

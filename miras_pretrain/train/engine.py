@@ -2,25 +2,49 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from miras_pretrain.train.config import RunConfig
-from miras_pretrain.train.optim import build_optimizer, build_scheduler
+from miras_pretrain.train.optim import adamw_kwargs, build_optimizer, build_scheduler
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> bf16 on CUDA, fp32 on CPU (bf16 matmuls on CPU are slow and lossy)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"train.precision = {precision!r}: use auto, fp32 or bf16")
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
 
 
+@dataclass(frozen=True)
+class TrainNumerics:
+    """How one training step computes on a device.
+
+    ``precision``: ``bf16`` turns on DeepSpeed's bf16 section (bf16 weights, activations and
+    gradients; the ZeRO optimizer keeps fp32 master weights and steps on them), which is this
+    engine's mixed precision (no torch.autocast on top). ``fused_adamw``: torch AdamW with
+    ``fused=True`` (:func:`miras_pretrain.train.optim.adamw_kwargs`).
+    """
+
+    precision: str
+    fused_adamw: bool
+
+
+def training_numerics(device: torch.device, precision: str = "auto") -> TrainNumerics:
+    """The numerics for ``device`` and ``train.precision``: on CUDA bf16 (``auto``) and fused
+    AdamW; on CPU fp32 (``auto``) and the plain per-tensor AdamW loop, as before."""
+    return TrainNumerics(precision=resolve_precision(precision, device),
+                         fused_adamw=bool(adamw_kwargs([device.type]).get("fused", False)))
+
+
 def deepspeed_config(cfg: RunConfig, device: torch.device, *, zero3_persistence_threshold: Optional[int] = None) -> dict[str, Any]:
     """The DeepSpeed config dict for this run (also written to the run directory)."""
     t = cfg.train
-    precision = resolve_precision(t.precision, device)
+    precision = training_numerics(device, t.precision).precision
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage in (1, 2):
         # overlap_comm off: the reduction order then does not depend on hook timing, which keeps
@@ -51,7 +75,8 @@ def deepspeed_config(cfg: RunConfig, device: torch.device, *, zero3_persistence_
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device, *, mpu=None,
                  zero3_persistence_threshold: Optional[int] = None):
-    """``deepspeed.initialize`` with torch AdamW (decay/no-decay groups) + warmup-cosine LambdaLR.
+    """``deepspeed.initialize`` with torch AdamW (decay/no-decay groups; fused on CUDA, see
+    :func:`training_numerics`) + warmup-cosine LambdaLR.
 
     Returns ``(engine, ds_config)``.
     """

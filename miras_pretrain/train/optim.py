@@ -73,13 +73,27 @@ def param_groups(model: torch.nn.Module, *, weight_decay: float, no_decay_patter
     return groups
 
 
+def adamw_kwargs(device_types: Iterable[str]) -> dict:
+    """The AdamW implementation for parameters on these device types (``{"cuda"}``, ``{"cpu"}``, ...).
+
+    All on CUDA: ``fused=True`` (one kernel per step instead of a loop of small ones; the update is
+    elementwise, so ZeRO partitions still update like the whole tensor). Anything else, CPU
+    included: ``foreach=False``, identical arithmetic order on every layout, so ZeRO partitions of
+    the same tensors update bit-identically to the single-process run (the resume/equality tests).
+    """
+    types = set(device_types)
+    if types == {"cuda"}:
+        return {"fused": True, "foreach": False}
+    return {"foreach": False}
+
+
 def build_optimizer(model: torch.nn.Module, *, lr: float, betas, eps: float, weight_decay: float,
                     no_decay_patterns: Iterable[str]) -> torch.optim.AdamW:
-    """torch.optim.AdamW (decoupled decay). FusedAdam/CPUAdam would JIT-compile on first use."""
+    """torch.optim.AdamW (decoupled decay), fused when every parameter is on CUDA (see
+    :func:`adamw_kwargs`). DeepSpeed's FusedAdam/CPUAdam would JIT-compile on first use."""
     groups = param_groups(model, weight_decay=weight_decay, no_decay_patterns=no_decay_patterns)
-    # foreach=False: identical arithmetic order on every layout, so ZeRO partitions of the same
-    # tensors update bit-identically to the single-process run
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=False)
+    impl = adamw_kwargs(p.device.type for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **impl)
 
 
 def apply_schedule_config(scheduler: torch.optim.lr_scheduler.LambdaLR, *, lr: float, warmup_steps: int,
@@ -92,7 +106,8 @@ def apply_schedule_config(scheduler: torch.optim.lr_scheduler.LambdaLR, *, lr: f
     longer ``max_steps`` would silently keep the old schedule. ``last_epoch`` counts the applied
     updates (skipped non-finite steps do not advance it), so the next update uses
     ``lr * lr_factor(last_epoch)`` of the new schedule. With an unchanged config the result is
-    bit-identical to the restored state (the same product LambdaLR computes).
+    bit-identical to the restored state (the same product LambdaLR computes). The groups'
+    ``fused``/``foreach`` flags are reset from the parameters' device (:func:`adamw_kwargs`).
     """
     lam = WarmupCosine(warmup_steps, max_steps, min_lr_ratio)
     scheduler.lr_lambdas = [lam for _ in scheduler.lr_lambdas]
@@ -106,5 +121,8 @@ def apply_schedule_config(scheduler: torch.optim.lr_scheduler.LambdaLR, *, lr: f
         # the no-decay group (see param_groups) keeps 0; groups without a name are left alone
         if group.get("name") == "decay":
             group["weight_decay"] = weight_decay
+        # the implementation follows where the parameters are now, not where the checkpoint was
+        # written (a CPU checkpoint resumed on GPUs steps fused, and the other way round)
+        group.update({"fused": None, **adamw_kwargs(p.device.type for p in group["params"])})
     scheduler._last_lr = [next_lr for _ in scheduler.optimizer.param_groups]
     return next_lr
