@@ -10,9 +10,11 @@ installed).
 A spec is a ``MirasSpec`` preset name with optional ``+field=value`` overrides; ``--dims`` are
 ``dkxdv`` pairs. Every (spec, chunk size, dims, T) is one row.
 
-Prints a table and writes JSON. NOTE: fla's gated delta rule is the exact per-token delta rule
-(WY form), a different semantics from this project's chunk-start-gradient rule at C > 1; its
-column is a speed reference only.
+Prints a table and writes JSON. fla's ``chunk_gated_delta_rule`` (GPU only) is timed beside the
+``gated_delta`` rows only after :func:`fla_timing` has checked that it computes the same function
+as ``miras_memory`` on the row's inputs (``beta = eta``, ``g = log alpha``, query scale 1, on the
+first ``FLA_CHECK_T`` tokens in float32); otherwise the row records why it was refused and no fla
+time.
 """
 
 from __future__ import annotations
@@ -23,8 +25,50 @@ import os
 import sys
 import time
 
-FLA_NOTE = ("note: fla chunk_gated_delta_rule is the exact per-token delta rule (WY form), a different semantics "
-            "from the Miras chunk-start-gradient rule at C > 1: its column is a speed reference, not a numerics check")
+FLA_NOTE = ("note: fla chunk_gated_delta_rule is timed only where its output and final state equal miras_memory's "
+            "(beta = eta, g = log alpha, scale 1; checked on the first FLA_CHECK_T tokens in float32): "
+            "else fla_refused")
+# tokens of the equality check before fla is timed, and its tolerance (max relative error of output
+# and final state, float32): TF32 dots on a GPU (both fla's kernels and ours unless
+# MIRAS_EXACT_FP32=1) give ~1e-3; exact fp32 on CPU ~1e-6
+FLA_CHECK_T = 256
+FLA_TOL_CUDA = 1e-2
+FLA_TOL_CPU = 1e-4
+
+
+def fla_timing(fla_fn, x: dict, spec, chunk_size: int, device: str, reps: int, tol: float | None = None) -> dict:
+    """Time ``fla_fn`` (fwd + bwd) on the row's inputs only if it computes the same function.
+
+    Args:
+        fla_fn: fla's gated delta rule, called with keywords ``q, k, v, g, beta, scale,
+            initial_state, output_final_state`` (``chunk_gated_delta_rule`` on a GPU; its naive
+            reference in the CPU tests).
+        x: the row's leaves: ``q, k [B, T, H, dk]``, ``v [B, T, H, dv]``, ``alpha, eta [B, T, H]``.
+        spec: the row's MirasSpec (the gated-delta preset); chunk_size: its C.
+        device: ``"cuda"`` or ``"cpu"`` (picks the tolerance unless ``tol`` is given); reps: timing runs.
+    Returns:
+        ``{"fla_ms", "fla_peak_mib", "fla_check_rel_err"}`` when equal, else ``{"fla_refused": reason}``.
+    """
+    from miras_pretrain.testing.fla_reference import FlaMismatchError, compare_with_fla, gated_delta_fla_args
+
+    n = min(x["q"].shape[1], FLA_CHECK_T)
+    pre = {name: t.detach()[:, :n].float() for name, t in x.items()}
+    alpha = pre["alpha"] if spec.needs_alpha else None
+    tol = tol if tol is not None else (FLA_TOL_CUDA if device == "cuda" else FLA_TOL_CPU)
+    try:
+        # the miras side runs what the row times on this device: the Triton kernels where they
+        # cover the call (backend "auto" on CUDA), the chunked PyTorch path otherwise
+        err = compare_with_fla(fla_fn, pre["q"], pre["k"], pre["v"], alpha, pre["eta"], spec=spec,
+                               chunk_size=chunk_size, backend="auto", scale=1.0, tol=tol)
+    except FlaMismatchError as exc:
+        return {"fla_refused": str(exc)}
+
+    def fla_call(x):
+        a = x["alpha"] if spec.needs_alpha else None
+        return fla_fn(**gated_delta_fla_args(x["q"], x["k"], x["v"], a, x["eta"]), scale=1.0)[0]
+
+    ms, peak, _ = _timed(_fwd_bwd(fla_call, x), device, reps)
+    return {"fla_ms": ms, "fla_peak_mib": peak, "fla_check_rel_err": err}
 
 
 def _inputs(B, T, H, dk, dv, dtype, device, seed=0):
@@ -43,7 +87,12 @@ def _inputs(B, T, H, dk, dv, dtype, device, seed=0):
 
 
 def parse_spec(text: str):
-    """``preset[+field=value...]`` -> MirasSpec (e.g. ``gated_delta+bias=huber+learner=momentum``)."""
+    """``preset[+field=value...]`` -> MirasSpec (e.g. ``gated_delta+bias=huber+learner=momentum``).
+
+    The delta-rule presets are exact (``chunk_rule="exact"``, gated_delta also ``step_at="retained"``),
+    which exists only for the delta rule; a variant that overrides bias/retention/learner away
+    from it is the grid's mini-batch point (``chunk_rule="minibatch"``, ``step_at="previous"``, what
+    the Triton chunk kernels compute for it) unless it sets those fields itself."""
     from miras_kernels import MirasSpec
 
     name, *over = text.split("+")
@@ -52,7 +101,11 @@ def parse_spec(text: str):
         key, sep, val = item.partition("=")
         if not sep:
             raise ValueError(f"--specs {text!r}: override {item!r} must be field=value")
-        kw[key] = float(val) if key in ("p", "q", "c", "lq_eps") else val
+        kw[key] = float(val) if key in ("p", "q", "c", "lq_eps", "huber_eps") else val
+    if name in MirasSpec.PRESETS and "chunk_rule" not in kw:
+        grid = {f: kw.get(f, MirasSpec.PRESETS[name].get(f)) for f in ("memory", "bias", "retention", "learner")}
+        if not MirasSpec(**grid).exact_chunking_exists:
+            kw = {"chunk_rule": "minibatch", "step_at": kw.get("step_at", "previous"), **kw}
     return MirasSpec.preset(name, **kw)
 
 
@@ -146,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    except ImportError:
-        chunk_gated_delta_rule = None
+        fla_missing = ""
+    except ImportError as exc:  # recorded in the gated_delta rows on a GPU: why there is no fla time
+        chunk_gated_delta_rule, fla_missing = None, f"fla's chunk_gated_delta_rule is not importable: {exc}"
 
     rows = []
     for name, C, dk, dv in runs:
@@ -178,12 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 row["triton_ms"] = None
                 row["fallback"] = reason
-            if (chunk_gated_delta_rule is not None and name == "gated_delta" and device == "cuda"
-                    and dk == dv):
-                def fla_call(x):
-                    return chunk_gated_delta_rule(x["q"], x["k"], x["v"], torch.log(x["alpha"]), x["eta"])[0]
-
-                row["fla_ms"], row["fla_peak_mib"], _ = _timed(_fwd_bwd(fla_call, x), device, reps)
+            if name == "gated_delta" and device == "cuda" and dk == dv:
+                if chunk_gated_delta_rule is None:
+                    row["fla_refused"] = fla_missing
+                else:
+                    row.update(fla_timing(chunk_gated_delta_rule, x, spec, C, device, reps))
             rows.append(row)
             del x
 
@@ -197,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             val = r.get(c)
             w = 40 if c == "preset" else 16
             cells.append(f"{val:>{w}.4g}" if isinstance(val, float) else f"{str(val if val is not None else '-'):>{w}}")
-        print(" ".join(cells) + (f"  fallback: {r['fallback']}" if "fallback" in r else ""))
+        print(" ".join(cells) + (f"  fallback: {r['fallback']}" if "fallback" in r else "")
+              + (f"  fla refused: {r['fla_refused']}" if "fla_refused" in r else ""))
     print(FLA_NOTE + ("" if chunk_gated_delta_rule is not None else " (fla not installed: column empty)"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
