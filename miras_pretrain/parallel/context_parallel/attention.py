@@ -6,16 +6,19 @@
 * Full causal attention: one all-gather of every rank's keys and values (simple and exact; memory
   O(T) per rank -- a ring schedule would be the next step for very long contexts).
 
-The mask is built from global token indices and global document starts, so causality, the
-window and packed-document boundaries are exactly those of the CP=1 model.
+Causality, the window and packed-document boundaries are those of the CP = 1 model: queries and
+keys carry their global token indices and the global start of their document (document ids),
+and the attention itself is ``miras_pretrain.model.attention.document_causal_attention`` --
+FlexAttention on CUDA, query tiles with small masks elsewhere, never a dense
+``[T_local, T]`` mask. Its one exchange (halo or all-gather) is a :class:`~.comm.Chain` of one
+node started from the keys (device, message order: see comm.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .comm import AllGather, Attach, CPTransport, anchor, halo_exchange
+from .comm import Chain, CPTransport
 from .layout import CPSlice
 
 
@@ -24,18 +27,20 @@ def cp_attention(cp: CPTransport, lay: CPSlice, q: torch.Tensor, k: torch.Tensor
     """Causal (sliding-window) attention of this rank's queries over the global sequence laid
     out by ``lay``. q, k, v [B, T_local, H, d] (RoPE applied with global document positions) ->
     o [B, T_local, H, d]."""
+    # imported here: this package does not import the model at import time
+    from miras_pretrain.model.attention import document_causal_attention
+
     grp = cp.group
     b, t, h, d = q.shape
-    tokens = []
+    chain = Chain(cp, k)
     if window is None:
         wire = torch.promote_types(k.dtype, torch.float32)
         flat = torch.cat([k.to(wire).reshape(-1), v.to(wire).reshape(-1)])
-        gathered = AllGather.apply(cp, flat, anchor())[: grp.rank + 1]  # ranks up to this one
-        tokens.append(gathered)
+        gathered = chain.all_gather(flat)[: grp.rank + 1]  # ranks up to this one
         kv = gathered.view(grp.rank + 1, 2, b, t, h, d)
         keys = kv[:, 0].permute(1, 0, 2, 3, 4).reshape(b, -1, h, d).to(k.dtype)
         vals = kv[:, 1].permute(1, 0, 2, 3, 4).reshape(b, -1, h, d).to(v.dtype)
-        key_idx = torch.arange(0, lay.end, device=q.device)
+        k_start = 0
     else:
         halo = window - 1
         if halo > t:
@@ -45,21 +50,19 @@ def cp_attention(cp: CPTransport, lay: CPSlice, q: torch.Tensor, k: torch.Tensor
             )
         keys, vals = k, v
         if halo:
-            (hk, hv), token = halo_exchange(
-                cp, [k[:, t - halo:], v[:, t - halo:]], send=grp.next is not None, recv=grp.prev is not None,
+            hk, hv = chain.halo(
+                [k[:, t - halo:], v[:, t - halo:]], send=grp.next is not None, recv=grp.prev is not None,
                 recv_like=[((b, halo, h, d), k.dtype), ((b, halo, h, d), v.dtype)],
             )
-            tokens.append(token)
             keys, vals = torch.cat([hk, k], dim=1), torch.cat([hv, v], dim=1)
-        key_idx = torch.arange(lay.start - halo, lay.end, device=q.device)
-    q_idx = torch.arange(lay.start, lay.end, device=q.device)
-    mask = (key_idx[None, :] <= q_idx[:, None]) & (key_idx[None, :] >= 0)
-    if window is not None:
-        mask &= (q_idx[:, None] - key_idx[None, :]) < window
+        k_start = lay.start - halo  # negative on rank 0: those (zero) keys are masked
+    doc_q = doc_k = None
     if lay.docs is not None:
-        mask &= lay.doc_start_of(q_idx)[:, None] == lay.doc_start_of(key_idx)[None, :]
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask)
-    o = o.transpose(1, 2)
-    for token in tokens:
-        o = Attach.apply(o, token)
-    return o
+        # the global start of each token's document identifies the document
+        doc_q = lay.doc_start_of(torch.arange(lay.start, lay.end, device=q.device))
+        doc_k = lay.doc_start_of(torch.arange(k_start, lay.end, device=q.device))
+    o = document_causal_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), window=window, doc_q=doc_q, doc_k=doc_k,
+        q_start=lay.start, k_start=k_start, cache_for=lay,
+    )
+    return chain.attach(o.transpose(1, 2))

@@ -80,12 +80,13 @@ class CPSlice:
         which = torch.searchsorted(ends, global_idx.clamp_min(0), right=True).clamp_max(len(ends) - 1)
         return starts[which]
 
-    def local_cu_seqlens(self) -> torch.Tensor | None:
-        """Local document offsets ``[n+1]`` (int32) of this slice, the model's ``cu_seqlens``."""
+    def local_cu_seqlens(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """Local document offsets ``[n+1]`` (int32, on ``device``) of this slice, the model's
+        ``cu_seqlens``."""
         if self.docs is None:
             return None
         segs = self.segments()
-        return torch.tensor([0] + [s.end for s in segs], dtype=torch.int32)
+        return torch.tensor([0] + [s.end for s in segs], dtype=torch.int32, device=device)
 
 
 def _docs_from_cu(cu: torch.Tensor, seq_len: int) -> tuple[tuple[int, int], ...]:
@@ -142,7 +143,7 @@ def slice_batch_for_cp(
     out["input_ids"] = ids[:, lo:hi]
     out["labels"] = labels[:, lo:hi]
     if cu is not None:
-        out["cu_seqlens"] = layout.local_cu_seqlens().to(device=cu.device)
+        out["cu_seqlens"] = layout.local_cu_seqlens(cu.device)
     total = int((labels != -100).sum())
     local = int((out["labels"] != -100).sum())
     out["cp_slice"] = layout

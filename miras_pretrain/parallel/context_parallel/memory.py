@@ -11,7 +11,10 @@ needs. Instead the *carry* from rank r-1 is (a) the state at the last chunk-grid
 open document and (b) the inputs (q, k, v, gates) of the ``L = (boundary - doc_start) % C``
 tokens after it. Rank r prepends those L tokens to its first fragment, runs from the state and
 drops their outputs (rank r-1 already produced them exactly: a token's output depends only on
-the chunk-start state and the tokens up to itself). Without packing, L = 0.
+the chunk-start state and the tokens up to itself). Without packing, L = 0. The same carry serves
+``step_at="retained"`` (the retained point ``gamma_i X_{t0}`` is built from the grid-point state
+and the tail's gates) and ``chunk_rule="exact"`` (no grid at all: re-running the L tail tokens
+from the grid-point state reproduces the boundary state exactly).
 
 **State passing** (every memory): wait for the carry of rank r-1 (``stats.wait_s``), run, send
 the carry to rank r+1 with a non-blocking send, go on to the next layer. Backward mirrors it.
@@ -20,7 +23,8 @@ the carry to rank r+1 with a non-blocking send, go on to the next layer. Backwar
 ``Z_end = Z_0 @ A + B`` per row of the state, with ``Z = [W | S_W]`` (``S_W`` only with
 momentum, so ``A`` is ``[dk, dk]`` or ``[2dk, 2dk]`` per head). Each rank computes ``B`` by
 running its last fragment from a zero state and ``A`` by running it with ``v = 0`` from the
-identity state (for dot and l2 the update is then exactly ``Z_0 @ A``: it is derived from the
+identity state (for dot and l2 the update is then exactly ``Z_0 @ A``, under either ``step_at``
+and ``chunk_rule``, the exact delta rule included: it is derived from the
 op itself, backend included, and autograd flows through it), one all-gather collects every
 rank's (A, B), each rank folds the prefix in fp32 and re-runs its slice from the true incoming
 state. Cost: about 3 runs of the memory op per rank (zero-state, probe, final) but no rank waits
@@ -35,7 +39,7 @@ import torch
 
 from miras_kernels import causal_depthwise_conv, miras_memory
 
-from .comm import AllGather, Attach, CPTransport, FromPrev, PostedRecv, ToNext, anchor, halo_exchange
+from .comm import Chain, CPTransport, PostedRecv
 from .layout import CPSlice, Segment
 
 TOKEN_INPUTS = ("q", "k", "v", "alpha", "eta", "delta", "mu")
@@ -58,8 +62,11 @@ def _length(tok: Tok) -> int:
 class MirasLayerCP:
     """CP helper of one Miras mixer forward (see module docstring). Created by
     ``CPContext.miras_layer`` with the layer's resolved ``scheme`` (``"state_passing"`` or
-    ``"all_gather"``); posts the receive of rank r-1's state right away so the transfer overlaps
-    this rank's projections and convolutions. ``heads`` are this rank's (TP-local) heads."""
+    ``"all_gather"``). Its messages form one :class:`Chain` (comm.py: fixed order per neighbour
+    pair, no tags): the conv halos (q, k, v), then the state (or the tail halo and the
+    all-gather). The receive of rank r-1's state is posted when the memory runs, after the conv
+    halos' receives, because NCCL matches a pair's messages in posting order. ``heads`` are this
+    rank's (TP-local) heads. Every tensor it creates lives on the inputs' device."""
 
     def __init__(self, transport: CPTransport, layout: CPSlice, scheme: str, spec, *, batch: int, heads: int,
                  head_dim: int, chunk_size: int, dtype: torch.dtype = torch.float32) -> None:
@@ -79,10 +86,12 @@ class MirasLayerCP:
         self.names = [n for n in TOKEN_INPUTS if n in ("q", "k", "v", "eta")
                       or (n == "alpha" and spec.needs_alpha) or (n == "delta" and spec.needs_delta)
                       or (n == "mu" and spec.needs_mu)]
-        self.state_tag = self.cp.next_tag()
-        self.posted: PostedRecv | None = None
-        if self.scheme == "state_passing" and first.continues_in:
-            self.posted = PostedRecv(self.cp, self._carry_like(), self.cp.group.prev, self.state_tag)
+        self.chain: Chain | None = None  # started by the first exchange, from its input
+
+    def _chain(self, start: torch.Tensor) -> Chain:
+        if self.chain is None:
+            self.chain = Chain(self.cp, start)
+        return self.chain
 
     def _carry_like(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of the carry rank r-1 sends: the state, then the tail tokens' inputs
@@ -106,13 +115,14 @@ class MirasLayerCP:
         if h > x.shape[1]:
             raise ValueError(f"conv halo of {h} tokens is longer than the {x.shape[1]} tokens per CP rank: lower the CP size")
         grp = self.cp.group
-        (halo,), token = halo_exchange(
-            self.cp, [x[:, -h:]], send=grp.next is not None, recv=grp.prev is not None,
+        chain = self._chain(x)
+        (halo,) = chain.halo(
+            [x[:, -h:]], send=grp.next is not None, recv=grp.prev is not None,
             recv_like=[((x.shape[0], h, x.shape[2]), x.dtype)],
         )
         ext = torch.cat([halo, x], dim=1)
         pos_ext = torch.cat([pos.new_zeros(h), pos])  # halo rows' own outputs are dropped
-        return Attach.apply(causal_depthwise_conv(ext, weight, pos_ext)[:, h:], token)
+        return chain.attach(causal_depthwise_conv(ext, weight, pos_ext)[:, h:])
 
     # ------------------------------------------------------------------ memory
     def memory(
@@ -127,8 +137,9 @@ class MirasLayerCP:
             raise ValueError("MirasLayerCP.memory: spec/chunk_size differ from the ones the layer was created with")
         if output_final_state:
             raise ValueError("output_final_state=True is not supported under context parallelism")
-        want = self.layout.local_cu_seqlens()
-        if (want is None) != (cu_seqlens is None) or (want is not None and not torch.equal(want.cpu().long(), cu_seqlens.cpu().long())):
+        want = None if cu_seqlens is None else self.layout.local_cu_seqlens(cu_seqlens.device)
+        if (self.layout.docs is None) != (cu_seqlens is None) or (
+                want is not None and not torch.equal(want.long(), cu_seqlens.long())):
             raise ValueError(
                 "cu_seqlens passed to the model do not match the CP layout: pass the 'cu_seqlens' returned by "
                 "slice_batch_for_cp together with its 'cp_slice'"
@@ -136,6 +147,7 @@ class MirasLayerCP:
         given = dict(q=q, k=k, v=v, alpha=alpha, eta=eta, delta=delta, mu=mu)
         tok = {n: given[n] for n in self.names}
         self.backend, self.init = backend, initial_state
+        self.device = q.device  # of every tensor this helper creates (NCCL needs CUDA buffers)
         self.cp.stats.tokens += q.shape[0] * q.shape[1]
         if self.scheme == "state_passing":
             return self._state_passing(tok), None
@@ -156,7 +168,7 @@ class MirasLayerCP:
             r, c = self.shapes[key.removeprefix("S_")]
             t = None if init is None else init.get(key)
             if t is None:
-                out[key] = torch.zeros(rows, self.heads, r, c, dtype=self.sdt)
+                out[key] = torch.zeros(rows, self.heads, r, c, dtype=self.sdt, device=self.device)
             else:
                 out[key] = (t.unsqueeze(0) if t.dim() == 3 else t).to(self.sdt).expand(rows, self.heads, r, c)
         return out
@@ -212,13 +224,15 @@ class MirasLayerCP:
     def _state_passing(self, tok: Tok) -> torch.Tensor:
         first, last = self.segs[0], self.segs[-1]
         state_in = tail_in = None
+        chain = self._chain(tok["q"])
         if first.continues_in:
-            buf = self.posted.wait("wait_s")
             like = self._carry_like()
             if self.l_in and like[len(self.keys):] != self._tail_like(tok, self.l_in):
                 raise ValueError("MirasLayerCP: the memory inputs' shapes/dtypes differ from the carry layout "
                                  "(q, k, v [B, T, H, d] in the activation dtype, gates [B, T, H] fp32)")
-            got = FromPrev.apply(self.cp, self.state_tag, buf, like, anchor())
+            # posted here, after this layer's conv halos: the pair's messages match in order
+            posted = PostedRecv(self.cp, like, self.cp.group.prev, self.device)
+            got = chain.from_prev(posted, like)
             state_in = dict(zip(self.keys, got[: len(self.keys)]))
             tail_in = dict(zip(tok, got[len(self.keys):])) if self.l_in else None
         y, carry = self._run_local(tok, state_in, tail_in, split_out=last.continues_out)
@@ -226,8 +240,8 @@ class MirasLayerCP:
             state, tail = carry
             sent = [state[key].to(self.sdt).expand(self.batch, *state[key].shape[1:]) for key in self.keys]
             sent += list(tail.values()) if tail else []
-            y = Attach.apply(y, ToNext.apply(self.cp, self.state_tag, anchor(), *sent))
-        return y
+            chain.to_next(sent)
+        return chain.attach(y)
 
     # ------------------------------------------------------------------ all-gather scheme
     def _cat_state(self, st: State) -> torch.Tensor:
@@ -239,7 +253,7 @@ class MirasLayerCP:
         the op run with v = 0 from the identity state (one probe row per state column)."""
         b, _, h, dk = part["k"].shape
         m = dk * len(self.keys)
-        eye = torch.eye(m, dtype=self.sdt).expand(b, h, m, m)
+        eye = torch.eye(m, dtype=self.sdt, device=self.device).expand(b, h, m, m)
         init = {key: eye[..., i * dk:(i + 1) * dk] for i, key in enumerate(self.keys)}
         probe = dict(part)
         probe["v"] = part["v"].new_zeros(b, part["v"].shape[1], h, m)
@@ -251,8 +265,9 @@ class MirasLayerCP:
         grp, T = self.cp.group, _length(tok)
         # 1. the open document's tail tokens go to rank r+1 (all ranks at once, no chain)
         sent_tail = [t[:, T - self.l_out:] for t in tok.values()] if self.l_out else []
-        got, tail_token = halo_exchange(
-            self.cp, sent_tail, send=bool(self.l_out), recv=bool(self.l_in),
+        chain = self._chain(tok["q"])
+        got = chain.halo(
+            sent_tail, send=bool(self.l_out), recv=bool(self.l_in),
             recv_like=self._tail_like(tok, self.l_in) if self.l_in else [],
         )
         tail_in = dict(zip(tok, got)) if self.l_in else None
@@ -260,8 +275,8 @@ class MirasLayerCP:
         b, h, dk = tok["k"].shape[0], self.heads, self.dk
         m = dk * len(self.keys)
         dv = tok["v"].shape[-1]
-        A = torch.zeros(b, h, m, m, dtype=self.sdt)
-        Bz = torch.zeros(b, h, dv, m, dtype=self.sdt)
+        A = torch.zeros(b, h, m, m, dtype=self.sdt, device=self.device)
+        Bz = torch.zeros(b, h, dv, m, dtype=self.sdt, device=self.device)
         if last.continues_out:
             frag = _cut(tok, last.start, last.end)
             if last.continues_in and tail_in:
@@ -273,15 +288,15 @@ class MirasLayerCP:
                     A = self._transition(aligned)
                     Bz = self._cat_state(self._op(aligned, None, True)[1])
                 else:
-                    A = torch.eye(m, dtype=self.sdt).expand(b, h, m, m)
+                    A = torch.eye(m, dtype=self.sdt, device=self.device).expand(b, h, m, m)
             else:  # the document starts here: a constant (A = 0)
                 Bz = self._cat_state(self._op(aligned, self.init, True)[1] if n_al else self._full_state(self.init, b))
         # 3. one all-gather of every rank's (A, B); fold the prefix in fp32
         sizes = (A.numel(), Bz.numel())
-        gathered = AllGather.apply(self.cp, torch.cat([A.reshape(-1), Bz.reshape(-1)]), anchor())
+        gathered = chain.all_gather(torch.cat([A.reshape(-1), Bz.reshape(-1)]))
         state_in = None
         if first.continues_in:
-            z = torch.zeros(b, h, dv, m, dtype=self.sdt)
+            z = torch.zeros(b, h, dv, m, dtype=self.sdt, device=self.device)
             for j in range(grp.rank):
                 a_j = gathered[j, : sizes[0]].view(b, h, m, m)
                 b_j = gathered[j, sizes[0]:].view(b, h, dv, m)
@@ -289,4 +304,4 @@ class MirasLayerCP:
             state_in = {key: z[..., i * dk:(i + 1) * dk] for i, key in enumerate(self.keys)}
         # 4. the slice from the true incoming state
         y, _ = self._run_local(tok, state_in, tail_in, split_out=False)
-        return Attach.apply(Attach.apply(y, gathered), tail_token)
+        return chain.attach(y)
