@@ -18,13 +18,17 @@ Hugging Face's package on the index).
   (``tools/kernel_report.py`` compiles them).
 * :func:`supports` -- whether the Triton kernels cover a call (both families), with the reason when not.
 * :func:`causal_depthwise_conv` -- the document-aware short conv in front of q, k, v.
+* :class:`VarlenMeta` -- per-batch packed-document metadata (host + device offsets) that lets every
+  backend run varlen input without reading device memory on the host.
 
 Importing this package does not import triton; the kernel families do.
 """
 
 from .api import BACKENDS, miras_memory, resolve_backend
+from .common.varlen import VarlenMeta
 from .conv import causal_depthwise_conv
 from .dispatch import supports
 from .spec import MirasSpec
 
-__all__ = ["miras_memory", "MirasSpec", "resolve_backend", "BACKENDS", "supports", "causal_depthwise_conv"]
+__all__ = ["miras_memory", "MirasSpec", "VarlenMeta", "resolve_backend", "BACKENDS", "supports",
+           "causal_depthwise_conv"]

@@ -24,10 +24,11 @@ import torch
 
 from .pytorch.chunked import miras_memory_chunked
 from .pytorch.recurrent import miras_memory_recurrent
+from .common.varlen import VarlenMeta
 from .dispatch import supports
 from .spec import MirasSpec
 
-__all__ = ["miras_memory", "MirasSpec", "resolve_backend", "BACKENDS"]
+__all__ = ["miras_memory", "MirasSpec", "VarlenMeta", "resolve_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "recurrent", "chunked", "triton")
 
@@ -98,7 +99,7 @@ def miras_memory(
     mu: torch.Tensor | None = None,
     initial_state: Mapping[str, torch.Tensor] | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | VarlenMeta | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Run a Miras associative memory over a sequence (test-time training, read after write).
@@ -122,7 +123,11 @@ def miras_memory(
             required for ``memory="mlp"``; zeros when omitted (also for omitted ``S_*`` keys).
         output_final_state: also return the state after the last token.
         cu_seqlens: ``[N+1]`` int document offsets for packed input (B == 1); the state and the
-            chunk grid restart at every document start.
+            chunk grid restart at every document start. Either a tensor, which is read to the
+            host once per call to validate it and size the chunk grid (one host sync at this API
+            boundary), or a :class:`VarlenMeta` built once per batch where the offsets are still
+            on the host (``VarlenMeta.from_host``; the model's data path does this), with which
+            no backend reads device memory on the host (no sync, CUDA-graph friendly).
         backend: ``"auto"`` (Triton kernels for CUDA tensors, ``"chunked"`` elsewhere),
             ``"chunked"``, ``"recurrent"`` or ``"triton"`` (see :func:`resolve_backend`).
 

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .common.varlen import VarlenMeta
 from .spec import MirasSpec
 
 State = dict[str, torch.Tensor]
@@ -41,7 +42,8 @@ class CheckedInputs:
     ``[B, T, H, dk]`` (None for retention ``none``: alpha = 1 there); delta, mu ``[B, T, H]`` (None
     unless the bias is huber / the learner momentum). ``initial_state`` holds the keys the caller
     gave, each ``[N, H, r, c]`` (a ``[H, r, c]`` state is broadcast, so its gradient sums over N);
-    ``N`` = B, or the number of documents of ``cu_seqlens`` (their ``[start, end)`` in ``bounds``).
+    ``N`` = B, or the number of documents of ``cu_seqlens`` (their ``[start, end)`` in ``bounds``);
+    ``cu_seqlens`` is then the ``[N+1]`` int32 device offsets of ``varlen``.
     """
 
     spec: MirasSpec
@@ -58,6 +60,7 @@ class CheckedInputs:
     bounds: list[tuple[int, int]] | None
     n_states: int
     output_final_state: bool
+    varlen: VarlenMeta | None = None  # host + device document metadata (None without cu_seqlens)
 
     def state_or_zeros(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``initial_state[key]`` ``[N, H, r, c]``, or zeros of that shape when it was left out."""
@@ -128,7 +131,7 @@ def validate_inputs(
     mu: torch.Tensor | None = None,
     initial_state: Mapping[str, torch.Tensor] | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | VarlenMeta | None = None,
 ) -> CheckedInputs:
     """Check the arguments of ``miras_memory`` (the contract of every backend; shapes in
     :class:`CheckedInputs`) and return them with the initial state as ``[N, H, r, c]`` tensors."""
@@ -194,21 +197,23 @@ def validate_inputs(
     # --- documents ----------------------------------------------------------------------------
     bounds = None
     n_states = B
+    varlen = None
     if cu_seqlens is not None:
-        if (
-            not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
-            or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2
+        if not isinstance(cu_seqlens, (torch.Tensor, VarlenMeta)) or (
+            isinstance(cu_seqlens, torch.Tensor)
+            and (cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2)
         ):
             raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of document offsets (0, ..., T)")
         if B != 1:
             raise ValueError(f"cu_seqlens needs batch size B == 1 (got B={B}): pack the documents into one row")
-        offs = [int(x) for x in cu_seqlens.tolist()]
-        if offs[0] != 0 or offs[-1] != T or any(b < a for a, b in zip(offs, offs[1:])):
-            raise ValueError(
-                f"cu_seqlens must start at 0, end at T={T} and be non-decreasing (got {offs[:4]}...{offs[-2:]})"
-            )
-        bounds = list(zip(offs[:-1], offs[1:]))
-        n_states = len(bounds)
+        # a VarlenMeta (or its offsets tensor) was validated when the batch was built: nothing is
+        # read from the device here; a bare tensor is read once (common/varlen.py)
+        varlen = VarlenMeta.from_cu_seqlens(cu_seqlens, total=T)
+        if varlen.device != device:
+            varlen = varlen.to(device)
+        cu_seqlens = varlen.cu_seqlens
+        bounds = varlen.bounds
+        n_states = varlen.n_docs
 
     # --- initial state --------------------------------------------------------------------------
     shapes = spec.weight_shapes(dk, dv)
@@ -247,7 +252,7 @@ def validate_inputs(
     return CheckedInputs(
         spec=spec, chunk_size=chunk_size, q=q, k=k, v=v, alpha=alpha, eta=eta, delta=delta, mu=mu,
         initial_state=state, cu_seqlens=cu_seqlens, bounds=bounds, n_states=n_states,
-        output_final_state=bool(output_final_state),
+        output_final_state=bool(output_final_state), varlen=varlen,
     )
 
 
@@ -264,7 +269,7 @@ def prepare_inputs(
     mu: torch.Tensor | None = None,
     initial_state: Mapping[str, torch.Tensor] | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | VarlenMeta | None = None,
 ) -> MemoryInputs:
     """:func:`validate_inputs`, then the torch forms' layout: compute dtype (at least float32),
     head-major ``[B, H, T, ...]`` (state ``[N, H, r, c]``; left-out keys stay absent and

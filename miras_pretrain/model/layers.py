@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miras_kernels import VarlenMeta
+from miras_kernels.common.varlen import lookup as varlen_lookup
 from miras_pretrain.parallel.layout import SINGLE_PROCESS, ParallelLayout
 
 from . import sharded_layers as sl
@@ -47,14 +49,37 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def doc_positions(cu_seqlens: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor:
-    """Position of every token inside its document, [T] long (0..T-1 without cu_seqlens)."""
+def doc_positions(cu_seqlens: torch.Tensor | VarlenMeta | None, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Position of every token inside its document, [T] long (0..T-1 without cu_seqlens).
+
+    A :class:`VarlenMeta` computes them once per batch (cached on it, shared by every layer);
+    neither form reads device memory on the host."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = varlen_lookup(cu_seqlens) or cu_seqlens  # the batch's metadata, when it has one
+    if isinstance(cu_seqlens, VarlenMeta):
+        return cu_seqlens.to(device).positions()
     t = torch.arange(seq_len, device=device)
     if cu_seqlens is None:
         return t
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     doc = torch.searchsorted(cu[1:], t, right=True).clamp_max(cu.numel() - 2)
     return t - cu[doc]
+
+
+def batch_varlen(cu_seqlens: torch.Tensor | VarlenMeta | None, batch: int, seq_len: int,
+                 device: torch.device | None = None) -> VarlenMeta | None:
+    """The per-batch packed-document metadata the layers take, validated once per batch.
+
+    A :class:`VarlenMeta` (built by the data path from the host copy of the offsets) is checked
+    against the batch shape without reading device memory; a bare tensor is read to the host once
+    here (one sync per model forward instead of one per layer). ``device``: where the layers run
+    (the metadata's offsets are moved there when they are elsewhere)."""
+    if cu_seqlens is None:
+        return None
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (packed documents), got batch {batch}")
+    meta = VarlenMeta.from_cu_seqlens(cu_seqlens, total=seq_len)
+    return meta if device is None else meta.to(device)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:

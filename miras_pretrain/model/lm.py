@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from miras_kernels import VarlenMeta
 from miras_pretrain.parallel.layout import SINGLE_PROCESS, ContextParallelContext, ParallelLayout
 
 from . import sharded_layers as sl
 from .attention import Attention
 from .config import ModelConfig
-from .layers import RMSNorm, SwiGLU, check_cu_seqlens
+from .layers import RMSNorm, SwiGLU, batch_varlen
 from .miras_mixer import MirasMixer
 
 
@@ -72,14 +73,19 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_width, init_std=cfg.init_std, out_std=out_std, layout=layout)
 
-    def _forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | None,
+    def _forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | VarlenMeta | None,
                  cp: ContextParallelContext | None) -> torch.Tensor:
+        if isinstance(cu_seqlens, VarlenMeta) and not isinstance(self.mixer, MirasMixer):
+            # attention takes the offsets tensor; layers.doc_positions finds the metadata of that
+            # tensor, so its positions are the cached ones and nothing is read on the host
+            cu_seqlens = cu_seqlens.cu_seqlens
         h = h + self.mixer(self.norm1(h), cu_seqlens, cp)
         return h + self.mlp(self.norm2(h))
 
-    def forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+    def forward(self, h: torch.Tensor, cu_seqlens: torch.Tensor | VarlenMeta | None = None,
                 cp: ContextParallelContext | None = None) -> torch.Tensor:
-        """h [B, T, D] -> [B, T, D] (``cu_seqlens``, ``cp``: see :class:`MirasLM`)."""
+        """h [B, T, D] -> [B, T, D] (``cu_seqlens``, ``cp``: see :class:`MirasLM`; pass the batch's
+        :class:`VarlenMeta` so that no layer reads device memory on the host)."""
         if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
             # recompute the block in backward: keeps one [B, T, D] activation per block
             return checkpoint(self._forward, h, cu_seqlens, cp, use_reentrant=False)
@@ -152,9 +158,12 @@ class MirasLM(nn.Module):
     tokens with ``labels != -100``. ``labels`` are the targets *aligned with* ``input_ids``
     (``labels[:, t]`` is the token that should follow ``input_ids[:, t]``; the data loader
     shifts), Megatron's convention. ``cu_seqlens`` [N+1] (B == 1): packed documents; nothing
-    (memory state, conv, attention) crosses a document boundary. ``cp``: this batch's context
-    parallelism (``input_ids`` and ``labels`` are this rank's slice, ``cu_seqlens`` its local
-    offsets), or None.
+    (memory state, conv, attention) crosses a document boundary. Pass it as a
+    :class:`~miras_kernels.VarlenMeta` built from the host copy of the offsets (the trainer's data
+    path does) and no layer reads device memory on the host; a bare tensor is read once per
+    forward (validation and chunk-grid sizes) and the layers get the metadata built from it.
+    ``cp``: this batch's context parallelism (``input_ids`` and ``labels`` are this rank's slice,
+    ``cu_seqlens`` its local offsets), or None.
 
     ``layout``: the tensor-parallel split (:func:`miras_pretrain.parallel.tensor_parallel.
     parallel_layout` gives this process's); the default is one TP rank with plain torch layers.
@@ -173,14 +182,14 @@ class MirasLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | VarlenMeta | None = None,
         cp: ContextParallelContext | None = None,
     ) -> torch.Tensor:
-        if cu_seqlens is not None:
-            check_cu_seqlens(cu_seqlens, input_ids.shape[0], input_ids.shape[1])
+        # validated once per batch; the layers get the metadata and read nothing on the host
+        varlen = batch_varlen(cu_seqlens, input_ids.shape[0], input_ids.shape[1], input_ids.device)
         h = self.embed(input_ids)
         for layer in self.layers:
-            h = layer(h, cu_seqlens, cp)
+            h = layer(h, varlen, cp)
         logits = self.head(h, self.embed.word.weight if self.cfg.tie_embeddings else None)
         if labels is None:
             return logits

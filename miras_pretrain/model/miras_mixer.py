@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miras_kernels import causal_depthwise_conv, miras_memory
+from miras_kernels import VarlenMeta, causal_depthwise_conv, miras_memory
 from miras_pretrain.parallel.layout import SINGLE_PROCESS, ContextParallelContext, ParallelLayout
 
 from . import sharded_layers as sl
@@ -156,11 +156,13 @@ class MirasMixer(nn.Module):
                 out[name] = torch.sigmoid(z)
         return out
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | VarlenMeta | None = None,
                 cp: ContextParallelContext | None = None) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]. ``cu_seqlens`` [N+1] (B == 1): packed documents, nothing
-        crosses a document start. ``cp``: this batch's context parallelism (x holds this rank's
-        T_local tokens of the sequence), or None."""
+        """x [B, T, D] -> [B, T, D]. ``cu_seqlens`` (B == 1): packed documents, nothing crosses a
+        document start; the batch's :class:`VarlenMeta` (validated once per batch, then nothing is
+        read on the host here: no GPU sync per layer) or a bare ``[N+1]`` tensor (read once by the
+        operator). ``cp``: this batch's context parallelism (x holds this rank's T_local tokens of
+        the sequence), or None."""
         b, t, _ = x.shape
         h, dh = self.n_local, self.head_dim
         if cp is None:
@@ -173,6 +175,8 @@ class MirasMixer(nn.Module):
             seq = cp.miras_layer(self.spec, batch=b, heads=h, head_dim=dh, chunk_size=self.cfg.chunk_size,
                                  dtype=x.dtype)
             conv, memory = seq.conv, seq.memory
+            if isinstance(cu_seqlens, VarlenMeta):
+                cu_seqlens = cu_seqlens.cu_seqlens  # the CP memory compares it with its layout's
 
         def branch(proj, conv_w):
             z = conv(proj(x), conv_w.to(x.dtype))

@@ -51,3 +51,31 @@ def model_inputs(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any
         ids = ids.reshape(1, -1)
         labels = labels.reshape(1, -1)
     return ids, labels, cu
+
+
+def attach_varlen(batch: dict[str, Any]) -> dict[str, Any]:
+    """Add ``batch["varlen"]``, the packed-document metadata (:class:`miras_kernels.VarlenMeta`),
+    built and validated from the host copy of ``cu_seqlens`` -- call it *before* the batch moves to
+    the device. It is the once-per-batch host work that lets the model's layers run without
+    reading device memory on the host (no GPU sync per layer). Batches without ``cu_seqlens``
+    (the ``packed`` layout) are returned as they are."""
+    cu = batch.get("cu_seqlens")
+    if cu is None or "varlen" in batch:
+        return batch
+    from miras_kernels import VarlenMeta
+
+    ids = batch["input_ids"]
+    out = dict(batch)
+    out["varlen"] = VarlenMeta.from_host(cu, total=ids.numel())
+    return out
+
+
+def model_varlen(batch: dict[str, Any]) -> Any:
+    """The model's ``cu_seqlens`` argument for a batch after its move to the device: the
+    :class:`miras_kernels.VarlenMeta` of :func:`attach_varlen` around the moved offsets tensor (no
+    second copy, nothing read back), else the bare ``cu_seqlens`` tensor, else None."""
+    cu = batch.get("cu_seqlens")
+    meta = batch.get("varlen")
+    if meta is None or cu is None:
+        return cu
+    return meta.with_device_offsets(cu)
