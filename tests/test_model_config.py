@@ -163,6 +163,9 @@ REGISTERED_PARAMS = {
     "moneta_hybrid": (2007696, 169708992, 341403008, 758067072, 1300154752),
     "yaad_hybrid": (2007832, 169712160, 341409344, 758079552, 1300167232),
     "memora_hybrid": (2007696, 169708992, 341403008, 758067072, 1300154752),
+    "ttt_mlp": (2113424, 169916352, 341955968, 759486336, 1302047104),
+    "linear_attn": (1982352, 169916352, 338810240, 759486336, 1298901376),
+    "gla": (1982624, 169922688, 338822912, 759511296, 1298926336),
 }
 
 
@@ -170,7 +173,7 @@ def test_registry_parameter_counts_are_pinned():
     from miras_pretrain.model import registry
 
     assert set(registry.PRESETS) == set(REGISTERED_PARAMS) and list(registry.SIZES) == SIZES
-    assert len(registry.model_names()) == 50
+    assert len(registry.model_names()) == 65
     for preset, counts in REGISTERED_PARAMS.items():
         for size, want in zip(SIZES, counts):
             assert count_parameters(ModelConfig.from_ref(f"{preset}_{size}")) == want, (preset, size)

@@ -3,7 +3,8 @@
 A name is ``<preset>_<size>`` (``moneta_340m``, ``yaad_hybrid_tiny``). A training config writes
 ``model: moneta_340m``, ``model: {preset: moneta, size: 340m, n_layers: 12}`` or
 ``model: {from: moneta_340m, ...}``; a model YAML path works wherever a name does.
-``miras-pretrain models`` lists the table with parameter counts.
+``miras-pretrain models`` lists the table with parameter counts; docs/model.md has it as a table
+(``tools/param_table.py`` regenerates it, ``tests/test_registry_sizes.py`` checks it).
 
 * ``tiny`` is the size for tests and the CPU demo (vocabulary of the demo tokenizer).
 * The paper sizes (170m ... 1.3b) use a 32000-token vocabulary and untied embeddings;
@@ -32,7 +33,10 @@ SIZE_SHAPES: dict[str, dict[str, Any]] = {
     "1.3b": dict(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, chunk_size=64, gate_rank=64, window=2048),
 }
 
-# preset -> (layer_pattern, Miras preset, ffn_hidden per size in SIZES order)
+# preset -> (layer_pattern, Miras preset, ffn_hidden per size in SIZES order). Every preset of
+# MirasSpec.preset has a row (tests/test_registry_sizes.py): ttt_mlp shares Titans' widths (same
+# MLP memory and gates), linear_attn and gla share DeltaNet's (linear memory; their gate
+# projections differ by a few thousand parameters, well inside the 1% budget).
 PRESETS: dict[str, tuple[str, str, tuple[int, ...]]] = {
     "moneta": ("M", "moneta", (384, 2944, 1856, 3136, 4160)),
     "yaad": ("M", "yaad", (384, 2944, 1856, 3136, 4160)),
@@ -40,6 +44,9 @@ PRESETS: dict[str, tuple[str, str, tuple[int, ...]]] = {
     "titans": ("M", "titans", (384, 2944, 1856, 3136, 4160)),
     "deltanet": ("M", "deltanet", (384, 3072, 1984, 3392, 4480)),
     "gated_delta": ("M", "gated_delta", (384, 3072, 1984, 3392, 4480)),
+    "ttt_mlp": ("M", "ttt_mlp", (384, 2944, 1856, 3136, 4160)),
+    "linear_attn": ("M", "linear_attn", (384, 3072, 1984, 3392, 4480)),
+    "gla": ("M", "gla", (384, 3072, 1984, 3392, 4480)),
     "transformer": ("T", "moneta", (384, 3328, 2368, 3904, 5184)),
     "moneta_hybrid": ("MA", "moneta", (384, 3136, 2112, 3520, 4672)),
     "yaad_hybrid": ("MA", "yaad", (384, 3136, 2112, 3520, 4672)),

@@ -8,7 +8,12 @@ import argparse
 def _train(args: argparse.Namespace) -> int:
     from miras_pretrain.train.config import load_config
 
-    cfg = load_config(args.config, args.set)  # validate before importing torch/deepspeed
+    from miras_pretrain.threads import check_threads
+
+    check_threads(args.threads)
+    # --threads is train.threads (the flag wins over the config and its --set)
+    overrides = list(args.set) + ([f"train.threads={args.threads}"] if args.threads is not None else [])
+    cfg = load_config(args.config, overrides)  # validate before importing torch/deepspeed
     from miras_pretrain.train.trainer import train
 
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_model_change=args.allow_model_change)
@@ -39,13 +44,17 @@ def register(subparsers) -> None:
     p.add_argument("--resume", default=None, metavar="auto|latest|DIR",
                    help="'auto': continue from the newest complete checkpoint (start fresh if none); "
                         "'latest': the same, but an error if there is none; or a checkpoint directory "
-                        "(…/checkpoints/step_00000100)")
+                        "(…/checkpoints/step_00000100) (default: start a new run)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a fresh run in a run.out_dir that holds an earlier run, deleting that run's "
                         "checkpoints, metrics.jsonl, loss curve and W&B run (without it: an error)")
     p.add_argument("--allow-model-change", action="store_true", dest="allow_model_change",
                    help="with --resume: accept model.* fields that differ from the checkpoint's (the weights "
                         "must still fit; a tensor of another shape is an error)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads per process (sets train.threads; default: the CPUs this process may "
+                        "use / local processes, capped by OMP_NUM_THREADS and SLURM_CPUS_PER_TASK, fewer on "
+                        "a busy machine; the choice is printed at start)")
     p.set_defaults(func=_train)
 
     d = subparsers.add_parser(
@@ -60,11 +69,12 @@ def register(subparsers) -> None:
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.add_argument("--minutes", type=float, default=6.0,
                    help="training time budget in minutes (sets the step count from a timed warm-up)")
-    d.add_argument("--steps", type=int, default=None, help="exact number of training steps (overrides --minutes)")
+    d.add_argument("--steps", type=int, default=None, help="exact number of training steps, overriding --minutes (default: from --minutes)")
     d.add_argument("--corpus-mb", type=float, default=None, dest="corpus_mb",
                    help="cap on the embedded corpus size in MB (default: the demo's choice)")
     d.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: all cores on an idle machine, 1 on a busy one)")
+                   help="torch CPU threads (default: as for train: the CPUs / local processes, capped by "
+                        "OMP_NUM_THREADS and SLURM_CPUS_PER_TASK, fewer on a busy machine)")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value of configs/demo_moneta_tiny.yaml (repeatable)")
     d.set_defaults(func=_demo)

@@ -6,8 +6,8 @@
    demo's batch shape and derive ``train.max_steps`` (so the cosine schedule fits the budget);
 3. train with the regular trainer (DeepSpeed ZeRO-1, one process, fp32 on CPU), evaluating the
    held-out split at the start, periodically and at the end;
-4. print first vs last validation loss/perplexity and where the checkpoint, the offline W&B run
-   and the loss-curve PNG are.
+4. print first vs last validation loss/perplexity; where the checkpoint, the offline W&B run
+   and the loss-curve PNG are is the trainer's run summary (printed at the end of every run).
 
 The training config is ``configs/demo_moneta_tiny.yaml`` (shipped in the package as
 ``miras_pretrain.configs``); ``--set`` overrides any of its keys.
@@ -16,7 +16,6 @@ The training config is ``configs/demo_moneta_tiny.yaml`` (shipped in the package
 from __future__ import annotations
 
 import math
-import os
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -69,22 +68,13 @@ def _time_step(cfg: RunConfig, repeats: int = 1) -> float:
 
 
 def _pick_threads(requested: Optional[int]) -> int:
-    """Torch threads for the demo. OpenMP threads spin-wait at every parallel region; when the
-    cores are shared with other busy processes that turns a 2-second step into minutes (seen
-    on the 2-core CI machines). So: all cores on an idle machine, one thread on a busy one
-    (1-minute load average above cores - 0.5), or what ``--threads`` says."""
-    import torch
+    """Torch threads for the demo, decided (and printed once) as for every command:
+    :func:`miras_pretrain.threads.apply_threads` (``--threads``, else CPUs / local processes
+    capped by OMP_NUM_THREADS / SLURM_CPUS_PER_TASK, fewer on a busy machine). The training
+    config gets the same count as ``train.threads``, so the trainer keeps it."""
+    from miras_pretrain.threads import apply_threads
 
-    from miras_pretrain.train.metrics import cpu_count
-
-    cores = cpu_count()
-    if requested is not None:
-        n = requested
-    else:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        n = cores if load < cores - 0.5 else 1
-    torch.set_num_threads(max(1, n))
-    return torch.get_num_threads()
+    return apply_threads(requested, label="    torch threads").threads
 
 
 def _banner(msg: str) -> None:
@@ -135,7 +125,6 @@ def run_demo(out: str = "runs/demo", minutes: float = 6.0, steps: Optional[int] 
 
     _banner("2/4 sizing the run to the time budget")
     n_threads = _pick_threads(threads)
-    print(f"    torch threads: {n_threads} (of {os.cpu_count()} cores; --threads to choose)", flush=True)
     if steps is None:
         step_s = _time_step(cfg)
         evals_s = 0.0
@@ -151,7 +140,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 6.0, steps: Optional[int] 
         print(f"    {n_steps} steps (--steps)", flush=True)
     # safety net on a machine slower than the calibration said: stop (evaluate + checkpoint)
     # when the budget is overrun by half
-    sized = [f"train.max_steps={n_steps}", f"train.time_limit_minutes={minutes * 1.5:g}",
+    sized = [f"train.max_steps={n_steps}", f"train.time_limit_minutes={minutes * 1.5:g}", f"train.threads={n_threads}",
              f"train.warmup_steps={min(cfg.train.warmup_steps, max(1, n_steps // 10))}"]
     if cfg.eval.interval > n_steps:
         sized.append(f"eval.interval={max(1, n_steps // 2)}")
@@ -181,13 +170,9 @@ def run_demo(out: str = "runs/demo", minutes: float = 6.0, steps: Optional[int] 
         print(f"    training stopped early (exit code {result.exit_code}): {result.message}", flush=True)
         return result.exit_code or 1
     (s0, v0), (s1, v1) = result.val_history[0], result.val_history[-1]
-    png = out_dir / "loss_curve.png"
+    # where the checkpoint, W&B run, loss curve and metrics are: the trainer's run summary, just above
     print(f"    validation loss: step {s0}: {v0:.4f} (ppl {math.exp(v0):.1f})  ->  "
           f"step {s1}: {v1:.4f} (ppl {math.exp(v1):.1f})", flush=True)
-    print(f"    checkpoint:   {result.checkpoint}", flush=True)
-    print(f"    W&B (offline): {result.wandb_dir}   (upload later: wandb sync {result.wandb_dir})", flush=True)
-    print(f"    loss curve:   {png}", flush=True)
-    print(f"    metrics:      {out_dir / 'metrics.jsonl'}", flush=True)
     print(f"    time: training {train_s / 60:.1f} min, total {(time.perf_counter() - t_start) / 60:.1f} min",
           flush=True)
     if not v1 < v0:

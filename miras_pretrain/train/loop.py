@@ -5,7 +5,9 @@ limit and how a run ended. :class:`~miras_pretrain.train.trainer.Trainer` string
 from __future__ import annotations
 
 import math
+import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -18,39 +20,103 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-class Console:
-    """What the main rank shows: a tqdm progress bar (``log.progress_bar``) and one-line messages
-    written through it (so they do not tear the bar). Silent on other ranks and when quiet."""
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is an interactive terminal (a batch job's log file or pipe is not)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
-    def __init__(self, bar: Any = None, enabled: bool = True) -> None:
+
+def format_duration(seconds: float) -> str:
+    """``83`` -> ``'0:01:23'``; ``'?'`` while unknown (no step timed yet)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_log_line(step: int, total: int, row: dict[str, float], eta_s: float) -> str:
+    """The plain log line of one log step: step, loss, lr, tokens/s, MFU (percent), ETA."""
+    return (f"step {step}/{total}  loss {row['train/loss']:.4f}  lr {row['train/lr']:.3e}  "
+            f"{row['train/tokens_per_s']:,.0f} tok/s  MFU {100 * row['train/mfu']:.2f}%  "
+            f"ETA {format_duration(eta_s)}")
+
+
+class Console:
+    """What the main rank shows. On a terminal: a tqdm progress bar (``log.progress_bar``) with
+    loss, lr, tokens/s and MFU next to it, and one-line messages written through it (so they do
+    not tear the bar). Otherwise (a batch job's log file or pipe, or the bar turned off): one
+    plain line per log step, since a bar there writes ``\r``-joined redraws that a log viewer
+    shows as one growing line. Silent on other ranks and when quiet."""
+
+    def __init__(self, bar: Any = None, enabled: bool = True, *, total: int = 0, initial: int = 0,
+                 out: Any = None, clock: Callable[[], float] = time.perf_counter) -> None:
         self._bar = bar
         self._enabled = enabled
+        self._out = out  # None: sys.stdout at the time of writing (pytest's capture swaps it)
+        self._total = total
+        self._initial = initial
+        self._clock = clock
+        self._t0 = clock()
 
     @classmethod
-    def open(cls, *, enabled: bool, progress_bar: bool, total: int, initial: int, desc: str) -> "Console":
-        """A console for a run of ``total`` steps starting at ``initial``."""
+    def open(cls, *, enabled: bool, progress_bar: bool, total: int, initial: int, desc: str,
+             stream: Any = None, out: Any = None) -> "Console":
+        """A console for a run of ``total`` steps starting at ``initial``. ``stream`` is where a
+        bar would draw (tqdm's default, stderr), ``out`` where lines go (default stdout): the bar
+        is used only when both are terminals, so that a log file (``train > log``) always gets
+        the plain lines."""
+        stream = sys.stderr if stream is None else stream
         bar = None
-        if enabled and progress_bar:
+        if enabled and progress_bar and is_terminal(stream) and is_terminal(sys.stdout if out is None else out):
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, smoothing=0.1)
-        return cls(bar, enabled)
+            bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, smoothing=0.1,
+                       file=stream)
+        return cls(bar, enabled, total=total, initial=initial, out=out)
+
+    @property
+    def has_bar(self) -> bool:
+        return self._bar is not None
+
+    def _print(self, message: str) -> None:
+        print(message, file=self._out if self._out is not None else sys.stdout, flush=True)
 
     def say(self, message: str) -> None:
         """Print one line (on the main rank, unless quiet)."""
         if not self._enabled:
             return
-        (self._bar.write if self._bar is not None else print)(message)
+        if self._bar is not None:
+            # tqdm.write clears the bar, prints the line to ``out`` and redraws the bar
+            self._bar.write(message, file=self._out if self._out is not None else sys.stdout)
+        else:
+            self._print(message)
 
     def advance(self) -> None:
         """One step done."""
         if self._bar is not None:
             self._bar.update(1)
 
-    def show(self, **postfix: str) -> None:
-        """The latest numbers next to the bar (redrawn with the next step)."""
+    def eta_seconds(self, step: int) -> float:
+        """Seconds left to ``total`` at the pace of this job's steps so far (evaluations and
+        checkpoints included: they recur); NaN before the first step."""
+        done = step - self._initial
+        if done <= 0:
+            return float("nan")
+        return (self._clock() - self._t0) / done * max(0, self._total - step)
+
+    def report(self, step: int, row: dict[str, float]) -> None:
+        """A log step's numbers (``train/loss``, ``train/lr``, ``train/tokens_per_s``,
+        ``train/mfu``): next to the bar (redrawn with the next step), or as one plain line."""
+        if not self._enabled:
+            return
         if self._bar is not None:
-            self._bar.set_postfix(**postfix, refresh=False)
+            self._bar.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{row['train/lr']:.2e}",
+                                  tok_s=f"{row['train/tokens_per_s']:.0f}",
+                                  mfu=f"{100 * row['train/mfu']:.2f}%", refresh=False)
+        else:
+            self._print(format_log_line(step, self._total, row, self.eta_seconds(step)))
 
     def close(self) -> None:
         if self._bar is not None:
@@ -135,5 +201,46 @@ class RunEnd:
 
     @property
     def plots(self) -> bool:
-        """Whether the run got far enough for a loss curve (finished or ran out of time)."""
-        return self.reason in ("done", "time_limit")
+        """Whether the run gets a loss curve: every run that ends through the loop -- finished,
+        out of time, stopped by a signal or aborted on non-finite steps (the curve of an
+        interrupted or diverged run is the one worth looking at)."""
+        return self.reason in ("done", "time_limit", "signal", "nonfinite")
+
+    def headline(self, step: int, max_steps: int) -> str:
+        """The summary's first line: how the run ended, at which step, with what exit code."""
+        how = {
+            "done": "finished",
+            "time_limit": "stopped at the time limit; requeue and rerun with --resume auto to continue",
+            "signal": "interrupted by a signal; rerun with --resume auto to continue",
+            "nonfinite": "aborted after non-finite steps; lower train.lr or resume from the checkpoint",
+        }.get(self.reason, self.reason)
+        return f"run ended at step {step}/{max_steps} (exit {self.exit_code}): {how}"
+
+
+def wandb_run_url(run: Any) -> Optional[str]:
+    """The URL of an online W&B run; None for an offline (or no) run."""
+    if run is None or getattr(run, "offline", True):
+        return None
+    return getattr(run, "url", None)
+
+
+def format_run_summary(end: RunEnd, *, step: int, max_steps: int, checkpoint: Optional[Path],
+                       wandb_dir: Optional[str], wandb_url: Optional[str], plot: Optional[Path],
+                       metrics: Optional[Path], val_history: list[tuple[int, float]]) -> str:
+    """Where a run's results are (printed by the trainer at the end of every run; the demo's
+    labels): checkpoint, W&B run (URL, or offline directory with its sync command), loss curve,
+    metrics, and first -> last validation loss when there was an evaluation."""
+    lines = [end.headline(step, max_steps),
+             f"    checkpoint:   {checkpoint if checkpoint is not None else 'none written by this job'}"]
+    if wandb_url:
+        lines.append(f"    W&B:          {wandb_url}")
+    elif wandb_dir:
+        lines.append(f"    W&B (offline): {wandb_dir}   (upload later: wandb sync {wandb_dir})")
+    else:
+        lines.append("    W&B:          off (log.wandb)")
+    lines.append(f"    loss curve:   {plot if plot is not None else 'none (no logged steps)'}")
+    lines.append(f"    metrics:      {metrics if metrics is not None else 'none'}")
+    if val_history:
+        evals = [f"step {s}: {v:.4f} (ppl {perplexity(v):.1f})" for s, v in (val_history[0], val_history[-1])]
+        lines.append(f"    val loss:     {evals[0] if len(val_history) == 1 else ' -> '.join(evals)}")
+    return "\n".join(lines)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from miras_pretrain.train.tracking import read_metrics
 
 
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path:
-    """Train loss (every logged step) and validation loss (every eval) against the step."""
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Optional[Path]:
+    """Train loss (every logged step) and validation loss (every eval) against the step; the
+    PNG's path, or None (nothing written) when the metrics hold no finite loss yet, e.g. a run
+    stopped before its first step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,6 +22,8 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     tr_d = {r["step"]: r["train/loss"] for r in rows if isinstance(r.get("train/loss"), float)}
     va_d = {r["step"]: r["val/loss"] for r in rows if isinstance(r.get("val/loss"), float)}
     tr, va = sorted(tr_d.items()), sorted(va_d.items())
+    if not tr and not va:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if tr:
         ax.plot(*zip(*tr), label="train loss", lw=1.2)
