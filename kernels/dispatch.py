@@ -5,10 +5,13 @@ with the reason) what it refuses. The coverage data are the shipped-config table
 ``miras_kernels.configs``; this module imports neither triton nor a kernel family.
 
 Linear memory (``miras_kernels.miras_linear``), ``kernel="chunk"`` (training, forward + backward):
-bias dot, l2, lp, huber; retention none, decay, lq, kl; learner gd, momentum; chunk sizes 16, 32,
-64; head dims dk, dv <= 128 (independently: dv may differ from dk); fp32/fp16/bf16 inputs;
+bias dot, l2, lp, huber; retention none, decay, lq, kl; learner gd, momentum; chunk_rule exact
+(the delta rule: l2, none/decay, gd; DeltaNet, Gated DeltaNet) in either step_at order
+(``step_at="retained"`` with ``chunk_rule="minibatch"`` falls back); chunk sizes 16, 32, 64; head
+dims dk, dv <= 128 (independently: dv may differ from dk); fp32/fp16/bf16 inputs;
 ``[B, T, H]`` gates; ``initial_state``, final state, varlen -- every shape has a spill-free shipped
-config. ``kernel="recurrent"`` (decoding, forward only) covers the same grid, dims <= 64.
+config. ``kernel="recurrent"`` (decoding, forward only) covers the same grid (the exact rule per
+token in either step_at order), dims <= 64.
 
 MLP memory (``miras_kernels.miras_mlp``), ``kernel="chunk"``: head dims 16/32/64/128, expansion
 1/2/4, chunk sizes 16/32/64, every bias, retention and learner; an ``initial_state`` (the model's
@@ -60,9 +63,12 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
         return False, "alpha is per-channel [B, T, H, dk]: the Triton kernels take [B, T, H] gates"
     if spec.retention_chunking != "per_token":
         return False, f"retention_chunking={spec.retention_chunking!r} has no Triton kernel (the PyTorch paths compute it)"
-    if spec.chunk_rule != "minibatch" or spec.step_at != "previous":
-        return False, (f"chunk_rule={spec.chunk_rule!r}, step_at={spec.step_at!r} have no Triton kernel yet "
+    if spec.memory == "mlp" and (spec.chunk_rule != "minibatch" or spec.step_at != "previous"):
+        return False, (f"chunk_rule={spec.chunk_rule!r}, step_at={spec.step_at!r} have no MLP Triton kernel "
                        "(the PyTorch paths compute them)")
+    if spec.memory == "linear" and spec.chunk_rule == "minibatch" and spec.steps_on_retained:
+        return False, ("step_at='retained' with chunk_rule='minibatch' has no Triton kernel "
+                       "(the PyTorch paths compute it; chunk_rule='exact' runs on Triton)")
     if spec.memory == "mlp":
         if kernel != "chunk":
             return False, "memory='mlp': no token-recurrent Triton kernel here"
@@ -81,7 +87,7 @@ def _linear_supports(spec, q, k, v, chunk_size: int, kernel: str) -> tuple[bool,
     if kernel == "chunk":
         if chunk_size not in LINEAR_CHUNK_SIZES:
             return False, f"chunk_size={chunk_size}: the chunk kernels cover {LINEAR_CHUNK_SIZES}"
-        for name in linear_kernels_for(spec.learner, spec.retention):
+        for name in linear_kernels_for(spec.learner, spec.retention, spec.chunk_rule):
             if linear_config(name, chunk_size, block_size(dk), block_size(dv), False, spec.learner) is None:
                 return False, (f"no spill-free shipped {name} config for chunk_size={chunk_size}, dk={dk}, dv={dv}, "
                                f"bias={spec.bias}, learner={spec.learner} (kernels/configs.py)")

@@ -1,12 +1,14 @@
 """Triton linear-memory Miras kernels in the interpreter vs an independent token-loop reference.
 
-Everything runs on CPU: tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported.
+By default everything runs on CPU (tests/conftest.py sets TRITON_INTERPRET=1 before triton is
+imported); ``MIRAS_TEST_DEVICE=cuda`` runs the same tests compiled on a GPU
+(``miras_pretrain.testing.devices``; fp32 dots exact there under MIRAS_EXACT_FP32=1, which conftest sets).
 The reference below is a plain float64 token loop of the project's chunk semantics (gradient of
 every token of a chunk at the chunk-start weights), written here independently of
 miras_kernels; gradients come from autograd through it.
 
 Tolerances (relative Frobenius error vs the float64 reference, all outputs and gradients):
-* fp32 inputs: 1e-4 (dot/l2/lp), 2e-3 for huber (its l1-branch derivative delta*eps*s^-1.5 is
+* fp32 inputs: 1e-4 (dot/l2/lp; 2e-2 on a GPU with TF32 dots), 2e-3 for huber (its l1-branch derivative delta*eps*s^-1.5 is
   ill-conditioned near e = 0, so fp32 rounding is amplified);
 * bf16 inputs: 3e-2 (the reference takes the same bf16-rounded inputs in float64; the error
   is y and the q/k/v gradients being rounded to bf16 plus fp32 accumulation).
@@ -29,11 +31,14 @@ import miras_kernels
 from miras_kernels import configs
 from miras_kernels.miras_linear import chunk_miras_linear, fused_recurrent_miras_linear
 from miras_kernels import MirasSpec, miras_memory
+from miras_pretrain.testing import devices
 
 pytestmark = pytest.mark.triton
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOL_FP32 = 1e-4
-TOL_HUBER_FP32 = 2e-3
+DEV = devices.test_device()
+# TF32 dots (10-bit mantissa) when a GPU run did not ask for exact fp32
+TOL_FP32 = 1e-4 if devices.fp32_dots_exact() else 2e-2
+TOL_HUBER_FP32 = 2e-3 if devices.fp32_dots_exact() else 2e-2
 TOL_BF16 = 3e-2
 NAMES = ("q", "k", "v", "alpha", "eta", "delta", "mu", "W0", "S0")
 
@@ -60,8 +65,9 @@ def _bias_grad(spec: MirasSpec, e, v, delta):
 
 
 def reference(spec, C, q, k, v, alpha, eta, delta=None, mu=None, W0=None, S0=None, cu_seqlens=None):
-    """Token loop: per sequence (document), W frozen at each chunk start. Returns y [B,T,H,dv],
-    final X and S [N,H,dv,dk]."""
+    """Token loop: per sequence (document), W frozen at each chunk start (``chunk_rule="exact"``:
+    at every token; with ``step_at="retained"`` the residual is taken at ``alpha_t W``, Gated
+    DeltaNet's order). Returns y [B,T,H,dv], final X and S [N,H,dv,dk]."""
     B, T, H, dk = q.shape
     dv = v.shape[-1]
     if cu_seqlens is None:
@@ -75,12 +81,13 @@ def reference(spec, C, q, k, v, alpha, eta, delta=None, mu=None, W0=None, S0=Non
         S = S0[n] if S0 is not None else q.new_zeros(H, dv, dk)
         Wc = None
         for t in range(start, end):
-            if (t - start) % C == 0:
+            if spec.chunk_rule == "exact" or (t - start) % C == 0:
                 Wc = _materialize(spec, X)
-            e = torch.einsum("hvk,hk->hv", Wc, k[b, t]) - v[b, t]
+            a = alpha[b, t][:, None, None] if spec.retention != "none" else 1.0
+            Wp = a * Wc if (spec.chunk_rule == "exact" and spec.step_at == "retained") else Wc
+            e = torch.einsum("hvk,hk->hv", Wp, k[b, t]) - v[b, t]
             u = _bias_grad(spec, e, v[b, t], None if delta is None else delta[b, t])
             g = eta[b, t][:, None, None] * u[:, :, None] * k[b, t][:, None, :]
-            a = alpha[b, t][:, None, None] if spec.retention != "none" else 1.0
             if spec.learner == "momentum":
                 S = mu[b, t][:, None, None] * S - g
                 X = a * X + S
@@ -97,7 +104,7 @@ def reference(spec, C, q, k, v, alpha, eta, delta=None, mu=None, W0=None, S0=Non
 def make_inputs(B, T, H, dk, dv, n_state=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     n_state = B if n_state is None else n_state
-    return dict(
+    x = dict(
         q=torch.randn(B, T, H, dk, generator=g),
         k=torch.nn.functional.normalize(torch.randn(B, T, H, dk, generator=g), dim=-1),
         v=torch.randn(B, T, H, dv, generator=g),
@@ -108,6 +115,7 @@ def make_inputs(B, T, H, dk, dv, n_state=None, seed=0):
         W0=0.3 * torch.randn(n_state, H, dv, dk, generator=g),
         S0=0.3 * torch.randn(n_state, H, dv, dk, generator=g),
     )
+    return {n: t.to(DEV) for n, t in x.items()}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,9 +159,9 @@ def check_against_reference(spec, C, x, dtype, tol, cu_seqlens=None):
     assert y.dtype == dtype and y.shape == yr.shape
     errs = {"y": rel(y, yr), "W_T": rel(state["W"], Xr)}
     g = torch.Generator().manual_seed(1)
-    gy = torch.randn(yr.shape, generator=g, dtype=torch.float64)
-    gw = torch.randn(Xr.shape, generator=g, dtype=torch.float64)
-    gs = torch.randn(Xr.shape, generator=g, dtype=torch.float64)
+    gy = torch.randn(yr.shape, generator=g, dtype=torch.float64).to(DEV)
+    gw = torch.randn(Xr.shape, generator=g, dtype=torch.float64).to(DEV)
+    gs = torch.randn(Xr.shape, generator=g, dtype=torch.float64).to(DEV)
     loss = (y.double() * gy).sum() + (state["W"].double() * gw).sum()
     rloss = (yr * gy).sum() + (Xr * gw).sum()
     if spec.learner == "momentum":
@@ -245,7 +253,9 @@ def test_chunk_bf16_matches_token_loop(bias, learner, C, dk, dv):
 
 @pytest.mark.parametrize("retention", ["decay", "lq", "kl"])
 def test_chunk_fp16_forward(retention):
-    spec = MirasSpec.preset("gated_delta", retention=retention)
+    # lq / kl have no exact chunk form: the preset's mini-batch variant
+    over = {} if retention == "decay" else dict(chunk_rule="minibatch", step_at="previous")
+    spec = MirasSpec.preset("gated_delta", retention=retention, **over)
     x = make_inputs(1, 21, 2, 16, 16)
     _, y, state = run_kernel(chunk_miras_linear, spec, 16, x, torch.float16, grad=False)
     _, yr, Xr, _ = run_reference(spec, 16, x, torch.float16)
@@ -267,7 +277,7 @@ def test_chunk_varlen_matches_token_loop(learner, bias, C, dk, dv, retention):
     """Packed documents (lengths 5, 23, 0, 1, 14: shorter than, not a multiple of the chunk, empty,
     one token) restart the chunking and the state at each start; per-document states in and out
     (an empty document's final state is its initial state)."""
-    cu = torch.tensor([0, 5, 28, 28, 29, 43], dtype=torch.int32)
+    cu = torch.tensor([0, 5, 28, 28, 29, 43], dtype=torch.int32, device=DEV)
     spec = MirasSpec(memory="linear", bias=bias, retention=retention, learner=learner)
     x = make_inputs(1, 43, 2, dk, dv, n_state=5)
     errs = check_against_reference(spec, C, x, torch.float32,
@@ -299,8 +309,9 @@ def test_chunk_broadcast_initial_state_and_no_final_state():
 def test_chunk_matches_ops_chunked_backend(preset, learner, varlen, retention):
     """Same numbers as the PyTorch chunked backend of miras_memory (forward, state, gradients);
     lq/kl: the linear-memory Moneta/Memora rules (lp bias with the l_q / softmax retention)."""
-    spec = MirasSpec.preset(preset, learner=learner, bias="lp", retention=retention or MirasSpec.preset(preset).retention)
-    cu = torch.tensor([0, 7, 30, 40], dtype=torch.int32) if varlen else None
+    spec = MirasSpec.preset(preset, learner=learner, bias="lp", retention=retention or MirasSpec.preset(preset).retention,
+                            chunk_rule="minibatch", step_at="previous")  # lp: no exact chunk form
+    cu = torch.tensor([0, 7, 30, 40], dtype=torch.int32, device=DEV) if varlen else None
     x = make_inputs(1 if varlen else 2, 40, 2, 16, 16, n_state=3 if varlen else None)
     leaves, y, state = run_kernel(chunk_miras_linear, spec, 16, x, torch.float32, cu_seqlens=cu)
     rl = {n: t.detach().double().clone().requires_grad_() for n, t in leaves.items()}
@@ -311,7 +322,7 @@ def test_chunk_matches_ops_chunked_backend(preset, learner, varlen, retention):
                           mu=rl.get("mu"), initial_state=init, output_final_state=True, cu_seqlens=cu,
                           backend="chunked")
     assert rel(y, yr) < TOL_FP32 and rel(state["W"], sr["W"]) < TOL_FP32
-    gy = torch.randn(yr.shape, dtype=torch.float64)
+    gy = torch.randn(yr.shape, dtype=torch.float64, device=DEV)
     names = list(leaves)
     ga = torch.autograd.grad((y.double() * gy).sum() + state["W"].double().sum(), [leaves[n] for n in names])
     gb = torch.autograd.grad((yr * gy).sum() + sr["W"].sum(), [rl[n] for n in names])
@@ -342,7 +353,7 @@ def test_recurrent_varlen_and_decode_steps_match_one_call():
     """Decoding one token per call with the carried state equals one call over the sequence."""
     spec = MirasSpec.preset("gated_delta")
     x = make_inputs(1, 9, 2, 32, 32, n_state=2)
-    cu = torch.tensor([0, 4, 9])
+    cu = torch.tensor([0, 4, 9], device=DEV)
     with torch.no_grad():
         _, y_all, st_all = run_kernel(fused_recurrent_miras_linear, spec, 1, x, torch.float32, cu_seqlens=cu, grad=False)
         _, yr, Xr, _ = run_reference(spec, 1, x, torch.float32, cu_seqlens=cu)
@@ -366,7 +377,7 @@ def test_recurrent_refuses_autograd():
 
 # ----------------------------------------------------------------------------- dispatch & inputs
 def test_supports_names_the_reason():
-    q = torch.zeros(1, 4, 1, 32)
+    q = torch.zeros(1, 4, 1, 32, device=DEV)
     assert miras_kernels.supports(MirasSpec.preset("gated_delta"), q, chunk_size=16) == (True, "")
     titans = MirasSpec.preset("titans")
     # memory='mlp' is decided by the same supports(), with the MLP family's rules and config table
@@ -383,7 +394,7 @@ def test_supports_names_the_reason():
         assert not ok and word in reason
     ok, reason = miras_kernels.supports(MirasSpec.preset("deltanet"), q.double(), chunk_size=16)
     assert not ok and "float64" in reason
-    ok, reason = miras_kernels.supports(MirasSpec.preset("deltanet"), torch.zeros(1, 4, 1, 256), chunk_size=16)
+    ok, reason = miras_kernels.supports(MirasSpec.preset("deltanet"), torch.zeros(1, 4, 1, 256, device=DEV), chunk_size=16)
     assert not ok and "128" in reason
     assert miras_kernels.supports(MirasSpec(memory="linear", retention="kl"), q, kernel="recurrent")[0]
 
@@ -398,7 +409,7 @@ def test_supports_covers_the_whole_grid():
                 for C in (16, 32, 64):
                     for dk in (32, 64, 128, 20, 96):
                         for dv in (32, 64, 128, 48):
-                            ok, reason = miras_kernels.supports(spec, torch.zeros(1, 4, 1, dk), None, torch.zeros(1, 4, 1, dv),
+                            ok, reason = miras_kernels.supports(spec, torch.zeros(1, 4, 1, dk, device=DEV), None, torch.zeros(1, 4, 1, dv, device=DEV),
                                                           chunk_size=C)
                             assert ok, (spec, C, dk, dv, reason)
 
@@ -407,14 +418,15 @@ def test_supports_covers_the_whole_grid():
 def test_supports_refuses_unshipped_configs(learner, C, d, monkeypatch):
     """A shape whose config is not in the shipped table falls back, naming the config table
     (here the table is emptied of that chunk size; the shipped table covers every chunk size)."""
-    spec = MirasSpec.preset("gated_delta", learner=learner)
-    assert miras_kernels.supports(spec, torch.zeros(1, 4, 1, d), chunk_size=C) == (True, "")
+    over = {} if learner == "gd" else dict(chunk_rule="minibatch", step_at="previous")  # momentum: mini-batch GD
+    spec = MirasSpec.preset("gated_delta", learner=learner, **over)
+    assert miras_kernels.supports(spec, torch.zeros(1, 4, 1, d, device=DEV), chunk_size=C) == (True, "")
     monkeypatch.setattr(configs, "LINEAR_SHIPPED", tuple(c for c in configs.LINEAR_SHIPPED if c.BT != C))
-    ok, reason = miras_kernels.supports(spec, torch.zeros(1, 4, 1, d), chunk_size=C)
+    ok, reason = miras_kernels.supports(spec, torch.zeros(1, 4, 1, d, device=DEV), chunk_size=C)
     assert not ok and "spill-free" in reason and "configs.py" in reason
     with pytest.raises(ValueError, match="spill-free"):
         x = make_inputs(1, 4, 1, d, d)
-        chunk_miras_linear(x["q"], x["k"], x["v"], x["alpha"], x["eta"], spec=MirasSpec.preset("gated_delta", learner=learner),
+        chunk_miras_linear(x["q"], x["k"], x["v"], x["alpha"], x["eta"], spec=spec,
                            chunk_size=C, mu=x["mu"])
 
 
@@ -423,7 +435,7 @@ def test_bad_inputs_raise_one_clear_error():
     x = make_inputs(2, 8, 1, 16, 16)
     with pytest.raises(ValueError, match="B == 1"):
         chunk_miras_linear(x["q"], x["k"], x["v"], x["alpha"], x["eta"], spec=spec, chunk_size=16,
-                           cu_seqlens=torch.tensor([0, 8]))
+                           cu_seqlens=torch.tensor([0, 8], device=DEV))
     with pytest.raises(ValueError, match="alpha"):
         chunk_miras_linear(x["q"], x["k"], x["v"], None, x["eta"], spec=spec, chunk_size=16)
     with pytest.raises(ValueError, match="chunk_size=24"):
@@ -456,7 +468,9 @@ KERNEL_SOURCES = sorted([*(ROOT / "kernels" / "common").rglob("*.py"), *(ROOT / 
 
 
 def test_every_dot_goes_through_the_fp32_helper():
-    """tl.dot appears only inside common/tiles.py:dot32, and dot32 upcasts both operands."""
+    """tl.dot appears only inside common/tiles.py:dot32, dot32 upcasts both operands and passes
+    its DOT_PRECISION on, and every dot32 call of this family passes the kernel's DOT_PRECISION
+    constexpr (filled by the host from miras_kernels.common.precision)."""
     calls = []
     for path in KERNEL_SOURCES:
         tree = ast.parse(path.read_text())
@@ -469,6 +483,14 @@ def test_every_dot_goes_through_the_fp32_helper():
     assert [(p, f) for p, f, _ in calls] == [("tiles.py", "dot32")]
     for arg in calls[0][2].args:
         assert isinstance(arg, ast.Call) and arg.func.attr == "to" and ast.unparse(arg.args[0]) == "tl.float32"
+    assert [ast.unparse(kw) for kw in calls[0][2].keywords] == ["input_precision=DOT_PRECISION"]
+    uses = []
+    for path in KERNEL_SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "dot32":
+                uses.append((path.name, node.lineno, [ast.unparse(a) for a in node.args[2:]]))
+    assert len(uses) > 40
+    assert [u for u in uses if u[2] != ["DOT_PRECISION"]] == []
 
 
 def test_compiled_ttir_dots_are_fp32_and_at_least_16():
@@ -522,4 +544,4 @@ def test_bench_quick_writes_json(tmp_path):
     assert data["device"] == "cpu" and data["rows"]
     for r in data["rows"]:
         assert r["triton_ms"] > 0 and r["chunked_ms"] > 0 and r["max_rel_err"] < 1e-3
-    assert "different semantics" in proc.stdout
+    assert "timed only where its output and final state equal miras_memory's" in proc.stdout  # bench_kernels.FLA_NOTE

@@ -112,11 +112,11 @@ def chunk_log_gates(la, lmu, t0, seq_len, H, BT: tl.constexpr, HAS_ALPHA: tl.con
 
 
 @triton.jit
-def chunk_coefficients(b_L, b_M, BT: tl.constexpr, MOMENTUM: tl.constexpr):
+def chunk_coefficients(b_L, b_M, BT: tl.constexpr, MOMENTUM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(D_L, G, c): decay matrix of alpha, coefficient matrix of g_i in X_t, coefficient of S0."""
     b_dl = decay_matrix(b_L, BT)
     if MOMENTUM:
-        b_g = dot32(b_dl, decay_matrix(b_M, BT))
+        b_g = dot32(b_dl, decay_matrix(b_M, BT), DOT_PRECISION)
         b_c = tl.sum(b_dl * tl.exp(b_M)[None, :], axis=1)
     else:
         b_g = b_dl
@@ -164,15 +164,15 @@ def init_final_adjoint(dhs, dss, dht, dst, fin, i_v, K, V, BK: tl.constexpr, BV:
 @triton.jit
 def residual_adjoint(dua, k, ebuf, nbuf, delta, dwn, dsn, b_b, b_bm, b_eta, t0, seq_len, H, p, i_v, K, V,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BIAS: tl.constexpr,
-                      EPS: tl.constexpr, MOMENTUM: tl.constexpr):
+                      EPS: tl.constexpr, MOMENTUM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dL/dE of a chunk's value block ``[BT, BV]`` (l2/lp/huber): ``du = dua - b * (K dW^T)
     [- bm * (K dS^T)]`` with the chunk-end adjoints ``dwn``/``dsn``, through the bias map."""
     b_du = load_token_tile(dua, t0, seq_len, H * V, i_v * BV, V, BT, BV)
     for i_k in tl.range(0, tl.cdiv(K, BK), disable_licm=True):
         b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-        b_du -= b_b[:, None] * dot32(b_k, tl.trans(load_state_block(dwn, i_v, i_k, K, V, BK, BV)))
+        b_du -= b_b[:, None] * dot32(b_k, tl.trans(load_state_block(dwn, i_v, i_k, K, V, BK, BV)), DOT_PRECISION)
         if MOMENTUM:
-            b_du -= b_bm[:, None] * dot32(b_k, tl.trans(load_state_block(dsn, i_v, i_k, K, V, BK, BV)))
+            b_du -= b_bm[:, None] * dot32(b_k, tl.trans(load_state_block(dsn, i_v, i_k, K, V, BK, BV)), DOT_PRECISION)
     b_e = load_token_tile(ebuf, t0, seq_len, H * V, i_v * BV, V, BT, BV)
     if BIAS == 3:
         b_delta = load_gate(delta, t0, seq_len, H, BT)

@@ -16,9 +16,11 @@ import triton.language as tl
 
 
 @triton.jit
-def dot32(a, b):
-    """``a @ b`` with both tiles upcast to fp32 (see module docstring)."""
-    return tl.dot(a.to(tl.float32), b.to(tl.float32))
+def dot32(a, b, DOT_PRECISION: tl.constexpr = None):
+    """``a @ b`` with both tiles upcast to fp32 (see module docstring). ``DOT_PRECISION``: the
+    fp32 dot precision, ``"tf32"`` or ``"ieee"`` (``miras_kernels.common.precision``); None is
+    Triton's default (TF32 on sm_80/sm_90)."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
 
 
 @triton.jit

@@ -2,7 +2,8 @@
 
 * ``chunk.py`` -- host side of training: :func:`chunk_miras_linear` and the autograd Function of
   the affine retentions (none, decay); ``chunk_mat.py`` the one of lq and kl; ``chunk_launch.py``
-  the launches both share; ``chunk_kernels.py`` / ``chunk_mat_kernels.py`` the ``@triton.jit`` code.
+  the launches both share; ``chunk_kernels.py`` / ``chunk_mat_kernels.py`` the ``@triton.jit`` code;
+  ``chunk_exact.py`` / ``chunk_exact_kernels.py`` the exact delta rule (``chunk_rule="exact"``).
 * ``fused_recurrent.py`` -- :func:`fused_recurrent_miras_linear`, token-recurrent decoding
   (forward only).
 

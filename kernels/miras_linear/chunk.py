@@ -23,6 +23,7 @@ import triton
 
 from miras_kernels.dispatch import supports
 from miras_kernels.inputs import linear_kernel_inputs, validate_inputs
+from miras_kernels.miras_linear.chunk_exact import chunk_delta_exact
 from miras_kernels.miras_linear.chunk_kernels import miras_linear_chunk_bwd_dstate_kernel
 from miras_kernels.miras_linear.chunk_launch import (
     final_state_cotangents,
@@ -112,7 +113,9 @@ def chunk_miras_linear(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Chunk-parallel linear-memory Miras rule (any bias, retention, learner) with every gradient
-    on Triton (retention lq/kl: ``chunk_mat.py``; lq with q = 2 is the decay rule).
+    on Triton (retention lq/kl: ``chunk_mat.py``; lq with q = 2 is the decay rule;
+    ``spec.chunk_rule="exact"``, the delta rule per token in ``spec.step_at``'s order -- DeltaNet,
+    Gated DeltaNet -- : ``chunk_exact.py``).
 
     Args:
         q, k: ``[B, T, H, dk]``; v: ``[B, T, H, dv]`` (fp32, fp16 or bf16; state math in fp32).
@@ -138,6 +141,10 @@ def chunk_miras_linear(
     if not ok:
         raise ValueError(f"chunk_miras_linear cannot run this call: {reason}")
     x = linear_kernel_inputs(checked)
+    if spec.chunk_rule == "exact":
+        # the delta rule chunked exactly (WY form): DeltaNet / Gated DeltaNet
+        y, ht = chunk_delta_exact(x, spec, chunk_size)
+        return y, ({"W": ht} if output_final_state else None)
     # lq with q = 2 is the identity map (MirasSpec.materialize): the affine kernels
     affine = spec.retention in ("none", "decay") or (spec.retention == "lq" and spec.q == 2.0)
     fn = MirasLinearChunkFunction if affine else MirasLinearMatFunction

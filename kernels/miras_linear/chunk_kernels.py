@@ -87,7 +87,7 @@ def miras_linear_chunk_state_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NVB: tl.constexpr,
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
-    USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     qexp=4.0, lq_eps=1e-6, c=1.0, MAT: tl.constexpr = 0,
 ):
     """One program per (value-block group of ``NVB`` blocks, sequence * head).
@@ -164,7 +164,7 @@ def miras_linear_chunk_state_kernel(
                     if MAT == 2:
                         o_k = i_k * BK + tl.arange(0, BK)
                         b_w0 = tl.where((o_k < K)[None, :], tl.exp(b_w0 - b_m[:, None]), 0.0) * (c / b_l)[:, None]
-                    b_e += dot32(b_k, tl.trans(b_w0))
+                    b_e += dot32(b_k, tl.trans(b_w0), DOT_PRECISION)
                 if MAT == 1:
                     b_e = b_e * b_s0 - load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 store_token_tile(ebuf, b_e, t0, seq_len, H * V, i_v * BV, V, BT, BV)
@@ -189,11 +189,11 @@ def miras_linear_chunk_state_kernel(
             for i_k in tl.range(0, NK, disable_licm=True):
                 b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
                 b_w = load_state_block(hs + cur, i_v, i_k, K, V, BK, BV)
-                b_wn = eL_last * b_w - dot32(tl.trans(b_u * b_b[:, None]), b_k)
+                b_wn = eL_last * b_w - dot32(tl.trans(b_u * b_b[:, None]), b_k, DOT_PRECISION)
                 if MOMENTUM:
                     b_s = load_state_block(ss + cur, i_v, i_k, K, V, BK, BV)
                     b_wn += c_last * b_s
-                    b_sn = eM_last * b_s - dot32(tl.trans(b_u * b_bm[:, None]), b_k)
+                    b_sn = eM_last * b_s - dot32(tl.trans(b_u * b_bm[:, None]), b_k, DOT_PRECISION)
                     store_state_block(ss + nxt, b_sn, i_v, i_k, K, V, BK, BV)
                 store_state_block(hs + nxt, b_wn, i_v, i_k, K, V, BK, BV)
         tl.debug_barrier()
@@ -211,6 +211,7 @@ def miras_linear_chunk_out_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program per (value block, chunk, sequence * head) (varlen: (value block, flat chunk, head))."""
     NK = tl.cdiv(K, BK)
@@ -239,10 +240,10 @@ def miras_linear_chunk_out_kernel(
     for i_k in tl.range(0, NK, disable_licm=True):
         b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
         b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-        b_qk += dot32(b_q, tl.trans(b_k))
-        b_qw += dot32(b_q, tl.trans(load_state_block(hs, i_v, i_k, K, V, BK, BV)))
+        b_qk += dot32(b_q, tl.trans(b_k), DOT_PRECISION)
+        b_qw += dot32(b_q, tl.trans(load_state_block(hs, i_v, i_k, K, V, BK, BV)), DOT_PRECISION)
         if MOMENTUM:
-            b_qs += dot32(b_q, tl.trans(load_state_block(ss, i_v, i_k, K, V, BK, BV)))
+            b_qs += dot32(b_q, tl.trans(load_state_block(ss, i_v, i_k, K, V, BK, BV)), DOT_PRECISION)
     b_eta = load_gate(eta, t0, seq_len, H, BT)
     b_vv = load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
     if BIAS != 0:
@@ -257,8 +258,8 @@ def miras_linear_chunk_out_kernel(
         b_nrm = b_eta
     b_u = bias_map_n(b_e, b_vv, b_nrm, b_delta, p, BIAS, EPS)
     b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
-    b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM)
-    b_y = tl.exp(b_L)[:, None] * b_qw - dot32(b_qk * b_g * b_eta[None, :], b_u)
+    b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM, DOT_PRECISION)
+    b_y = tl.exp(b_L)[:, None] * b_qw - dot32(b_qk * b_g * b_eta[None, :], b_u, DOT_PRECISION)
     if MOMENTUM:
         b_y += b_c[:, None] * b_qs
     store_token_tile(y, b_y, t0, seq_len, H * V, i_v * BV, V, BT, BV)
@@ -275,6 +276,7 @@ def miras_linear_chunk_bwd_du_kernel(
     K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """The part of du that does not depend on the state adjoint, chunk-parallel (same grid as
     ``out``), so the sequential adjoint pass needs no [BT, BT] tile."""
@@ -296,12 +298,12 @@ def miras_linear_chunk_bwd_du_kernel(
     for i_k in tl.range(0, NK, disable_licm=True):
         b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
         b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-        b_qk += dot32(b_q, tl.trans(b_k))
+        b_qk += dot32(b_q, tl.trans(b_k), DOT_PRECISION)
     b_eta = load_gate(eta, t0, seq_len, H, BT)
     b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
-    b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM)
+    b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM, DOT_PRECISION)
     b_dy = load_token_tile(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-    store_token_tile(dua, -dot32(tl.trans(b_qk * b_g * b_eta[None, :]), b_dy), t0, seq_len, H * V, i_v * BV, V, BT, BV)
+    store_token_tile(dua, -dot32(tl.trans(b_qk * b_g * b_eta[None, :]), b_dy, DOT_PRECISION), t0, seq_len, H * V, i_v * BV, V, BT, BV)
 
 
 # ----------------------------------------------------------------------------- backward: state adjoints
@@ -318,7 +320,7 @@ def miras_linear_chunk_bwd_dstate_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
-    USE_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (value block, sequence * head); chunks in reverse. Value blocks are
     independent here (huber needs only the saved norm)."""
@@ -365,7 +367,7 @@ def miras_linear_chunk_bwd_dstate_kernel(
             # term does not depend on the carried adjoint, so a chunk-parallel launch computed it
             # (this sequential kernel then holds no [BT, BT] tile)
             b_de, b_e = residual_adjoint(dua, k, ebuf, nbuf, delta, dhs + nxt, dss + nxt, b_b, b_bm, b_eta, t0,
-                                          seq_len, H, p, i_v, K, V, BT, BK, BV, BIAS, EPS, MOMENTUM)
+                                          seq_len, H, p, i_v, K, V, BT, BK, BV, BIAS, EPS, MOMENTUM, DOT_PRECISION)
         else:
             b_de = b_dy
         if MOMENTUM:
@@ -374,13 +376,13 @@ def miras_linear_chunk_bwd_dstate_kernel(
         for i_k in tl.range(0, NK, disable_licm=True):
             b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
             b_dwn = load_state_block(dhs + nxt, i_v, i_k, K, V, BK, BV)
-            b_dwp = eL_last * b_dwn + dot32(tl.trans(b_ydy), b_q)
+            b_dwp = eL_last * b_dwn + dot32(tl.trans(b_ydy), b_q, DOT_PRECISION)
             if BIAS != 0:
                 b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                b_dwp += dot32(tl.trans(b_de), b_k)
+                b_dwp += dot32(tl.trans(b_de), b_k, DOT_PRECISION)
             if MOMENTUM:
                 b_dsp = c_last * b_dwn + eM_last * load_state_block(dss + nxt, i_v, i_k, K, V, BK, BV)
-                b_dsp += dot32(tl.trans(b_c[:, None] * b_dy), b_q)
+                b_dsp += dot32(tl.trans(b_c[:, None] * b_dy), b_q, DOT_PRECISION)
                 store_state_block(dss + cur, b_dsp, i_v, i_k, K, V, BK, BV)
             store_state_block(dhs + cur, b_dwp, i_v, i_k, K, V, BK, BV)
         tl.debug_barrier()
@@ -400,7 +402,7 @@ def miras_linear_chunk_bwd_grads_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PART: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PART: tl.constexpr, DOT_PRECISION: tl.constexpr,
     dul=None, LOCAL_DU: tl.constexpr = False,
 ):
     """PART 0: dq, deta; PART 1: dk, dv, ddelta; PART 2: dla; PART 3: dlmu (separate launches,
@@ -458,19 +460,19 @@ def miras_linear_chunk_bwd_grads_kernel(
     for i_k in tl.range(0, NK, disable_licm=True):
         b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
         b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-        b_qk += dot32(b_q, tl.trans(b_k))
+        b_qk += dot32(b_q, tl.trans(b_k), DOT_PRECISION)
         b_dw = load_state_block(dhs, i_v, i_k, K, V, BK, BV)
-        b_kdw += dot32(b_k, tl.trans(b_dw))
+        b_kdw += dot32(b_k, tl.trans(b_dw), DOT_PRECISION)
         if MOMENTUM:
             b_ds = load_state_block(dss, i_v, i_k, K, V, BK, BV)
-            b_kds += dot32(b_k, tl.trans(b_ds))
+            b_kds += dot32(b_k, tl.trans(b_ds), DOT_PRECISION)
         if PART == 2:
             b_w = load_state_block(hs, i_v, i_k, K, V, BK, BV)
-            b_qw += dot32(b_q, tl.trans(b_w))
+            b_qw += dot32(b_q, tl.trans(b_w), DOT_PRECISION)
             b_sww += tl.sum(b_dw * b_w, axis=1)
         if PART >= 2 and MOMENTUM:
             b_s = load_state_block(ss, i_v, i_k, K, V, BK, BV)
-            b_qs += dot32(b_q, tl.trans(b_s))
+            b_qs += dot32(b_q, tl.trans(b_s), DOT_PRECISION)
             b_sws += tl.sum(b_dw * b_s, axis=1)
             if PART == 3:
                 b_sss += tl.sum(b_ds * b_s, axis=1)
@@ -488,8 +490,8 @@ def miras_linear_chunk_bwd_grads_kernel(
         b_delta = b_eta
         b_nrm = b_eta
     b_u = bias_map_n(b_e, b_vv, b_nrm, b_delta, p, BIAS, EPS)
-    b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM)
-    b_da = -dot32(b_dy, tl.trans(b_u))  # dLoss/d(A), A = (Q K^T) * G * eta  [BT, BT]
+    b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM, DOT_PRECISION)
+    b_da = -dot32(b_dy, tl.trans(b_u), DOT_PRECISION)  # dLoss/d(A), A = (Q K^T) * G * eta  [BT, BT]
     b_dag = b_da * b_g * b_eta[None, :]
 
     if PART != 1:
@@ -509,9 +511,9 @@ def miras_linear_chunk_bwd_grads_kernel(
             store_gate(deta, b_deta, t0, seq_len, H, BT)
             for i_k in tl.range(0, NK, disable_licm=True):
                 b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                b_dq = dot32(b_eL[:, None] * b_dy, load_state_block(hs, i_v, i_k, K, V, BK, BV)) + dot32(b_dag, b_k)
+                b_dq = dot32(b_eL[:, None] * b_dy, load_state_block(hs, i_v, i_k, K, V, BK, BV), DOT_PRECISION) + dot32(b_dag, b_k, DOT_PRECISION)
                 if MOMENTUM:
-                    b_dq += dot32(b_c[:, None] * b_dy, load_state_block(ss, i_v, i_k, K, V, BK, BV))
+                    b_dq += dot32(b_c[:, None] * b_dy, load_state_block(ss, i_v, i_k, K, V, BK, BV), DOT_PRECISION)
                 store_token_tile(dq, b_dq, t0, seq_len, H * K, i_k * BK, K, BT, BK)
         else:
             b_dg = b_da * b_qk * b_eta[None, :] + tl.where(is_last[:, None], (b_db * b_eta)[None, :], 0.0)
@@ -522,7 +524,7 @@ def miras_linear_chunk_bwd_grads_kernel(
                 b_eM = tl.exp(b_M)
             if PART == 2:
                 if MOMENTUM:
-                    b_ddl = dot32(b_dg, tl.trans(decay_matrix(b_M, BT))) + b_dc[:, None] * b_eM[None, :]
+                    b_ddl = dot32(b_dg, tl.trans(decay_matrix(b_M, BT)), DOT_PRECISION) + b_dc[:, None] * b_eM[None, :]
                 else:
                     b_ddl = b_dg
                 b_hl = b_ddl * b_dl
@@ -533,7 +535,7 @@ def miras_linear_chunk_bwd_grads_kernel(
             if PART == 3:
                 b_dmm = b_dbm * b_eta
                 deM_last = tl.sum(b_sss, axis=0)
-                b_hm = dot32(tl.trans(b_dl), b_dg) * decay_matrix(b_M, BT)
+                b_hm = dot32(tl.trans(b_dl), b_dg, DOT_PRECISION) * decay_matrix(b_M, BT)
                 b_dM = tl.sum(b_hm, axis=1) - tl.sum(b_hm, axis=0)
                 b_dM += b_eM * tl.sum(b_dc[:, None] * b_dl, axis=0)
                 b_dM -= b_dmm * b_mm
@@ -541,7 +543,7 @@ def miras_linear_chunk_bwd_grads_kernel(
                 store_gate(dlmu, chunk_rev_cumsum(b_dM, BT), t0, seq_len, H, BT)
     else:
         # ---- dk, dv, ddelta
-        b_du = -dot32(tl.trans(b_qk * b_g * b_eta[None, :]), b_dy) - b_b[:, None] * b_kdw
+        b_du = -dot32(tl.trans(b_qk * b_g * b_eta[None, :]), b_dy, DOT_PRECISION) - b_b[:, None] * b_kdw
         if MOMENTUM:
             b_du -= b_bm[:, None] * b_kds
         if LOCAL_DU:
@@ -556,9 +558,9 @@ def miras_linear_chunk_bwd_grads_kernel(
                 store_gate(ddelta, b_dd, t0, seq_len, H, BT)
         for i_k in tl.range(0, NK, disable_licm=True):
             b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-            b_dk = dot32(tl.trans(b_dag), b_q) - b_b[:, None] * dot32(b_u, load_state_block(dhs, i_v, i_k, K, V, BK, BV))
+            b_dk = dot32(tl.trans(b_dag), b_q, DOT_PRECISION) - b_b[:, None] * dot32(b_u, load_state_block(dhs, i_v, i_k, K, V, BK, BV), DOT_PRECISION)
             if MOMENTUM:
-                b_dk -= b_bm[:, None] * dot32(b_u, load_state_block(dss, i_v, i_k, K, V, BK, BV))
+                b_dk -= b_bm[:, None] * dot32(b_u, load_state_block(dss, i_v, i_k, K, V, BK, BV), DOT_PRECISION)
             if BIAS != 0:
-                b_dk += dot32(b_de, load_state_block(hs, i_v, i_k, K, V, BK, BV))
+                b_dk += dot32(b_de, load_state_block(hs, i_v, i_k, K, V, BK, BV), DOT_PRECISION)
             store_token_tile(dk, b_dk, t0, seq_len, H * K, i_k * BK, K, BT, BK)

@@ -12,6 +12,7 @@ import torch
 import triton
 
 from miras_kernels.common.codes import BIAS_CODES
+from miras_kernels.common.precision import dot_precision
 from miras_kernels.common.varlen import chunk_indices, chunk_offsets
 from miras_kernels.configs import KernelConfig, block_size, linear_config
 from miras_kernels.miras_linear.chunk_kernels import (
@@ -31,15 +32,16 @@ def launch_meta(spec, chunk_size: int, dk: int, kernel: str) -> KernelConfig:
     return cfg
 
 
-def _slots(cu_seqlens, offs, B: int, T: int, chunk_size: int, dev) -> tuple[torch.Tensor, int]:
+def state_slots(cu_seqlens, offs, nt_total: int, B: int, T: int, chunk_size: int, dev) -> tuple[torch.Tensor, int]:
     """(first state slot of every sequence ``[N]`` int64, total slots NS): a sequence of n chunks
-    owns n + 1 slots (chunk starts, then the final state)."""
+    owns n + 1 slots (chunk starts, then the final state). ``offs``/``nt_total``: the chunk offsets
+    and the host chunk count of ``common.varlen.chunk_offsets`` (no device read here)."""
     if cu_seqlens is None:
         per = (T + chunk_size - 1) // chunk_size + 1
         return torch.arange(B, device=dev, dtype=torch.int64) * per, B * per
     n = offs.numel() - 1
     first = offs[:-1].to(torch.int64) + torch.arange(n, device=dev, dtype=torch.int64)
-    return first, int(offs[-1]) + n
+    return first, nt_total + n
 
 
 @dataclass
@@ -65,7 +67,7 @@ def launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size: int) ->
     gates = tuple(x if x is not None else dummy for x in (la, lmu, eta, delta))
     common = dict(K=dk, V=v.shape[-1], BT=chunk_size, BIAS=BIAS_CODES[spec.bias], EPS=spec.bias_eps,
                   HAS_ALPHA=la is not None, MOMENTUM=spec.learner == "momentum",
-                  IS_VARLEN=cu_seqlens is not None)
+                  IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=dot_precision())
     nt_total = chunk_offsets(cu_seqlens, B, T, chunk_size)[1]
     grid_rest = (triton.cdiv(T, chunk_size), B * H) if cu_seqlens is None else (nt_total, H)
     return LaunchArgs(gates, common, cu_seqlens if cu_seqlens is not None else dummy,
@@ -149,8 +151,8 @@ def run_state_pass(spec, chunk_size: int, a: LaunchArgs, q, k, v, h0, s0, cu_seq
     B, T, H, dk = q.shape
     dv = v.shape[-1]
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    offs, _ = chunk_offsets(cu_seqlens, B, T, chunk_size)
-    first, n_slots = _slots(cu_seqlens, offs, B, T, chunk_size, q.device)
+    offs, nt_total = chunk_offsets(cu_seqlens, B, T, chunk_size)
+    first, n_slots = state_slots(cu_seqlens, offs, nt_total, B, T, chunk_size, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
     hs = torch.empty(n_slots, H, dv, dk, **f32)
     ss = torch.empty(n_slots, H, dv, dk, **f32) if spec.learner == "momentum" else hs
@@ -207,6 +209,7 @@ def launch_bwd_du(spec, chunk_size: int, a: LaunchArgs, q, k, dy, idx) -> torch.
         miras_linear_chunk_bwd_du_kernel[(triton.cdiv(dv, cfg.BV), *a.grid_rest)](
             q, k, a.gates[0], a.gates[1], a.gates[2], dy, dua, a.cu, idx, a.t_arg, H, K=dk, V=dv, BT=chunk_size,
             BK=cfg.BK, BV=cfg.BV, HAS_ALPHA=a.common["HAS_ALPHA"], MOMENTUM=a.common["MOMENTUM"],
-            IS_VARLEN=a.common["IS_VARLEN"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            IS_VARLEN=a.common["IS_VARLEN"], DOT_PRECISION=a.common["DOT_PRECISION"],
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dua

@@ -252,6 +252,7 @@ def _launch_scan(spec, chunk_size: int, a: LaunchArgs, q, k, v, sp: StatePass, n
         q, k, v, *a.gates, sp.hs, sp.ss, sp.ebuf, sp.nbuf, *outs, a.cu, sp.idx, a.t_arg, H, B * T,
         float(spec.p), float(spec.q), float(spec.c), dk, v.shape[-1], BT=chunk_size, BKP=cfg.BK, BV=cfg.BV,
         BIAS=a.common["BIAS"], EPS=a.common["EPS"], HAS_ALPHA=True, MOMENTUM=a.common["MOMENTUM"],
-        IS_VARLEN=a.common["IS_VARLEN"], MAT=RETENTION_CODES[spec.retention], **extra,
+        IS_VARLEN=a.common["IS_VARLEN"], MAT=RETENTION_CODES[spec.retention],
+        DOT_PRECISION=a.common["DOT_PRECISION"], **extra,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

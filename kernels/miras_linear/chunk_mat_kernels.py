@@ -122,6 +122,7 @@ def miras_linear_chunk_scan_fwd_kernel(
     BT: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr, IS_VARLEN: tl.constexpr, MAT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program per (value block, chunk, sequence * head): runs the chunk's token recurrence on
     its ``[BV, BKP]`` rows of ``X`` (and ``S``) and writes, per token, the kl read or the lq
@@ -198,6 +199,7 @@ def miras_linear_chunk_scan_bwd_kernel(
     BT: tl.constexpr, BKP: tl.constexpr, BV: tl.constexpr,
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr, IS_VARLEN: tl.constexpr, MAT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     PART: tl.constexpr,
 ):
     """One program per (value block, chunk, sequence * head): the forward-accumulation of the
@@ -242,7 +244,7 @@ def miras_linear_chunk_scan_bwd_kernel(
     b_eta = load_gate(eta, t0, seq_len, H, BT)
     b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
     if MOMENTUM:
-        b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM)
+        b_dl, b_g, b_c = chunk_coefficients(b_L, b_M, BT, MOMENTUM, DOT_PRECISION)
         b_A = b_g * b_eta[None, :]
     b_eL = tl.exp(b_L)
     if HAS_ALPHA:
@@ -300,7 +302,7 @@ def miras_linear_chunk_scan_bwd_kernel(
             b_drow = tl.where(o_t <= j, tl.exp(tl.minimum(pick(b_L, j, BT) - b_L, 0.0)), 0.0)
             b_arow = b_eta * b_drow
         if PART == 0:
-            b_pk = dot32(b_gam, b_kt)  # [BV, BT]: Gam_j k_i
+            b_pk = dot32(b_gam, b_kt, DOT_PRECISION)  # [BV, BT]: Gam_j k_i
             b_du -= b_pk * b_arow[None, :]
             if MOMENTUM:
                 tl.store(hrow + (t0 + j) * H * BT + o_t, tl.sum(b_ut * b_pk, axis=0))  # H[j, :]
@@ -317,7 +319,7 @@ def miras_linear_chunk_scan_bwd_kernel(
                 b_gl += b_ha + tl.where(o_t == j, pick(b_eL, j, BT) * b_dcx - tl.sum(b_ha, axis=0), 0.0)
                 b_ge -= b_h * b_drow
         else:
-            b_dk -= dot32(tl.trans(b_gam), b_ut) * b_arow[None, :]
+            b_dk -= dot32(tl.trans(b_gam), b_ut, DOT_PRECISION) * b_arow[None, :]
     if PART == 0:
         if not MOMENTUM:
             o_g = t0 + o_t
@@ -347,6 +349,7 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
     USE_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, MAT: tl.constexpr, HAS_DY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """``chunk_bwd_dstate`` for lq/kl: one program per (value-block group of ``NVB``, sequence *
     head), chunks in reverse. The chunk-start adjoint is
@@ -404,7 +407,8 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
             for jv in tl.range(0, NVB, disable_licm=True):
                 i_v = i_vg * NVB + jv
                 b_de, b_e = residual_adjoint(dua, k, ebuf, nbuf, delta, dhs + nxt, dss + nxt, b_b, b_bm, b_eta,
-                                              t0, seq_len, H, p, i_v, K, V, BT, BK, BV, BIAS, EPS, MOMENTUM)
+                                              t0, seq_len, H, p, i_v, K, V, BT, BK, BV, BIAS, EPS, MOMENTUM,
+                                              DOT_PRECISION)
                 store_token_tile(dua, b_de, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 if MAT == 1:
                     b_vv = load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
@@ -434,17 +438,17 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
                     o_k = i_k * BK + tl.arange(0, BK)
                     z = tl.where((o_k < K)[None, :], load_state_block(hs + cur, i_v, i_k, K, V, BK, BV), float("-inf"))
                     b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                    b_rd += tl.sum(tl.exp(z - b_m[:, None]) * dot32(tl.trans(b_de), b_k), axis=1)
+                    b_rd += tl.sum(tl.exp(z - b_m[:, None]) * dot32(tl.trans(b_de), b_k, DOT_PRECISION), axis=1)
                 b_rd = b_rd / b_l  # <P0, dW0>_row
             for i_k in tl.range(0, NK, disable_licm=True):
                 b_dwn = load_state_block(dhs + nxt, i_v, i_k, K, V, BK, BV)
                 b_dwp = eL_last * b_dwn + load_state_block(dhs + cur, i_v, i_k, K, V, BK, BV)
                 if HAS_DY:
                     b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                    b_dwp += dot32(tl.trans(b_ydy_scale[:, None] * b_dy), b_q)
+                    b_dwp += dot32(tl.trans(b_ydy_scale[:, None] * b_dy), b_q, DOT_PRECISION)
                 if BIAS != 0:
                     b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
-                    b_dw0 = dot32(tl.trans(b_de), b_k)
+                    b_dw0 = dot32(tl.trans(b_de), b_k, DOT_PRECISION)
                     b_x0 = load_state_block(hs + cur, i_v, i_k, K, V, BK, BV)
                     if MAT == 1:
                         b_dwp += s0 * b_dw0 + b_coef * _lq_dnorm(b_x0, n0inv, qexp)
@@ -456,7 +460,7 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
                     b_dsp = c_last * b_dwn + eM_last * load_state_block(dss + nxt, i_v, i_k, K, V, BK, BV)
                     b_dsp += load_state_block(dss + cur, i_v, i_k, K, V, BK, BV)
                     if HAS_DY:
-                        b_dsp += dot32(tl.trans(b_cc[:, None] * b_dy), b_q)
+                        b_dsp += dot32(tl.trans(b_cc[:, None] * b_dy), b_q, DOT_PRECISION)
                     store_state_block(dss + cur, b_dsp, i_v, i_k, K, V, BK, BV)
                 store_state_block(dhs + cur, b_dwp, i_v, i_k, K, V, BK, BV)
         tl.debug_barrier()

@@ -51,7 +51,10 @@ def miras_linear_recurrent_fwd_kernel(
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BIAS: tl.constexpr, EPS: tl.constexpr, RET: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    RETAINED: tl.constexpr = False,
 ):
+    """One program per (sequence, head). ``RETAINED`` (Gated DeltaNet's order, ``step_at="retained"``
+    with the exact rule, so ``CS`` = 1): the residual is taken at the retained state ``alpha_t W``."""
     i_nh = tl.program_id(0)
     i_n = i_nh // H
     i_h = i_nh % H
@@ -82,17 +85,20 @@ def miras_linear_recurrent_fwd_kernel(
         b_k = tl.load(k + row * H * K + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_v = tl.load(v + row * H * V + i_h * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_eta = tl.load(eta + row * H + i_h)
-        b_e = tl.sum(b_w0 * b_k[None, :], axis=1) - b_v
+        if HAS_ALPHA:
+            b_alpha = tl.exp(tl.load(la + row * H + i_h))
+        else:
+            b_alpha = 1.0
+        if RETAINED:
+            b_e = b_alpha * tl.sum(b_w0 * b_k[None, :], axis=1) - b_v
+        else:
+            b_e = tl.sum(b_w0 * b_k[None, :], axis=1) - b_v
         if BIAS == 3:
             b_delta = tl.zeros([1], dtype=tl.float32) + tl.load(delta + row * H + i_h)
         else:
             b_delta = tl.zeros([1], dtype=tl.float32)
         b_u = tl.sum(bias_map(b_e[None, :], b_v[None, :], b_delta, p, BIAS, EPS), axis=0)
         b_g = b_eta * b_u[:, None] * b_k[None, :]
-        if HAS_ALPHA:
-            b_alpha = tl.exp(tl.load(la + row * H + i_h))
-        else:
-            b_alpha = 1.0
         if MOMENTUM:
             b_s = tl.exp(tl.load(lmu + row * H + i_h)) * b_s - b_g
             b_x = b_alpha * b_x + b_s
@@ -127,7 +133,8 @@ def fused_recurrent_miras_linear(
     ``q, k [B,T,H,dk]``, ``v [B,T,H,dv]``, gates ``[B,T,H]``, state ``{"W": X[, "S_W": S]}``
     ``[N,H,dv,dk]``), but any ``chunk_size >= 1`` and every retention. Chunk boundaries are at
     multiples of ``chunk_size`` from the start of this call (one-token steps: exact per-token
-    rule); the initial state must be a chunk-start state.
+    rule); the initial state must be a chunk-start state. ``spec.chunk_rule="exact"`` (DeltaNet,
+    Gated DeltaNet) is the per-token rule whatever ``chunk_size`` says, in ``spec.step_at``'s order.
     """
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, alpha, eta, delta, mu, *(initial_state or {}).values())
@@ -159,10 +166,11 @@ def fused_recurrent_miras_linear(
         x.h0 if x.h0 is not None else ht, x.s0 if x.s0 is not None else st,
         y, ht, st, x.cu_seqlens if x.cu_seqlens is not None else dummy,
         T * B if x.cu_seqlens is not None else T, H, float(spec.p), float(spec.q), float(spec.lq_eps),
-        float(spec.c), int(chunk_size),
+        float(spec.c), 1 if spec.chunk_rule == "exact" else int(chunk_size),
         K=dk, V=dv, BK=cfg.BK, BV=cfg.BV, BIAS=BIAS_CODES[spec.bias], EPS=spec.bias_eps,
         RET=RETENTION_CODES[spec.retention], HAS_ALPHA=x.la is not None, MOMENTUM=momentum,
         USE_H0=x.h0 is not None, IS_VARLEN=x.cu_seqlens is not None,
+        RETAINED=spec.chunk_rule == "exact" and spec.step_at == "retained" and x.la is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not output_final_state:
