@@ -46,7 +46,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for path in COMMAND_MODULES:
         importlib.import_module(path).register(sub)
+    finish_help(parser)
     return parser
+
+
+def _default_text(value) -> str:
+    """A default as --help shows it: lists comma-joined, ``%`` escaped for argparse."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return str(value).replace("%", "%%")
+
+
+def finish_help(parser: argparse.ArgumentParser) -> None:
+    """Give every option of ``parser`` and its sub-parsers one default note: ``(required)``,
+    ``(default: off)`` for a flag, ``(default: X)`` for a value -- unless its help already says
+    ``(default...)`` in words (what an unset option means is the author's sentence to write;
+    tests/test_cli_help.py checks every option has one). Replaces ArgumentDefaultsHelpFormatter,
+    which appended ``(default: None)`` and doubled hand-written defaults."""
+    if parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter:
+        parser.formatter_class = argparse.HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share one parser
+                finish_help(sub)
+            continue
+        if (not action.option_strings or action.help in (None, argparse.SUPPRESS)
+                or isinstance(action, argparse._HelpAction) or "(default" in action.help
+                or "(required)" in action.help):
+            continue
+        if action.required:
+            action.help += " (required)"
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            action.help += f" (default: {'on' if action.default else 'off'})"
+        elif isinstance(action, argparse._AppendAction) and action.default in (None, []):
+            action.help += " (repeatable; default: none)"
+        elif action.default is not None:
+            action.help += f" (default: {_default_text(action.default)})"
 
 
 def command_of(argv: list[str]) -> str | None:

@@ -155,18 +155,20 @@ def test_wheel_launch_dry_run_and_demo(wheel_venv):
                   cwd=work, env=env).stdout.strip()
     assert REPO not in Path(config).parents
     cli = bin_dir / "miras-pretrain"
-    script = _run([cli, "launch", "slurm", "--config", config, "--nodes", "2", "--gpus-per-node", "0",
-                   "--time", "30", "--no-venv", "--dry-run"], cwd=work, env=env).stdout
-    assert script.startswith("#!/bin/bash")
-    assert "#SBATCH --nodes=2" in script and "#SBATCH --time=30" in script
-    assert "rendered by `miras-pretrain launch slurm`" in script  # the template's own header
-    assert "@" + "SBATCH_DIRECTIVES@" not in script
-
     out = work / "demo"
     proc = _run([cli, "demo", "--out", "demo", "--steps", "3", "--corpus-mb", "0.3", "--threads", "1",
                  "--set", "train.micro_batch_size=2", "--set", "eval.batches=1", "--set", "eval.interval=0",
                  "--set", "log.wandb=false", "--set", "log.progress_bar=false"], cwd=work, env=env, timeout=900)
     assert "validation loss: step 0:" in proc.stdout and "-> " in proc.stdout, proc.stdout[-3000:]
     assert (out / "checkpoints" / "step_00000003" / "meta.json").is_file()
+
+    # launch checks the config's data before it renders: point it at the demo's prepared corpus
+    script = _run([cli, "launch", "slurm", "--config", config, "--nodes", "2", "--gpus-per-node", "0",
+                   "--time", "30", "--no-venv", "--set", "data.streams=[demo/corpus/data]",
+                   "--set", "data.tokenizer=demo/corpus/tokenizer.model", "--dry-run"], cwd=work, env=env).stdout
+    assert script.startswith("#!/bin/bash")
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --time=30" in script
+    assert "rendered by `miras-pretrain launch slurm`" in script  # the template's own header
+    assert "@" + "SBATCH_DIRECTIVES@" not in script
     assert (out / "corpus" / "tokenizer.model").is_file()
     assert not (REPO / "demo").exists()

@@ -12,19 +12,20 @@ def register(subparsers) -> None:
     sub.required = True
     hf = sub.add_parser(
         "hf", help="write a directory loadable with AutoModelForCausalLM(trust_remote_code=True)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = hf.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="<run>/checkpoints/<step_N|latest> (any ZeRO/TP/PP layout)")
-    src.add_argument("--state-dict", help="a consolidated single-process state dict (.pt or .safetensors); "
-                                          "needs --model-config")
-    hf.add_argument("--model-config", help="registered model name (miras-pretrain models) or model YAML, for --state-dict")
+    src.add_argument("--checkpoint", help="the training checkpoint to export, <run>/checkpoints/<step_N|latest> "
+                                          "(any ZeRO/TP/PP layout) (required: this or --state-dict)")
+    src.add_argument("--state-dict", help="a consolidated single-process state dict (.pt or .safetensors) to "
+                                          "export; needs --model-config (required: this or --checkpoint)")
+    hf.add_argument("--model-config", help="registered model name (miras-pretrain models) or model YAML, for "
+                                           "--state-dict (default: none; a checkpoint carries its own)")
     hf.add_argument("--tokenizer", help="sentencepiece .model (default: data.tokenizer of the run config)")
     hf.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    hf.add_argument("--max-shard-size", default="2GB", help="safetensors shard limit, e.g. 500MB, 2GB")
+    hf.add_argument("--max-shard-size", default="2GB", help="largest safetensors file; bigger models are sharded with an index, e.g. 500MB, 2GB")
     hf.add_argument("--max-positions", type=int, default=8192,
                     help="advisory context length written to config.json (what harnesses truncate to)")
-    hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     hf.add_argument("--accept-other-tokenizer", action="store_true",
                     help="export with a --tokenizer whose sha256 differs from the one the "
                          "checkpoint was trained with")

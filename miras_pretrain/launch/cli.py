@@ -40,21 +40,21 @@ def register(subparsers) -> None:
                      help="GPUs per node = trainer processes per node; 0 for CPU nodes (then "
                           "--procs-per-node sets the process count and no GPUs are requested)")
     req.add_argument("--time", required=True, help="time limit per run: MINUTES, HH:MM:SS, D-HH:MM:SS, ...")
-    p.add_argument("--partition", help="SLURM partition")
-    p.add_argument("--account", help="SLURM account")
+    p.add_argument("--partition", help="SLURM partition to submit to (default: the cluster's default partition)")
+    p.add_argument("--account", help="SLURM account charged for the job (default: your default account)")
     p.add_argument("--procs-per-node", type=int, default=None,
-                   help="trainer processes per node when --gpus-per-node is 0 (default 1)")
+                   help="trainer processes per node when --gpus-per-node is 0 (default: 1)")
     p.add_argument("--launcher", choices=["torchrun", "srun"], default="torchrun",
-                   help="torchrun: one task per node running torchrun (c10d rendezvous; default); "
+                   help="torchrun: one task per node running torchrun (c10d rendezvous); "
                         "srun: one task per process, RANK etc. mapped from SLURM variables")
     p.add_argument("--cpus-per-node", type=int, default=None,
                    help="CPUs to request per node (default: whole nodes, --exclusive)")
     p.add_argument("--signal-lead", type=int, default=300,
-                   help="seconds before the time limit at which SLURM sends SIGUSR1 (default 300)")
+                   help="seconds before the time limit at which SLURM sends SIGUSR1")
     p.add_argument("--max-retries", type=int, default=3,
-                   help="requeues after a crash before giving up (default 3); preemptions do not count")
+                   help="requeues after a crash before giving up; preemptions do not count")
     p.add_argument("--max-requeues", type=int, default=100,
-                   help="stop requeuing once SLURM_RESTART_COUNT reaches this, whatever the cause (default 100)")
+                   help="stop requeuing once SLURM_RESTART_COUNT reaches this, whatever the cause")
     p.add_argument("--job-name", help="job name (default: run.name from the config)")
     p.add_argument("--log-dir", help="job and rank logs (default: <run.out_dir>/slurm)")
     p.add_argument("--venv", help="virtualenv to activate in the job (default: the one running this command)")
@@ -139,6 +139,11 @@ def build_spec(args: argparse.Namespace):
         requeue_exit_code=EXIT_REQUEUE, no_retry_exit_codes=(EXIT_USAGE,),
     )
     validate(spec)
+    # before anything is queued: the config's files, the global batch, node-local paths
+    from miras_pretrain.launch.checks import check_launch
+
+    checked = check_launch(cfg, world_size=spec.nodes * spec.nproc_per_node, workdir=workdir, log_dir=log_dir)
+    spec.notes = checked.notes
     return spec
 
 
@@ -184,10 +189,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         if problem:  # printing the script is fine; say what submitting it would refuse
             print(f"warning: submitting would be refused: {problem}", file=sys.stderr)
+        for line in spec.notes:  # the global batch and node-local path warnings
+            print(line, file=sys.stderr)
         sys.stdout.write(script)
         return 0
     if problem:
         raise CLIError(problem)
+    for line in spec.notes:
+        print(line, file=sys.stderr)
     job_id = submit(script, spec)
     print(f"submitted job {job_id} ({spec.nodes} nodes x {spec.nproc_per_node} processes); "
           f"log: {spec.log_dir / f'{spec.job_name}-{job_id}.out'}")

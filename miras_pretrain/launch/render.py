@@ -87,6 +87,8 @@ class SlurmJobSpec:
     requeue_exit_code: int = TRAIN_REQUEUE_EXIT_CODE
     no_retry_exit_codes: tuple[int, ...] = (TRAIN_USAGE_EXIT_CODE,)
     template: Path = DEFAULT_TEMPLATE
+    # lines printed before submitting (global batch, node-local path warnings): launch.checks
+    notes: list[str] = field(default_factory=list)
 
     @property
     def nproc_per_node(self) -> int:

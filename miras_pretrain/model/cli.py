@@ -20,7 +20,8 @@ def register(subparsers) -> None:
                    help="only this preset (repeatable), e.g. moneta, gated_delta, transformer")
     p.add_argument("--size", action="append", default=None, help="only this size (repeatable), e.g. 340m")
     p.add_argument("--show", metavar="NAME", default=None,
-                   help="print one model's full ModelConfig as YAML (a starting point for your own file)")
+                   help="print one model's full ModelConfig as YAML, a starting point for your own file "
+                        "(default: list the models)")
     p.set_defaults(func=run)
 
 

@@ -267,7 +267,8 @@ def check_resume_layout(meta: dict[str, Any], mine: dict[str, Any], ckpt_dir: st
             raise ValueError(
                 f"checkpoint {ckpt_dir} was written with {key}={have} but this run has {key}={mine[key]} "
                 f"({_KEY_NAMES[key]}): resume with the same layout, or consolidate the weights with "
-                "tools/consolidate.py and start a new run from them"
+                f"`python tools/consolidate.py {ckpt_dir} --out weights.pt` and start a new run from them "
+                "(--set train.init_from=weights.pt, a new run.out_dir)"
             )
 
 

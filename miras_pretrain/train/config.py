@@ -24,6 +24,8 @@ mappings on the RunConfig (the checkpoint stores them so); :func:`resolve_model_
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -41,6 +43,18 @@ MOVED_KEYS: dict[str, str] = {
     "data.micro_batch_size": "train.micro_batch_size",
     "data.eval_batches": "eval.batches",
 }
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print a config warning to stderr, once per process (the demo and the trainer load a
+    config several times) and only on the launch's first rank (``RANK`` unset or 0)."""
+    if message in _warned or os.environ.get("RANK", "0") != "0":
+        return
+    _warned.add(message)
+    print(message, file=sys.stderr, flush=True)
 
 
 def _f(default: Any, doc: str, **meta: Any) -> Any:
@@ -106,6 +120,26 @@ class TrainConfig:
         None, "wall-clock limit of the training loop: evaluate, checkpoint, exit 75 (requeue); "
               "null = none", gt=0, fix="use a number > 0 or null")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available")
+    threads: Optional[int] = _f(
+        None, "torch CPU threads per process (--threads N sets it); null = CPUs / local processes, capped "
+              "by OMP_NUM_THREADS and SLURM_CPUS_PER_TASK (miras_pretrain/threads.py)", ge=1,
+        fix="use an integer >= 1, or null for the automatic choice")
+    global_batch_size: Optional[int] = _f(
+        None, "sequences per optimizer step over all data-parallel ranks; when set, grad_accum_steps is "
+              "derived from it (global / (micro_batch_size * data-parallel size)) so the batch stays the same "
+              "on any GPU count; null = micro_batch_size * grad_accum_steps * data-parallel size", gt=0,
+        fix="use a number of sequences > 0 or null")
+    init_from: Optional[str] = _f(
+        None, "start a new run from these model weights (fresh optimizer, step 0): a consolidated .pt "
+              "(tools/consolidate.py) or an `export hf` directory; null = random initialisation",
+        nonempty=True, fix="give a path to a consolidated .pt or an exported directory, or null")
+
+    def check(self, p: str) -> None:
+        # not an error (a short smoke run of a long config is legitimate), but the lr then never
+        # reaches train.lr and the cosine decay never runs: say so in one line
+        if self.warmup_steps > self.max_steps:
+            warn_once(f"warning: {p}.warmup_steps={self.warmup_steps} is larger than {p}.max_steps={self.max_steps}: "
+                      f"the lr never reaches {p}.lr and never decays; lower {p}.warmup_steps")
 
 
 @dataclass
@@ -152,7 +186,8 @@ class LogConfig:
     """Metrics cadence, console and W&B."""
 
     interval: int = _f(10, "steps between metric lines", ge=1)
-    progress_bar: bool = _f(True, "console progress bar")
+    progress_bar: bool = _f(True, "console progress bar with loss, lr, tokens/s and MFU, when stdout and stderr "
+                                  "are terminals; otherwise (a batch job's log) one plain line per log.interval")
     wandb: bool = _f(True, "log to W&B")
     wandb_mode: Literal["auto", "offline", "online", "disabled"] = _f(
         "auto", "auto = online when wandb_project and WANDB_API_KEY are set, else offline "
@@ -331,6 +366,24 @@ def resolve_data_config(cfg: RunConfig):
     # the number of micro-batches one evaluation reads: a pipeline step reads grad_accum_steps
     per_eval = cfg.eval.batches * (cfg.train.grad_accum_steps if cfg.parallel.pipeline_parallel_size > 1 else 1)
     return dataclasses.replace(data, micro_batch_size=cfg.train.micro_batch_size, eval_batches=per_eval)
+
+
+def derived_grad_accum(cfg: RunConfig, world_size: int) -> int:
+    """``train.grad_accum_steps`` for ``world_size`` processes: derived from
+    ``train.global_batch_size`` when that is set (ValueError with the numbers when it does not
+    divide), else the configured value."""
+    t, par = cfg.train, cfg.parallel
+    if t.global_batch_size is None:
+        return t.grad_accum_steps
+    model_par = par.tensor_parallel_size * par.pipeline_parallel_size * par.context_parallel_size
+    dp = max(1, world_size // model_par)
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size {t.global_batch_size} is not a multiple of train.micro_batch_size "
+            f"{t.micro_batch_size} x {dp} data-parallel ranks ({world_size} processes / {model_par} model-parallel) "
+            f"= {per_step}: change micro_batch_size, the process count or global_batch_size")
+    return t.global_batch_size // per_step
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from miras_pretrain.train import dist as mdist
 from miras_pretrain.train.checkpoint import (CheckpointManager, check_resume_layout, read_meta,
                                              resolve_resume_checkpoint)
-from miras_pretrain.train.config import RunConfig, dump_config, resolve_model_config
+from miras_pretrain.train.config import RunConfig, derived_grad_accum, dump_config, resolve_model_config
 from miras_pretrain.train.cp import TrainerCP, check_cp_config, launch_world_size
 from miras_pretrain.data.run_checks import check_training_data
 from miras_pretrain.train import data_bridge
@@ -36,10 +36,32 @@ from miras_pretrain.train.resume_changes import (format_changes, model_changes, 
                                                  refuse_model_changes, shape_mismatch_message)
 from miras_pretrain.train.rng import get_rng_state, seed_all, set_rng_state
 from miras_pretrain.train.run_dir import RunDirError, RunDirLock, agree_on_error, claim_fresh_run
-from miras_pretrain.train.loop import Console, LogWindow, RunEnd, TimeLimit, perplexity
-from miras_pretrain.train.setup import build_local_model, setup_parallel, teardown_parallel
+from miras_pretrain.train.loop import (Console, LogWindow, RunEnd, TimeLimit, format_run_summary, perplexity,
+                                      wandb_run_url)
+from miras_pretrain.train.setup import (build_local_model, check_init_from, load_init_weights, setup_parallel,
+                                        teardown_parallel)
 from miras_pretrain.train.signals import StopFlag, signal_name
 from miras_pretrain.train.tracking import MetricsLogger
+
+
+def split_tokens(data_cfg, split: str) -> Optional[int]:
+    """Tokens stored in ``split`` over all streams (their manifests), or None when unknown."""
+    from miras_pretrain.data.loader import check_manifests
+
+    try:
+        return sum(m.splits[split].num_tokens for m in check_manifests(data_cfg, split))
+    except (OSError, ValueError, KeyError):  # a remote manifest out of reach: the line omits it
+        return None
+
+
+def val_scope(tokens: int, split_total: Optional[int]) -> str:
+    """``"12,288 of 1,503,232 tokens"`` for the validation line: how much of the split one
+    evaluation scores (``miras-pretrain eval --perplexity`` scores all of it)."""
+    if split_total is None:
+        return f"{tokens:,} tokens"
+    if tokens >= split_total:
+        return f"{tokens:,} tokens, the whole split"
+    return f"{tokens:,} of {split_total:,} tokens"
 
 
 class NonFiniteAbort(RuntimeError):
@@ -98,6 +120,10 @@ class Trainer:
 
         # validate model and data sections before any process-group work
         self.model_cfg = resolve_model_config(cfg)
+        # train.global_batch_size keeps the batch fixed on any process count (derives the accumulation)
+        cfg.train.grad_accum_steps = derived_grad_accum(cfg, launch_world_size())
+        if cfg.train.init_from:  # a missing/unknown path is one line before any process-group work
+            check_init_from(cfg.train.init_from)
         self.data_cfg = data_bridge.resolve(cfg)
         self.seq_len = data_bridge.seq_len_of(self.data_cfg)
         check_cp_config(cfg, self.model_cfg, self.seq_len, launch_world_size(), data_layout=self.data_cfg.layout)
@@ -108,6 +134,11 @@ class Trainer:
         self.layout = setup_parallel(cfg, self.device)
         self.rank = mdist.rank()
         self.is_main = self.rank == 0
+        # before the model and loaders: OpenMP threads oversubscribe a shared machine (threads.py)
+        from miras_pretrain.threads import apply_threads
+
+        self.threads = apply_threads(cfg.train.threads, announce=self.is_main and not self.quiet,
+                                     field="train.threads").threads
         # before any rank writes (the loaders' cache may live in out_dir): one run per directory
         self._claim_run_dir()
         seed_all(cfg.run.seed)
@@ -116,6 +147,10 @@ class Trainer:
                    if self.layout.cp > 1 else None)
 
         model = build_local_model(self.model_cfg, self.layout, cfg)
+        if cfg.train.init_from and self._starts_fresh():
+            n = load_init_weights(model, cfg.train.init_from, self.layout)
+            if self.is_main and not self.quiet:
+                print(f"init_from: {n} tensors from {cfg.train.init_from} (fresh optimizer, step 0)", flush=True)
         mpu = None
         if (self.layout.tp > 1 or self.layout.cp > 1) and self.layout.pp == 1:
             # a PipelineModule brings its own grid (topology); DeepSpeed takes no mpu with it.
@@ -138,6 +173,8 @@ class Trainer:
             self.data_cfg, micro_batch_size=cfg.train.micro_batch_size, dp_rank=self.layout.dp_rank,
             dp_size=self.layout.dp,
         )
+        # the validation line says how much of the split eval.batches scores (None: unknown)
+        self.val_split_tokens = split_tokens(self.data_cfg, self.data_cfg.eval_split)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
         self.flops_per_token = self._flops_per_token()
         self.peak_total = device_peak_flops(self.device, cfg.log.peak_flops) * self.layout.world
@@ -149,6 +186,16 @@ class Trainer:
             dump_config(cfg, cfg.out_dir / "config.yaml")
             (cfg.out_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
         self.train_iter = iter(self.train_loader)
+
+    def _starts_fresh(self) -> bool:
+        """Whether this job starts at step 0 (no --resume, or --resume auto with no checkpoint
+        yet): only then does ``train.init_from`` apply; a resumed job loads its checkpoint.
+        Collective under --resume auto."""
+        if self.resume is None:
+            return True
+        if self.resume != "auto":
+            return False
+        return resolve_resume_checkpoint("auto", self.cfg.checkpoint_dir, report=lambda _line: None) is None
 
     def _claim_run_dir(self) -> None:
         """Rank 0 locks ``run.out_dir`` and, for a fresh run, refuses (or with ``--overwrite``
@@ -256,6 +303,9 @@ class Trainer:
         except StopIteration:  # a new epoch over the training split
             self.train_iter = iter(self.train_loader)
             batch = next(self.train_iter)
+        # packed-document metadata from the host copy of the offsets, once per batch, so that no
+        # layer reads device memory on the host (data_bridge.attach_varlen)
+        batch = data_bridge.attach_varlen(batch)
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -265,7 +315,7 @@ class Trainer:
         loss over the CP group) and the count is the labels of this rank's slice."""
         ids, labels, cu = data_bridge.model_inputs(batch)
         if self.cp is None:
-            loss = self._engine_loss(ids, labels, cu)
+            loss = self._engine_loss(ids, labels, data_bridge.model_varlen(batch))
             return loss, loss, int((labels != -100).sum())
         local = self.cp.slice(ids, labels, cu)
         with self.cp.runtime.batch(local["cp_slice"]) as cp_context:
@@ -389,6 +439,7 @@ class Trainer:
         n = self.cfg.eval.batches
         self.engine.eval()
         it = iter(self.val_loader)
+        scored = 0  # pipeline: this rank's label tokens (the other path counts in ``weights``)
         losses: list[float] = []
         weights: list[int] = []
 
@@ -410,6 +461,8 @@ class Trainer:
                         with self.cp.pipeline_batch(self.engine.module, self._pipe_layout(micro)):
                             losses.append(float(self.engine.eval_batch(self._pipe_iter(micro)).item()))
                     weights.append(1)
+                    # tokens scored (label count); every DP rank reads as many, CP ranks share them
+                    scored += sum(int((m["labels"] != -100).sum()) for m in micro)
             else:
                 for _ in range(n):
                     try:
@@ -433,6 +486,7 @@ class Trainer:
         if self.pipeline:
             if not losses:
                 raise ValueError("the validation split yielded no batch: make it larger or train.micro_batch_size smaller")
+            self.last_eval_tokens = scored * self.layout.dp
             return sum(losses) / len(losses)
         # token-weighted mean over all data-parallel ranks (and the CP slices)
         group = self._dp_cp_group() if self.cp is not None else self._dp_group()
@@ -440,6 +494,8 @@ class Trainer:
         cnt = mdist.all_reduce_mean(float(sum(weights)), group=group)
         if cnt == 0:
             raise ValueError("the validation split yielded no tokens: make it larger or train.micro_batch_size smaller")
+        # the tokens this evaluation scored over all ranks (the line and val/tokens say how many)
+        self.last_eval_tokens = round(cnt * self.layout.dp * (self.layout.cp if self.cp is not None else 1))
         return tot / cnt
 
     def _memory_stats(self) -> dict[str, float]:
@@ -594,8 +650,7 @@ class Trainer:
             return
         row = self._train_row(gnorm, spike)
         self.logger.log(self.step, row)
-        self.console.show(loss=f"{row['train/loss']:.3f}", lr=f"{row['train/lr']:.2e}",
-                          tok_s=f"{row['train/tokens_per_s']:.0f}")
+        self.console.report(self.step, row)  # bar postfix on a terminal, else one plain line
         self.window.reset()
 
     def _train_row(self, gnorm: float, spike: bool) -> dict[str, float]:
@@ -623,8 +678,11 @@ class Trainer:
         """Evaluate now; record, log and print the validation loss of this step."""
         v = self.evaluate()
         self.val_history.append((self.step, v))
-        self.logger.log(self.step, {"val/loss": v, "val/ppl": perplexity(v)})
-        self.console.say(f"step {self.step}: val loss {v:.4f}  ppl {perplexity(v):.2f}")
+        tokens = self.last_eval_tokens
+        self.logger.log(self.step, {"val/loss": v, "val/ppl": perplexity(v), "val/tokens": tokens})
+        # how much was scored: eval.batches is a sample of the split, `miras-pretrain eval` scores all of it
+        self.console.say(f"step {self.step}: val ({val_scope(tokens, self.val_split_tokens)}) loss {v:.4f}  "
+                         f"ppl {perplexity(v):.2f}")
 
     def _evaluate_if_due(self, final: bool) -> None:
         """Every ``eval.interval`` steps, and on the last step of the job."""
@@ -677,11 +735,17 @@ class Trainer:
         if self.is_main and self.val_history:
             self.logger.summary({"val/first_loss": self.val_history[0][1], "val/last_loss": self.val_history[-1][1]})
         wandb_dir = self.logger.wandb_dir
+        wandb_url = wandb_run_url(self.logger.run)
         self.logger.finish(exit_code=end.tracker_exit_code)
+        png = None
         if self.is_main and self.logger.path is not None and end.plots:
             from miras_pretrain.train.plot import plot_loss_curve
 
-            plot_loss_curve(self.logger.path, self.cfg.out_dir / "loss_curve.png", title=self.cfg.run.name)
+            png = plot_loss_curve(self.logger.path, self.cfg.out_dir / "loss_curve.png", title=self.cfg.run.name)
+        if self.is_main and not self.quiet:  # where everything is, after every run (loop.format_run_summary)
+            print(format_run_summary(end, step=self.step, max_steps=self.cfg.train.max_steps,
+                                     checkpoint=self.last_checkpoint, wandb_dir=wandb_dir, wandb_url=wandb_url,
+                                     plot=png, metrics=self.logger.path, val_history=self.val_history), flush=True)
         return TrainResult(exit_code=end.exit_code, step=self.step, out_dir=self.cfg.out_dir,
                            checkpoint=self.last_checkpoint, val_history=list(self.val_history),
                            skipped_steps=self.skipped_total, wandb_dir=wandb_dir, message=end.message,

@@ -138,8 +138,11 @@ class MirasLayerCP:
         if output_final_state:
             raise ValueError("output_final_state=True is not supported under context parallelism")
         want = None if cu_seqlens is None else self.layout.local_cu_seqlens(cu_seqlens.device)
-        if (self.layout.docs is None) != (cu_seqlens is None) or (
-                want is not None and not torch.equal(want.long(), cu_seqlens.long())):
+        # The memory runs on the layout's documents; cu_seqlens is only checked for consistency.
+        # Comparing values reads them back, a host sync on CUDA: there only the count is checked.
+        if (self.layout.docs is None) != (cu_seqlens is None) or (want is not None and (
+                want.numel() != cu_seqlens.numel()
+                or (cu_seqlens.device.type == "cpu" and not torch.equal(want.long(), cu_seqlens.long())))):
             raise ValueError(
                 "cu_seqlens passed to the model do not match the CP layout: pass the 'cu_seqlens' returned by "
                 "slice_batch_for_cp together with its 'cp_slice'"
