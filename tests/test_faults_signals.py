@@ -114,8 +114,11 @@ def test_signal_before_the_trainer_takes_over_is_kept(monkeypatch):
     from miras_pretrain.train import signals
     from miras_pretrain.train.signals import StopFlag
 
-    previous = {s: signal.getsignal(s) for s in signals.HANDLED}
+    # a shell starts background jobs with SIGINT ignored, and the handlers rightly leave an
+    # ignored SIGINT alone: start from the interactive default so the test means the same anywhere
     monkeypatch.setattr(signals, "_early", None)
+    outer_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {s: signal.getsignal(s) for s in signals.HANDLED}
     try:
         early = signals.install_early("train")
         os.kill(os.getpid(), signal.SIGTERM)
@@ -132,6 +135,7 @@ def test_signal_before_the_trainer_takes_over_is_kept(monkeypatch):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        signal.signal(signal.SIGINT, outer_sigint)
 
 
 # ------------------------------------------------------------------ tiny runs
