@@ -18,7 +18,10 @@ Linear family (:mod:`miras_kernels.miras_linear`), ``LINEAR_*`` and :func:`linea
   ``chunk_out`` (outputs), ``chunk_bwd_du`` (state-independent part of dU), ``chunk_bwd_dstate``
   (sequential adjoint pass), ``chunk_bwd_dqg`` / ``chunk_bwd_dkv`` / ``chunk_bwd_dgate`` /
   ``chunk_bwd_dmu`` (the launches of ``miras_linear_chunk_bwd_grads_kernel``, PART 0/1/2/3; dmu
-  only for momentum); ``recurrent_fwd`` (:mod:`miras_kernels.miras_linear.fused_recurrent`, BT unused
+  only for momentum); the exact delta rule's ``delta_wy_fwd``, ``delta_state``, ``delta_bwd_dstate``,
+  ``delta_wy_bwd_da``, ``delta_wy_bwd_dk`` (:mod:`miras_kernels.miras_linear.chunk_exact_kernels`, gd
+  only, each compiled in both step_at orders where it differs); ``recurrent_fwd``
+  (:mod:`miras_kernels.miras_linear.fused_recurrent`, BT unused
   = 1, the whole padded state in one program: BK = padded dk, BV = padded dv).
 
 MLP family (:mod:`miras_kernels.miras_mlp`), ``MLP_*`` and the ``mlp_*`` functions: the shipped
@@ -41,6 +44,10 @@ LINEAR_CHUNK_KERNELS = ("chunk_state", "chunk_out", "chunk_bwd_du", "chunk_bwd_d
 # configs have BK = that width (32, 64, 128), one entry each, like ``recurrent_fwd``.
 LINEAR_MAT_KERNELS = ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk", "chunk_bwd_dstate_mat")
 LINEAR_SCAN_KERNELS = ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk")
+# the exact delta rule (chunk_rule "exact", learner gd only; kernels/miras_linear/chunk_exact_kernels.py):
+# its own four kernels, plus the dot-bias launches it reuses for the reads and the state update
+LINEAR_EXACT_KERNELS = ("delta_wy_fwd", "delta_state", "delta_bwd_dstate", "delta_wy_bwd_da", "delta_wy_bwd_dk")
+LINEAR_EXACT_REUSED = ("chunk_out", "chunk_bwd_du", "chunk_bwd_dqg", "chunk_bwd_dkv", "chunk_bwd_dgate")
 LINEAR_MAX_HEAD_DIM = 128
 MIN_BLOCK = 32
 
@@ -92,12 +99,20 @@ _OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
     ("chunk_bwd_dstate_mat", "gd", 16): (32, 32, 8), ("chunk_bwd_dstate_mat", "gd", 32): (32, 32, 8),
     ("chunk_bwd_dstate_mat", "gd", 64): (32, 16, 8), ("chunk_bwd_dstate_mat", "momentum", 16): (32, 32, 8),
     ("chunk_bwd_dstate_mat", "momentum", 32): (32, 16, 8), ("chunk_bwd_dstate_mat", "momentum", 64): (16, 16, 8),
+    # exact delta rule: at BT = 64 the WY adjoints spilled 96-196 bytes on sm_80 with 32-wide blocks
+    # at 8 warps (376-980 at 4 warps, 520-824 at 16); 16-wide blocks at 8 warps: none. BT = 16:
+    # wy_bwd_dk spilled 4 bytes on sm_80 (ptxas held it to 128 registers at 4 and 8 warps); 16-wide: none
+    ("delta_wy_bwd_da", "gd", 64): (16, 16, 8), ("delta_wy_bwd_dk", "gd", 64): (16, 16, 8),
+    ("delta_wy_bwd_dk", "gd", 16): (16, 16, 4),
 }
 
 
-def linear_kernels_for(learner: str, retention: str = "decay") -> tuple[str, ...]:
-    """The chunk kernels a training call with this learner (and retention) launches (d log mu only
-    with momentum; the per-token sweeps and the Jacobian-aware adjoint pass only for lq/kl)."""
+def linear_kernels_for(learner: str, retention: str = "decay", chunk_rule: str = "minibatch") -> tuple[str, ...]:
+    """The chunk kernels a training call with this learner (and retention, chunk rule) launches
+    (d log mu only with momentum; the per-token sweeps and the Jacobian-aware adjoint pass only for
+    lq/kl; the exact delta rule: its own kernels and the dot-bias launches it reuses)."""
+    if chunk_rule == "exact":
+        return LINEAR_EXACT_KERNELS + LINEAR_EXACT_REUSED
     base = tuple(k for k in LINEAR_CHUNK_KERNELS if learner == "momentum" or k != "chunk_bwd_dmu")
     if retention in ("lq", "kl"):
         return base + LINEAR_MAT_KERNELS
@@ -120,6 +135,10 @@ def _build() -> tuple[KernelConfig, ...]:
                     continue
                 BK, BV, w = _chunk_entry(kernel, learner, BT)
                 out.append(KernelConfig(kernel, BT, BK, BV, w, 1, learner))
+    for kernel in LINEAR_EXACT_KERNELS:
+        for BT in LINEAR_CHUNK_SIZES:
+            BK, BV, w = _chunk_entry(kernel, "gd", BT)
+            out.append(KernelConfig(kernel, BT, BK, BV, w, 1, "gd"))
     out += [KernelConfig("recurrent_fwd", 1, BK, BV, w, 1, "any") for (BK, BV), w in _LINEAR_RECURRENT_WARPS.items()]
     return tuple(out)
 
@@ -218,6 +237,18 @@ def mlp_phase_warps(name: str, d: int, chunk: int, lq: bool = False) -> int:
         return 4
     if name == "mlp_bwd_lq_adj2k":
         # at 8 warps ptxas spilled 40 bytes at 80 registers on sm_80 (d = 64, C = 64, gd); 4: none
+        return 4
+    if name == "mlp_fwd_out" and d == 64 and chunk >= 64:
+        # Triton 3.7.1 (the GPU install's), compiled as launched: at 8 warps ptxas held it to 128
+        # registers on sm_80 and spilled 16 bytes (e = 4); 4 warps (136-168 registers): none
+        return 4
+    if name == "mlp_bwd_kl_dw0" and d == 64:
+        # compiled as launched (16-byte aligned pointers, tools/kernel_report.py): at 8 warps ptxas
+        # spilled 16 bytes at 48 registers on sm_90 (d = 64, e = 4); 4 warps: none on sm_80/sm_90
+        return 4
+    if name == "mlp_bwd_readout" and lq and d == 64 and chunk >= 64:
+        # lq (and kl's backward), compiled as launched: at 8 warps ptxas held it to 128 registers on
+        # sm_80 and spilled 40 bytes (lp + gd); 4 warps (163-168 registers): none on sm_80/sm_90
         return 4
     if name in ("mlp_fwd_kl_o1", "mlp_bwd_kl_o1", "mlp_bwd_kl_adj2q"):
         # kl token sweeps: at 8 warps ptxas held them to 64-128 registers and spilled 8-32 bytes

@@ -51,9 +51,16 @@ def _cfg(out: Path, corpus, **extra) -> dict:
                                          **extra)
 
 
+def _interactive_sigint() -> None:
+    # a background shell (nohup, `&`) starts jobs with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: give the child a terminal's default, as a user pressing Ctrl-C has
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(argv: list[str], tmp: Path) -> subprocess.Popen:
     return subprocess.Popen(argv, env=tiny_training.child_env(tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_interactive_sigint)
 
 
 def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:

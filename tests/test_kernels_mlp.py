@@ -10,6 +10,12 @@ Tolerances (written down here, see ``_close``): fp32 kernel vs float64 loop: max
 Huber (Yaad) 1e-3: its l1 branch has curvature delta*eps/(e^2+eps)^1.5 ~ 1e3*delta near e_j = 0,
 which amplifies fp32 rounding of e in the second-order gradient terms (observed ~4e-4);
 bf16 inputs: 3e-2 * (max |ref| + 1) (bf16 output rounding is ~4e-3 relative).
+On a GPU (MIRAS_TEST_DEVICE=cuda, miras_pretrain/testing/devices.py) the kernels run compiled on
+the test device and the float64 reference stays on the CPU. The GPU run sets MIRAS_EXACT_FP32=1
+(exact fp32 dots), so the bounds are the same there; with TF32 dots (fp32_dots_exact() False) every
+bound is raised to TF32_TOL = 3e-2, the bf16 bound: TF32 rounds each dot operand to a 10-bit
+mantissa (unit roundoff 4.9e-4), 8x finer than bf16 inputs (3.9e-3), which that bound already
+covers -- a factor of 150 over 2e-4 (30 over Huber's 1e-3).
 The lq retention (Moneta; lq + momentum; q = 3) uses the same bounds (observed max err / (max|ref|
 + 1): 9e-7 moneta fp32, 2e-6 lq + momentum fp32, 2.8e-3 moneta bf16): its oracle materialises
 W = X (||X||_q + eps)^(2-q) per token (``_weights``).
@@ -32,10 +38,24 @@ from miras_kernels import supports
 from miras_kernels.miras_mlp import chunk_miras_mlp, fused_recurrent_miras_mlp
 from miras_kernels import miras_memory
 from miras_kernels.spec import MirasSpec
+from miras_pretrain.testing.devices import fp32_dots_exact, on_gpu, test_device as device_under_test
 
 pytestmark = pytest.mark.triton
 
 NAMES = ("q", "k", "v", "alpha", "eta", "delta", "mu", "W1", "W2", "S_W1", "S_W2")
+# where the kernels run (the CPU interpreter, or a GPU under MIRAS_TEST_DEVICE=cuda)
+DEV = device_under_test()
+# every bound when fp32 dots are TF32 on a GPU (module docstring)
+TF32_TOL = 3e-2
+# head dim of the small-shape tests: 16 in the interpreter; on a GPU only the AOT-checked shipped
+# configurations run (configs.MLP_SHIPPED, smallest head dim 32), so the same tests use 32 there
+HD = 32 if on_gpu() else 16
+
+
+def dot_tol(tol: float) -> float:
+    """``tol`` with exact fp32 dots (the interpreter; a GPU under MIRAS_EXACT_FP32=1), else the
+    TF32 bound (module docstring)."""
+    return tol if fp32_dots_exact() else max(tol, TF32_TOL)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -142,15 +162,20 @@ def _reference(spec, C, g, cu=None):
 
 
 def _kernel(spec, C, g, dtype, cu=None):
+    if on_gpu():
+        # a configuration the GPU does not ship is refused by chunk_miras_mlp: say so, not pass
+        ok, why = supports(spec, g["q"].to(DEV, dtype), chunk_size=C, initial_state=_state(spec, g))
+        if not ok:
+            pytest.skip(f"not run on the GPU: {why}")
     leaves = {}
     for n, x in g.items():
-        t = x.detach().to(dtype if n in ("q", "k", "v") else torch.float32)
+        t = x.detach().to(device=DEV, dtype=dtype if n in ("q", "k", "v") else torch.float32)
         leaves[n] = t.requires_grad_()
     y, fin = chunk_miras_mlp(
         leaves["q"], leaves["k"], leaves["v"], leaves["alpha"] if spec.needs_alpha else None, leaves["eta"],
         spec=spec, chunk_size=C, delta=leaves["delta"] if spec.needs_delta else None,
         mu=leaves["mu"] if spec.needs_mu else None, initial_state=_state(spec, leaves),
-        output_final_state=True, cu_seqlens=cu,
+        output_final_state=True, cu_seqlens=None if cu is None else cu.to(DEV),
     )
     return leaves, y, fin
 
@@ -167,9 +192,10 @@ def _used(spec):
 
 
 def _close(name, got, ref, tol):
-    ref = ref.double()
-    err = (got.double() - ref).abs().max().item()
-    bound = tol * (ref.abs().max().item() + 1.0)
+    """max |got - ref| <= dot_tol(tol) * (max |ref| + 1), compared on the CPU in float64."""
+    ref = ref.detach().double().cpu()
+    err = (got.detach().double().cpu() - ref).abs().max().item()
+    bound = dot_tol(tol) * (ref.abs().max().item() + 1.0)
     assert err <= bound, f"{name}: max abs err {err:.3e} > {bound:.3e}"
 
 
@@ -190,7 +216,7 @@ def _check(spec, C, g, dtype=torch.float32, cu=None, tol=2e-4):
     used = _used(spec)
     rloss = (ry * cot_y).sum() + sum((rfin[n] * cot[n]).sum() for n in cot)
     rgrads = torch.autograd.grad(rloss, [rl[n] for n in used])
-    kloss = (ky.float() * cot_y.float()).sum() + sum((kfin[n] * cot[n].float()).sum() for n in cot)
+    kloss = (ky.float() * cot_y.float().to(DEV)).sum() + sum((kfin[n] * cot[n].float().to(DEV)).sum() for n in cot)
     kgrads = torch.autograd.grad(kloss, [kl[n] for n in used])
     for n, a, b in zip(used, kgrads, rgrads):
         assert a.shape == b.shape, (n, a.shape, b.shape)
@@ -225,26 +251,26 @@ SPECS = {
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_fp32_matches_token_loop(name):
     """Odd T (last chunk partial), B = 2 with per-sequence initial states, C = 16, e = 2."""
-    _check(SPECS[name], 16, _inputs(2, 37, 2, 16, 2, state_batch=2), tol=_tol(SPECS[name]))
+    _check(SPECS[name], 16, _inputs(2, 37, 2, HD, 2, state_batch=2), tol=_tol(SPECS[name]))
 
 
 @pytest.mark.parametrize("name", ["titans", "moneta", "memora"])
 def test_chunk64_expansion4_broadcast_state(name):
     """C = 64 (one partial and one full chunk), e = 4 (hidden 64), [H, ..] initial state."""
-    _check(MirasSpec.preset(name), 64, _inputs(1, 70, 1, 16, 4))
+    _check(MirasSpec.preset(name), 64, _inputs(1, 70, 1, HD, 4))
 
 
 @pytest.mark.parametrize("name,dtype", [("yaad", torch.bfloat16), ("yaad", torch.float16), ("titans", torch.bfloat16),
                                         ("moneta", torch.bfloat16), ("memora", torch.bfloat16)])
 def test_half_inputs(name, dtype):
-    _check(SPECS[name], 16, _inputs(1, 33, 2, 16, 2), dtype=dtype, tol=3e-2)
+    _check(SPECS[name], 16, _inputs(1, 33, 2, HD, 2), dtype=dtype, tol=3e-2)
 
 
 @pytest.mark.parametrize("name", ["yaad", "titans", "moneta", "memora"])
 def test_varlen_documents(name):
     """Packed documents: the state and the chunk grid restart at every document start."""
     cu = torch.tensor([0, 5, 26, 40], dtype=torch.int32)
-    g = _inputs(1, 40, 2, 16, 2, state_batch=3 if name in ("titans", "moneta", "memora") else None)
+    g = _inputs(1, 40, 2, HD, 2, state_batch=3 if name in ("titans", "moneta", "memora") else None)
     _check(SPECS[name], 16, g, cu=cu, tol=_tol(SPECS[name]))
 
 
@@ -253,7 +279,7 @@ def test_matches_ops_chunked_backend(name):
     """Same answer as the team's PyTorch chunked operator (forward, state and gradients); for
     the lq retention that operator reads through per_token_scan's lq scales."""
     spec = dataclasses.replace(SPECS[name], expansion=4)
-    g = _inputs(1, 21, 2, 16, 4)
+    g = _inputs(1, 21, 2, HD, 4)
     kl, ky, kfin = _kernel(spec, 16, g, torch.float32)
     ol = {n: x.detach().float().requires_grad_() for n, x in g.items()}
     oy, ofin = miras_memory(ol["q"], ol["k"], ol["v"], ol["alpha"], ol["eta"], spec=spec, chunk_size=16,
@@ -264,7 +290,7 @@ def test_matches_ops_chunked_backend(name):
         _close(n, kfin[n], ofin[n], 1e-4)
     cot = torch.randn_like(oy)
     used = _used(spec)
-    ga = torch.autograd.grad((ky * cot).sum() + kfin["W1"].sum(), [kl[n] for n in used])
+    ga = torch.autograd.grad((ky * cot.to(DEV)).sum() + kfin["W1"].sum(), [kl[n] for n in used])
     gb = torch.autograd.grad((oy * cot).sum() + ofin["W1"].sum(), [ol[n] for n in used])
     for n, a, b in zip(used, ga, gb):
         _close(f"d{n}", a, b, _tol(spec))  # both fp32: Huber's conditioning (see top) dominates
@@ -275,10 +301,10 @@ def test_fused_recurrent_matches_token_loop(name):
     """Decoding kernel: chunk size 1 (the exact per-token rule) and chunk size 4, resumed from a
     mid-chunk split, equal the token loop."""
     spec = SPECS[name]
-    g = _inputs(2, 11, 2, 16, 2)
+    g = _inputs(2, 11, 2, HD, 2)
     for C in (1, 4):
         _, ry, rfin = _reference(spec, C, g)
-        args = {n: x.detach().float() for n, x in g.items()}
+        args = {n: x.detach().float().to(DEV) for n, x in g.items()}
         st = _state(spec, args)
         y1, s1 = fused_recurrent_miras_mlp(
             args["q"][:, :6], args["k"][:, :6], args["v"][:, :6], args["alpha"][:, :6], args["eta"][:, :6],
@@ -293,6 +319,26 @@ def test_fused_recurrent_matches_token_loop(name):
             _close(f"{n} C={C}", s2[n], rfin[n], 2e-4)
 
 
+@pytest.mark.parametrize("name", ["lq_momentum", "memora"])
+def test_nan_filled_fresh_buffers(name, monkeypatch):
+    """With MIRAS_NAN_EMPTY=1 every buffer the hosts allocate empty (boundary states and momentum,
+    scratch, lq norms and d W_0, kl's W_0, y) starts as NaN (kernels/common/fresh.py): the results
+    stay equal to the token loop, so no kernel reads a slot before writing it. lq + momentum
+    allocates every buffer of the affine/lq path, memora the kl one; the decoding kernel's y too."""
+    monkeypatch.setenv("MIRAS_NAN_EMPTY", "1")
+    spec = SPECS[name]
+    g = _inputs(1, 21, 1, HD, 2)
+    _check(spec, 16, g, tol=_tol(spec))
+    _, ry, _ = _reference(spec, 4, g)
+    a = {n: x.detach().float().to(DEV) for n, x in g.items()}
+    y, _ = fused_recurrent_miras_mlp(a["q"], a["k"], a["v"], a["alpha"] if spec.needs_alpha else None, a["eta"],
+                                     spec=spec, chunk_size=4, mu=a["mu"] if spec.needs_mu else None,
+                                     initial_state=_state(spec, a))
+    _close("decode y", y, ry, 2e-4)
+
+
+@pytest.mark.skipif(on_gpu(), reason="checks coverage of CPU tensors in the interpreter (the GPU's, "
+                    "mlp_config_shipped, is asserted here too, on CPU)")
 def test_supports_and_errors():
     q = torch.zeros(1, 8, 2, 16)
     st = {"W1": torch.zeros(2, 16, 32), "W2": torch.zeros(2, 32, 16)}
@@ -383,6 +429,70 @@ def test_aot_list_covers_every_phase():
             assert len(hits) == want and all(h[2]["LQ"] is h[2]["REV"] and h[2]["MOMENTUM"] is False for h in hits), (kname, tag)
 
 
+def test_aot_specialises_as_launches():
+    """The AOT harness compiles what a launch compiles (miras_kernels.common.launch_spec): every
+    pointer 16-byte aligned, the per-launch counters (chunk ``step``, decoding ``pos0``) in each
+    kernel's do_not_specialize, and integers a kernel does specialise turned into the constant 1
+    or a divisibility-16 hint from the launch value -- the same rule as Triton's own launch
+    (checked against triton's native specialize_impl) -- and the compiled TTIR carries the hints."""
+    import json
+    import subprocess
+    import sys
+
+    from miras_kernels.common.launch_spec import launch_specialization
+    from miras_kernels.miras_mlp.aot import LAUNCH_INTS, aot_specs
+    from miras_kernels.miras_mlp.chunk_kernels import BWD_KERNELS, FWD_KERNELS
+    from miras_kernels.miras_mlp.chunk_kl_kernels import BWD_KL_MOM_KERNELS, FWD_KL_KERNELS
+    from miras_kernels.miras_mlp.chunk_lq_kernels import BWD_LQ_KERNELS, FWD_LQ_KERNELS
+    from miras_kernels.miras_mlp.fused_recurrent import mlp_recurrent_kernel
+
+    def unspecialised(fn):
+        return set(getattr(fn, "do_not_specialize", None) or getattr(fn, "kwargs", {}).get("do_not_specialize") or ())
+
+    for _, kern in FWD_KERNELS + BWD_KERNELS + FWD_LQ_KERNELS + BWD_LQ_KERNELS + FWD_KL_KERNELS + BWD_KL_MOM_KERNELS:
+        assert "step" in unspecialised(kern), kern
+    assert "pos0" in unspecialised(mlp_recurrent_kernel)
+    kern, sig, cx, name = aot_specs([("l2", False)], [(32, 2, 16)], lq=[], kl=[])[0]
+    sig2, ones, attrs = launch_specialization(kern, sig, LAUNCH_INTS)
+    pointers = {i for i, n in enumerate(kern.arg_names) if sig[n].startswith("*")}
+    assert {i for (i,) in attrs} == pointers and len(pointers) >= 20 and sig2 == sig and ones == {}
+    assert cx["DOT_PRECISION"] == "tf32"
+    # a kernel that specialises its integers: values 1 -> constant, 4096 -> divisibility 16, 17 -> none
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["step"])
+    def probe(x, n, m, big, f, step, B: tl.constexpr):
+        tl.store(x + n + m + big + step, f)
+
+    psig = {"x": "*fp32", "n": "i32", "m": "i32", "big": "i64", "f": "fp32", "step": "i32", "B": "constexpr"}
+    sig3, ones, attrs = launch_specialization(probe, psig, {"n": 1, "m": 17, "big": 4096})
+    assert sig3["n"] == "constexpr" and ones == {"n": 1} and sig3["m"] == "i32"
+    assert set(attrs) == {(0,), (3,)}     # the pointer and the multiple of 16; not the float or step
+    with pytest.raises(ValueError, match="'big'.*do_not_specialize"):
+        launch_specialization(probe, psig, {"n": 1, "m": 17})
+    try:   # the rule is Triton's: its launch-time specialisation of the same values
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:
+        native_specialize_impl = None
+    if native_specialize_impl is not None:
+        assert native_specialize_impl(BaseBackend, 1, False, True, True)[0] == "constexpr"
+        assert native_specialize_impl(BaseBackend, 4096, False, True, True) == ("i32", "D")
+        assert native_specialize_impl(BaseBackend, 17, False, True, True) == ("i32", "")
+        assert native_specialize_impl(BaseBackend, 4096, False, False, True)[1] is None   # do_not_specialize
+        assert native_specialize_impl(BaseBackend, torch.empty(4), False, True, True) == ("*fp32", "D")
+    # the compiled module carries one divisibility hint per pointer argument
+    code = ("import json, sys; sys.path.insert(0, %r)\n"
+            "from miras_kernels.miras_mlp.aot import aot_specs, compile_entry\n"
+            "print(json.dumps(compile_entry(aot_specs([('l2', False)], [(32, 2, 16)], lq=[], kl=[])[0], 90)))\n") % os.getcwd()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rep = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rep["ttir_divisibility"] == len(pointers) == len(rep["aligned_args"]) and rep["spill_bytes"] == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_aot_compile_340m_config(arch, tmp_path):
@@ -425,6 +535,8 @@ def test_aot_compile_340m_config(arch, tmp_path):
         assert rep["spill_bytes"] == 0, rep
 
 
+@pytest.mark.skipif(on_gpu(), reason="--quick is the Triton-interpreter check of the tool (CPU); "
+                    "tools/gpu_check.sh runs the GPU benchmark itself")
 def test_bench_quick_mode(tmp_path):
     """tools/bench_kernels_mlp.py --quick runs its GPU code path in the interpreter and writes JSON."""
     import importlib.util

@@ -5,7 +5,8 @@ Oracles: ``tests.test_kernels_mlp.token_loop`` (independent float64 loop: autogr
 its own ``_weights`` materialisation) and, for packed documents, the team's reference
 ``miras_memory(..., backend="recurrent")`` in float64. Numerics run in the Triton interpreter
 (TRITON_INTERPRET=1, tests/conftest.py); the kernel is forward-only, so outputs, final states and
-the frozen chunk-start weights are compared (no gradients).
+the frozen chunk-start weights are compared (no gradients). Under MIRAS_TEST_DEVICE=cuda the
+kernel runs on the GPU (inputs moved to ``DEV``; the float64 oracles stay on the CPU).
 
 Tolerance (``_close``): fp32 kernel vs float64 loop, max abs error <= 2e-4 * (max |reference| + 1)
 (observed, max err / (max|ref| + 1), seed 0: moneta 9e-7, lq q = 3 + momentum 2.8e-6, lq tiny state
@@ -24,7 +25,7 @@ import torch
 from miras_kernels.miras_mlp import fused_recurrent_miras_mlp
 from miras_kernels import miras_memory
 from miras_kernels.spec import MirasSpec
-from tests.test_kernels_mlp import _close, _inputs, _reference, _state, _weights
+from tests.test_kernels_mlp import DEV, _close, _inputs, _reference, _state, _weights
 
 pytestmark = pytest.mark.triton
 
@@ -60,7 +61,7 @@ def test_decode_matches_token_loop(name):
     (token 8: the loop's state after 8 tokens, through ``_weights``)."""
     spec = SPECS[name]
     g = _inputs(2, 11, 2, 16, 2, state_batch=2)
-    a = {n: x.detach().float() for n, x in g.items()}
+    a = {n: x.detach().float().to(DEV) for n, x in g.items()}
     for C in (1, 4):
         _, ry, rfin = _reference(spec, C, g)
         y1, s1 = _run(spec, C, a, 0, 6, _state(spec, a))
@@ -89,8 +90,8 @@ def test_decode_varlen_documents(name):
                                 delta=g["delta"] if spec.needs_delta else None, mu=g["mu"] if spec.needs_mu else None,
                                 initial_state=_state(spec, g), output_final_state=True, cu_seqlens=cu,
                                 backend="recurrent")
-    a = {n: x.float() for n, x in g.items()}
-    y, fin = _run(spec, 4, a, 0, 11, _state(spec, a), cu=cu)
+    a = {n: x.float().to(DEV) for n, x in g.items()}
+    y, fin = _run(spec, 4, a, 0, 11, _state(spec, a), cu=cu.to(DEV))
     _close("y", y, ry, TOL)
     for n in spec.state_keys():
         _close(n, fin[n], rfin[n], TOL)
@@ -106,7 +107,7 @@ def test_decode_head_dim_128(name):
     spec = MirasSpec.preset(name, expansion=1, **({"c": 1.5} if name == "memora" else {}))
     assert recurrent_block(128, 1, RET_CODES[spec.retention]) == 8
     g = _inputs(1, 5, 1, 128, 1)
-    a = {n: x.detach().float() for n, x in g.items()}
+    a = {n: x.detach().float().to(DEV) for n, x in g.items()}
     for C in (1, 2):
         _, ry, rfin = _reference(spec, C, g)
         y, fin = _run(spec, C, a, 0, 5, _state(spec, a))
@@ -126,7 +127,7 @@ def test_decode_lq_tiny_state_no_underflow():
     for n in ("W1", "W2"):
         g[n] = g[n] * 1e-16
     g["eta"] = g["eta"] * 1e-16
-    a = {n: x.detach().float() for n, x in g.items()}
+    a = {n: x.detach().float().to(DEV) for n, x in g.items()}
     assert float((a["W1"].abs() ** 3).sum()) == 0.0  # the plain fp32 sum of |X|^q underflows
     for C in (1, 4):
         _, ry, rfin = _reference(spec, C, g)
@@ -134,7 +135,7 @@ def test_decode_lq_tiny_state_no_underflow():
         _close(f"y C={C}", y, ry, TOL)
         for n in ("W1", "W2"):
             # relative to the state's own scale (the absolute bound would accept anything ~1e-16)
-            err = (fin[n].double() - rfin[n]).abs().max() / rfin[n].abs().max()
+            err = (fin[n].double().cpu() - rfin[n].detach()).abs().max() / rfin[n].abs().max()
             assert err <= TOL, (n, C, float(err))
 
 

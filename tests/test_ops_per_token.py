@@ -25,6 +25,7 @@ import torch
 from miras_kernels import MirasSpec
 from miras_kernels.pytorch import per_token_scan
 from miras_kernels.pytorch.per_token_scan import ChunkScanInputs, lq_scales, softmax_reads
+from miras_pretrain.testing.devices import test_device as device_under_test
 from test_ops_helpers import assert_close_all, call, make_case, outputs_and_grads, rel_err
 
 TOL_UNIT = 1e-10
@@ -92,7 +93,7 @@ def _compare(kind, spec, lv, C, tol=TOL_UNIT):
     ref = _loop_reference(kind, spec, lv, C)
     assert got.shape == ref.shape
     assert rel_err(got, ref) < tol, ("forward", rel_err(got, ref))
-    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=ref.dtype)
+    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=ref.dtype).to(ref.device)
     g_got = torch.autograd.grad((got * cot).sum(), list(used.values()))
     g_ref = torch.autograd.grad((ref * cot).sum(), list(used.values()))
     errs = {n: rel_err(a, b) for n, a, b in zip(used, g_got, g_ref)}
@@ -175,7 +176,7 @@ def _varlen_case(spec, seed):
     leaves = make_case(spec, B=1, T=23, H=2, D=4, seed=seed, state_batch=True)
     # per-document initial states [N, H, r, c] (make_case gives [B=1, H, r, c]: repeat for 3 docs)
     for n in [k for k in leaves if k.startswith("state_")]:
-        leaves[n] = leaves[n].detach().repeat(3, 1, 1, 1).mul(torch.tensor([1.0, 0.7, 1.2], dtype=torch.float64)
+        leaves[n] = leaves[n].detach().repeat(3, 1, 1, 1).mul(torch.tensor([1.0, 0.7, 1.2], dtype=torch.float64, device=device_under_test())
                                                                  .view(3, 1, 1, 1)).requires_grad_()
     return leaves
 
@@ -184,7 +185,7 @@ def _varlen_case(spec, seed):
 def test_varlen_chunked_equals_recurrent(name, small_blocks):
     spec = MirasSpec.preset(name)
     leaves = _varlen_case(spec, seed=41)
-    cu = torch.tensor([0, 7, 7, 23], dtype=torch.int64)  # an empty document, a partial chunk
+    cu = torch.tensor([0, 7, 7, 23], dtype=torch.int64, device=device_under_test())  # an empty document, a partial chunk
     ref = outputs_and_grads(spec, leaves, lambda lv: call(spec, lv, "recurrent", 4, cu_seqlens=cu))
     got = outputs_and_grads(spec, leaves, lambda lv: call(spec, lv, "chunked", 4, cu_seqlens=cu))
     assert_close_all(got, ref, TOL_OP, f"{name} varlen")

@@ -9,7 +9,11 @@ run the bundled ``ptxas -v`` on the PTX for registers and spill bytes, read shar
 Prints a table (and writes JSON with ``--out``); exits 1 on any compile error, spill, shared
 memory over the limit (A100 164 KiB, H100 227 KiB) or dot violation.
 
-    python tools/kernel_report.py [--arch 80 90] [--kernel chunk_bwd_dqg] [--jobs 2] [--out report.json]
+    python tools/kernel_report.py [--arch 80 90] [--kernel chunk_bwd_dqg] [--jobs 2] [--out report.json] [--md report.md]
+
+Arguments are specialised as a launch specialises them (``miras_kernels.common.launch_spec``):
+pointers 16-byte aligned, integers from the shipped 340M launch (``LAUNCH_INTS``) unless the kernel
+lists them in ``do_not_specialize``; fp32 dots compile as TF32 (the training default).
 
 Must not run under TRITON_INTERPRET=1 (the interpreter replaces compilation): the script clears
 it and re-executes itself when it is set.
@@ -33,7 +37,13 @@ SHARED_LIMIT = {80: 164 * 1024, 90: 227 * 1024}
 CHUNK_VARIANTS = {"gd": {"gd-huber": dict(BIAS=3, MOMENTUM=False)},
                   "momentum": {"mom-huber": dict(BIAS=3, MOMENTUM=True)}}
 RECURRENT_VARIANTS = {"mom-huber-lq": dict(BIAS=3, MOMENTUM=True, RET=1),
-                      "mom-huber-kl": dict(BIAS=3, MOMENTUM=True, RET=2)}
+                      "mom-huber-kl": dict(BIAS=3, MOMENTUM=True, RET=2),
+                      "gd-l2-retained": dict(BIAS=1, MOMENTUM=False, RET=0, RETAINED=True)}
+# the exact delta rule (kernels/miras_linear/chunk_exact_kernels.py): the WY kernels in both step_at orders
+EXACT_VARIANTS = {"delta_wy_fwd": {"previous": dict(RETAINED=False), "retained": dict(RETAINED=True)},
+                  "delta_wy_bwd_da": {"delta": dict(RETAINED=False)},  # RETAINED only in the gates
+                  "delta_wy_bwd_dk": {"previous": dict(RETAINED=False), "retained": dict(RETAINED=True)},
+                  "delta_state": {"delta": {}}, "delta_bwd_dstate": {"delta": {}}}
 
 
 # lq/kl (kernels/miras_linear/chunk_mat_kernels.py): the state pass and the dk launch get their
@@ -45,6 +55,8 @@ MAT_NAMES = {1: "lq", 2: "kl"}
 def variants_of(cfg) -> dict:
     if cfg.kernel == "recurrent_fwd":
         return RECURRENT_VARIANTS
+    if cfg.kernel in EXACT_VARIANTS:
+        return EXACT_VARIANTS[cfg.kernel]
     base = CHUNK_VARIANTS[cfg.learner]
     (bname, bvar), = base.items()
     if cfg.kernel == "chunk_state":
@@ -76,6 +88,10 @@ def _kernel_fn(kernel: str):
         from miras_kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_scan_bwd_kernel as fn
     elif kernel == "chunk_bwd_dstate_mat":
         from miras_kernels.miras_linear.chunk_mat_kernels import miras_linear_chunk_bwd_dstate_mat_kernel as fn
+    elif kernel.startswith("delta_"):
+        from miras_kernels.miras_linear import chunk_exact_kernels
+
+        fn = getattr(chunk_exact_kernels, f"miras_{kernel}_kernel")
     else:
         from miras_kernels.miras_linear.fused_recurrent import miras_linear_recurrent_fwd_kernel as fn
     return fn
@@ -105,14 +121,41 @@ def _signature(fn, constexprs: dict) -> dict:
 CHUNK_V = 128
 
 
-def _attrs(fn, sig: dict) -> dict:
-    """The specialisation a launch gives: every pointer 16-byte aligned (whole torch tensors are),
-    integers unspecialised (the chunk kernels declare them ``do_not_specialize``; the recurrent
-    kernel's launches are compiled the same way here, without divisibility hints)."""
-    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+# Integer values of a shipped training launch (the 340M presets: 16 heads of 64, micro batch 8 x
+# 4096 tokens, chunk 64), from which a launch specialises the integers a kernel does not list in
+# do_not_specialize (== 1: a constant; % 16 == 0: divisibility 16). The linear chunk kernels list
+# all of theirs (common.linear_blocks.RUNTIME_INTS); the recurrent kernel's T, H and CS are
+# specialised from these values (a decoding call with T == 1 or CS == 1 compiles another variant).
+LAUNCH_INTS = dict(T=4096, H=16, K=64, V=64, NTOK=8 * 4096, CS=64)
+# fp32 dots as training compiles them (miras_kernels.common.precision: tf32 unless MIRAS_EXACT_FP32=1)
+TRAIN_DOT_PRECISION = "tf32"
+
+
+def specialise(fn, sig: dict, consts: dict) -> tuple[dict, dict, dict, list[str]]:
+    """``(signature, constexprs, attrs, names turned into the constant 1)`` as a launch with
+    :data:`LAUNCH_INTS` compiles ``fn``: 16-byte aligned pointers, integers specialised unless
+    ``do_not_specialize`` (``miras_kernels.common.launch_spec.launch_specialization``)."""
+    from miras_kernels.common.launch_spec import launch_specialization
+
+    sig, ones, attrs = launch_specialization(fn, sig, LAUNCH_INTS)
+    return sig, {**consts, **ones}, attrs, sorted(ones)
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def _constexprs(kernel: str, cfg, variant: dict) -> dict:
+    if kernel.startswith("delta_"):
+        # exact delta rule: runtime head dims, decay gates, varlen, initial state / final-state adjoint
+        c = dict(BT=cfg.BT, BK=cfg.BK, BV=cfg.BV, HAS_ALPHA=True, IS_VARLEN=True, **variant)
+        if kernel == "delta_state":
+            c["USE_H0"] = True
+        if kernel == "delta_bwd_dstate":
+            c["USE_DHT"] = True
+        return c
     c = dict(K=cfg.BK, V=cfg.BV, BK=cfg.BK, BV=cfg.BV, EPS=1e-6, HAS_ALPHA=True, IS_VARLEN=True, USE_H0=True)
     c.update(variant)
     if kernel.startswith("chunk_"):
@@ -145,6 +188,13 @@ def _constexprs(kernel: str, cfg, variant: dict) -> dict:
     return c
 
 
+def _describe(fn, sig: dict, attrs: dict, ones: list[str]) -> str:
+    """One line: which arguments the launch specialisation touched."""
+    aligned = [fn.arg_names[i] for (i,) in attrs if sig[fn.arg_names[i]].startswith("*")]
+    div16 = [fn.arg_names[i] for (i,) in attrs if not sig[fn.arg_names[i]].startswith("*")]
+    return f"aligned: {len(aligned)} pointers; div16: {','.join(div16) or '-'}; ==1: {','.join(ones) or '-'}"
+
+
 def check_ttir_dots(ttir: str) -> list[str]:
     """Problems with the ``tt.dot`` ops of a TTIR module: non-fp32 operands or a dim < 16."""
     problems = []
@@ -166,15 +216,19 @@ def compile_one(job: tuple) -> dict:
     from triton.compiler import ASTSource
 
     row = dict(kernel=cfg.kernel, config=cfg.label(), variant=vname, arch=f"sm_{arch}",
-               registers=None, spill_bytes=None, shared_bytes=None, dots=0, error="")
+               registers=None, spill_bytes=None, shared_bytes=None, dots=0, error="", triton=triton.__version__)
     t0 = time.time()
     try:
         fn = _kernel_fn(cfg.kernel)
         consts = _constexprs(cfg.kernel, cfg, variants_of(cfg)[vname])
+        if "DOT_PRECISION" in fn.arg_names:
+            consts.setdefault("DOT_PRECISION", TRAIN_DOT_PRECISION)
         sig = _signature(fn, consts)
         if cfg.kernel == "chunk_scan_fwd" and consts.get("MAT") == 2:
             sig["out"] = "*bf16"  # kl writes the read in the inputs' dtype
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=_attrs(fn, sig))
+        sig, consts, attrs, ones = specialise(fn, sig, consts)
+        row["specialised"] = _describe(fn, sig, attrs, ones)
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         row["shared_bytes"] = int(ck.metadata.shared)
@@ -213,12 +267,15 @@ def compile_mlp_one(job: tuple) -> dict:
 
     entry = aot.aot_specs()[idx]
     name = entry[3]
+    import triton
+
     row = dict(kernel=name.split("[")[0], config=name, variant="-", arch=f"sm_{arch}", registers=None,
-               spill_bytes=None, shared_bytes=None, dots=0, error="")
+               spill_bytes=None, shared_bytes=None, dots=0, error="", triton=triton.__version__)
     t0 = time.time()
     try:
         r = aot.compile_entry(entry, arch)
-        row.update(registers=r["registers"], spill_bytes=r["spill_bytes"], shared_bytes=r["shared_bytes"])
+        row.update(registers=r["registers"], spill_bytes=r["spill_bytes"], shared_bytes=r["shared_bytes"],
+                   specialised=f"aligned: {len(r['aligned_args'])} pointers")
         problems = [f"spills {r['spill_bytes']} bytes"] if r["spill_bytes"] else []
         if r["shared_bytes"] > SHARED_LIMIT[arch]:
             problems.append(f"shared memory {r['shared_bytes']} > {SHARED_LIMIT[arch]}")
@@ -227,6 +284,22 @@ def compile_mlp_one(job: tuple) -> dict:
         row["error"] = f"compile error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     row["seconds"] = round(time.time() - t0, 1)
     return row
+
+
+def write_markdown(path: str, rows: list[dict]) -> None:
+    """The rows as a markdown table under a heading naming the Triton version and the failures."""
+    bad = sum(bool(r["error"]) for r in rows)
+    lines = [f"# Kernel AOT report (triton {triton_version()})", "",
+             f"{len(rows)} compiles, {bad} failing. Launch specialisation: 16-byte aligned pointers, integers "
+             f"from LAUNCH_INTS {LAUNCH_INTS} unless do_not_specialize; fp32 dots {TRAIN_DOT_PRECISION}.", "",
+             "| kernel | config | variant | arch | regs | spill B | shared B | status |",
+             "|---|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['config']} | {r['variant']} | {r['arch']} | {r['registers']} | "
+                     f"{r['spill_bytes']} | {r['shared_bytes']} | {r['error'] or 'ok'} |")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _run(fn, jobs, n_procs):
@@ -246,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     ap.add_argument("--family", choices=["linear", "mlp", "all"], default="linear",
                     help="linear: miras_kernels.configs.LINEAR_SHIPPED (this report's default); mlp: miras_kernels.miras_mlp.aot")
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here (every row names the Triton version)")
+    ap.add_argument("--md", default=None, help="write a markdown table here (Triton version in its heading)")
     args = ap.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET"):
@@ -282,11 +356,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['spill_bytes'] if r['spill_bytes'] is not None else '-':>6} "
               f"{r['shared_bytes'] if r['shared_bytes'] is not None else '-':>7}  {status}")
     bad = [r for r in rows if r["error"]]
-    print(f"{len(rows)} compiles, {len(bad)} failing, {time.time() - t0:.0f} s")
+    print(f"{len(rows)} compiles, {len(bad)} failing, {time.time() - t0:.0f} s (triton {triton_version()}, "
+          f"launch specialisation: aligned pointers, integers from LAUNCH_INTS)")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.md:
+        write_markdown(args.md, rows)
     return 1 if bad else 0
 
 

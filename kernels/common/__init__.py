@@ -12,4 +12,6 @@ imports another module's private helper).
 * :mod:`miras_kernels.common.mlp_scratch` -- the MLP chunk kernels' per-program scratch layout
   and its addressing helpers.
 * :mod:`miras_kernels.common.varlen` -- host-side chunk bookkeeping for ``cu_seqlens``.
+* :mod:`miras_kernels.common.fresh` -- fresh kernel buffers, NaN-filled under ``MIRAS_NAN_EMPTY=1``.
+* :mod:`miras_kernels.common.launch_spec` -- the argument specialisation of a Triton launch, for AOT compiles.
 """

@@ -4,7 +4,11 @@
 ``triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
 target=GPUTarget("cuda", 80|90, 32), options={"num_warps": aot_num_warps(config_name)})``
 compiles without a GPU; ``compile_entry`` does exactly that and reads registers/spills from
-``ptxas -v``. ``tools/kernel_report.py`` consumes the same list. The configurations themselves
+``ptxas -v``. ``tools/kernel_report.py`` consumes the same list. Arguments are specialised as a
+launch specialises them (``miras_kernels.common.launch_spec``: 16-byte aligned pointers; the only
+integers, the chunk ``step`` and the decoding ``pos0``, are ``do_not_specialize`` on the kernels),
+and every fp32 ``tl.dot`` is compiled with ``DOT_PRECISION = "tf32"`` (the training default). The
+configurations themselves
 (shipped triples, hidden blocks, warps per phase) are the MLP section of ``miras_kernels.configs``.
 """
 
@@ -16,6 +20,7 @@ import subprocess
 import tempfile
 
 from miras_kernels.common.codes import BIAS_CODES
+from miras_kernels.common.launch_spec import launch_specialization
 from miras_kernels.configs import (MLP_NUM_STAGES, MLP_SHIPPED, MLP_SHIPPED_KL, mlp_hidden_block, mlp_phase_warps,
                                    mlp_recurrent_block)
 from miras_kernels.miras_mlp.chunk_kernels import BIAS_KERNELS, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
@@ -34,6 +39,13 @@ LQ_VARIANTS = [("lp", 4.0, False), ("l2", 4.0, True)]   # q values: configs.MLP_
 # ``aot_specs(kl=...)`` selects them.
 KL_VARIANTS = [("l2", False), ("l2", True)]
 
+# fp32 dots as training compiles them (common.precision.dot_precision() without MIRAS_EXACT_FP32)
+TRAIN_DOT_PRECISION = "tf32"
+# Integer values a launch passes for the integer arguments it specialises: none (the MLP kernels'
+# integers, ``step`` and ``pos0``, change every launch and are ``do_not_specialize``; a new integer
+# argument makes launch_specialization ask for its value here).
+LAUNCH_INTS: dict[str, int] = {}
+
 _PTR = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "y": "*bf16", "dy": "*bf16",
         "cu": "*i32", "coff": "*i32"}
 
@@ -41,7 +53,7 @@ _PTR = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "y": "*bf16", "dy": "*bf16",
 def _signature(kernel) -> dict[str, str]:
     sig = {}
     for name in kernel.arg_names:
-        if name in ("H", "D", "E", "BT", "BH", "SW", "C", "BIAS", "MOMENTUM", "REV", "LQ", "LQQ"):
+        if name in ("H", "D", "E", "BT", "BH", "SW", "C", "BIAS", "MOMENTUM", "REV", "LQ", "LQQ", "DOT_PRECISION"):
             sig[name] = "constexpr"
         elif name in ("p", "lqe", "kc"):
             sig[name] = "fp32"
@@ -81,7 +93,7 @@ def aot_specs(variants=None, shipped=None, lq=None, kl=None) -> list[tuple]:
                 seen.add(key)
                 nw = mlp_phase_warps(kname, d, c)
                 cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
-                      "MOMENTUM": mom, "REV": rev, "LQ": False}
+                      "MOMENTUM": mom, "REV": rev, "LQ": False, "DOT_PRECISION": TRAIN_DOT_PRECISION}
                 tag = f"{bias},{'momentum' if mom else 'gd'} D{d} E{d * e} C{c} BH{bh} w{nw}"
                 out.append((kern, _signature(kern), cx, f"{kname}[{tag}]"))
         for bias, qexp, mom in (LQ_VARIANTS if lq is None else lq):
@@ -90,7 +102,7 @@ def aot_specs(variants=None, shipped=None, lq=None, kl=None) -> list[tuple]:
                     continue
                 nw = mlp_phase_warps(kname, d, c, lq=True)
                 cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
-                      "MOMENTUM": mom, "REV": rev, "LQ": True}
+                      "MOMENTUM": mom, "REV": rev, "LQ": True, "DOT_PRECISION": TRAIN_DOT_PRECISION}
                 if kern in LQ_ARG_KERNELS:
                     cx["LQQ"] = float(qexp)
                 tag = f"{bias},{'momentum' if mom else 'gd'},lq D{d} E{d * e} C{c} BH{bh} w{nw}"
@@ -101,7 +113,7 @@ def aot_specs(variants=None, shipped=None, lq=None, kl=None) -> list[tuple]:
                                          + [(n, k, True) for n, k in kl_phases(True, mom)]):
                     nw = mlp_phase_warps(kname, d, c, lq=rev)
                     cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
-                          "MOMENTUM": mom, "REV": rev, "LQ": rev}
+                          "MOMENTUM": mom, "REV": rev, "LQ": rev, "DOT_PRECISION": TRAIN_DOT_PRECISION}
                     tag = f"{bias},{'momentum' if mom else 'gd'},kl D{d} E{d * e} C{c} BH{bh} w{nw}"
                     out.append((kern, _signature(kern), cx, f"{kname}[{tag}]"))
     # decoding kernel: chunk semantics C = 1 (the exact rule) and the shipped training chunk sizes.
@@ -130,7 +142,8 @@ def compile_entry(entry: tuple, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     kernel, sig, cx, name = entry
-    src = ASTSource(fn=kernel, signature=sig, constexprs=cx)
+    sig, ones, attrs = launch_specialization(kernel, sig, LAUNCH_INTS)
+    src = ASTSource(fn=kernel, signature=sig, constexprs={**cx, **ones}, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": aot_num_warps(name), "num_stages": MLP_NUM_STAGES})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +158,11 @@ def compile_entry(entry: tuple, arch: int) -> dict:
     spill_st = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
     spill_ld = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", log))
     return {"config": name, "arch": f"sm_{arch}", "registers": regs, "spill_bytes": spill_st + spill_ld,
-            "shared_bytes": int(ck.metadata.shared), "num_warps": aot_num_warps(name)}
+            "shared_bytes": int(ck.metadata.shared), "num_warps": aot_num_warps(name),
+            "aligned_args": sorted(kernel.arg_names[i] for (i,) in attrs), "triton": triton.__version__,
+            # the hints as the compiled module carries them (one per aligned pointer argument)
+            "ttir_divisibility": next(line for line in ck.asm["ttir"].splitlines()
+                                      if "tt.func" in line).count("tt.divisibility = 16")}
 
 
 # Spill bytes allowed per (config name, arch): none. Every shipped configuration of every phase

@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 
 from miras_kernels.common.codes import BIAS_CODES, bias_scalar
+from miras_kernels.common.fresh import fresh_empty, fresh_empty_like
 from miras_kernels.common.mlp_scratch import scratch_floats
+from miras_kernels.common.varlen import VarlenMeta
+from miras_kernels.common.precision import dot_precision
 from miras_kernels.configs import MLP_NUM_STAGES, mlp_hidden_block, mlp_phase_warps
 from miras_kernels.dispatch import supports
 from miras_kernels.inputs import validate_inputs
@@ -38,26 +41,26 @@ class ChunkMirasMLPFunction(torch.autograd.Function):
         gates = [x.reshape(B * T, H).contiguous() for x in (la, eta, dlt, lmu)]
         idx0 = (coff[:-1].long() + torch.arange(N, device=dev))
         idx1 = (coff[1:].long() + torch.arange(N, device=dev))
-        st1 = torch.empty(J, H, D, E, dtype=torch.float32, device=dev)
-        st2 = torch.empty(J, H, E, D, dtype=torch.float32, device=dev)
+        st1 = fresh_empty(J, H, D, E, dtype=torch.float32, device=dev)
+        st2 = fresh_empty(J, H, E, D, dtype=torch.float32, device=dev)
         st1[idx0] = W1
         st2[idx0] = W2
         if momentum:
-            ss1 = torch.empty_like(st1)
-            ss2 = torch.empty_like(st2)
+            ss1 = fresh_empty_like(st1)
+            ss2 = fresh_empty_like(st2)
             ss1[idx0] = S1
             ss2[idx0] = S2
         else:
             ss1, ss2 = st1, st2  # never read (MOMENTUM=False)
-        y = torch.empty_like(qf)
+        y = fresh_empty_like(qf)
         BH = mlp_hidden_block(D, E // D, chunk)
         SW = max(D, chunk)
-        scr = torch.empty(N * H, scratch_floats(chunk, SW, E), dtype=torch.float32, device=dev)
+        scr = fresh_empty(N * H, scratch_floats(chunk, SW, E), dtype=torch.float32, device=dev)
         # forward phases only read q, k, v, gates and states; the gradient slots get stand-ins
         args = (qf, kf, vf, *gates, y, y, y, y, *gates, st1, st2, ss1, ss2, st1, st2, ss1, ss2, st1, st2, scr, cu, coff,
                 float(p))
         # lq: per-token q-norms of X1, X2 ([T, H, 2], saved for the backward; else a stand-in)
-        nrm = torch.empty(B * T, H, 2, dtype=torch.float32, device=dev) if lq else torch.zeros(0, device=dev)
+        nrm = fresh_empty(B * T, H, 2, dtype=torch.float32, device=dev) if lq else torch.zeros(0, device=dev)
         _run_steps(False, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, lq, lqq, lqe, nrm, kl, kc)
         ctx.save_for_backward(qf, kf, vf, *gates, st1, st2, ss1, ss2, cu, coff, idx0, idx1, nrm)
         ctx.meta = (B, T, H, D, E, chunk, bias, p, momentum, q.dtype, N, nt_max, lq, lqq, lqe, kl, kc)
@@ -94,8 +97,8 @@ class ChunkMirasMLPFunction(torch.autograd.Function):
         if lq or kl:
             # per-program cotangent of the inner gradients' weights W_0 = s_0 X_0 (lq) or
             # W_0 = c softmax(Z_0) (kl)
-            dw1 = torch.empty(N * H, D * E, dtype=torch.float32, device=dev)
-            dw2 = torch.empty(N * H, D * E, dtype=torch.float32, device=dev)
+            dw1 = fresh_empty(N * H, D * E, dtype=torch.float32, device=dev)
+            dw2 = fresh_empty(N * H, D * E, dtype=torch.float32, device=dev)
         else:
             dw1, dw2 = dst1, dst2   # never read (LQ=False)
         dyf = dy.reshape(B * T, H, D).contiguous()
@@ -105,7 +108,7 @@ class ChunkMirasMLPFunction(torch.autograd.Function):
         dla, deta, ddlt, dlmu = (torch.zeros(B * T, H, dtype=torch.float32, device=dev) for _ in range(4))
         SW = max(D, chunk)
         BH = mlp_hidden_block(D, E // D, chunk)
-        scr = torch.empty(N * H, scratch_floats(chunk, SW, E), dtype=torch.float32, device=dev)
+        scr = fresh_empty(N * H, scratch_floats(chunk, SW, E), dtype=torch.float32, device=dev)
         args = (qf, kf, vf, la, eta, dlt, lmu, dyf, dq, dk, dv, dla, deta, ddlt, dlmu,
                 st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, float(p))
         # chunk NTn-1-step of every sequence at launch step `step`
@@ -125,7 +128,7 @@ def _run_steps(rev, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, lq,
     (``args[15]``, ``args[16]`` = the saved states ``st1``, ``st2``)."""
     if kl:
         # kl: the materialised chunk-start weights W_0 = c softmax(Z_0) (transient, per boundary)
-        wst = (torch.empty_like(args[15]), torch.empty_like(args[16]))
+        wst = (fresh_empty_like(args[15]), fresh_empty_like(args[16]))
         _run_kl_phases(kl_phases(rev, momentum), args, wst, kc, nt_max, N, H, D, E, chunk, BH, SW, bias, rev, momentum)
     else:
         kernels = (BWD_LQ_KERNELS if lq else BWD_KERNELS) if rev else (FWD_LQ_KERNELS if lq else FWD_KERNELS)
@@ -141,7 +144,8 @@ def _run_phases(kernels, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum
         for name, kern in phases:
             extra, kw = ((lqe, nrm), {"LQQ": lqq}) if kern in LQ_ARG_KERNELS else ((), {})
             kern[(N * H,)](*args, step, *extra, H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW, BIAS=bias, MOMENTUM=momentum,
-                           REV=rev, LQ=lq, num_warps=mlp_phase_warps(name, D, chunk, lq), num_stages=MLP_NUM_STAGES, **kw)
+                           REV=rev, LQ=lq, DOT_PRECISION=dot_precision(), num_warps=mlp_phase_warps(name, D, chunk, lq),
+                           num_stages=MLP_NUM_STAGES, **kw)
 
 
 def _run_kl_phases(kernels, args, wst, kc, nt_max, N, H, D, E, chunk, BH, SW, bias, rev, momentum):
@@ -155,13 +159,14 @@ def _run_kl_phases(kernels, args, wst, kc, nt_max, N, H, D, E, chunk, BH, SW, bi
             extra = (*wst, float(kc)) if kern in KL_ARG_KERNELS else ()
             kern[(N * H,)](*(args_w if name in W0_PHASES else args), step, *extra, H=H, D=D, E=E, BT=chunk, BH=BH,
                            SW=SW, BIAS=bias, MOMENTUM=momentum, REV=rev, LQ=rev,
-                           num_warps=mlp_phase_warps(name, D, chunk, rev), num_stages=MLP_NUM_STAGES)
+                           DOT_PRECISION=dot_precision(), num_warps=mlp_phase_warps(name, D, chunk, rev),
+                           num_stages=MLP_NUM_STAGES)
 
 
 def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor | None,
                     eta: torch.Tensor, *, spec, chunk_size: int = 64, delta: torch.Tensor | None = None,
                     mu: torch.Tensor | None = None, initial_state: dict[str, torch.Tensor],
-                    output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None
+                    output_final_state: bool = False, cu_seqlens: torch.Tensor | VarlenMeta | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Chunk-parallel MLP-memory Miras layer (Triton forward and backward); same contract as
     :func:`miras_kernels.miras_memory` (checked by ``miras_kernels.inputs.validate_inputs``).
@@ -173,7 +178,8 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
         initial_state: ``{"W1": [N, H, D, E] or [H, D, E], "W2": [.., E, D]}`` (+ ``S_W1``,
             ``S_W2`` for momentum, zeros when left out); ``N`` = B, or the number of documents
             with ``cu_seqlens``. Gradients flow to it (broadcast dims are summed by autograd).
-        cu_seqlens: ``[N+1]`` int with ``B == 1``: the state resets at each document start.
+        cu_seqlens: ``[N+1]`` int with ``B == 1``, or a ``VarlenMeta`` (no host read; a bare tensor
+            is read once in ``validate_inputs``): the state resets at each document start.
     Returns:
         ``(y [B, T, H, D] in q's dtype, final_state)`` where ``final_state`` is a dict of
         ``[N, H, ..]`` fp32 tensors when ``output_final_state`` else ``None``.
@@ -194,18 +200,18 @@ def chunk_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: to
     la = torch.zeros(B, T, H, **f32) if x.alpha is None else torch.log(x.alpha.float())
     dlt = torch.ones(B, T, H, **f32) if x.delta is None else x.delta.float()
     lmu = torch.zeros(B, T, H, **f32) if x.mu is None else torch.log(x.mu.float())
-    if cu_seqlens is None:
+    # chunk bookkeeping from host integers and device tensors only: nothing here reads device
+    # memory (no sync per layer call; the VarlenMeta holds the host copy of the offsets)
+    if x.varlen is None:
+        per = -(-T // chunk_size)
         cu = torch.arange(B + 1, dtype=torch.int32, device=dev) * T
+        coff = torch.arange(B + 1, dtype=torch.int32, device=dev) * per
+        nt_total, nt_max = B * per, per
     else:
-        cu = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
+        cu = x.varlen.cu_seqlens
+        coff = x.varlen.chunk_offsets(chunk_size)
+        nt_total, nt_max = x.varlen.n_chunks(chunk_size)
     N = x.n_states
-    lens = (cu[1:] - cu[:-1]).long()
-    counts = (lens + chunk_size - 1) // chunk_size
-    coff64 = torch.zeros(N + 1, dtype=torch.int64, device=dev)
-    coff64[1:] = torch.cumsum(counts, 0)
-    nt_total = int(coff64[-1])
-    nt_max = int(counts.max()) if N > 0 else 0
-    coff = coff64.to(torch.int32)
 
     W1, W2 = x.initial_state["W1"].float(), x.initial_state["W2"].float()
     momentum = spec.learner == "momentum"

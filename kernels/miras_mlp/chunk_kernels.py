@@ -59,7 +59,7 @@ from miras_kernels.common.mlp_tiles import (bias_grad, gelu, gelu_d, gelu_dd, ln
 
 
 @triton.jit
-def _chunk_coefs(la_c, lm_c, et_c, tm, BT: tl.constexpr, MOMENTUM: tl.constexpr):
+def _chunk_coefs(la_c, lm_c, et_c, tm, BT: tl.constexpr, MOMENTUM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """In-chunk decay coefficients.
 
     Returns (c [BT], cC, Dm [BT,BT] = exp(L_t-L_i) masked i<=t, Gam [BT,BT], gam [BT] = coefficient
@@ -78,7 +78,7 @@ def _chunk_coefs(la_c, lm_c, et_c, tm, BT: tl.constexpr, MOMENTUM: tl.constexpr)
         Mtot = tl.sum(lm_c, axis=0)
         Bm = tl.where(causal, tl.exp(tl.where(causal, M[:, None] - M[None, :], 0.0)), 0.0)
         # E_ti = sum_{s=i..t} exp(L_t - L_s) exp(M_s - M_i): a product of two triangular matrices
-        Em = tl.dot(Dm, Bm)
+        Em = tl.dot(Dm, Bm, input_precision=DOT_PRECISION)
         Gam = Em * et_c[None, :]
         eM = tl.exp(M)
         bvec = tl.sum(Dm * eM[None, :], axis=1)
@@ -100,12 +100,17 @@ def _chunk_coefs(la_c, lm_c, et_c, tm, BT: tl.constexpr, MOMENTUM: tl.constexpr)
 
 # The phase kernels share one argument list (the host and the AOT list stay simple; a phase
 # ignores what it does not use). Grid: (N * H,), one launch per chunk step.
-@triton.jit
+# ``step`` (the chunk step) changes with every launch: ``do_not_specialize`` keeps one compile
+# for all steps (Triton would otherwise compile step == 1 and step % 16 == 0 apart), the same
+# one tools/kernel_report.py checks. ``DOT_PRECISION`` (common.precision.dot_precision(): tf32,
+# or ieee under MIRAS_EXACT_FP32=1) is every fp32 tl.dot's input_precision.
+@triton.jit(do_not_specialize=["step"])
 def mlp_prep_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Phase 1a (forward and backward): the inner forward at W_0 on the keys, o = W1 gelu(W2 k)
     (parked); K^T and Q^T staged in fp32."""
@@ -122,18 +127,19 @@ def mlp_prep_kernel(
             if LQ:   # inner gradients at the weights W_0 = s_0 X_0
                 W2b = W2b * tl.load(scalar_ptr(scr_p, C_S02, BT, SW, E))
                 W1b = W1b * tl.load(scalar_ptr(scr_p, C_S01, BT, SW, E))
-            O += tl.dot(gelu(tl.dot(load_tokens(k + tb, tm, H, D, BT), tl.trans(W2b))), tl.trans(W1b))
+            O += tl.dot(gelu(tl.dot(load_tokens(k + tb, tm, H, D, BT), tl.trans(W2b), input_precision=DOT_PRECISION)), tl.trans(W1b), input_precision=DOT_PRECISION)
         tl.store(slot_ptrs(scr_p, S_OC, BT, D, SW, BT), O)
         tl.store(slot_ptrs_t(scr_p, S_KT, D, SW, BT), tl.trans(load_tokens(k + tb, tm, H, D, BT)))
         tl.store(slot_ptrs_t(scr_p, S_QT, D, SW, BT), tl.trans(load_tokens(q + tb, tm, H, D, BT)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_prep2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Phase 1b (forward and backward): LN of o, the bias map u = dl/dM, do = LN_bwd(u)."""
     valid, tm, tb, go, b_in, b_out, so = chunk_prologue(cu, coff, step, H, D, E, BT, SW, REV)
@@ -149,12 +155,13 @@ def mlp_prep2_kernel(
         tl.store(vector_ptrs(scr_p, V_RSTD, BT, SW, E), rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_coef_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Phase 1c (forward and backward): the in-chunk coefficients (c, gam, b, pi, cC, bC, PC, Gam)
     and A2 = Gam * (Q K^T)."""
@@ -162,10 +169,10 @@ def mlp_coef_kernel(
     if valid:
         scr_p = scr + so
         la_c, et_c, dl_c, lm_c = load_gates(la, eta, dlt, lmu, go, tm)
-        cvec, cC, Dm, Gam, gam, bvec, bC, pi, PC = _chunk_coefs(la_c, lm_c, et_c, tm, BT, MOMENTUM)
+        cvec, cC, Dm, Gam, gam, bvec, bC, pi, PC = _chunk_coefs(la_c, lm_c, et_c, tm, BT, MOMENTUM, DOT_PRECISION)
         tl.store(slot_ptrs(scr_p, S_GAMM, BT, BT, SW, BT), Gam)
         tl.store(slot_ptrs(scr_p, S_A2, BT, BT, SW, BT),
-                 Gam * tl.dot(load_tokens(q + tb, tm, H, D, BT), tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT))))
+                 Gam * tl.dot(load_tokens(q + tb, tm, H, D, BT), tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT)), input_precision=DOT_PRECISION))
         tl.store(vector_ptrs(scr_p, V_C, BT, SW, E), cvec)
         tl.store(vector_ptrs(scr_p, V_GAM, BT, SW, E), gam)
         tl.store(vector_ptrs(scr_p, V_B, BT, SW, E), bvec)
@@ -175,12 +182,13 @@ def mlp_coef_kernel(
         tl.store(scalar_ptr(scr_p, C_PC, BT, SW, E), PC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_qw_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Phase 1d (forward and backward), per hidden block: Q W2_0^T (and Q S2_0^T for momentum)
     into scratch, kept out of the register-heavy hidden-layer phases."""
@@ -192,17 +200,18 @@ def mlp_qw_kernel(
         for jb in tl.range(0, E, BH, disable_licm=True):
             hh = jb + oh
             o2t = hh[None, :] * D + od[:, None]
-            tl.store(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E), tl.dot(load_tokens(q + tb, tm, H, D, BT), tl.load(st2 + b_in + o2t)))
+            tl.store(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E), tl.dot(load_tokens(q + tb, tm, H, D, BT), tl.load(st2 + b_in + o2t), input_precision=DOT_PRECISION))
             if MOMENTUM:
-                tl.store(region_ptrs(scr_p, R_DZ, hh, BT, SW, E), tl.dot(load_tokens(q + tb, tm, H, D, BT), tl.load(ss2 + b_in + o2t)))
+                tl.store(region_ptrs(scr_p, R_DZ, hh, BT, SW, E), tl.dot(load_tokens(q + tb, tm, H, D, BT), tl.load(ss2 + b_in + o2t), input_precision=DOT_PRECISION))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_fwd_hidden_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Forward phase 2a, per hidden block: dz_i and the read's hidden layer Hq; Hq, Hh = gelu(z)
     and dz_i are parked for the state and Gram phases."""
@@ -223,10 +232,10 @@ def mlp_fwd_hidden_kernel(
             if LQ:
                 W2b = W2b * tl.load(scalar_ptr(scr_p, C_S02, BT, SW, E))
                 W1b = W1b * tl.load(scalar_ptr(scr_p, C_S01, BT, SW, E))
-            Z = tl.dot(Kl, tl.trans(W2b))
+            Z = tl.dot(Kl, tl.trans(W2b), input_precision=DOT_PRECISION)
             Hh = gelu(Z)
-            DZ = tl.dot(Dn, W1b) * gelu_d(Z)                                   # dz_i [BT, BH]
-            Zq = cvec[:, None] * tl.load(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E)) - tl.dot(tl.load(slot_ptrs(scr_p, S_A2, BT, BT, SW, BT)), DZ)
+            DZ = tl.dot(Dn, W1b, input_precision=DOT_PRECISION) * gelu_d(Z)                                   # dz_i [BT, BH]
+            Zq = cvec[:, None] * tl.load(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E)) - tl.dot(tl.load(slot_ptrs(scr_p, S_A2, BT, BT, SW, BT)), DZ, input_precision=DOT_PRECISION)
             if MOMENTUM:
                 bvec = tl.load(vector_ptrs(scr_p, V_B, BT, SW, E))
                 Zq += bvec[:, None] * tl.load(region_ptrs(scr_p, R_DZ, hh, BT, SW, E))
@@ -237,12 +246,13 @@ def mlp_fwd_hidden_kernel(
             tl.store(region_ptrs(scr_p, R_C, hh, BT, SW, E), DZ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_fwd_state_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Forward phase 2b, per hidden block: the chunk-end state X' = cC X [+ bC S] - sum_i gam_i
     g_i (and S' = PC S - sum_i pi_i g_i) from the parked dz_i, h_i."""
@@ -264,26 +274,27 @@ def mlp_fwd_state_kernel(
             gam = tl.load(vector_ptrs(scr_p, V_GAM, BT, SW, E))
             DZ = tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E))
             Hh = tl.load(region_ptrs(scr_p, R_B, hh, BT, SW, E))
-            W2n = cC * tl.load(st2 + b_in + o2) - tl.dot(KT, DZ * gam[:, None])
-            W1n = cC * tl.load(st1 + b_in + o1) - tl.dot(tl.trans(Dn * gam[:, None]), Hh)
+            W2n = cC * tl.load(st2 + b_in + o2) - tl.dot(KT, DZ * gam[:, None], input_precision=DOT_PRECISION)
+            W1n = cC * tl.load(st1 + b_in + o1) - tl.dot(tl.trans(Dn * gam[:, None]), Hh, input_precision=DOT_PRECISION)
             if MOMENTUM:
                 pi = tl.load(vector_ptrs(scr_p, V_PI, BT, SW, E))
                 S2b = tl.load(ss2 + b_in + o2)
                 S1b = tl.load(ss1 + b_in + o1)
                 W2n += bC * S2b
                 W1n += bC * S1b
-                tl.store(ss2 + b_out + o2, PC * S2b - tl.dot(KT, DZ * pi[:, None]))
-                tl.store(ss1 + b_out + o1, PC * S1b - tl.dot(tl.trans(Dn * pi[:, None]), Hh))
+                tl.store(ss2 + b_out + o2, PC * S2b - tl.dot(KT, DZ * pi[:, None], input_precision=DOT_PRECISION))
+                tl.store(ss1 + b_out + o1, PC * S1b - tl.dot(tl.trans(Dn * pi[:, None]), Hh, input_precision=DOT_PRECISION))
             tl.store(st2 + b_out + o2, W2n)
             tl.store(st1 + b_out + o1, W1n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_fwd_gram_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Forward phase 3, per hidden block: the read's o' without the Gram term (c Hq W1^T [+ b Hq
     S1^T]) and the Gram matrix Hq Hh^T."""
@@ -299,28 +310,29 @@ def mlp_fwd_gram_kernel(
             o1 = od[:, None] * E + hh[None, :]
             Hq = tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E))
             cvec = tl.load(vector_ptrs(scr_p, V_C, BT, SW, E))
-            Oq += tl.dot(Hq * cvec[:, None], tl.trans(tl.load(st1 + b_in + o1)))
+            Oq += tl.dot(Hq * cvec[:, None], tl.trans(tl.load(st1 + b_in + o1)), input_precision=DOT_PRECISION)
             if MOMENTUM:
                 bvec = tl.load(vector_ptrs(scr_p, V_B, BT, SW, E))
-                Oq += tl.dot(Hq * bvec[:, None], tl.trans(tl.load(ss1 + b_in + o1)))
-            Shh += tl.dot(Hq, tl.trans(tl.load(region_ptrs(scr_p, R_B, hh, BT, SW, E))))
+                Oq += tl.dot(Hq * bvec[:, None], tl.trans(tl.load(ss1 + b_in + o1)), input_precision=DOT_PRECISION)
+            Shh += tl.dot(Hq, tl.trans(tl.load(region_ptrs(scr_p, R_B, hh, BT, SW, E))), input_precision=DOT_PRECISION)
         tl.store(slot_ptrs(scr_p, S_OC, BT, D, SW, BT), Oq)
         tl.store(slot_ptrs(scr_p, S_SHH, BT, BT, SW, BT), Shh)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_fwd_out_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Forward phase 3: o' -= (Gam * Shh) do, y = q + LN(o')."""
     valid, tm, tb, go, b_in, b_out, so = chunk_prologue(cu, coff, step, H, D, E, BT, SW, REV)
     if valid:
         scr_p = scr + so
         A1 = tl.load(slot_ptrs(scr_p, S_GAMM, BT, BT, SW, BT)) * tl.load(slot_ptrs(scr_p, S_SHH, BT, BT, SW, BT))
-        Oq = tl.load(slot_ptrs(scr_p, S_OC, BT, D, SW, BT)) - tl.dot(A1, tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)))
+        Oq = tl.load(slot_ptrs(scr_p, S_OC, BT, D, SW, BT)) - tl.dot(A1, tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)), input_precision=DOT_PRECISION)
         if LQ:   # lq read of layer 1: o'_t = s1_t (affine read of X1_t)
             Oq = Oq * tl.load(vector_ptrs(scr_p, V_S1, BT, SW, E))[:, None]
         xq, rq = ln_rows(Oq, D)
@@ -328,12 +340,13 @@ def mlp_fwd_out_kernel(
                  mask=tm[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_read_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B0a, per hidden block: recompute and park dz_i and h_i = gelu(z_i)."""
     valid, tm, tb, go, b_in, b_out, so = chunk_prologue(cu, coff, step, H, D, E, BT, SW, REV)
@@ -348,21 +361,22 @@ def mlp_bwd_read_kernel(
             W2b = tl.load(st2 + b_in + o2)
             if LQ:
                 W2b = W2b * tl.load(scalar_ptr(scr_p, C_S02, BT, SW, E))
-            Z = tl.dot(load_tokens(k + tb, tm, H, D, BT), tl.trans(W2b))
+            Z = tl.dot(load_tokens(k + tb, tm, H, D, BT), tl.trans(W2b), input_precision=DOT_PRECISION)
             if LQ:
                 W1b = tl.load(st1 + b_in + o1) * tl.load(scalar_ptr(scr_p, C_S01, BT, SW, E))
             else:
                 W1b = tl.load(st1 + b_in + o1)
-            tl.store(region_ptrs(scr_p, R_C, hh, BT, SW, E), tl.dot(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)), W1b) * gelu_d(Z))
+            tl.store(region_ptrs(scr_p, R_C, hh, BT, SW, E), tl.dot(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)), W1b, input_precision=DOT_PRECISION) * gelu_d(Z))
             tl.store(region_ptrs(scr_p, R_GH, hh, BT, SW, E), gelu(Z))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_read2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B0b, per hidden block: the read's hidden layer from the parked pieces -> Oc, Os,
     Shh."""
@@ -379,32 +393,33 @@ def mlp_bwd_read2_kernel(
             o1 = od[:, None] * E + hh[None, :]
             cvec = tl.load(vector_ptrs(scr_p, V_C, BT, SW, E))
             Zq = cvec[:, None] * tl.load(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E)) \
-                - tl.dot(tl.load(slot_ptrs(scr_p, S_A2, BT, BT, SW, BT)), tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E)))
+                - tl.dot(tl.load(slot_ptrs(scr_p, S_A2, BT, BT, SW, BT)), tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E)), input_precision=DOT_PRECISION)
             if MOMENTUM:
                 bvec = tl.load(vector_ptrs(scr_p, V_B, BT, SW, E))
                 Zq += bvec[:, None] * tl.load(region_ptrs(scr_p, R_DZ, hh, BT, SW, E))
                 if LQ:   # z'_t = s2_t (affine read of X2_t)
                     Zq = Zq * tl.load(vector_ptrs(scr_p, V_S2, BT, SW, E))[:, None]
                 Hq = gelu(Zq)
-                Os += tl.dot(Hq, tl.trans(tl.load(ss1 + b_in + o1)))
+                Os += tl.dot(Hq, tl.trans(tl.load(ss1 + b_in + o1)), input_precision=DOT_PRECISION)
             else:
                 if LQ:
                     Zq = Zq * tl.load(vector_ptrs(scr_p, V_S2, BT, SW, E))[:, None]
                 Hq = gelu(Zq)
-            Oc += tl.dot(Hq, tl.trans(tl.load(st1 + b_in + o1)))
-            Shh += tl.dot(Hq, tl.trans(tl.load(region_ptrs(scr_p, R_GH, hh, BT, SW, E))))
+            Oc += tl.dot(Hq, tl.trans(tl.load(st1 + b_in + o1)), input_precision=DOT_PRECISION)
+            Shh += tl.dot(Hq, tl.trans(tl.load(region_ptrs(scr_p, R_GH, hh, BT, SW, E))), input_precision=DOT_PRECISION)
         tl.store(slot_ptrs(scr_p, S_OC, BT, D, SW, BT), Oc)
         tl.store(slot_ptrs(scr_p, S_SHH, BT, BT, SW, BT), Shh)
         if MOMENTUM:
             tl.store(slot_ptrs(scr_p, S_OS, BT, D, SW, BT), Os)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_readout_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B1: the read's output layer o' = c Oc [+ b Os] - (Gam * Shh) do and its LN."""
     valid, tm, tb, go, b_in, b_out, so = chunk_prologue(cu, coff, step, H, D, E, BT, SW, REV)
@@ -413,7 +428,7 @@ def mlp_bwd_readout_kernel(
         cvec = tl.load(vector_ptrs(scr_p, V_C, BT, SW, E))
         A1 = tl.load(slot_ptrs(scr_p, S_GAMM, BT, BT, SW, BT)) * tl.load(slot_ptrs(scr_p, S_SHH, BT, BT, SW, BT))
         Oc = tl.load(slot_ptrs(scr_p, S_OC, BT, D, SW, BT))
-        Oq = cvec[:, None] * Oc - tl.dot(A1, tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)))
+        Oq = cvec[:, None] * Oc - tl.dot(A1, tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)), input_precision=DOT_PRECISION)
         if MOMENTUM:
             Oq += tl.load(vector_ptrs(scr_p, V_B, BT, SW, E))[:, None] * tl.load(slot_ptrs(scr_p, S_OS, BT, D, SW, BT))
         if LQ:
@@ -434,12 +449,13 @@ def mlp_bwd_readout_kernel(
         tl.store(slot_ptrs(scr_p, S_DOQ, BT, D, SW, BT), dOq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_readout2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B1b: through the Gram term of the read's output, A1 = Gam * Shh."""
     valid, tm, tb, go, b_in, b_out, so = chunk_prologue(cu, coff, step, H, D, E, BT, SW, REV)
@@ -447,7 +463,7 @@ def mlp_bwd_readout2_kernel(
         scr_p = scr + so
         Shh = tl.load(slot_ptrs(scr_p, S_SHH, BT, BT, SW, BT))
         Gam = tl.load(slot_ptrs(scr_p, S_GAMM, BT, BT, SW, BT))
-        dA1 = -tl.dot(tl.load(slot_ptrs(scr_p, S_DOQ, BT, D, SW, BT)), tl.trans(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT))))
+        dA1 = -tl.dot(tl.load(slot_ptrs(scr_p, S_DOQ, BT, D, SW, BT)), tl.trans(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT))), input_precision=DOT_PRECISION)
         tl.store(slot_ptrs(scr_p, S_DGR, BT, BT, SW, BT), dA1 * Shh)
         tl.store(slot_ptrs(scr_p, S_DS1, BT, BT, SW, BT), dA1 * Gam)
         # the two dots in sequence, operands re-read after a CTA barrier: sharing the [BT, D] d(o')
@@ -455,15 +471,16 @@ def mlp_bwd_readout2_kernel(
         # D = 128, C = 64)
         tl.debug_barrier()
         GS = tl.load(slot_ptrs(scr_p, S_GAMM, BT, BT, SW, BT)) * tl.load(slot_ptrs(scr_p, S_SHH, BT, BT, SW, BT))
-        tl.store(slot_ptrs(scr_p, S_GDR, BT, D, SW, BT), -tl.dot(tl.trans(GS), tl.load(slot_ptrs(scr_p, S_DOQ, BT, D, SW, BT))))   # d(do) from the read
+        tl.store(slot_ptrs(scr_p, S_GDR, BT, D, SW, BT), -tl.dot(tl.trans(GS), tl.load(slot_ptrs(scr_p, S_DOQ, BT, D, SW, BT)), input_precision=DOT_PRECISION))   # d(do) from the read
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_readgrad_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B2a, per hidden block: the read's hidden layer backward (Zq -> Hq -> o'), dc,
     db (Q W2^T, h_i, dz_i [, Q S2^T] parked by the read phase); dZq, Hq parked for B2b."""
@@ -480,7 +497,7 @@ def mlp_bwd_readgrad_kernel(
             o1 = od[:, None] * E + hh[None, :]
             cvec = tl.load(vector_ptrs(scr_p, V_C, BT, SW, E))
             QW = tl.load(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E))
-            Zq = cvec[:, None] * QW - tl.dot(tl.load(slot_ptrs(scr_p, S_A2, BT, BT, SW, BT)), tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E)))
+            Zq = cvec[:, None] * QW - tl.dot(tl.load(slot_ptrs(scr_p, S_A2, BT, BT, SW, BT)), tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E)), input_precision=DOT_PRECISION)
             if MOMENTUM:
                 bvec = tl.load(vector_ptrs(scr_p, V_B, BT, SW, E))
                 QS = tl.load(region_ptrs(scr_p, R_DZ, hh, BT, SW, E))
@@ -491,10 +508,10 @@ def mlp_bwd_readgrad_kernel(
             else:
                 Hq = gelu(Zq)
             dOql = tl.load(slot_ptrs(scr_p, S_DOQ, BT, D, SW, BT))
-            dHq = cvec[:, None] * tl.dot(dOql, tl.load(st1 + b_in + o1)) \
-                + tl.dot(tl.load(slot_ptrs(scr_p, S_DS1, BT, BT, SW, BT)), tl.load(region_ptrs(scr_p, R_GH, hh, BT, SW, E)))
+            dHq = cvec[:, None] * tl.dot(dOql, tl.load(st1 + b_in + o1), input_precision=DOT_PRECISION) \
+                + tl.dot(tl.load(slot_ptrs(scr_p, S_DS1, BT, BT, SW, BT)), tl.load(region_ptrs(scr_p, R_GH, hh, BT, SW, E)), input_precision=DOT_PRECISION)
             if MOMENTUM:
-                dHq += bvec[:, None] * tl.dot(dOql, tl.load(ss1 + b_in + o1))
+                dHq += bvec[:, None] * tl.dot(dOql, tl.load(ss1 + b_in + o1), input_precision=DOT_PRECISION)
             if LQ:
                 # z'_t = s2_t r_t: d s2_t = <d z'_t, r_t>; the affine read r gets s2_t d z'_t
                 dZq = dHq * gelu_d(Zq * s2[:, None])
@@ -513,12 +530,13 @@ def mlp_bwd_readgrad_kernel(
             tl.store(vector_ptrs(scr_p, V_DS2, BT, SW, E), ds2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_readgrad2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B2b, per hidden block: dq of the read, d(A2), and d/d(dz_i), d/d(h_i) from the
     read (parked for B3)."""
@@ -534,24 +552,25 @@ def mlp_bwd_readgrad2_kernel(
             o2 = hh[:, None] * D + od[None, :]
             dZq = tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E))
             cvec = tl.load(vector_ptrs(scr_p, V_C, BT, SW, E))
-            dQ += tl.dot(dZq * cvec[:, None], tl.load(st2 + b_in + o2))
+            dQ += tl.dot(dZq * cvec[:, None], tl.load(st2 + b_in + o2), input_precision=DOT_PRECISION)
             if MOMENTUM:
                 bvec = tl.load(vector_ptrs(scr_p, V_B, BT, SW, E))
-                dQ += tl.dot(dZq * bvec[:, None], tl.load(ss2 + b_in + o2))
-            dA2 -= tl.dot(dZq, tl.trans(tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E))))
-            tl.store(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E), -tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_A2, BT, BT, SW, BT))), dZq))
+                dQ += tl.dot(dZq * bvec[:, None], tl.load(ss2 + b_in + o2), input_precision=DOT_PRECISION)
+            dA2 -= tl.dot(dZq, tl.trans(tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E))), input_precision=DOT_PRECISION)
+            tl.store(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E), -tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_A2, BT, BT, SW, BT))), dZq, input_precision=DOT_PRECISION))
             tl.store(region_ptrs(scr_p, R_GH, hh, BT, SW, E),
-                     tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_DS1, BT, BT, SW, BT))), tl.load(region_ptrs(scr_p, R_B, hh, BT, SW, E))))
+                     tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_DS1, BT, BT, SW, BT))), tl.load(region_ptrs(scr_p, R_B, hh, BT, SW, E)), input_precision=DOT_PRECISION))
         tl.store(slot_ptrs(scr_p, S_DQ, BT, D, SW, BT), dQ)
         tl.store(slot_ptrs(scr_p, S_DA2, BT, BT, SW, BT), dA2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_readdst_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B2c, per hidden block: the read's share of d(chunk-start state) (written, not
     accumulated: B3c and B5 add the rest)."""
@@ -567,21 +586,22 @@ def mlp_bwd_readdst_kernel(
             cvec = tl.load(vector_ptrs(scr_p, V_C, BT, SW, E))
             dZq = tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E))
             Hq = tl.load(region_ptrs(scr_p, R_B, hh, BT, SW, E))
-            tl.store(dst1 + b_in + o1, tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_DOQ, BT, D, SW, BT)) * cvec[:, None]), Hq))
+            tl.store(dst1 + b_in + o1, tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_DOQ, BT, D, SW, BT)) * cvec[:, None]), Hq, input_precision=DOT_PRECISION))
             o2 = hh[None, :] * D + od[:, None]      # [D, BH] view of the W2 block
-            tl.store(dst2 + b_in + o2, tl.dot(tl.load(slot_ptrs_t(scr_p, S_QT, D, SW, BT)), dZq * cvec[:, None]))
+            tl.store(dst2 + b_in + o2, tl.dot(tl.load(slot_ptrs_t(scr_p, S_QT, D, SW, BT)), dZq * cvec[:, None], input_precision=DOT_PRECISION))
             if MOMENTUM:
                 bvec = tl.load(vector_ptrs(scr_p, V_B, BT, SW, E))
-                tl.store(dss1 + b_in + o1, tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_DOQ, BT, D, SW, BT)) * bvec[:, None]), Hq))
-                tl.store(dss2 + b_in + o2, tl.dot(tl.load(slot_ptrs_t(scr_p, S_QT, D, SW, BT)), dZq * bvec[:, None]))
+                tl.store(dss1 + b_in + o1, tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_DOQ, BT, D, SW, BT)) * bvec[:, None]), Hq, input_precision=DOT_PRECISION))
+                tl.store(dss2 + b_in + o2, tl.dot(tl.load(slot_ptrs_t(scr_p, S_QT, D, SW, BT)), dZq * bvec[:, None], input_precision=DOT_PRECISION))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_state_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B3a, per hidden block: through the chunk-end state (X' = cC X [+ bC S] -
     sum gam_i g_i, S' = PC S - sum pi_i g_i) to d(dz_i) and d(h_i), the inner-gradient chain
@@ -606,12 +626,12 @@ def mlp_bwd_state_kernel(
                 W1b = W1b * tl.load(scalar_ptr(scr_p, C_S01, BT, SW, E))
             dW2e = tl.load(dst2 + b_out + o2)
             dW1e = tl.load(dst1 + b_out + o1)
-            Z = tl.dot(Kl, tl.trans(W2b))
+            Z = tl.dot(Kl, tl.trans(W2b), input_precision=DOT_PRECISION)
             gz = gelu_d(Z)
-            dH = tl.dot(Dnl, W1b)
+            dH = tl.dot(Dnl, W1b, input_precision=DOT_PRECISION)
             DZ = dH * gz
-            KdW2 = tl.dot(Kl, tl.trans(dW2e))
-            DdW1 = tl.dot(Dnl, dW1e)      # [C, BH]; <do_i, dW1' h_i> = sum_j h_ij (do_i dW1')_j
+            KdW2 = tl.dot(Kl, tl.trans(dW2e), input_precision=DOT_PRECISION)
+            DdW1 = tl.dot(Dnl, dW1e, input_precision=DOT_PRECISION)      # [C, BH]; <do_i, dW1' h_i> = sum_j h_ij (do_i dW1')_j
             gDZ = tl.load(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E)) - gam[:, None] * KdW2
             gH = tl.load(region_ptrs(scr_p, R_GH, hh, BT, SW, E)) - gam[:, None] * DdW1
             dgam -= tl.sum(DZ * KdW2, axis=1) + tl.sum(gelu(Z) * DdW1, axis=1)
@@ -622,12 +642,13 @@ def mlp_bwd_state_kernel(
         tl.store(vector_ptrs(scr_p, V_DGAM, BT, SW, E), dgam)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_state_mom_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Momentum only, backward B3m (before B3a), per hidden block: the chunk-end momentum
     S' = PC S - sum_i pi_i g_i into d(dz_i), d(h_i) (accumulated in scratch) and d(pi)."""
@@ -644,24 +665,25 @@ def mlp_bwd_state_mom_kernel(
             pi = tl.load(vector_ptrs(scr_p, V_PI, BT, SW, E))
             Kl = load_tokens(k + tb, tm, H, D, BT)
             dS2e = tl.load(dss2 + b_out + o2)
-            KdS2 = tl.dot(Kl, tl.trans(dS2e))
+            KdS2 = tl.dot(Kl, tl.trans(dS2e), input_precision=DOT_PRECISION)
             dpi -= tl.sum(tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E)) * KdS2, axis=1)
             tl.store(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E), tl.load(region_ptrs(scr_p, R_GDZ, hh, BT, SW, E)) - pi[:, None] * KdS2)
-            DdS1 = tl.dot(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)), tl.load(dss1 + b_out + o1))
+            DdS1 = tl.dot(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)), tl.load(dss1 + b_out + o1), input_precision=DOT_PRECISION)
             if LQ:
-                dpi -= tl.sum(gelu(tl.dot(Kl, tl.trans(tl.load(st2 + b_in + o2) * tl.load(scalar_ptr(scr_p, C_S02, BT, SW, E))))) * DdS1, axis=1)
+                dpi -= tl.sum(gelu(tl.dot(Kl, tl.trans(tl.load(st2 + b_in + o2) * tl.load(scalar_ptr(scr_p, C_S02, BT, SW, E))), input_precision=DOT_PRECISION)) * DdS1, axis=1)
             else:
-                dpi -= tl.sum(gelu(tl.dot(Kl, tl.trans(tl.load(st2 + b_in + o2)))) * DdS1, axis=1)
+                dpi -= tl.sum(gelu(tl.dot(Kl, tl.trans(tl.load(st2 + b_in + o2)), input_precision=DOT_PRECISION)) * DdS1, axis=1)
             tl.store(region_ptrs(scr_p, R_GH, hh, BT, SW, E), tl.load(region_ptrs(scr_p, R_GH, hh, BT, SW, E)) - pi[:, None] * DdS1)
         tl.store(vector_ptrs(scr_p, V_DPI, BT, SW, E), dpi)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_state_do_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B3b, per hidden block: d(do_i) total = read part - gam_i h_i dW1'^T [- pi_i h_i
     dS1'^T] + d(dh_i) W1^T."""
@@ -677,26 +699,27 @@ def mlp_bwd_state_do_kernel(
             o1 = od[:, None] * E + hh[None, :]
             gam = tl.load(vector_ptrs(scr_p, V_GAM, BT, SW, E))
             if LQ:
-                Hh = gelu(tl.dot(load_tokens(k + tb, tm, H, D, BT), tl.trans(tl.load(st2 + b_in + o2) * tl.load(scalar_ptr(scr_p, C_S02, BT, SW, E)))))
+                Hh = gelu(tl.dot(load_tokens(k + tb, tm, H, D, BT), tl.trans(tl.load(st2 + b_in + o2) * tl.load(scalar_ptr(scr_p, C_S02, BT, SW, E))), input_precision=DOT_PRECISION))
             else:
-                Hh = gelu(tl.dot(load_tokens(k + tb, tm, H, D, BT), tl.trans(tl.load(st2 + b_in + o2))))
-            gDn -= tl.dot(Hh * gam[:, None], tl.trans(tl.load(dst1 + b_out + o1)))
+                Hh = gelu(tl.dot(load_tokens(k + tb, tm, H, D, BT), tl.trans(tl.load(st2 + b_in + o2)), input_precision=DOT_PRECISION))
+            gDn -= tl.dot(Hh * gam[:, None], tl.trans(tl.load(dst1 + b_out + o1)), input_precision=DOT_PRECISION)
             if MOMENTUM:
                 pi = tl.load(vector_ptrs(scr_p, V_PI, BT, SW, E))
-                gDn -= tl.dot(Hh * pi[:, None], tl.trans(tl.load(dss1 + b_out + o1)))
+                gDn -= tl.dot(Hh * pi[:, None], tl.trans(tl.load(dss1 + b_out + o1)), input_precision=DOT_PRECISION)
             if LQ:
-                gDn += tl.dot(tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E)), tl.trans(tl.load(st1 + b_in + o1) * tl.load(scalar_ptr(scr_p, C_S01, BT, SW, E))))
+                gDn += tl.dot(tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E)), tl.trans(tl.load(st1 + b_in + o1) * tl.load(scalar_ptr(scr_p, C_S01, BT, SW, E))), input_precision=DOT_PRECISION)
             else:
-                gDn += tl.dot(tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E)), tl.trans(tl.load(st1 + b_in + o1)))
+                gDn += tl.dot(tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E)), tl.trans(tl.load(st1 + b_in + o1)), input_precision=DOT_PRECISION)
         tl.store(slot_ptrs(scr_p, S_GDN, BT, D, SW, BT), gDn)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_state_dk_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B3c, per hidden block: dk from the chunk-end state, -gam_i dz_i^T dW2' [- pi_i
     dz_i^T dS2'] (dz_i parked by B2a); d(chunk-start state) += cC dX' [+ bC, PC terms] +
@@ -722,7 +745,7 @@ def mlp_bwd_state_dk_kernel(
             gam = tl.load(vector_ptrs(scr_p, V_GAM, BT, SW, E))
             dW2e = tl.load(dst2 + b_out + o2)
             dW1e = tl.load(dst1 + b_out + o1)
-            dK -= tl.dot(DZ * gam[:, None], dW2e)
+            dK -= tl.dot(DZ * gam[:, None], dW2e, input_precision=DOT_PRECISION)
             dcC += tl.sum(tl.sum(dW2e * tl.load(st2 + b_in + o2), axis=1), axis=0) \
                 + tl.sum(tl.sum(dW1e * tl.load(st1 + b_in + o1), axis=1), axis=0)
             if LQ:
@@ -730,10 +753,10 @@ def mlp_bwd_state_dk_kernel(
                 # maps d(W_0) through W_0 = s(X_0) X_0
                 tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + cC * dW1e)
                 tl.store(dw1 + w0_offset(D, E) + o1,
-                         tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT))), tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E))))
+                         tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT))), tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E)), input_precision=DOT_PRECISION))
             else:
                 tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + cC * dW1e
-                         + tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT))), tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E))))
+                         + tl.dot(tl.trans(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT))), tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E)), input_precision=DOT_PRECISION))
             tl.store(dst2 + b_in + o2, tl.load(dst2 + b_in + o2) + cC * dW2e)
         if MOMENTUM:
             # the momentum terms in a second hidden-block loop (d(chunk-end X) re-read): in one loop
@@ -753,7 +776,7 @@ def mlp_bwd_state_dk_kernel(
                 dS1e = tl.load(dss1 + b_out + o1)
                 S2b = tl.load(ss2 + b_in + o2)
                 S1b = tl.load(ss1 + b_in + o1)
-                dK -= tl.dot(DZ * pi[:, None], dS2e)
+                dK -= tl.dot(DZ * pi[:, None], dS2e, input_precision=DOT_PRECISION)
                 dbC += tl.sum(tl.sum(dW2e * S2b, axis=1), axis=0) + tl.sum(tl.sum(dW1e * S1b, axis=1), axis=0)
                 dPC += tl.sum(tl.sum(dS2e * S2b, axis=1), axis=0) + tl.sum(tl.sum(dS1e * S1b, axis=1), axis=0)
                 tl.store(dss1 + b_in + o1, tl.load(dss1 + b_in + o1) + bC * dW1e + PC * dS1e)
@@ -764,12 +787,13 @@ def mlp_bwd_state_dk_kernel(
         tl.store(scalar_ptr(scr_p, C_DPC, BT, SW, E), dPC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_dq_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B4a: A2 = Gam * (Q K^T): completes dq."""
     valid, tm, tb, go, b_in, b_out, so = chunk_prologue(cu, coff, step, H, D, E, BT, SW, REV)
@@ -777,31 +801,33 @@ def mlp_bwd_dq_kernel(
         scr_p = scr + so
         dA2 = tl.load(slot_ptrs(scr_p, S_DA2, BT, BT, SW, BT))
         dS2 = dA2 * tl.load(slot_ptrs(scr_p, S_GAMM, BT, BT, SW, BT))
-        dQ = tl.load(slot_ptrs(scr_p, S_DQ, BT, D, SW, BT)) + tl.dot(dS2, load_tokens(k + tb, tm, H, D, BT)) + load_tokens(y + tb, tm, H, D, BT)
+        dQ = tl.load(slot_ptrs(scr_p, S_DQ, BT, D, SW, BT)) + tl.dot(dS2, load_tokens(k + tb, tm, H, D, BT), input_precision=DOT_PRECISION) + load_tokens(y + tb, tm, H, D, BT)
         tl.store(dq + tb + token_offsets(H, D, BT), dQ, mask=tm[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_dkm_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B4b: dk += (dA2 * Gam)^T Q."""
     valid, tm, tb, go, b_in, b_out, so = chunk_prologue(cu, coff, step, H, D, E, BT, SW, REV)
     if valid:
         scr_p = scr + so
         dS2 = tl.load(slot_ptrs(scr_p, S_DA2, BT, BT, SW, BT)) * tl.load(slot_ptrs(scr_p, S_GAMM, BT, BT, SW, BT))
-        tl.store(slot_ptrs(scr_p, S_DKM, BT, D, SW, BT), tl.load(slot_ptrs(scr_p, S_DK, BT, D, SW, BT)) + tl.dot(tl.trans(dS2), load_tokens(q + tb, tm, H, D, BT)))
+        tl.store(slot_ptrs(scr_p, S_DKM, BT, D, SW, BT), tl.load(slot_ptrs(scr_p, S_DK, BT, D, SW, BT)) + tl.dot(tl.trans(dS2), load_tokens(q + tb, tm, H, D, BT), input_precision=DOT_PRECISION))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_dgam_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B4b: d(Gam) total = read part + dA2 * (Q K^T) (recomputed: A2 / Gam is unsafe
     where Gam = 0)."""
@@ -810,15 +836,16 @@ def mlp_bwd_dgam_kernel(
         scr_p = scr + so
         dA2 = tl.load(slot_ptrs(scr_p, S_DA2, BT, BT, SW, BT))
         tl.store(slot_ptrs(scr_p, S_DGAM, BT, BT, SW, BT), tl.load(slot_ptrs(scr_p, S_DGR, BT, BT, SW, BT))
-                 + dA2 * tl.dot(load_tokens(q + tb, tm, H, D, BT), tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT))))
+                 + dA2 * tl.dot(load_tokens(q + tb, tm, H, D, BT), tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT)), input_precision=DOT_PRECISION))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_mid_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B4b: the second-order path through do = LN_bwd(o, u), the bias map (dv,
     d delta) and LN(o) -> d(o) at the keys."""
@@ -878,12 +905,13 @@ def mlp_bwd_mid_kernel(
         tl.store(slot_ptrs(scr_p, S_DOIN, BT, D, SW, BT), ln_bwd(xh, rstd, gx, D) - (gr * rstd * rstd / D)[:, None] * xh)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_first_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B5, per hidden block: finish d/dz and the first-layer weight gradients; dk."""
     valid, tm, tb, go, b_in, b_out, so = chunk_prologue(cu, coff, step, H, D, E, BT, SW, REV)
@@ -902,17 +930,17 @@ def mlp_bwd_first_kernel(
             if LQ:
                 W2b = W2b * tl.load(scalar_ptr(scr_p, C_S02, BT, SW, E))
                 W1b = W1b * tl.load(scalar_ptr(scr_p, C_S01, BT, SW, E))
-            Z = tl.dot(Kl, tl.trans(W2b))
-            dZt = tl.load(region_ptrs(scr_p, R_DZ, hh, BT, SW, E)) + tl.dot(dOin, W1b) * gelu_d(Z)
+            Z = tl.dot(Kl, tl.trans(W2b), input_precision=DOT_PRECISION)
+            dZt = tl.load(region_ptrs(scr_p, R_DZ, hh, BT, SW, E)) + tl.dot(dOin, W1b, input_precision=DOT_PRECISION) * gelu_d(Z)
             if LQ:   # d(W_0), mapped to d(X_0) by chunk_lq's dw0 phase
                 w0 = w0_offset(D, E)
-                tl.store(dw1 + w0 + o1, tl.load(dw1 + w0 + o1) + tl.dot(tl.trans(dOin), gelu(Z)))
+                tl.store(dw1 + w0 + o1, tl.load(dw1 + w0 + o1) + tl.dot(tl.trans(dOin), gelu(Z), input_precision=DOT_PRECISION))
                 o2t = hh[None, :] * D + od[:, None]
-                tl.store(dw2 + w0 + o2t, tl.dot(tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT)), dZt))
+                tl.store(dw2 + w0 + o2t, tl.dot(tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT)), dZt, input_precision=DOT_PRECISION))
             else:
-                tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + tl.dot(tl.trans(dOin), gelu(Z)))
+                tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + tl.dot(tl.trans(dOin), gelu(Z), input_precision=DOT_PRECISION))
                 o2t = hh[None, :] * D + od[:, None]
-                tl.store(dst2 + b_in + o2t, tl.load(dst2 + b_in + o2t) + tl.dot(tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT)), dZt))
+                tl.store(dst2 + b_in + o2t, tl.load(dst2 + b_in + o2t) + tl.dot(tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT)), dZt, input_precision=DOT_PRECISION))
             # dz_i parked (region R_A is free after state_dk) for the dk loop below
             tl.store(region_ptrs(scr_p, R_A, hh, BT, SW, E), dZt)
         # dk = (dk so far) + sum_blocks dz W2 in a second loop, after a CTA barrier (the parked dz
@@ -925,16 +953,17 @@ def mlp_bwd_first_kernel(
             W2b = tl.load(st2 + b_in + hh[:, None] * D + od[None, :])
             if LQ:
                 W2b = W2b * tl.load(scalar_ptr(scr_p, C_S02, BT, SW, E))
-            dK += tl.dot(tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E)), W2b)
+            dK += tl.dot(tl.load(region_ptrs(scr_p, R_A, hh, BT, SW, E)), W2b, input_precision=DOT_PRECISION)
         tl.store(dk + tb + token_offsets(H, D, BT), dK, mask=tm[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_gates_m_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Momentum only, backward B6m: the dA = d(Gam) eta B^T + db exp(M)^T part of the gate
     gradients, reduced to row/column sums of dA * Dm, and d(eta) through E = Dm Bm."""
@@ -949,20 +978,21 @@ def mlp_bwd_gates_m_kernel(
         M = tl.cumsum(lm_c, axis=0)
         Bm = tl.where(causal, tl.exp(tl.where(causal, M[:, None] - M[None, :], 0.0)), 0.0)
         dGam = tl.load(slot_ptrs(scr_p, S_DGAM, BT, BT, SW, BT))
-        tl.store(vector_ptrs(scr_p, V_DETA, BT, SW, E), tl.sum(dGam * tl.dot(Dm, Bm), axis=0))
-        dA = tl.dot(dGam * et_c[None, :], tl.trans(Bm)) \
+        tl.store(vector_ptrs(scr_p, V_DETA, BT, SW, E), tl.sum(dGam * tl.dot(Dm, Bm, input_precision=DOT_PRECISION), axis=0))
+        dA = tl.dot(dGam * et_c[None, :], tl.trans(Bm), input_precision=DOT_PRECISION) \
             + tl.load(vector_ptrs(scr_p, V_DB, BT, SW, E))[:, None] * tl.exp(M)[None, :]
         GA = dA * Dm
         tl.store(vector_ptrs(scr_p, V_GAR, BT, SW, E), tl.sum(GA, axis=1))
         tl.store(vector_ptrs(scr_p, V_GAC, BT, SW, E), tl.sum(GA, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_bwd_gates_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Backward B6: gate gradients through L = cumsum log alpha, M = cumsum log mu and eta."""
     valid, tm, tb, go, b_in, b_out, so = chunk_prologue(cu, coff, step, H, D, E, BT, SW, REV)
@@ -995,7 +1025,7 @@ def mlp_bwd_gates_kernel(
             eM = tl.exp(M)
             pi = et_c * tl.exp(Mtot - M)
             PC = tl.exp(Mtot)
-            dB = tl.dot(tl.trans(Dm), dGam * et_c[None, :])
+            dB = tl.dot(tl.trans(Dm), dGam * et_c[None, :], input_precision=DOT_PRECISION)
             dgw = dgam * et_c
             deta_c = tl.load(vector_ptrs(scr_p, V_DETA, BT, SW, E)) + dgam * tl.sum(wend[:, None] * Bm, axis=0) + dpi * tl.exp(Mtot - M)
             dB += wend[:, None] * dgw[None, :]

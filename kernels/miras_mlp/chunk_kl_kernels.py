@@ -68,12 +68,13 @@ from miras_kernels.common.mlp_tiles import (gelu, gelu_d, ln_bwd, ln_rows, row_s
 from miras_kernels.miras_mlp.chunk_kernels import (BWD_KERNELS, FWD_KERNELS, insert_phases)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_w0_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl, first phase of a step: W_0 = c softmax_rows(Z_0) of both matrices -> wst (W2 rows lie in
     one [BH, D] tile; W1 rows span the hidden blocks: online max/sum, then a second pass)."""
@@ -126,12 +127,13 @@ def _kl_lam2(X, scr_p, reg, t, hh, od, kc, BT: tl.constexpr, SW: tl.constexpr, E
     return Pm * gz[:, None] * (kc * qt[None, :] - zq[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_z2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl, the read's layer 2, per hidden block: Z2_t = alpha_t Z2_{t-1} - eta_t dz_t k_t^T on the
     [BH, D] tile (momentum: with the S2_t tile), z'_t = c softmax_rows(Z2_t) q_t -> R_DZ (factors
@@ -159,12 +161,13 @@ def mlp_kl_z2_kernel(
                 tl.store(reg + R_DZ * BT * E + t * E + hh, kc * tl.sum(P * qt[None, :], axis=1) / tl.sum(P, axis=1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_o1_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl, the read's layer 1, per hidden block: Z1_t = alpha_t Z1_{t-1} - eta_t do_t h_t^T on the
     [D, BH] tile (momentum: with the S1_t tile); online softmax over the blocks: per token row max
@@ -209,12 +212,13 @@ def mlp_kl_o1_kernel(
         tl.store(slot_ptrs(scr_p, S_SHH, BT, D, SW, BT), Sm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_out_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl, the read's output LN: forward y = q + LN(o'); backward do' = LN_bwd(dy) -> S_DOQ
     (``y`` is dy in the backward's argument list)."""
@@ -244,12 +248,13 @@ def _kl_lam1(X, scr_p, reg, t, hh, od, kc, BT: tl.constexpr, SW: tl.constexpr, E
     return Pg * (kc * hq[None, :] - ot[:, None]), Pg
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_adj1_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl backward, the read's layer 1 (factors a = do, b = h), per hidden block, one forward token
     sweep: Lam_t (``_kl_lam1``), dh'_t = c P^T do'_t (R_A); the adjoint through the affine Z1_t:
@@ -289,7 +294,7 @@ def mlp_kl_adj1_kernel(
                     dbv += tl.where(sel, tl.sum(tl.sum(Lam * tl.load(ss1 + b_in + o1), axis=1), axis=0), 0.0)
                 dX0 += tl.load(vector_entry_ptr(scr_p, V_C, t, BT, SW, E)) * Lam
                 dcv += tl.where(sel, tl.sum(tl.sum(Lam * X0, axis=1), axis=0), 0.0)
-                P = tl.dot(Lam, tl.load(reg + R_GH * BT * E + rows[None, :] * E + hh[:, None]))  # [D, BT]: Lam h_i
+                P = tl.dot(Lam, tl.load(reg + R_GH * BT * E + rows[None, :] * E + hh[:, None]), input_precision=DOT_PRECISION)  # [D, BT]: Lam h_i
                 grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                 # Gam[t, :]
                 dDo -= P * grow[None, :]
             tl.store(dst1 + b_in + o1, dX0)
@@ -301,12 +306,13 @@ def mlp_kl_adj1_kernel(
             tl.store(vector_ptrs(scr_p, V_LQDB, BT, SW, E), dbv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_adj1h_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl backward, the read's layer 1, d(h_i) and d Gam part (split off kl_adj1: together they
     spilled 128 bytes on sm_80 at d = 128, C = 64 with momentum), the same token sweep: with
@@ -336,7 +342,7 @@ def mlp_kl_adj1h_kernel(
                 b = tl.load(reg + R_GH * BT * E + t * E + hh)                            # h_t [BH]
                 X, S = _kl_tok(X, S, a, b, la, eta, lmu, g0, nv, t, H, MOMENTUM)
                 Lam, Pg = _kl_lam1(X, scr_p, reg, t, hh, od, kc, BT, SW, E)
-                Q = tl.dot(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)), Lam)                # [BT, BH]: do_i^T Lam
+                Q = tl.dot(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)), Lam, input_precision=DOT_PRECISION)                # [BT, BH]: do_i^T Lam
                 Hb = tl.load(region_ptrs(scr_p, R_GH, hh, BT, SW, E))                            # h_i [BT, BH]
                 dG += tl.where(sel[:, None], -tl.sum(Q * Hb, axis=1)[None, :], 0.0)
                 grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                 # Gam[t, :]
@@ -346,12 +352,13 @@ def mlp_kl_adj1h_kernel(
         tl.store(slot_ptrs(scr_p, S_DGR, BT, BT, SW, BT), tl.where(causal, dG, 0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_adj2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl backward, the read's layer 2 (factors a = dz, b = k), per hidden block, one forward token
     sweep: Lam_t (``_kl_lam2``), P = Lam_t K^T ([BH, BT], one dot); the adjoint: d(dz_i) (R_GDZ,
@@ -390,7 +397,7 @@ def mlp_kl_adj2_kernel(
                 if MOMENTUM:   # Z_t = c_t Z_0 + b_t S_0 - ...: S_0 re-read (not kept live)
                     dS0 += tl.load(vector_entry_ptr(scr_p, V_B, t, BT, SW, E)) * Lam
                     dbv += tl.where(sel, tl.sum(tl.sum(Lam * tl.load(ss2 + b_in + o2), axis=1), axis=0), 0.0)
-                P = tl.dot(Lam, tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT)))                   # [BH, BT]: Lam k_i
+                P = tl.dot(Lam, tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT)), input_precision=DOT_PRECISION)                   # [BH, BT]: Lam k_i
                 grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                 # Gam[t, :]
                 dA -= P * grow[None, :]
                 AT = tl.load(reg + R_C * BT * E + rows[None, :] * E + hh[:, None])       # dz^T [BH, BT]
@@ -407,12 +414,13 @@ def mlp_kl_adj2_kernel(
             tl.store(vector_ptrs(scr_p, V_DB, BT, SW, E), tl.load(vector_ptrs(scr_p, V_LQDB, BT, SW, E)) + dbv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_adj2k_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl backward, the read's layer 2, dk part (split off kl_adj2: together they spilled 592-720
     bytes at d = 128), the same token sweep: dk_i -= sum_{t>=i} Gam_ti dz_i^T Lam_t -> S_LQDK
@@ -440,16 +448,17 @@ def mlp_kl_adj2k_kernel(
                 Lam = _kl_lam2(X, scr_p, reg, t, hh, od, kc, BT, SW, E)
                 grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                 # Gam[t, :]
                 # the Gam row folded into the operand: no [BT, D] temporary
-                dK = tl.dot(tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E)) * (-grow)[:, None], Lam, acc=dK)
+                dK = tl.dot(tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E)) * (-grow)[:, None], Lam, acc=dK, input_precision=DOT_PRECISION)
         tl.store(slot_ptrs(scr_p, S_LQDK, BT, D, SW, BT), dK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_adj2q_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl backward, the read's layer 2, dq part (split off kl_adj2: together they spilled on
     sm_80), per hidden block, token sweep: dq_t = c P2_t^T dz'_t (+ dy, the residual; written to
@@ -483,12 +492,13 @@ def mlp_kl_adj2q_kernel(
         tl.store(dq + tb + token_offsets(H, D, BT), dQ + load_tokens(y + tb, tm, H, D, BT), mask=tm[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_dkm_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl backward: dk so far (S_DK, from state_dk) -> S_DKM, where ``mid`` reads it (the affine
     read's dkm phase, which adds its A2 term there, does not run for kl)."""
@@ -498,12 +508,13 @@ def mlp_kl_dkm_kernel(
         tl.store(slot_ptrs(scr_p, S_DKM, BT, D, SW, BT), tl.load(slot_ptrs(scr_p, S_DK, BT, D, SW, BT)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_kl_dw0_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, wst1, wst2, kc,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """kl backward, after ``first``: d Z_0 += W_0 * (dW_0 - <W_0, dW_0>_row / c) (the softmax
     Jacobian of W_0 = c softmax_rows(Z_0); dW_0 in the per-program buffers dw1/dw2)."""

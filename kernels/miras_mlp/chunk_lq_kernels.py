@@ -62,12 +62,13 @@ def _lq_kappa(n, ds, lqe, LQQ: tl.constexpr):
     return tl.where(live, ds * (2.0 - LQQ) * tl.exp2((1.0 - LQQ) * tl.log2(n + lqe)) / npow, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_lq_s0_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     LQQ: tl.constexpr,
 ):
     """lq, first phase of a step: q-norm n_0 and scale s_0 of the chunk-start X1, X2 (the inner
@@ -108,12 +109,13 @@ def _lq_norm_step(X, S, a, b, acc, sel, la, eta, lmu, g0, nv, t, H: tl.constexpr
     return X, S, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_lq_norm2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     LQQ: tl.constexpr,
 ):
     """lq, W2, per hidden block: the in-chunk recurrence X_t = alpha_t X_{t-1} - eta_t a_t b_t^T
@@ -144,12 +146,13 @@ def mlp_lq_norm2_kernel(
         tl.store(vector_ptrs(scr_p, V_S2, BT, SW, E), lq_scale(n, lqe, LQQ))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_lq_norm1_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     LQQ: tl.constexpr,
 ):
     """lq, W1: as lq_norm2 on the [D, BH] tiles of W1 (factors do_i from S_DO, h_i from R_GH)."""
@@ -177,12 +180,13 @@ def mlp_lq_norm1_kernel(
         tl.store(vector_ptrs(scr_p, V_S1, BT, SW, E), lq_scale(n, lqe, LQQ))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_lq_nload_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     LQQ: tl.constexpr,
 ):
     """lq, the per-token norms' round trip: the forward (after lq_norm1) saves n_t of both matrices
@@ -204,12 +208,13 @@ def mlp_lq_nload_kernel(
             tl.store(nrm + go * 2 + 1, tl.load(vector_ptrs(scr_p, V_N2, BT, SW, E)), mask=tm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_lq_adj2_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     LQQ: tl.constexpr,
 ):
     """lq backward, W2 (factors a = dz, b = k), per hidden block: one forward token sweep
@@ -233,7 +238,7 @@ def mlp_lq_adj2_kernel(
             hh = jb + oh
             o2 = hh[:, None] * D + od[None, :]
             X0 = tl.load(st2 + b_in + o2)                                                 # [BH, D]
-            tl.store(region_ptrs(scr_p, R_B, hh, BT, SW, E), gelu(tl.dot(load_tokens(k + tb, tm, H, D, BT), tl.trans(X0 * s02))))
+            tl.store(region_ptrs(scr_p, R_B, hh, BT, SW, E), gelu(tl.dot(load_tokens(k + tb, tm, H, D, BT), tl.trans(X0 * s02), input_precision=DOT_PRECISION)))
             X = X0
             dX0 = tl.zeros([BH, D], dtype=tl.float32)
             dA = tl.zeros([BH, BT], dtype=tl.float32)                                     # d(dz_i)^T
@@ -255,7 +260,7 @@ def mlp_lq_adj2_kernel(
                 if MOMENTUM:   # X_t = c_t X_0 + b_t S_0 - ...
                     dS0 += tl.load(vector_entry_ptr(scr_p, V_B, t, BT, SW, E)) * Lam
                     dbv += tl.where(sel, tl.sum(tl.sum(Lam * tl.load(ss2 + b_in + o2), axis=1), axis=0), 0.0)
-                P = tl.dot(Lam, tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT)))                   # [BH, BT]: Lam k_i
+                P = tl.dot(Lam, tl.load(slot_ptrs_t(scr_p, S_KT, D, SW, BT)), input_precision=DOT_PRECISION)                   # [BH, BT]: Lam k_i
                 grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                 # Gam[t, :]
                 dA -= P * grow[None, :]
                 AT = tl.load(reg + R_C * BT * E + rows[None, :] * E + hh[:, None])       # dz^T [BH, BT]
@@ -274,12 +279,13 @@ def mlp_lq_adj2_kernel(
             tl.store(vector_ptrs(scr_p, V_LQDB, BT, SW, E), tl.load(vector_ptrs(scr_p, V_DB, BT, SW, E)) + dbv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_lq_adj2k_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     LQQ: tl.constexpr,
 ):
     """lq backward, W2: the same token sweep as lq_adj2 for dk_i -= sum_{t>=i} Gam_ti dz_i^T Lam_t
@@ -310,13 +316,14 @@ def mlp_lq_adj2k_kernel(
                 Lam = _lq_kappa(tl.load(vector_entry_ptr(scr_p, V_N2, t, BT, SW, E)), tl.load(vector_entry_ptr(scr_p, V_DS2, t, BT, SW, E)), lqe, LQQ) * X * absq2(X, LQQ)
                 grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                 # Gam[t, :]
                 # the Gam row folded into the operand: no [BT, D] temporary
-                dK = tl.dot(tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E)) * (-grow)[:, None], Lam, acc=dK)
+                dK = tl.dot(tl.load(region_ptrs(scr_p, R_C, hh, BT, SW, E)) * (-grow)[:, None], Lam, acc=dK, input_precision=DOT_PRECISION)
         tl.store(slot_ptrs(scr_p, S_LQDK, BT, D, SW, BT), dK)
 
 
 @triton.jit
 def _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, hh, rows,
-                     R_H: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr, D: tl.constexpr):
+                     R_H: tl.constexpr, BT: tl.constexpr, SW: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     """One token of a W1 tile's forward-accumulated adjoint (lq): the state adjoint ``Lam``
     ``[D, BH]`` of token t into d X1_0 (``dX0``), d c (``dcv``), d(do_i) (``dDo^T``), d Gam row t
     (``dG``) and d(h_i) (``dH``; the factors h_i live in register region ``R_H``). d Gam row t is
@@ -327,22 +334,23 @@ def _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg, hh, row
     dX0 += tl.load(vector_entry_ptr(scr_p, V_C, t, BT, SW, E)) * Lam
     dcv += tl.where(sel, tl.sum(tl.sum(Lam * X0, axis=1), axis=0), 0.0)
     Hb = tl.load(reg + R_H * BT * E + rows[:, None] * E + hh[None, :])                 # h_i [BT, BH]
-    P = tl.dot(Lam, tl.trans(Hb))                                                     # [D, BT]: Lam h_i
+    P = tl.dot(Lam, tl.trans(Hb), input_precision=DOT_PRECISION)                                                     # [D, BT]: Lam h_i
     grow = tl.load(scr_p + S_GAMM * BT * SW + t * SW + rows)                          # Gam[t, :]
     dDo -= P * grow[None, :]
-    Q = tl.dot(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)), Lam)                         # [BT, BH]: do_i^T Lam
+    Q = tl.dot(tl.load(slot_ptrs(scr_p, S_DO, BT, D, SW, BT)), Lam, input_precision=DOT_PRECISION)                         # [BT, BH]: do_i^T Lam
     dG += tl.where(sel[:, None], -tl.sum(Q * Hb, axis=1)[None, :], 0.0)
     # dh_i -= Gam_ti do_i^T Lam
     dH -= grow[:, None] * Q
     return dX0, dH, dDo, dG, dcv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_lq_adj1_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     LQQ: tl.constexpr,
 ):
     """lq backward, W1 (factors a = do, b = h), per hidden block: as lq_adj2, accumulating
@@ -383,7 +391,7 @@ def mlp_lq_adj1_kernel(
                     dS0 += tl.load(vector_entry_ptr(scr_p, V_B, t, BT, SW, E)) * Lam
                     dbv += tl.where(sel, tl.sum(tl.sum(Lam * tl.load(ss1 + b_in + o1), axis=1), axis=0), 0.0)
                 dX0, dH, dDo, dG, dcv = _w1_adjoint_step(Lam, X0, dX0, dH, dDo, dG, dcv, sel, t, scr_p, reg,
-                                                         hh, rows, R_B, BT, SW, E, D)
+                                                         hh, rows, R_B, BT, SW, E, D, DOT_PRECISION)
             ph = region_ptrs(scr_p, R_GH, hh, BT, SW, E)
             tl.store(ph, tl.load(ph) + dH)
             tl.store(dst1 + b_in + o1, tl.load(dst1 + b_in + o1) + dX0)
@@ -399,12 +407,13 @@ def mlp_lq_adj1_kernel(
             tl.store(vector_ptrs(scr_p, V_DB, BT, SW, E), tl.load(vector_ptrs(scr_p, V_LQDB, BT, SW, E)) + dbv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def mlp_lq_dw0_kernel(
     q, k, v, la, eta, dlt, lmu, y, dq, dk, dv, dla, deta, ddlt, dlmu,
     st1, st2, ss1, ss2, dst1, dst2, dss1, dss2, dw1, dw2, scr, cu, coff, p, step, lqe, nrm,
     H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
     SW: tl.constexpr, BIAS: tl.constexpr, MOMENTUM: tl.constexpr, REV: tl.constexpr, LQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     LQQ: tl.constexpr,
 ):
     """lq backward, after ``first``: d X_0 += s_0 dW_0 + <dW_0, X_0> s'(X_0) for both matrices

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from miras_kernels.common.codes import BIAS_CODES, RETENTION_CODES, bias_scalar
+from miras_kernels.common.fresh import fresh_empty_like
 from miras_kernels.common.mlp_tiles import (absq2, bias_grad, gelu, gelu_d, lq_scale, qroot, row_stats,
     softmax_read_step)
 from miras_kernels.configs import mlp_recurrent_block
@@ -80,7 +81,8 @@ def _mat1(X, sc, rm, rc, RET: tl.constexpr):
     return X
 
 
-@triton.jit
+# pos0 (tokens already consumed) changes with every decoding call: unspecialised, one compile
+@triton.jit(do_not_specialize=["pos0"])
 def mlp_recurrent_kernel(
     q, k, v, la, eta, dlt, lmu, y,
     x1, x2, s1, s2, f1, f2,               # live state [N, H, D, E] / [N, H, E, D]; frozen copies f*
@@ -315,7 +317,7 @@ def fused_recurrent_miras_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dlt = checked.delta.float() if spec.needs_delta else torch.ones(B, T, H, device=dev)
     qf, kf, vf = (x.reshape(B * T, H, D).contiguous() for x in (q, k, v))
     gates = [x.reshape(B * T, H).contiguous() for x in (la, eta.float(), dlt, lmu)]
-    y = torch.empty_like(qf)
+    y = fresh_empty_like(qf)
     ret = RETENTION_CODES[spec.retention]
     mlp_recurrent_kernel[(N * H,)](
         qf, kf, vf, *gates, y, x1, x2, s1, s2, f1, f2, cu, bias_scalar(spec), int(position),

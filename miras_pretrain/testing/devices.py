@@ -41,3 +41,8 @@ def fp32_dots_exact() -> bool:
     ``MIRAS_EXACT_FP32=1``. Tests that assume exact fp32 widen their tolerance (TF32 has a 10-bit
     mantissa, ~1e-3 relative per product) when this is False."""
     return not on_gpu() or os.environ.get("MIRAS_EXACT_FP32") == "1"
+
+
+# pytest collects module-level callables named test_*: these are helpers, not tests
+test_device.__test__ = False  # type: ignore[attr-defined]
+test_device_name.__test__ = False  # type: ignore[attr-defined]
