@@ -19,6 +19,8 @@ Memory (the backward recomputes, the forward saves only what is cheaper to keep)
 from __future__ import annotations
 
 import torch
+
+from ..common.fresh import fresh_empty, fresh_empty_like
 import triton
 
 from miras_kernels.dispatch import supports
@@ -48,7 +50,7 @@ class MirasLinearChunkFunction(torch.autograd.Function):
         a = launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size)
         # 1) sequential state pass, 2) outputs, chunk-parallel
         sp = run_state_pass(spec, chunk_size, a, q, k, v, h0, s0, cu_seqlens)
-        y = torch.empty(*v.shape, dtype=q.dtype, device=q.device)
+        y = fresh_empty(*v.shape, dtype=q.dtype, device=q.device)
         launch_chunk_out(spec, chunk_size, a, q, k, v, sp, y)
         ht, st = sp.final_states(momentum)
         hs, ss, ebuf, nbuf, offs, idx, first = sp.hs, sp.ss, sp.ebuf, sp.nbuf, sp.offs, sp.idx, sp.first
@@ -78,8 +80,8 @@ class MirasLinearChunkFunction(torch.autograd.Function):
         dua = launch_bwd_du(spec, chunk_size, a, q, k, dy, idx) if spec.bias != "dot" else a.dummy
         # 2) adjoint of the state at every slot, sequential over chunks (reverse)
         cfg = launch_meta(spec, chunk_size, dk, "chunk_bwd_dstate")
-        dhs = torch.empty_like(hs)
-        dss = torch.empty_like(ss) if momentum else dhs
+        dhs = fresh_empty_like(hs)
+        dss = fresh_empty_like(ss) if momentum else dhs
         miras_linear_chunk_bwd_dstate_kernel[(triton.cdiv(dv, cfg.BV), n_seq * H)](
             q, k, v, *a.gates, ebuf, nbuf, dua, dy,
             dht if use_dht else dhs, dst if (use_dht and momentum) else dhs,

@@ -16,6 +16,8 @@ dk]`` and ``-T^T dT`` ``[B, T, H, C]``.
 from __future__ import annotations
 
 import torch
+
+from ..common.fresh import fresh_empty, fresh_empty_like
 import triton
 
 from miras_kernels.common.precision import dot_precision
@@ -68,17 +70,17 @@ class MirasDeltaExactFunction(torch.autograd.Function):
         common = dict(K=dk, V=dv, BT=C, HAS_ALPHA=la is not None, IS_VARLEN=cu_seqlens is not None,
                       DOT_PRECISION=prec)
 
-        tinv = torch.empty(B, T, H, C, **f32)
-        wbuf = torch.empty(B, T, H, dk, **f32)
-        ubuf = torch.empty(B, T, H, dv, **f32)
+        tinv = fresh_empty(B, T, H, C, **f32)
+        wbuf = fresh_empty(B, T, H, dk, **f32)
+        ubuf = fresh_empty(B, T, H, dv, **f32)
         if a.grid_rest[0] > 0:
             cfg = launch_meta(g, C, dk, "delta_wy_fwd")
             miras_delta_wy_fwd_kernel[a.grid_rest](
                 k, v, la_p, eta, tinv, wbuf, ubuf, a.cu, idx, a.t_arg, H, BK=cfg.BK, BV=cfg.BV,
                 RETAINED=retained, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-        hs = torch.empty(n_slots, H, dv, dk, **f32)
-        vnew = torch.empty(B, T, H, dv, **f32)
+        hs = fresh_empty(n_slots, H, dv, dk, **f32)
+        vnew = fresh_empty(B, T, H, dv, **f32)
         cfg = launch_meta(g, C, dk, "delta_state")
         miras_delta_state_kernel[(triton.cdiv(dv, cfg.BV), n_seq * H)](
             k, wbuf, ubuf, la_p, h0 if h0 is not None else hs, hs, vnew, a.cu,
@@ -87,7 +89,7 @@ class MirasDeltaExactFunction(torch.autograd.Function):
         )
         last = first + ((T + C - 1) // C if cu_seqlens is None else (offs[1:] - offs[:-1]).long())
         sp = StatePass(hs, hs, a.dummy, a.dummy, offs, idx, first, last)
-        y = torch.empty(B, T, H, dv, dtype=q.dtype, device=q.device)
+        y = fresh_empty(B, T, H, dv, dtype=q.dtype, device=q.device)
         launch_chunk_out(g, C, a, q, k, vnew, sp, y)
         ctx.save_for_backward(q, k, v, la, eta, tinv, wbuf, vnew, hs, cu_seqlens, offs, idx, first)
         ctx.spec, ctx.chunk_size, ctx.has_h0 = spec, C, h0 is not None
@@ -114,8 +116,8 @@ class MirasDeltaExactFunction(torch.autograd.Function):
         # 1) -(A^T dy) with A = (Q K^T) * D_L, chunk-parallel
         dua = launch_bwd_du(g, C, a, q, k, dy, idx)
         # 2) state adjoints and dL/du, sequential over chunks (reverse)
-        dhs = torch.empty_like(hs)
-        dvnew = torch.empty(B, T, H, dv, **f32)
+        dhs = fresh_empty_like(hs)
+        dvnew = fresh_empty(B, T, H, dv, **f32)
         cfg = launch_meta(g, C, dk, "delta_bwd_dstate")
         miras_delta_bwd_dstate_kernel[(triton.cdiv(dv, cfg.BV), n_seq * H)](
             q, k, wbuf, la_p, dua, dy, dht if use_dht else dhs, dhs, dvnew, a.cu,
@@ -125,12 +127,12 @@ class MirasDeltaExactFunction(torch.autograd.Function):
         # 3) dq, and the reads' / state update's share of dk and d log alpha (dot bias, values u)
         gg = launch_input_grads(g, C, a, q, k, vnew, hs, hs, dhs, dhs, a.dummy, a.dummy, dy, idx)
         # 4) through u = U - W S0^T and the WY form to k, v, eta, log alpha
-        dk_wy = torch.empty(B, T, H, dk, **f32)
-        dwbuf = torch.empty(B, T, H, dk, **f32)
-        dabuf = torch.empty(B, T, H, C, **f32)
-        dv_ = torch.empty(B, T, H, dv, **f32)
-        dla_wy = torch.empty(B, T, H, **f32) if la is not None else a.dummy
-        deta = torch.empty(B, T, H, **f32)
+        dk_wy = fresh_empty(B, T, H, dk, **f32)
+        dwbuf = fresh_empty(B, T, H, dk, **f32)
+        dabuf = fresh_empty(B, T, H, C, **f32)
+        dv_ = fresh_empty(B, T, H, dv, **f32)
+        dla_wy = fresh_empty(B, T, H, **f32) if la is not None else a.dummy
+        deta = fresh_empty(B, T, H, **f32)
         if a.grid_rest[0] > 0:
             retained = spec.step_at == "retained"
             cfg = launch_meta(g, C, dk, "delta_wy_bwd_da")

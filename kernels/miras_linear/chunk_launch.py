@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..common.fresh import fresh_empty
 import triton
 
 from miras_kernels.common.codes import BIAS_CODES
@@ -140,7 +142,7 @@ class StatePass:
 
     def final_states(self, momentum: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(X_T, S_T)`` per sequence; S_T is an empty placeholder without momentum."""
-        st = self.ss[self.last] if momentum else torch.empty(0, dtype=torch.float32, device=self.hs.device)
+        st = self.ss[self.last] if momentum else torch.zeros(0, dtype=torch.float32, device=self.hs.device)
         return self.hs[self.last], st
 
 
@@ -154,10 +156,10 @@ def run_state_pass(spec, chunk_size: int, a: LaunchArgs, q, k, v, h0, s0, cu_seq
     offs, nt_total = chunk_offsets(cu_seqlens, B, T, chunk_size)
     first, n_slots = state_slots(cu_seqlens, offs, nt_total, B, T, chunk_size, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
-    hs = torch.empty(n_slots, H, dv, dk, **f32)
-    ss = torch.empty(n_slots, H, dv, dk, **f32) if spec.learner == "momentum" else hs
-    ebuf = torch.empty(B, T, H, dv, **f32) if spec.bias != "dot" else a.dummy
-    nbuf = torch.empty(B, T, H, **f32) if spec.bias == "huber" else a.dummy
+    hs = fresh_empty(n_slots, H, dv, dk, **f32)
+    ss = fresh_empty(n_slots, H, dv, dk, **f32) if spec.learner == "momentum" else hs
+    ebuf = fresh_empty(B, T, H, dv, **f32) if spec.bias != "dot" else a.dummy
+    nbuf = fresh_empty(B, T, H, **f32) if spec.bias == "huber" else a.dummy
     cfg = launch_meta(spec, chunk_size, dk, "chunk_state")
     nv = triton.cdiv(dv, cfg.BV)
     nvb = nv if (spec.bias == "huber" or (mat == 1 and spec.bias != "dot")) else 1
@@ -203,7 +205,7 @@ def launch_bwd_du(spec, chunk_size: int, a: LaunchArgs, q, k, dy, idx) -> torch.
     on the carried state adjoint (chunk-parallel, so the sequential pass holds no [C, C] tile)."""
     B, T, H, dk = q.shape
     dv = dy.shape[-1]
-    dua = torch.empty(B, T, H, dv, dtype=torch.float32, device=q.device)
+    dua = fresh_empty(B, T, H, dv, dtype=torch.float32, device=q.device)
     if a.grid_rest[0] > 0:
         cfg = launch_meta(spec, chunk_size, dk, "chunk_bwd_du")
         miras_linear_chunk_bwd_du_kernel[(triton.cdiv(dv, cfg.BV), *a.grid_rest)](

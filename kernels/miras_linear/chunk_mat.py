@@ -19,6 +19,8 @@ inside the sweep: ``[NV, B, T, H]`` partials only).
 from __future__ import annotations
 
 import torch
+
+from ..common.fresh import fresh_empty
 import triton
 
 from miras_kernels.common.codes import RETENTION_CODES
@@ -132,12 +134,12 @@ class MirasLinearMatFunction(torch.autograd.Function):
         #    kl: the per-token softmax read straight into y
         r = nrm = None
         if mat == 1:
-            r = torch.empty(B, T, H, dv, **f32)
+            r = fresh_empty(B, T, H, dv, **f32)
             launch_chunk_out(spec, chunk_size, a, q, k, v, sp, r)
             cfg = launch_meta(spec, chunk_size, dk, "chunk_scan_fwd")
             out = torch.zeros(triton.cdiv(dv, cfg.BV), B, T, H, **f32)
         else:
-            out = y = torch.empty(B, T, H, dv, dtype=q.dtype, device=q.device)
+            out = y = fresh_empty(B, T, H, dv, dtype=q.dtype, device=q.device)
         _launch_scan(spec, chunk_size, a, q, k, v, sp, "chunk_scan_fwd", miras_linear_chunk_scan_fwd_kernel, out)
         if mat == 1:
             nrm = out.sum(0).pow(1.0 / qexp)

@@ -14,6 +14,8 @@ No autograd: calls with inputs that require grad in grad mode raise (train with
 from __future__ import annotations
 
 import torch
+
+from ..common.fresh import fresh_empty
 import triton
 import triton.language as tl
 
@@ -155,10 +157,10 @@ def fused_recurrent_miras_linear(
     dv = v.shape[-1]
     cfg = linear_config("recurrent_fwd", 1, block_size(dk), block_size(dv), True)
     f32 = dict(dtype=torch.float32, device=q.device)
-    y = torch.empty(B, T, H, dv, dtype=q.dtype, device=q.device)
-    ht = torch.empty(x.n_seq, H, dv, dk, **f32)
+    y = fresh_empty(B, T, H, dv, dtype=q.dtype, device=q.device)
+    ht = fresh_empty(x.n_seq, H, dv, dk, **f32)
     momentum = spec.learner == "momentum"
-    st = torch.empty(x.n_seq, H, dv, dk, **f32) if momentum else ht
+    st = fresh_empty(x.n_seq, H, dv, dk, **f32) if momentum else ht
     dummy = x.eta
     miras_linear_recurrent_fwd_kernel[(x.n_seq * H,)](
         x.q, x.k, x.v, x.la if x.la is not None else dummy, x.lmu if x.lmu is not None else dummy,
