@@ -186,16 +186,24 @@ MLP_RETENTIONS = ("none", "decay", "lq", "kl")
 # Candidate GPU configurations (head dim, expansion, chunk size); 340M: D = 64, e = 4, C = 64.
 MLP_CANDIDATES = [(d, e, c) for d in (32, 64, 128) for e in (2, 4) for c in (16, 64)]
 MLP_ARCHS = (80, 90)
-# Candidates the AOT report found spilling (on either arch): not shipped, supports() falls back
-# on a GPU naming the reason (dict value). Empty: d = 128 with C = 64 spilled 48-4820 bytes in
+# Candidates the AOT report found spilling (on either arch, under Triton 3.7.1 or 3.8.0): not
+# shipped, supports() falls back on a GPU naming the reason (dict value). Under Triton 3.8.0 alone
+# this was empty: d = 128 with C = 64 had spilled 48-4820 bytes in
 # fwd hidden and bwd readout2 / state_dk / mid / first / lq_adj1 ([64, 128] fp32 tiles, 32
 # registers per thread each at 8 warps) until those phases were restructured (CTA-barrier splits,
 # a second hidden-block loop for dk, see miras_mlp/chunk_kernels.py) and given per-phase warps
-# (mlp_phase_warps).
-MLP_NOT_SHIPPED: dict[tuple[int, int, int], str] = {}
+# (mlp_phase_warps). Not shipped now: d = 128 (C = 16 and 64, e = 2 and 4): under Triton 3.7.1
+# (the GPU install's) bwd_read2 with
+# momentum spills at every warp count (C = 16: 6.9-7.1 KB at 8 warps, 16-48 B at 4, 16-32 B at 2,
+# 2.6-2.8 KB at 16; C = 64, sm_80: 84-88 B at 8, 160 B at 4, 7.7 KB at 16, 20 KB at 2) and at
+# BH = 32 (64-324 B); BH = 16 is already the smallest hidden block. Triton 3.8.0 compiles them
+# spill-free, so these return once the GPU install moves to 3.8.
+_MLP_D128_WHY = ("head dim 128: phase mlp_bwd_read2 (momentum) spills registers under Triton 3.7.1 on "
+                 "sm_80/sm_90 at every warp count (AOT report, bench_results/kernel_report_mlp_triton371.md)")
+MLP_NOT_SHIPPED: dict[tuple[int, int, int], str] = {(128, e, c): _MLP_D128_WHY for e in (2, 4) for c in (16, 64)}
 # Configurations compiled and checked ahead of time (miras_kernels.miras_mlp.aot,
 # tools/kernel_report.py --family mlp): every phase kernel is spill-free with shared memory in
-# bounds on sm_80 and sm_90.
+# bounds on sm_80 and sm_90 under both Triton 3.7.1 (the GPU install's) and 3.8.0.
 MLP_SHIPPED = [c for c in MLP_CANDIDATES if c not in MLP_NOT_SHIPPED]
 # No software pipelining: the hidden-block loops are compute bound and every pipeline stage would
 # buffer weight tiles in shared memory and keep extra registers live (spills on sm_80/sm_90).
@@ -250,6 +258,21 @@ def mlp_phase_warps(name: str, d: int, chunk: int, lq: bool = False) -> int:
         # lq (and kl's backward), compiled as launched: at 8 warps ptxas held it to 128 registers on
         # sm_80 and spilled 40 bytes (lp + gd); 4 warps (163-168 registers): none on sm_80/sm_90
         return 4
+    if d == 32 and chunk >= 64 and name in ("mlp_fwd_coef", "mlp_bwd_coef", "mlp_bwd_readout", "mlp_bwd_state_mom",
+                                            "mlp_bwd_read2"):
+        # Triton 3.7.1, sm_80: at 8 warps ptxas held these to 64-128 registers and spilled 8-16
+        # bytes (every variant of coef; readout/read2/state_mom in some); 4 warps: none (3.7.1, 3.8.0)
+        return 4
+    if d == 32 and chunk == 16 and name == "mlp_bwd_state":
+        # Triton 3.7.1, sm_80: 4 warps spilled 8 bytes at 64 registers, 8 warps 16; 16 (and 2): none
+        return 16
+    if d == 32 and chunk == 16 and name == "mlp_bwd_state_dk":
+        # Triton 3.7.1, sm_90, momentum (e = 4): 4 warps spilled 16 bytes at 128 registers; 8: none
+        return 8
+    if d == 32 and name == "mlp_bwd_kl_o1":
+        # Triton 3.7.1, sm_90: 4 warps spilled 16 bytes (C = 16, e = 2; C = 64, e = 4), 8 warps
+        # 8-16 (sm_80/sm_90, also 3.8.0), 2 warps 16-48; 16 warps: none (3.7.1, 3.8.0)
+        return 16
     if name in ("mlp_fwd_kl_o1", "mlp_bwd_kl_o1", "mlp_bwd_kl_adj2q"):
         # kl token sweeps: at 8 warps ptxas held them to 64-128 registers and spilled 8-32 bytes
         # (d = 64: kl_o1 on sm_80/sm_90; d = 32, C = 64: kl_adj2q on sm_90); 4 warps: none. d = 128,
@@ -314,12 +337,16 @@ def mlp_config_shipped(d: int, e: int, chunk: int, arch: int, lq_q: float | None
 
 
 def mlp_recurrent_block(d: int, e: int, ret: int = 0) -> int:
-    """Hidden rows per tile of the MLP decoding kernel (two [BH, d] weight tiles live at once). 16
-    from d = 64 up: at d = 64, BH = 32 spilled 16 bytes on sm_90 (Huber; ptxas held it to 128
-    registers). ``ret`` (``common.codes.RETENTION_CODES``): lq/kl at d = 128 take 8: with 16, kl +
-    gd (C = 16) spilled 8 bytes on sm_80 and kl/lq + momentum used 243-255 registers (the online
-    softmax / q-norm temporaries add [d, BH] tiles); with 8 they compile to 96-127 registers,
-    spill-free (AOT, sm_80/sm_90)."""
+    """Hidden rows per tile of the MLP decoding kernel (two [BH, d] weight tiles live at once). 32
+    at d = 64 (BH = 16 spilled 8-36 bytes under Triton 3.7.1; an older kernel had spilled 16 bytes
+    at BH = 32 on sm_90, Huber), 16 above. ``ret`` (``common.codes.RETENTION_CODES``): lq/kl at
+    d = 128 take 8: with 16, kl + gd (C = 16) spilled 8 bytes on sm_80 and kl/lq + momentum used
+    243-255 registers (the online softmax / q-norm temporaries add [d, BH] tiles); with 8 they
+    compile to 96-127 registers, spill-free (AOT, sm_80/sm_90)."""
     if ret != 0 and d >= 128:
         return min(d * e, 8)
+    if d == 64:
+        # Triton 3.7.1: BH = 16 spilled 8-36 bytes (sm_80: l2/huber/lp + gd, C = 16/64; sm_90: dot)
+        # at 64-80 registers, BH = 8 8-32 bytes (sm_90); BH = 32: none for every variant (3.7.1, 3.8.0)
+        return min(d * e, 32)
     return min(d * e, 64 if d <= 32 else 16)
