@@ -173,7 +173,9 @@ def test_train_cli_refuses_gpu_job_on_cpu_build_and_announces_cpu(tmp_path):
     prepared = prepare_tiny_corpus(tmp_path / "data", max_bytes=60_000)
     config = write_config(tmp_path / "run.yaml", tiny_run_config(tmp_path / "run", prepared, steps=1))
     env = {k: v for k, v in child_env(tmp_path).items() if k not in GPU_REQUEST_VARS}
-    argv = [sys.executable, "-m", "miras_pretrain.cli", "train", "--config", str(config)]
+    # warmup 0: a one-step run with the tiny config's warmup would add the (correct) warmup warning line
+    argv = [sys.executable, "-m", "miras_pretrain.cli", "train", "--config", str(config),
+            "--set", "train.warmup_steps=0"]
     refused = subprocess.run(argv, env={**env, "SLURM_GPUS_ON_NODE": "4"}, capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode == 2, refused.stdout + refused.stderr
