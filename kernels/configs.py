@@ -82,12 +82,16 @@ _SCAN_WARPS = {16: 4, 32: 4, 64: 8}
 _SCAN_WARP_OVERRIDES: dict[tuple[str, str, int, int], int] = {
     **{("chunk_scan_bwd", "momentum", bt, bkp): 8 for bt in (16, 32) for bkp in (32, 64, 128)},
     ("chunk_scan_bwd_dk", "momentum", 64, 32): 4, ("chunk_scan_bwd_dk", "momentum", 64, 64): 4,
-    ("chunk_scan_bwd", "gd", 16, 128): 8, ("chunk_scan_bwd", "gd", 32, 128): 8,
+    ("chunk_scan_bwd", "gd", 16, 128): 8, ("chunk_scan_bwd", "gd", 64, 32): 16,
+    ("chunk_scan_fwd", "momentum", 16, 32): 8, ("chunk_scan_bwd", "gd", 32, 128): 8,
 }
 _OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
+    # num_warps-only retunes (8-24 B spills under Triton 3.7.1): chunk_state momentum 16, chunk_bwd_dstate
+    # gd 64, delta_wy_fwd 16, delta_wy_bwd_da 32; chunk_scan_fwd momentum (16, 32), chunk_scan_bwd gd (64, 32)
+    ("chunk_state", "momentum", 16): (32, 32, 8),
     ("chunk_state", "momentum", 32): (32, 32, 8), ("chunk_state", "momentum", 64): (32, 16, 8),
     ("chunk_out", "momentum", 64): (32, 16, 8),
-    ("chunk_bwd_dstate", "gd", 32): (32, 32, 8), ("chunk_bwd_dstate", "gd", 64): (16, 16, 8),
+    ("chunk_bwd_dstate", "gd", 32): (32, 32, 8), ("chunk_bwd_dstate", "gd", 64): (16, 16, 4),
     ("chunk_bwd_dstate", "momentum", 32): (32, 16, 8), ("chunk_bwd_dstate", "momentum", 64): (16, 16, 8),
     ("chunk_bwd_dqg", "momentum", 64): (32, 16, 8),
     ("chunk_bwd_dkv", "gd", 64): (32, 16, 8), ("chunk_bwd_dkv", "momentum", 16): (32, 32, 8),
@@ -104,6 +108,7 @@ _OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
     # wy_bwd_dk spilled 4 bytes on sm_80 (ptxas held it to 128 registers at 4 and 8 warps); 16-wide: none
     ("delta_wy_bwd_da", "gd", 64): (16, 16, 8), ("delta_wy_bwd_dk", "gd", 64): (16, 16, 8),
     ("delta_wy_bwd_dk", "gd", 16): (16, 16, 4),
+    ("delta_wy_fwd", "gd", 16): (32, 32, 8), ("delta_wy_bwd_da", "gd", 32): (32, 32, 8),
 }
 
 
