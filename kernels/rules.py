@@ -130,6 +130,17 @@ def grad_factors(
     return {"W1": (do, h), "W2": (dz, k)}
 
 
+def retain(alpha_t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """One token's retention of a free variable: ``alpha_t * x``. alpha ``[B, H]`` (per head) or
+    ``[B, H, dk]`` (per key channel: scales the columns of ``x`` ``[B, H, r, c]``); None means
+    alpha = 1 (retention ``none``)."""
+    if alpha_t is None:
+        return x
+    if alpha_t.dim() == 3:
+        return alpha_t[:, :, None, :] * x
+    return alpha_t[:, :, None, None] * x
+
+
 def retained_weights(
     spec: MirasSpec, X0: dict[str, torch.Tensor], gamma: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:

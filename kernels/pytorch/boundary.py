@@ -56,18 +56,8 @@ import torch
 
 from ..chunk_step import apply_affine, causal_mask, chunk_coefficients, end_momentum, end_state
 from ..inputs import State
-from ..rules import grad_factors, matvec, read_memory, retained_weights
+from ..rules import grad_factors, matvec, read_memory, retain, retained_weights
 from ..spec import MirasSpec
-
-
-def _retain(alpha_t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """``alpha_t * x`` for one token: alpha ``[B, H]`` (per head) or ``[B, H, dk]`` (per key
-    channel: scales the columns of ``x`` ``[B, H, r, c]``); None means alpha = 1."""
-    if alpha_t is None:
-        return x
-    if alpha_t.dim() == 3:
-        return alpha_t[:, :, None, :] * x
-    return alpha_t[:, :, None, None] * x
 
 
 def boundary_recurrent_core(
@@ -122,7 +112,7 @@ def boundary_recurrent_core(
             frozen = boundary
         if retained:
             # gamma_i * X_b: the chunk-start state carried by the retention alone
-            carried = {n: _retain(alpha_t, X[n] if start else carried[n]) for n in names}
+            carried = {n: retain(alpha_t, X[n] if start else carried[n]) for n in names}
             frozen = {n: spec.materialize(carried[n]) for n in names}
         factors = grad_factors(
             spec, frozen, k_t.unsqueeze(2), v_t.unsqueeze(2), None if delta_t is None else delta_t.unsqueeze(2)
@@ -135,9 +125,9 @@ def boundary_recurrent_core(
                 step = S[n]
             else:
                 step = -eta_t * g
-            X[n] = _retain(alpha_t, X[n]) + step
+            X[n] = retain(alpha_t, X[n]) + step
             if not lq:
-                R[n] = _retain(alpha_t, R[n]) + step  # the same linear step on the weights
+                R[n] = retain(alpha_t, R[n]) + step  # the same linear step on the weights
         if (t + 1) % C == 0:  # this token ends a full chunk: it reads the boundary weights
             weights = {n: spec.materialize(X[n]) for n in names}
         elif lq:

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import torch
 
 from ..inputs import State, prepare_inputs, run_documents
-from ..rules import grad_factors, matvec, read_memory
+from ..rules import grad_factors, matvec, read_memory, retain
 from ..spec import MirasSpec
 
 
@@ -68,13 +68,6 @@ def recurrent_core(
     def tokens(t: torch.Tensor | None) -> list:
         # unbind (not t[:, :, i]): its backward is one stack, a slice's would fill a full tensor
         return [None] * T if t is None else list(t.unbind(dim=2))
-
-    def retain(alpha_t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        if alpha_t is None:
-            return x
-        if alpha_t.dim() == 3:  # per-channel [B, H, dk]: decay along the key (column) dim
-            return alpha_t[:, :, None, :] * x
-        return alpha_t[:, :, None, None] * x
 
     steps = zip(*(tokens(x) for x in (q, k, v, alpha, eta, delta, mu)))
     for t, (q_t, k_t, v_t, alpha_t, eta_t, delta_t, mu_t) in enumerate(steps):
