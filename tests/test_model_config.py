@@ -3,6 +3,7 @@ tools/count_params.py and ``miras-pretrain models``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -97,7 +98,11 @@ def test_flops_accounting():
     # the dense part is ~2 FLOPs per non-embedding matmul parameter, plus the head
     d, h = cfg.d_model, cfg.head_dim
     # linear memory, l2 bias, decay, chunk C: error 2d^2 + update 2d^2 + read 2d^2 + 4C*2d
-    assert memory_flops_per_token_head(cfg.spec, h, 64) == 6 * h * h + 4 * 64 * 2 * h
+    minibatch = dataclasses.replace(cfg.spec, chunk_rule="minibatch")
+    assert memory_flops_per_token_head(minibatch, h, 64) == 6 * h * h + 4 * 64 * 2 * h
+    # the preset's exact WY form: 3 x 2d^2 (corrected values, read, update) + 5 x 2Cd + 2C^2/3 (solve)
+    assert cfg.spec.chunk_rule == "exact"
+    assert memory_flops_per_token_head(cfg.spec, h, 64) == pytest.approx(6 * h * h + 10 * 64 * h + 2 * 64 * 64 / 3)
     # attention context: full causal averages (T+1)/2 keys; a window caps it
     tf = ModelConfig.from_ref("transformer_340m")
     assert flops_breakdown(tf, 8)["attention_core"] == pytest.approx(tf.n_layers * 4 * d * 4.5)

@@ -10,7 +10,11 @@ inner gradient, the chunk-end state update (sum of outer products), and the read
 -- for ``none``/``decay`` retention a frozen-weights read plus GLA-like in-chunk products
 (4*C*(rows+cols)), for ``lq``/``kl`` the per-token weights of the chunk built by the in-chunk
 scan (one scaled rank-1 update, 2 FLOPs per entry, twice with momentum; kernels/pytorch/per_token_scan.py),
-their materialisation (~5 FLOPs per entry) and a full matvec.
+their materialisation (~5 FLOPs per entry) and a full matvec. ``chunk_rule="exact"`` (the delta
+rule's WY form, kernels/pytorch/delta_exact.py) is counted as that path computes it: per chunk
+``K Kᵀ`` and ``Q Kᵀ``, the unit-triangular solve by forward substitution (~C³/3 multiply-adds),
+``W = T(βK)`` and ``U = T(βV)``, the corrected values ``U - W Sᵀ``, the read ``Q Sᵀ`` plus the
+in-chunk product with the corrected values, and the chunk-end update.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ def memory_flops_per_token_head(spec: MirasSpec, d: int, chunk: int) -> float:
     """Forward FLOPs of the memory op per token and head (chunked algorithm, see module doc)."""
     shapes = list(spec.weight_shapes(d, d).values())
     entries = sum(r * c for r, c in shapes)
+    if spec.chunk_rule == "exact":
+        # per token: K K^T, Q K^T, T(bK), T(bV), (Q K^T) U': 5 x 2Cd; U - W S^T, Q S^T, S += U'^T K:
+        # 3 x 2d^2; the forward substitution: 2C^3/3 per chunk = 2C^2/3 per token
+        return float(6 * d * d + 10 * chunk * d + 2 * chunk * chunk / 3)
     momentum = spec.learner == "momentum"
     affine = spec.retention in ("none", "decay") or (spec.retention == "lq" and spec.q == 2.0)
     if spec.memory == "linear":
