@@ -204,3 +204,18 @@ def test_model_yaml_by_path_and_registry_forms(tmp_path):
     with pytest.raises(ValueError, match=r"'model.size' = '5m' is not valid: unknown size"):
         expand_model_section({"preset": "moneta", "size": "5m"})
 
+
+
+def test_miras_fields_over_a_base_refine_its_preset():
+    """``--set model.miras.p=2`` on ``model: moneta_tiny`` is Moneta with p = 2, not the default
+    (linear) spec with p = 2: the fields merge onto the base's ``miras`` mapping; a new preset
+    starts over from that preset."""
+    from miras_pretrain.train.config import config_from_dict
+
+    moneta = MirasSpec.preset("moneta")
+    cfg = ModelConfig.from_dict(config_from_dict({"model": "moneta_tiny"}, ["model.miras.p=2"]).model)
+    assert cfg.spec == dataclasses.replace(moneta, p=2.0)
+    cfg = ModelConfig.from_dict(expand_model_section({"preset": "moneta", "size": "tiny", "miras": {"q": 2}}))
+    assert cfg.spec == dataclasses.replace(moneta, q=2.0)
+    cfg = ModelConfig.from_dict(expand_model_section({"from": "moneta_tiny", "miras": {"preset": "yaad"}}))
+    assert cfg.spec == MirasSpec.preset("yaad")

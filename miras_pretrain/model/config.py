@@ -209,8 +209,21 @@ def expand_model_section(value: Any, base_dir: str | Path = ".", _depth: int = 0
         base = registry.registry_fields(str(preset), str(size))
     elif ref is not None:
         base = _expand_ref(str(ref), base_dir, _depth)
+    miras = value.pop("miras", None)
     base.update(value)
+    if miras is not None:
+        base["miras"] = _merge_miras(base.get("miras"), miras)
     return base
+
+
+def _merge_miras(base: Any, override: Any) -> Any:
+    """The ``miras`` mapping of a model built on a base (registry name, ``from:`` file): fields given
+    over a base refine the base's memory (``{p: 2}`` over Moneta is Moneta with p = 2); a new
+    ``preset`` starts from that preset instead. Replacing the mapping wholesale would silently turn
+    ``{p: 2}`` into the default (linear) spec with p = 2."""
+    if not isinstance(base, dict) or not isinstance(override, dict) or "preset" in override:
+        return override
+    return {**base, **override}
 
 
 def _expand_ref(ref: str, base_dir: str | Path, depth: int) -> dict:
