@@ -219,3 +219,20 @@ def test_miras_fields_over_a_base_refine_its_preset():
     assert cfg.spec == dataclasses.replace(moneta, q=2.0)
     cfg = ModelConfig.from_dict(expand_model_section({"from": "moneta_tiny", "miras": {"preset": "yaad"}}))
     assert cfg.spec == MirasSpec.preset("yaad")
+
+
+def test_embed_init_std_sets_only_the_embedding():
+    """``embed_init_std`` draws the token embedding at its own std (null = ``init_std``); the rest
+    of the model keeps ``init_std``; a bad value is a one-line error naming the key."""
+    base = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=2, layer_pattern="T")
+    torch.manual_seed(0)
+    wide = build_model(ModelConfig.from_dict({**base, "embed_init_std": 1.0}))
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig.from_dict(base))
+    emb = lambda m: next(p for n, p in m.named_parameters() if "embed" in n)  # noqa: E731
+    assert 0.9 < float(emb(wide).detach().std()) < 1.1 and 0.015 < float(emb(plain).detach().std()) < 0.025
+    q = lambda m: next(p for n, p in m.named_parameters() if "q_proj" in n)  # noqa: E731
+    assert 0.015 < float(q(wide).detach().std()) < 0.025
+    with pytest.raises(ValueError, match=r"config key 'model.embed_init_std' = -1") as info:
+        ModelConfig.from_dict({**base, "embed_init_std": -1})
+    assert "\n" not in str(info.value)

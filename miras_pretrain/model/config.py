@@ -83,6 +83,9 @@ class ModelConfig:
     rope_theta: float = _f(10000.0, "RoPE base", **_POSITIVE_NUMBER)
     tie_embeddings: bool = _f(False, "share input embedding and output head")
     init_std: float = _f(0.02, "std of the normal weight init", **_POSITIVE_NUMBER)
+    embed_init_std: float | None = _f(None, "std of the token embedding's init; null = init_std (a small "
+                                      "attention model on a recall task needs ~1.0 to leave its start)",
+                                      gt=0, finite=True, fix="use a number > 0, or null for init_std")
     norm_eps: float = _f(1e-6, "RMSNorm epsilon", **_POSITIVE_NUMBER)
     activation_checkpointing: bool = _f(False, "recompute every block in backward (the one switch: "
                                                "there is no train.activation_checkpointing)")
