@@ -75,6 +75,9 @@ def register(subparsers) -> None:
     pr.add_argument("--max-bytes", type=int, default=None, help="stdlib: limit the bytes (default: all of them)")
     pr.add_argument("--num-samples", type=int, default=4096, help="assoc-recall: train samples")
     pr.add_argument("--num-pairs", type=int, default=16, help="assoc-recall: key/value pairs")
+    pr.add_argument("--loss", default="all", choices=["all", "answers"],
+                    help="assoc-recall: train on every next token, or only on the answers (Zoology's "
+                         "objective; the other labels become -100)")
     pr.add_argument("--no-progress", action="store_true", help="print no progress bar while tokenizing")
     pr.set_defaults(func=_data_prepare)
 
@@ -204,7 +207,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
         res = prepare_assoc_recall(args.out, vocab_size=args.vocab_size,
                                    seq_len=args.seq_len or 128, num_pairs=args.num_pairs,
                                    num_train=args.num_samples, num_val=num_val,
-                                   overwrite=args.overwrite)
+                                   loss=args.loss, overwrite=args.overwrite)
         print(json.dumps({k: v for k, v in prepared_to_dict(res).items() if k != "manifest"}))
         return 0
     from miras_pretrain.data.prepare import prepare_files

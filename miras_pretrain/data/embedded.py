@@ -165,22 +165,52 @@ def prepare_embedded_corpus(out_dir: str, *, vocab_size: int = 4096, seq_len: in
                         "val" if splits["val"] else None, manifest, reused=False)
 
 
-def generate_assoc_recall(num_samples: int, *, seq_len: int, vocab_size: int, num_pairs: int,
-                          seed: int) -> np.ndarray:
-    """MQAR samples ``[num_samples, seq_len + 1]`` (uint16/uint32).
+ASSOC_RECALL_LOSSES = ("all", "answers")
 
-    Ids: 0 unused, 1 BOS, 2 EOS, 3 SEP; keys in ``[4, 4 + K)``, values in ``[4 + K, vocab)`` with
-    ``K = (vocab - 4) // 2``. Each row: BOS, N distinct key/value pairs, SEP, then (query key,
-    value) pairs drawn from the N until the row is full.
-    """
+
+def check_assoc_recall_shape(*, seq_len: int, vocab_size: int, num_pairs: int) -> None:
+    """Refuse an MQAR shape that cannot hold ``num_pairs`` distinct keys and one query (one-line
+    ``ValueError`` naming the argument)."""
     n_keys = (vocab_size - 4) // 2
     n_vals = vocab_size - 4 - n_keys
+    if vocab_size < 6:
+        raise ValueError(f"vocab_size={vocab_size} must be >= 6 (4 special ids, one key, one value)")
     if num_pairs < 1 or num_pairs > min(n_keys, n_vals):
         raise ValueError(f"num_pairs={num_pairs} must be in [1, {min(n_keys, n_vals)}] for "
                          f"vocab_size={vocab_size}")
     if seq_len + 1 < 2 * num_pairs + 4:
         raise ValueError(f"seq_len={seq_len} too short for {num_pairs} pairs plus one query "
                          f"(need >= {2 * num_pairs + 3})")
+
+
+def assoc_recall_answer_start(num_pairs: int) -> int:
+    """Input position of the first query key in an MQAR row (``BOS``, ``2 N`` pair tokens,
+    ``SEP``): the model's prediction there is the first answer. Answers follow every 2 tokens."""
+    return 2 * num_pairs + 2
+
+
+def assoc_recall_answer_mask(seq_len: int, num_pairs: int) -> np.ndarray:
+    """``[seq_len]`` bool over the *inputs* ``row[:-1]`` of an MQAR row: True where the next token
+    (the label ``row[t + 1]``) is an answer, i.e. at every query key. Every row of a given
+    ``(seq_len, num_pairs)`` has its answers at these positions."""
+    t = np.arange(seq_len)
+    start = assoc_recall_answer_start(num_pairs)
+    return (t >= start) & ((t - start) % 2 == 0)
+
+
+def generate_assoc_recall(num_samples: int, *, seq_len: int, vocab_size: int, num_pairs: int,
+                          seed: int | list[int]) -> np.ndarray:
+    """MQAR samples ``[num_samples, seq_len + 1]`` (uint16/uint32).
+
+    Ids: 0 unused, 1 BOS, 2 EOS, 3 SEP; keys in ``[4, 4 + K)``, values in ``[4 + K, vocab)`` with
+    ``K = (vocab - 4) // 2``. Each row: BOS, N distinct key/value pairs, SEP, then (query key,
+    value) pairs drawn from the N until the row is full (:func:`assoc_recall_answer_mask` marks
+    the query keys of ``row[:-1]``). ``seed``: an int, or a list of ints (a seed sequence; the
+    held-out evaluation rows use ``[tag, seed]``, a stream no int seed gives).
+    """
+    check_assoc_recall_shape(seq_len=seq_len, vocab_size=vocab_size, num_pairs=num_pairs)
+    n_keys = (vocab_size - 4) // 2
+    n_vals = vocab_size - 4 - n_keys
     rng = np.random.default_rng(seed)
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     out = np.empty((num_samples, seq_len + 1), dtype=dtype)
@@ -197,9 +227,14 @@ def generate_assoc_recall(num_samples: int, *, seq_len: int, vocab_size: int, nu
 
 def prepare_assoc_recall(out_dir: str, *, vocab_size: int = 256, seq_len: int = 128,
                          num_pairs: int = 16, num_train: int = 4096, num_val: int = 256,
-                         seed: int = 0, overwrite: bool = False) -> PreparedData:
+                         seed: int = 0, loss: str = "all", overwrite: bool = False) -> PreparedData:
     """Write MQAR train/val as a packed-layout dataset (samples of ``seq_len + 1`` tokens);
     ``num_val`` 0 writes no validation split.
+
+    ``loss``: ``"all"`` trains (and validates) on every next token, as any corpus; ``"answers"``
+    only on the answers (Zoology's MQAR objective): the manifest's ``label_positions`` mark the
+    query keys, and the loader sets every other label to -100, so the validation loss is the
+    answers' loss too.
 
     Idempotent like :func:`prepare_embedded_corpus` (and, like it, refuses a non-empty
     ``out_dir`` holding something else unless ``overwrite``). Its manifest's tokenizer hash is
@@ -208,8 +243,13 @@ def prepare_assoc_recall(out_dir: str, *, vocab_size: int = 256, seq_len: int = 
     from miras_pretrain.data.output_dir import claim_output_dir
     from miras_pretrain.data.prepare import write_dataset
 
+    if loss not in ASSOC_RECALL_LOSSES:
+        raise ValueError(f"loss={loss!r} is not valid: choose one of {', '.join(ASSOC_RECALL_LOSSES)}")
+    check_assoc_recall_shape(seq_len=seq_len, vocab_size=vocab_size, num_pairs=num_pairs)
     params = {"corpus": "assoc-recall", "vocab_size": vocab_size, "seq_len": seq_len,
               "num_pairs": num_pairs, "num_train": num_train, "num_val": num_val, "seed": seed}
+    if loss != "all":  # absent for "all", so data prepared before the option is still reused
+        params["loss"] = loss
     root = Path(out_dir)
     if (root / MANIFEST_NAME).is_file():
         try:
@@ -229,7 +269,9 @@ def prepare_assoc_recall(out_dir: str, *, vocab_size: int = 256, seq_len: int = 
 
     manifest = write_dataset(str(root), records(), layout="packed", seq_len=seq_len, rows=True,
                              vocab_size=vocab_size, eos_id=2, bos_id=1, pad_id=None,
-                             tokenizer_sha256=ASSOC_RECALL_TOKENIZER, params=params)
+                             tokenizer_sha256=ASSOC_RECALL_TOKENIZER, params=params,
+                             label_positions=None if loss == "all" else
+                             {"start": assoc_recall_answer_start(num_pairs), "step": 2})
     return PreparedData(str(root), None, "train", "val" if num_val else None, manifest,
                         reused=False)
 

@@ -130,6 +130,10 @@ def check_manifests(cfg: DataConfig, split: str) -> list[Manifest]:
         if m.layout == "packed" and m.seq_len != cfg.seq_len:
             raise ValueError(f"{spec.path}: packed with seq_len {m.seq_len} but data.seq_len is "
                              f"{cfg.seq_len}; re-run data prepare or change data.seq_len")
+        if m.label_positions != first.label_positions:
+            raise ValueError(f"{spec.path}: label_positions {m.label_positions} differ from "
+                             f"{cfg.streams[0].path}'s {first.label_positions}; mixed streams must "
+                             "train on the same positions (prepare them alike)")
         if split not in m.splits:
             raise ValueError(f"{spec.path}: no split {split!r} (has {sorted(m.splits)}); prepare "
                              "the data with one (`data prepare --val-fraction F` with F > 0 writes "
@@ -163,6 +167,8 @@ class MirasDataLoader:
         self.vocab_size, self.eos_id = m0.vocab_size, m0.eos_id
         self.pad_id = m0.pad_id if m0.pad_id is not None else m0.eos_id  # input id under -100
         self.tokenizer_sha256 = m0.tokenizer_sha256
+        # packed rows whose manifest names the trained positions (MQAR answers): [T] bool or None
+        self.label_keep = m0.label_keep() if self.layout == "packed" else None
         if cfg.verify_shards:
             for s in cfg.streams:
                 if not is_remote(s.path):
@@ -289,6 +295,14 @@ class MirasDataLoader:
         self._batches_yielded += 1
         return out
 
+    def _labels(self, nxt: np.ndarray) -> np.ndarray:
+        """Labels [b, T] of packed rows from their next tokens [b, T]: -100 outside the
+        manifest's ``label_positions`` (when it has them)."""
+        labels = np.array(nxt, dtype=np.int64)  # a copy: the rows stay as read
+        if self.label_keep is not None:
+            labels[:, ~self.label_keep] = IGNORE
+        return labels
+
     def _iter_packed(self) -> Iterator[dict[str, Any]]:
         B, T = self.B, self.T
         limit = self.cfg.eval_batches if not self.train else None
@@ -304,7 +318,7 @@ class MirasDataLoader:
                 rows = []
                 # after every rank took this sample, the first pos + R samples are consumed
                 self._position = (epoch, pos + self._view_world, 0)
-                yield self._emit(np.ascontiguousarray(x[:, :-1]), np.ascontiguousarray(x[:, 1:]))
+                yield self._emit(np.ascontiguousarray(x[:, :-1]), self._labels(x[:, 1:]))
                 produced += 1
                 if limit is not None and produced >= limit:
                     return
@@ -312,7 +326,7 @@ class MirasDataLoader:
             x = np.full((B, T + 1), self.pad_id, dtype=np.int64)
             x[:len(rows)] = np.stack(rows)
             labels = np.full((B, T), IGNORE, dtype=np.int64)
-            labels[:len(rows)] = x[:len(rows), 1:]
+            labels[:len(rows)] = self._labels(x[:len(rows), 1:])
             yield self._emit(np.ascontiguousarray(x[:, :-1]), labels)
 
     def _doc_items(self) -> Iterator[DocItem]:

@@ -15,7 +15,10 @@ import tempfile
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "miras-mds-v1"
@@ -57,9 +60,20 @@ class Manifest:
     skipped: dict[str, int] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # what produced it (idempotency check)
     format: str = FORMAT
+    # packed layout only: the input positions whose next token is trained on and scored,
+    # {"start": s, "step": k} = positions s, s + k, ... < seq_len (the loader sets the other
+    # labels to -100); None = every position. MQAR data uses it for answer-only loss.
+    label_positions: dict[str, int] | None = None
+
+    def label_keep(self) -> "np.ndarray | None":
+        """``[seq_len]`` bool of the positions :attr:`label_positions` keeps, or None (all)."""
+        return label_keep_mask(self.label_positions, self.seq_len)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        obj = asdict(self)
+        if obj["label_positions"] is None:
+            del obj["label_positions"]  # manifests of ordinary data stay as before the field
+        return json.dumps(obj, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Manifest":
@@ -68,10 +82,36 @@ class Manifest:
             if obj.get("format") != FORMAT:
                 raise ValueError(f"format {obj.get('format')!r} != {FORMAT!r}")
             obj["splits"] = {k: SplitInfo(**v) for k, v in obj["splits"].items()}
+            check_label_positions(obj.get("label_positions"), obj.get("seq_len"), obj.get("layout"))
             return cls(**obj)
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise ValueError(f"{where}: not a valid miras data manifest ({err}); re-run "
                              "`miras-pretrain data prepare`") from None
+
+
+def check_label_positions(label_positions: Any, seq_len: int | None, layout: str) -> None:
+    """Refuse a ``label_positions`` that is not ``{"start": s, "step": k}`` with
+    ``0 <= s < seq_len`` and ``k >= 1`` on a packed layout (one-line ``ValueError``)."""
+    if label_positions is None:
+        return
+    if layout != "packed" or not seq_len:
+        raise ValueError(f"label_positions needs layout 'packed' with a seq_len, got layout {layout!r}")
+    ok = (isinstance(label_positions, dict) and set(label_positions) == {"start", "step"}
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in label_positions.values()))
+    if not ok or not (0 <= label_positions["start"] < seq_len and label_positions["step"] >= 1):
+        raise ValueError(f"label_positions={label_positions!r} must be {{'start': s, 'step': k}} with "
+                         f"0 <= s < seq_len={seq_len} and k >= 1")
+
+
+def label_keep_mask(label_positions: dict[str, int] | None, seq_len: int | None) -> "np.ndarray | None":
+    """``[seq_len]`` bool: True at ``start, start + step, ...``; None when ``label_positions`` is."""
+    if label_positions is None:
+        return None
+    import numpy as np
+
+    keep = np.zeros(int(seq_len), dtype=bool)
+    keep[label_positions["start"]::label_positions["step"]] = True
+    return keep
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:

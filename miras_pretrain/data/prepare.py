@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from miras_pretrain.data.manifest import (LAYOUTS, SHARD_HASHES, Manifest, SplitInfo,
-                                          write_manifest)
+                                          check_label_positions, write_manifest)
 from miras_pretrain.data.sources import Document
 
 # ---------------------------------------------------------------------------------------------
@@ -228,13 +228,17 @@ def write_dataset(out_dir: str, token_docs: Iterable[tuple[str, str, np.ndarray]
                   bos_id: int | None = None, pad_id: int | None = None,
                   tokenizer_sha256: str, tokenizer_path: str = "", sources: list[str] | None = None,
                   skipped: dict[str, int] | None = None, params: dict | None = None,
-                  size_limit: int = 1 << 25, rows: bool = False) -> Manifest:
+                  size_limit: int = 1 << 25, rows: bool = False,
+                  label_positions: dict[str, int] | None = None) -> Manifest:
     """Write ``(split, where, tokens)`` records as MDS splits under ``out_dir`` plus the manifest.
 
     ``where`` names the record's origin (``file:line``) for error messages. ``rows=True`` (packed
-    layout): every record already is one ``[seq_len + 1]`` sample. Raises ``ValueError``
-    when a packed split gets no complete sequence (``seq_len`` longer than all its text).
+    layout): every record already is one ``[seq_len + 1]`` sample. ``label_positions`` (packed
+    layout): ``{"start": s, "step": k}``, train and score only the labels at those positions
+    (:attr:`Manifest.label_positions`). Raises ``ValueError`` when a packed split gets no
+    complete sequence (``seq_len`` longer than all its text).
     """
+    check_label_positions(label_positions, seq_len, layout)
     writers: dict[str, SplitWriter] = {}
     root = str(out_dir).rstrip("/")
     for split, where, tokens in token_docs:
@@ -256,7 +260,8 @@ def write_dataset(out_dir: str, token_docs: Iterable[tuple[str, str, np.ndarray]
                         vocab_size=vocab_size, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
                         layout=layout, seq_len=seq_len,
                         dtype=next(iter(writers.values())).dtype.name, splits=splits,
-                        sources=sources or [], skipped=dict(skipped or {}), params=params or {})
+                        sources=sources or [], skipped=dict(skipped or {}), params=params or {},
+                        label_positions=label_positions)
     write_manifest(root, manifest)
     return manifest
 
