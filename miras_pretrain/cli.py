@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "miras_pretrain.export.cli",
     "miras_pretrain.evaluation.cli",
     "miras_pretrain.model.cli",
+    "miras_pretrain.study.cli",
 ]
 
 

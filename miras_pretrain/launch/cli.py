@@ -35,11 +35,21 @@ def register(subparsers) -> None:
                     "its time limit and resumes from the last checkpoint (--resume auto).")
     req = p.add_argument_group("required")
     req.add_argument("--config", required=True, help="training YAML (as for `miras-pretrain train`)")
-    req.add_argument("--nodes", required=True, type=int, help="number of nodes")
-    req.add_argument("--gpus-per-node", required=True, type=int,
+    add_job_options(p, req)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override passed on to `miras-pretrain train` (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
+    p.set_defaults(func=run)
+
+
+def add_job_options(p, req, *, required: bool = True) -> None:
+    """The job's options (resources, signals, retries, environment), shared with ``miras-pretrain
+    study --slurm``; ``required=False`` leaves --nodes/--gpus-per-node/--time to the caller's check."""
+    req.add_argument("--nodes", required=required, type=int, help="number of nodes")
+    req.add_argument("--gpus-per-node", required=required, type=int,
                      help="GPUs per node = trainer processes per node; 0 for CPU nodes (then "
                           "--procs-per-node sets the process count and no GPUs are requested)")
-    req.add_argument("--time", required=True, help="time limit per run: MINUTES, HH:MM:SS, D-HH:MM:SS, ...")
+    req.add_argument("--time", required=required, help="time limit per run: MINUTES, HH:MM:SS, D-HH:MM:SS, ...")
     p.add_argument("--partition", help="SLURM partition to submit to (default: the cluster's default partition)")
     p.add_argument("--account", help="SLURM account charged for the job (default: your default account)")
     p.add_argument("--procs-per-node", type=int, default=None,
@@ -71,14 +81,10 @@ def register(subparsers) -> None:
                    help="NCCL_SOCKET_IFNAME in the job: the network interface(s) NCCL's bootstrap uses, e.g. "
                         "ib0, eth or ^docker,lo (default: NCCL's choice). TORCH_NCCL_ASYNC_ERROR_HANDLING=1 is "
                         "always set unless the submitting shell sets it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override passed on to `miras-pretrain train` (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="environment variable exported in the job (repeatable)")
     p.add_argument("--sbatch-option", action="append", default=[], metavar="--OPT=VALUE",
                    help="extra #SBATCH option, e.g. --sbatch-option=--qos=high (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
-    p.set_defaults(func=run)
 
 
 def _default_venv() -> Path | None:

@@ -89,6 +89,10 @@ class SlurmJobSpec:
     template: Path = DEFAULT_TEMPLATE
     # lines printed before submitting (global batch, node-local path warnings): launch.checks
     notes: list[str] = field(default_factory=list)
+    # a job array (`miras-pretrain study --slurm`): array task i appends `--config array_configs[i]`
+    # to train_argv; empty = one ordinary job
+    array_configs: list[str] = field(default_factory=list)
+    array_parallel: int | None = None  # at most this many array tasks at once (sbatch --array=...%N)
 
     @property
     def nproc_per_node(self) -> int:
@@ -156,16 +160,25 @@ def validate(spec: SlurmJobSpec) -> None:
         raise FileNotFoundError(f"batch script template {spec.template} not found (launch/slurm_train.sbatch)")
     if not spec.train_argv:
         raise ValueError("the training command is empty")
+    for path in spec.array_configs:
+        if not path or "\n" in path:
+            raise ValueError(f"job array config {path!r} must be one non-empty path")
+    if spec.array_parallel is not None and spec.array_parallel < 1:
+        raise ValueError(f"job array: at most {spec.array_parallel} tasks at once must be >= 1")
 
 
 def sbatch_directives(spec: SlurmJobSpec) -> list[str]:
     """The ``#SBATCH`` lines: resources, logs, requeue and the early warning signal."""
-    log = spec.log_dir / f"{spec.job_name}-%j.out"
+    # an array task's log is named by the array's job id and the task index (%A_%a)
+    log = spec.log_dir / f"{spec.job_name}-{'%A_%a' if spec.array_configs else '%j'}.out"
     lines = [
         f"--job-name={spec.job_name}",
         f"--nodes={spec.nodes}",
         f"--ntasks-per-node={spec.tasks_per_node}",
     ]
+    if spec.array_configs:
+        limit = f"%{spec.array_parallel}" if spec.array_parallel else ""
+        lines.append(f"--array=0-{len(spec.array_configs) - 1}{limit}")
     if spec.gpus_per_node > 0:
         lines.append(f"--gpus-per-node={spec.gpus_per_node}")
     if spec.cpus_per_node is not None:
@@ -226,6 +239,7 @@ def render_sbatch(spec: SlurmJobSpec) -> str:
         "LOG_DIR": q(str(spec.log_dir)),
         "VENV": q(str(spec.venv)) if spec.venv else "''",
         "TRAIN_ARGV": " ".join(q(a) for a in spec.train_argv),
+        "ARRAY_CONFIGS": " ".join(q(c) for c in spec.array_configs),
         "EXTRA_ENV": env_lines.rstrip("\n"),
         "LAUNCH_ENV": "\n".join(launch_env(spec)),
         # each line runs in this shell (module load changes PATH/LD_LIBRARY_PATH here); a failing
