@@ -6,8 +6,9 @@ with the reason) what it refuses. The coverage data are the shipped-config table
 
 Linear memory (``miras_kernels.miras_linear``), ``kernel="chunk"`` (training, forward + backward):
 bias dot, l2, lp, huber; retention none, decay, lq, kl; learner gd, momentum; chunk_rule exact
-(the delta rule: l2, none/decay, gd; DeltaNet, Gated DeltaNet) in either step_at order
-(``step_at="retained"`` with ``chunk_rule="minibatch"`` falls back); chunk sizes 16, 32, 64; head
+(the delta rule: l2, none/decay, gd; DeltaNet, Gated DeltaNet) in either step_at order;
+chunk_rule minibatch in either step_at order, except ``retention="kl"`` with ``step_at="retained"``
+(a non-dot bias), which falls back (its gradient points are per-token softmax blocks); chunk sizes 16, 32, 64; head
 dims dk, dv <= 128 (independently: dv may differ from dk); fp32/fp16/bf16 inputs;
 ``[B, T, H]`` gates; ``initial_state``, final state, varlen -- every shape has a spill-free shipped
 config. ``kernel="recurrent"`` (decoding, forward only) covers the same grid (the exact rule per
@@ -66,9 +67,12 @@ def supports(spec, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tens
     if spec.memory == "mlp" and (spec.chunk_rule != "minibatch" or spec.step_at != "previous"):
         return False, (f"chunk_rule={spec.chunk_rule!r}, step_at={spec.step_at!r} have no MLP Triton kernel "
                        "(the PyTorch paths compute them)")
-    if spec.memory == "linear" and spec.chunk_rule == "minibatch" and spec.steps_on_retained:
-        return False, ("step_at='retained' with chunk_rule='minibatch' has no Triton kernel "
-                       "(the PyTorch paths compute it; chunk_rule='exact' runs on Triton)")
+    if (spec.memory == "linear" and spec.chunk_rule == "minibatch" and spec.steps_on_retained
+            and spec.retention == "kl" and spec.bias != "dot"):
+        # kl's retained gradient points c * softmax(gamma_i Z0) are a weight block per token, not
+        # a per-token multiple of the chunk-start state as for decay / lq
+        return False, ("retention='kl' with step_at='retained' and chunk_rule='minibatch' has no Triton kernel "
+                       "(its per-token softmax gradient points; the PyTorch paths compute it)")
     if spec.memory == "mlp":
         if kernel != "chunk":
             return False, "memory='mlp': no token-recurrent Triton kernel here"

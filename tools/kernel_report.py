@@ -50,6 +50,8 @@ EXACT_VARIANTS = {"delta_wy_fwd": {"previous": dict(RETAINED=False), "retained":
 # MAT / LOCAL_DU variants; the per-token sweeps are compiled for every padded key width (their
 # tile spans all of it) and both retentions.
 MAT_NAMES = {1: "lq", 2: "kl"}
+# step_at="retained" with mini-batch GD (decay, lq): the RETAINED variants of the kernels that
+# take or differentiate the residual (state pass, state adjoints, the dk launch)
 
 
 def variants_of(cfg) -> dict:
@@ -60,13 +62,18 @@ def variants_of(cfg) -> dict:
     base = CHUNK_VARIANTS[cfg.learner]
     (bname, bvar), = base.items()
     if cfg.kernel == "chunk_state":
-        return {bname: bvar, **{f"{bname}-{n}": dict(bvar, MAT=m) for m, n in MAT_NAMES.items()}}
+        return {bname: bvar, **{f"{bname}-{n}": dict(bvar, MAT=m) for m, n in MAT_NAMES.items()},
+                f"{bname}-ret": dict(bvar, RETAINED=True), f"{bname}-lq-ret": dict(bvar, MAT=1, RETAINED=True)}
+    if cfg.kernel == "chunk_bwd_dstate":
+        return {bname: bvar, f"{bname}-ret": dict(bvar, RETAINED=True)}
     if cfg.kernel == "chunk_bwd_dkv":
-        return {bname: bvar, f"{bname}-local": dict(bvar, LOCAL_DU=True)}
+        return {bname: bvar, f"{bname}-local": dict(bvar, LOCAL_DU=True), f"{bname}-ret": dict(bvar, RETAINED=True),
+                f"{bname}-local-lq-ret": dict(bvar, LOCAL_DU=True, RETAINED=True, LQ=True)}
     if cfg.kernel in ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk"):
         return {f"{bname}-{n}": dict(bvar, MAT=m, BKP=cfg.BK) for m, n in MAT_NAMES.items()}
     if cfg.kernel == "chunk_bwd_dstate_mat":
-        return {f"{bname}-{n}": dict(bvar, MAT=m, HAS_DY=m == 1) for m, n in MAT_NAMES.items()}
+        return {**{f"{bname}-{n}": dict(bvar, MAT=m, HAS_DY=m == 1) for m, n in MAT_NAMES.items()},
+                f"{bname}-lq-ret": dict(bvar, MAT=1, HAS_DY=True, RETAINED=True)}
     return base
 _DOT_RE = re.compile(r"tt\.dot\s[^\n]*?:\s*tensor<([0-9x]+)x(\w+)>\s*\*\s*tensor<([0-9x]+)x(\w+)>")
 
@@ -162,7 +169,9 @@ def _constexprs(kernel: str, cfg, variant: dict) -> dict:
         del c["K"], c["V"]  # runtime head dims
     if kernel == "chunk_state":
         c.setdefault("MAT", 0)
-        c.update(BT=cfg.BT, NVB=CHUNK_V // cfg.BV if variant.get("BIAS") == 3 else 1)
+        c.setdefault("RETAINED", False)
+        # huber and lq (non-dot) loop over every value block in one program per head
+        c.update(BT=cfg.BT, NVB=CHUNK_V // cfg.BV if variant.get("BIAS") == 3 or c["MAT"] == 1 else 1)
     elif kernel in ("chunk_scan_fwd", "chunk_scan_bwd", "chunk_scan_bwd_dk"):
         c.update(BT=cfg.BT)
         if kernel != "chunk_scan_fwd":
@@ -171,6 +180,7 @@ def _constexprs(kernel: str, cfg, variant: dict) -> dict:
             c.pop(n, None)
     elif kernel == "chunk_bwd_dstate_mat":
         c.update(BT=cfg.BT, USE_DHT=True, NVB=CHUNK_V // cfg.BV if variant["MAT"] == 1 else 1)
+        c.setdefault("RETAINED", False)
         c.pop("USE_H0")
     elif kernel == "chunk_out":
         c.update(BT=cfg.BT)
@@ -180,10 +190,13 @@ def _constexprs(kernel: str, cfg, variant: dict) -> dict:
         c.update(BT=cfg.BT)
     elif kernel == "chunk_bwd_dstate":
         c.update(BT=cfg.BT, USE_DHT=True)
+        c.setdefault("RETAINED", False)
         c.pop("USE_H0")
     elif kernel in ("chunk_bwd_dqg", "chunk_bwd_dkv", "chunk_bwd_dgate", "chunk_bwd_dmu"):
         c.update(BT=cfg.BT, PART={"chunk_bwd_dqg": 0, "chunk_bwd_dkv": 1, "chunk_bwd_dgate": 2, "chunk_bwd_dmu": 3}[kernel])
         c.setdefault("LOCAL_DU", False)
+        c.setdefault("RETAINED", False)
+        c.setdefault("LQ", False)
         c.pop("USE_H0")
     return c
 

@@ -86,7 +86,7 @@ class MirasLinearChunkFunction(torch.autograd.Function):
             q, k, v, *a.gates, ebuf, nbuf, dua, dy,
             dht if use_dht else dhs, dst if (use_dht and momentum) else dhs,
             dhs, dss, a.cu, offs if offs is not None else a.dummy,
-            a.t_arg, H, float(spec.p), BK=cfg.BK, BV=cfg.BV, USE_DHT=use_dht, **a.common,
+            a.t_arg, H, float(spec.p), BK=cfg.BK, BV=cfg.BV, USE_DHT=use_dht, RETAINED=a.retained, **a.common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         # 3) every input gradient

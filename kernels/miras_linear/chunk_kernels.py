@@ -40,6 +40,12 @@ Kernels:
   d delta, 2: d log alpha (if alpha), 3: d log mu (if momentum)): every input gradient of its
   chunk from the saved state and state adjoint, recomputing the intra-chunk products (Q K^T,
   decay matrices, U) instead of storing them.
+
+``step_at="retained"`` with mini-batch GD (``docs/semantics.md`` §6): token i takes its gradient at
+``rho_i X0`` (decay: ``rho_i = exp(L_i)``; lq: times Moneta's scale of that state,
+:func:`retained_scale`) -- a per-token scalar, so the ``RETAINED`` variants of ``state``,
+``bwd_dstate`` and the dk launch of ``bwd_grads`` only rescale the residual's per-token rows and add
+the gradient of ``rho`` w.r.t. log alpha (and lq's chunk-start norm).
 """
 
 from __future__ import annotations
@@ -74,6 +80,27 @@ from miras_kernels.common.tiles import (
     pick_row,
 )
 
+@triton.jit
+def retained_scale(b_L, n0, qexp, lq_eps, LQ: tl.constexpr):
+    """``step_at="retained"`` (mini-batch GD): token i takes its gradient at ``rho_i X0`` with
+    ``g_i = exp(L_i)`` (L: chunk-local cumulative log alpha), ``rho_i = g_i`` (decay) or
+    ``g_i (g_i n0 + eps)^(2-q)`` (lq: Moneta's scale of ``g_i X0``, ``n0 = ||X0||_q``). Returns
+    ``(rho, f_L, f_n)`` ``[BT]``: ``rho``, ``(d rho / d L) / rho`` and ``(d rho / d n0) / rho`` --
+    the backward multiplies them with ``<dE_i, E_i + v_i> = rho_i <dE_i, K_i X0^T>``, so no
+    division by ``rho`` (which may be ~0) is ever taken."""
+    b_g = tl.exp(b_L)
+    if LQ:
+        b_gn = b_g * n0 + lq_eps
+        rho = b_g * tl.exp((2.0 - qexp) * tl.log(b_gn))
+        f_n = (2.0 - qexp) * b_g / b_gn
+        f_L = 1.0 + f_n * n0
+    else:
+        rho = b_g
+        f_L = b_g * 0.0 + 1.0
+        f_n = b_g * 0.0
+    return rho, f_L, f_n
+
+
 # ----------------------------------------------------------------------------- forward: state pass
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def miras_linear_chunk_state_kernel(
@@ -88,13 +115,15 @@ def miras_linear_chunk_state_kernel(
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
     USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    qexp=4.0, lq_eps=1e-6, c=1.0, MAT: tl.constexpr = 0,
+    qexp=4.0, lq_eps=1e-6, c=1.0, MAT: tl.constexpr = 0, RETAINED: tl.constexpr = False,
 ):
     """One program per (value-block group of ``NVB`` blocks, sequence * head).
 
     ``MAT`` (``chunk_mat_kernels``): the residual uses the chunk-start *weights*
     ``W0 = materialize(X0)``: 1 lq (``s(X0) X0``; the q-norm spans every value block, so the host
-    launches one program per head, ``NVB`` = all blocks), 2 kl (``c softmax_rows(X0)``)."""
+    launches one program per head, ``NVB`` = all blocks), 2 kl (``c softmax_rows(X0)``).
+    ``RETAINED`` (``step_at="retained"``, none/decay/lq): token i's residual is taken at
+    ``rho_i X0`` (:func:`retained_scale`) instead of at the chunk-start weights."""
     NK = tl.cdiv(K, BK)
     i_vg = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -147,12 +176,18 @@ def miras_linear_chunk_state_kernel(
                     for i_k in tl.range(0, NK, disable_licm=True):
                         b_ax = tl.abs(load_state_block(hs + cur, i_vg * NVB + jv, i_k, K, V, BK, BV))
                         b_nq += tl.sum(tl.sum(tl.where(b_ax > 0.0, tl.exp(qexp * tl.log(tl.maximum(b_ax, 1e-36))), 0.0), axis=1), axis=0)
-                b_s0 = tl.exp((2.0 - qexp) * tl.log(tl.exp(tl.log(tl.maximum(b_nq, 1e-36)) / qexp) + lq_eps))
+                b_n0 = tl.exp(tl.log(tl.maximum(b_nq, 1e-36)) / qexp)
+                b_s0 = tl.exp((2.0 - qexp) * tl.log(b_n0 + lq_eps))
+            else:
+                b_n0 = 0.0
+            if RETAINED:
+                # the gates are needed after the residual anyway: computed once, live across it
+                b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
             # residual E = K W0^T - V per value block (key dim accumulated block by block)
             b_n2 = tl.zeros([BT], dtype=tl.float32)
             for jv in tl.range(0, NVB, disable_licm=True):
                 i_v = i_vg * NVB + jv
-                if MAT == 1:
+                if MAT == 1 and not RETAINED:
                     b_e = tl.zeros([BT, BV], dtype=tl.float32)
                 else:
                     b_e = -load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
@@ -160,12 +195,17 @@ def miras_linear_chunk_state_kernel(
                     b_m, b_l = row_softmax_stats(hs + cur, i_v, K, V, BK, BV)
                 for i_k in tl.range(0, NK, disable_licm=True):
                     b_k = load_token_tile(k, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+                    if RETAINED:
+                        # rho_i K_i X0^T: scaling the key rows (rho recomputed from L per block)
+                        # keeps no extra [BT, BV] tile and no rho vector live across the loop
+                        b_rho, b_fl, b_fn = retained_scale(b_L, b_n0, qexp, lq_eps, MAT == 1)
+                        b_k = b_k * b_rho[:, None]
                     b_w0 = load_state_block(hs + cur, i_v, i_k, K, V, BK, BV)
                     if MAT == 2:
                         o_k = i_k * BK + tl.arange(0, BK)
                         b_w0 = tl.where((o_k < K)[None, :], tl.exp(b_w0 - b_m[:, None]), 0.0) * (c / b_l)[:, None]
                     b_e += dot32(b_k, tl.trans(b_w0), DOT_PRECISION)
-                if MAT == 1:
+                if MAT == 1 and not RETAINED:
                     b_e = b_e * b_s0 - load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 store_token_tile(ebuf, b_e, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 if BIAS == 3:
@@ -176,7 +216,8 @@ def miras_linear_chunk_state_kernel(
             tl.debug_barrier()
         else:
             b_nrm = b_eta
-        b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
+        if not (RETAINED and BIAS != 0):
+            b_L, b_M = chunk_log_gates(la, lmu, t0, seq_len, H, BT, HAS_ALPHA, MOMENTUM)
         b_b, b_bm, eL_last, eM_last, c_last = chunk_end_coefficients(b_L, b_M, b_eta, last, BT, MOMENTUM)
         for jv in tl.range(0, NVB, disable_licm=True):
             i_v = i_vg * NVB + jv
@@ -321,9 +362,11 @@ def miras_linear_chunk_bwd_dstate_kernel(
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
     USE_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RETAINED: tl.constexpr = False,
 ):
     """One program per (value block, sequence * head); chunks in reverse. Value blocks are
-    independent here (huber needs only the saved norm)."""
+    independent here (huber needs only the saved norm). ``RETAINED``: the residual of token i
+    was taken at ``exp(L_i) X0``, so its adjoint reaches ``X0`` scaled by ``exp(L_i)``."""
     NK = tl.cdiv(K, BK)
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -368,6 +411,8 @@ def miras_linear_chunk_bwd_dstate_kernel(
             # (this sequential kernel then holds no [BT, BT] tile)
             b_de, b_e = residual_adjoint(dua, k, ebuf, nbuf, delta, dhs + nxt, dss + nxt, b_b, b_bm, b_eta, t0,
                                           seq_len, H, p, i_v, K, V, BT, BK, BV, BIAS, EPS, MOMENTUM, DOT_PRECISION)
+            if RETAINED:
+                b_de = b_de * tl.exp(b_L)[:, None]
         else:
             b_de = b_dy
         if MOMENTUM:
@@ -404,13 +449,18 @@ def miras_linear_chunk_bwd_grads_kernel(
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
     IS_VARLEN: tl.constexpr, PART: tl.constexpr, DOT_PRECISION: tl.constexpr,
     dul=None, LOCAL_DU: tl.constexpr = False,
+    dlr=None, n0s=None, qexp=4.0, lq_eps=1e-6, RETAINED: tl.constexpr = False, LQ: tl.constexpr = False,
 ):
     """PART 0: dq, deta; PART 1: dk, dv, ddelta; PART 2: dla; PART 3: dlmu (separate launches,
     so none holds the whole backward live set).
     W0/S0 are the states at the chunk's slot, dW/dS the adjoints at the next slot (chunk end).
     ``LOCAL_DU`` (lq/kl, ``chunk_mat_kernels``): PART 1 adds the per-token reads' share of dL/du
     (``dul`` ``[B*T, H, V]``), and the host passes the chunk-start *weights* as ``hs`` (the only
-    use of ``hs`` in PART 1 is the residual's ``dk += dE W0``)."""
+    use of ``hs`` in PART 1 is the residual's ``dk += dE W0``).
+    ``RETAINED`` (``step_at="retained"``, PART 1): the residual of token i was taken at
+    ``rho_i X0`` (:func:`retained_scale`; ``LQ``: lq, ``n0s`` ``[NS, H]`` the chunk-start q-norms,
+    ``hs`` is then ``X0``), so ``dk_i += rho_i dE_i X0`` and PART 1 also writes the share of
+    d log alpha that goes through ``rho`` into ``dlr`` ``[NV, B*T, H]``."""
     NK = tl.cdiv(K, BK)
     i_v = tl.program_id(0)
     i_c = tl.program_id(1)
@@ -556,6 +606,15 @@ def miras_linear_chunk_bwd_grads_kernel(
             store_token_tile(dv, -b_de, t0, seq_len, H * V, i_v * BV, V, BT, BV)
             if BIAS == 3:
                 store_gate(ddelta, b_dd, t0, seq_len, H, BT)
+            if RETAINED:
+                # d rho_i / d L_i <dE_i, K_i X0^T> = f_L <dE_i, E_i + v_i>, then into the gates
+                if LQ:
+                    b_n0 = tl.load(n0s + slot * H + i_h)
+                else:
+                    b_n0 = 0.0
+                b_rho, b_fl, b_fn = retained_scale(b_L, b_n0, qexp, lq_eps, LQ)
+                b_dLr = b_fl * tl.sum(b_de * (b_e + b_vv), axis=1)  # stored after the dk loop (its [BT, BT]
+                b_de = b_de * b_rho[:, None]                         # reverse cumsum then has the registers)
         for i_k in tl.range(0, NK, disable_licm=True):
             b_q = load_token_tile(q, t0, seq_len, H * K, i_k * BK, K, BT, BK)
             b_dk = dot32(tl.trans(b_dag), b_q, DOT_PRECISION) - b_b[:, None] * dot32(b_u, load_state_block(dhs, i_v, i_k, K, V, BK, BV), DOT_PRECISION)
@@ -564,3 +623,5 @@ def miras_linear_chunk_bwd_grads_kernel(
             if BIAS != 0:
                 b_dk += dot32(b_de, load_state_block(hs, i_v, i_k, K, V, BK, BV), DOT_PRECISION)
             store_token_tile(dk, b_dk, t0, seq_len, H * K, i_k * BK, K, BT, BK)
+        if RETAINED and BIAS != 0:
+            store_gate(dlr + (part + bos) * H + i_h, chunk_rev_cumsum(b_dLr, BT), t0, seq_len, H, BT)

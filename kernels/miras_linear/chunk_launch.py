@@ -51,7 +51,8 @@ class LaunchArgs:
     """What every launch of one call shares: the gate pointers (``la, lmu, eta, delta``; absent
     ones replaced by a never-read stand-in), the constexprs common to the chunk kernels, the
     cu_seqlens pointer, the token-count argument and the chunk-parallel grid (without its
-    value-block axis)."""
+    value-block axis). ``retained``: the kernels' ``RETAINED`` variant runs (``step_at="retained"``
+    with mini-batch GD, decay gates and a state-dependent bias; for ``dot`` both orders agree)."""
 
     gates: tuple
     common: dict
@@ -59,6 +60,7 @@ class LaunchArgs:
     t_arg: int
     grid_rest: tuple[int, int]
     dummy: torch.Tensor
+    retained: bool = False
 
 
 def launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size: int) -> LaunchArgs:
@@ -72,18 +74,22 @@ def launch_args(spec, q, v, la, lmu, eta, delta, cu_seqlens, chunk_size: int) ->
                   IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=dot_precision())
     nt_total = chunk_offsets(cu_seqlens, B, T, chunk_size)[1]
     grid_rest = (triton.cdiv(T, chunk_size), B * H) if cu_seqlens is None else (nt_total, H)
+    retained = (spec.steps_on_retained and spec.chunk_rule == "minibatch" and spec.bias != "dot"
+                and la is not None)
     return LaunchArgs(gates, common, cu_seqlens if cu_seqlens is not None else dummy,
-                      T * B if cu_seqlens is not None else T, grid_rest, dummy)
+                      T * B if cu_seqlens is not None else T, grid_rest, dummy, retained)
 
 
 def launch_input_grads(spec, chunk_size: int, a: LaunchArgs, q, k, v, hs, ss, dhs, dss, ebuf, nbuf, dy,
-                       idx, *, hs_residual=None, dul=None) -> dict:
+                       idx, *, hs_residual=None, dul=None, n0s=None) -> dict:
     """Every input gradient from the state adjoints, one program per (value block, chunk, head),
     in up to four launches (PART 0: dq, d eta; 1: dk, dv, d delta; 2: d log alpha; 3: d log mu),
     so none holds the whole backward live set. Per-value-block partials are summed here.
 
     ``hs_residual`` (lq/kl): the chunk-start weights for the residual's ``dk += dE W0`` (PART 1),
-    ``dul``: the per-token reads' share of dL/du added in PART 1. Returns fp32 ``dq, dk``
+    ``dul``: the per-token reads' share of dL/du added in PART 1. ``a.retained``: PART 1 also
+    adds the share of d log alpha through the retained gradient points (``n0s`` ``[NS, H]``: the
+    chunk-start q-norms, lq only; ``hs`` is then the free variable). Returns fp32 ``dq, dk``
     ``[B,T,H,dk]``, ``dv`` ``[B,T,H,dv]``, ``deta`` and (None when unused) ``ddelta, dla, dlmu``
     ``[B,T,H]``."""
     B, T, H, dk = q.shape
@@ -104,14 +110,15 @@ def launch_input_grads(spec, chunk_size: int, a: LaunchArgs, q, k, v, hs, ss, dh
             out = dict(dq=torch.zeros(nv, B, T, H, dk, **f32), deta=torch.zeros(nv, B, T, H, **f32))
         elif part == 1:
             out = dict(dk=torch.zeros(nv, B, T, H, dk, **f32), dv=torch.zeros(B, T, H, dv, **f32),
-                       ddelta=torch.zeros(nv, B, T, H, **f32) if has_delta else None)
+                       ddelta=torch.zeros(nv, B, T, H, **f32) if has_delta else None,
+                       dla_ret=torch.zeros(nv, B, T, H, **f32) if a.retained else None)
         elif part == 2:
             out = dict(dla=torch.zeros(nv, B, T, H, **f32))
         else:
             out = dict(dlmu=torch.zeros(nv, B, T, H, **f32))
         spare = next(t for t in out.values() if t is not None)  # pointer for outputs this part never writes
         ptr = {n: out.get(n) if out.get(n) is not None else spare
-               for n in ("dq", "dk", "dv", "dla", "dlmu", "deta", "ddelta")}
+               for n in ("dq", "dk", "dv", "dla", "dlmu", "deta", "ddelta", "dla_ret")}
         if a.grid_rest[0] > 0:
             miras_linear_chunk_bwd_grads_kernel[(nv, *a.grid_rest)](
                 q, k, v, *a.gates, hs_residual if (part == 1 and hs_residual is not None) else hs, ss, dhs, dss,
@@ -119,9 +126,15 @@ def launch_input_grads(spec, chunk_size: int, a: LaunchArgs, q, k, v, hs, ss, dh
                 ptr["dq"], ptr["dk"], ptr["dv"], ptr["dla"], ptr["dlmu"], ptr["deta"], ptr["ddelta"],
                 a.cu, idx, a.t_arg, H, B * T, float(spec.p), BK=cfg.BK, BV=cfg.BV, PART=part, **a.common,
                 dul=dul, LOCAL_DU=part == 1 and dul is not None,
+                dlr=ptr["dla_ret"] if part == 1 and a.retained else spare,
+                n0s=n0s if n0s is not None else a.dummy, qexp=float(spec.q), lq_eps=float(spec.lq_eps),
+                RETAINED=part == 1 and a.retained, LQ=part == 1 and a.retained and n0s is not None,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         grads.update({n: (t if n == "dv" or t is None else t.sum(0)) for n, t in out.items()})
+    if a.retained:
+        grads["dla"] = grads["dla"] + grads["dla_ret"]  # retained implies alpha, so PART 2 ran
+    grads.pop("dla_ret", None)
     return grads
 
 
@@ -167,7 +180,7 @@ def run_state_pass(spec, chunk_size: int, a: LaunchArgs, q, k, v, h0, s0, cu_seq
         k, v, *a.gates, h0 if h0 is not None else hs, s0 if s0 is not None else ss,
         hs, ss, ebuf, nbuf, a.cu, offs if offs is not None else a.dummy,
         a.t_arg, H, float(spec.p), BK=cfg.BK, BV=cfg.BV, NVB=nvb, USE_H0=h0 is not None,
-        qexp=float(spec.q), lq_eps=float(spec.lq_eps), c=float(spec.c), MAT=mat, **a.common,
+        qexp=float(spec.q), lq_eps=float(spec.lq_eps), c=float(spec.c), MAT=mat, RETAINED=a.retained, **a.common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     idx = a.dummy if cu_seqlens is None else chunk_indices(cu_seqlens, chunk_size)

@@ -220,12 +220,15 @@ class MirasLinearMatFunction(torch.autograd.Function):
             dht if use_dht else dhs, dst if (use_dht and momentum) else dhs,
             dhs, dss, s_slot, g_slot, n_slot, a.cu, offs if offs is not None else a.dummy,
             a.t_arg, H, float(spec.p), qexp, float(spec.c), BK=cfg.BK, BV=cfg.BV, NVB=nvb, USE_DHT=use_dht,
-            MAT=mat, HAS_DY=mat == 1, **a.common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            MAT=mat, HAS_DY=mat == 1, **a.common, lq_eps=lq_eps, RETAINED=a.retained,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         # 4) input gradients from the state adjoints (chunk.py's launches with the chunk-start
         #    weights for the residual and the local du)
+        #    (retained, lq: the residuals were taken at rho_i X0 -- the kernel scales X0 itself)
         g = launch_input_grads(spec, chunk_size, a, q, k, v, hs, ss, dhs, dss, ebuf, nbuf, dy_eff, idx,
-                               hs_residual=_materialized(spec, hs, s_slot), dul=dul)
+                               hs_residual=hs if a.retained else _materialized(spec, hs, s_slot), dul=dul,
+                               n0s=(1.0 / n_slot).contiguous() if a.retained else None)
         # 5) the local terms' gate gradients (gd: from the sweep; momentum: on the host)
         if momentum:
             dla_l, deta_l, dlmu_l = _momentum_gate_grads(la, lmu, eta, hrow.sum(0), dcx.sum(0), dcs.sum(0),

@@ -53,6 +53,7 @@ from miras_kernels.common.linear_blocks import (
     store_token_tile,
 )
 from miras_kernels.common.tiles import bias_map_n, chunk_rev_cumsum, dot32, pick, pick_row
+from miras_kernels.miras_linear.chunk_kernels import retained_scale
 
 
 @triton.jit
@@ -349,7 +350,7 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
     BIAS: tl.constexpr, EPS: tl.constexpr,
     HAS_ALPHA: tl.constexpr, MOMENTUM: tl.constexpr,
     USE_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, MAT: tl.constexpr, HAS_DY: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, lq_eps=1e-6, RETAINED: tl.constexpr = False,
 ):
     """``chunk_bwd_dstate`` for lq/kl: one program per (value-block group of ``NVB``, sequence *
     head), chunks in reverse. The chunk-start adjoint is
@@ -358,7 +359,12 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
               + J^T dW0,   dW0 = dE^T K  (the inner gradients were taken at W0 = materialize(X0))
 
     with ``J^T dW0 = s0 dW0 + <dW0, X0> ds/dX0`` (lq: a reduction over the whole state, hence one
-    program per head: ``NVB`` = every value block) or ``W0 * (dW0 - <W0, dW0>_row / c)`` (kl)."""
+    program per head: ``NVB`` = every value block) or ``W0 * (dW0 - <W0, dW0>_row / c)`` (kl).
+
+    ``RETAINED`` (lq only; ``step_at="retained"``): token i's residual was taken at ``rho_i X0``
+    (``chunk_kernels.retained_scale``), so ``dX0 += sum_i rho_i dE_i^T k_i + (sum_i d rho_i/d n0
+    <dE_i, K_i X0^T>) d n0 / dX0`` in place of ``J^T dW0``."""
+    tl.static_assert(not (RETAINED and MAT != 1), "RETAINED: lq only (kl has no per-token scalar form)")
     NK = tl.cdiv(K, BK)
     i_vg = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -403,6 +409,8 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
         b_b, b_bm, eL_last, eM_last, c_last = chunk_end_coefficients(b_L, b_M, b_eta, last, BT, MOMENTUM)
         # 1) dE of every value block (staged over dua); lq: <dW0, W0> = sum_i dE_i . (E_i + v_i)
         b_dw0x = 0.0
+        if RETAINED:
+            b_rho, b_fl, b_fn = retained_scale(b_L, 1.0 / tl.load(n_slot + (slot0 * 0 + i_t) * H), qexp, lq_eps, True)
         if BIAS != 0:
             for jv in tl.range(0, NVB, disable_licm=True):
                 i_v = i_vg * NVB + jv
@@ -412,12 +420,20 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
                 store_token_tile(dua, b_de, t0, seq_len, H * V, i_v * BV, V, BT, BV)
                 if MAT == 1:
                     b_vv = load_token_tile(v, t0, seq_len, H * V, i_v * BV, V, BT, BV)
-                    b_dw0x += tl.sum(tl.sum(b_de * (b_e + b_vv), axis=1), axis=0)
+                    if RETAINED:
+                        # sum_i (d rho_i / d n0) <dE_i, K_i X0^T> = sum_i f_n <dE_i, E_i + v_i>
+                        b_dw0x += tl.sum(b_fn * tl.sum(b_de * (b_e + b_vv), axis=1), axis=0)
+                    else:
+                        b_dw0x += tl.sum(tl.sum(b_de * (b_e + b_vv), axis=1), axis=0)
             tl.debug_barrier()
         if MAT == 1:
-            s0 = tl.load(s_slot + (slot0 * 0 + i_t) * H)
-            # <dW0, X0> = <dW0, W0> / s0; times ds/dX0 = g0 * sign(X0) |X0 / n0|^(q-1)
-            b_coef = b_dw0x / s0 * tl.load(g_slot + (slot0 * 0 + i_t) * H)
+            if RETAINED:
+                s0 = 1.0  # rho_i is already in dE (below)
+                b_coef = b_dw0x
+            else:
+                s0 = tl.load(s_slot + (slot0 * 0 + i_t) * H)
+                # <dW0, X0> = <dW0, W0> / s0; times ds/dX0 = g0 * sign(X0) |X0 / n0|^(q-1)
+                b_coef = b_dw0x / s0 * tl.load(g_slot + (slot0 * 0 + i_t) * H)
             n0inv = tl.load(n_slot + (slot0 * 0 + i_t) * H)
         if HAS_DY:
             b_ydy_scale = tl.exp(b_L)
@@ -429,6 +445,8 @@ def miras_linear_chunk_bwd_dstate_mat_kernel(
             i_v = i_vg * NVB + jv
             if BIAS != 0:
                 b_de = load_token_tile(dua, t0, seq_len, H * V, i_v * BV, V, BT, BV)
+                if RETAINED:
+                    b_de = b_de * b_rho[:, None]
             if HAS_DY:
                 b_dy = load_token_tile(dy, t0, seq_len, H * V, i_v * BV, V, BT, BV)
             if MAT == 2 and BIAS != 0:
