@@ -153,3 +153,20 @@ def test_tokenizer_ids_equal_training_tokenizer(tok_path, tmp_path_factory):
         for t in text:
             assert hf_tok(t)["input_ids"] == ours.encode(t), (use_fast, t)
         assert hf_tok.eos_token_id == ours.eos_id and hf_tok.bos_token_id == ours.bos_id
+
+
+def test_fixed_huber_threshold_exports_and_matches(tok_path, tmp_path_factory):
+    """``huber_delta`` (Yaad with a fixed threshold instead of the learned gate): the training
+    model has no delta gate column, the export reads the value from its config, logits agree."""
+    cfg, model, hf, out = _export("yaad", tok_path, tmp_path_factory, huber_delta=0.5)
+    mixer = model.layers[0].mixer
+    assert "delta" not in mixer.gate_names
+    assert mixer.gate_up.weight.shape[0] == cfg.n_heads * len(cfg.gate_names)
+    assert json.loads((out / "config.json").read_text())["huber_delta"] == 0.5
+    x = torch.randint(0, cfg.vocab_size, (2, 29))
+    with torch.no_grad():
+        ref = model(x)
+        assert (hf(input_ids=x, use_cache=False).logits - ref).abs().max().item() <= TOL
+        assert (_pieces(hf, x, [5, 6, 17]) - ref).abs().max().item() <= TOL_CACHED_FP32
+    # the threshold matters: the learned-gate model with the same other weights differs
+    assert mixer.gates(torch.randn(1, 3, cfg.d_model))["delta"].eq(0.5).all()

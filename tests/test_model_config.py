@@ -236,3 +236,16 @@ def test_embed_init_std_sets_only_the_embedding():
     with pytest.raises(ValueError, match=r"config key 'model.embed_init_std' = -1") as info:
         ModelConfig.from_dict({**base, "embed_init_std": -1})
     assert "\n" not in str(info.value)
+
+
+def test_huber_delta_fixed_threshold():
+    """``huber_delta``: a fixed Huber threshold drops the delta gate (parameter count agrees with
+    the built model) and feeds the value to the operator; only a huber bias takes it."""
+    cfg = ModelConfig.from_ref("yaad_tiny")
+    fixed = ModelConfig.from_dict({**cfg.to_dict(), "huber_delta": 2.0})
+    assert "delta" in cfg.gate_names and "delta" not in fixed.gate_names
+    assert count_parameters(fixed) == sum(p.numel() for p in build_model(fixed).parameters())
+    assert count_parameters(cfg) - count_parameters(fixed) == cfg.n_layers * (cfg.gate_rank + 1) * cfg.n_heads
+    with pytest.raises(ValueError, match=r"config key 'model.huber_delta' = 2.0 .*huber bias only") as info:
+        ModelConfig.from_dict({**ModelConfig.from_ref("moneta_tiny").to_dict(), "huber_delta": 2.0})
+    assert "\n" not in str(info.value)

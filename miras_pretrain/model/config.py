@@ -86,6 +86,9 @@ class ModelConfig:
     embed_init_std: float | None = _f(None, "std of the token embedding's init; null = init_std (a small "
                                       "attention model on a recall task needs ~1.0 to leave its start)",
                                       gt=0, finite=True, fix="use a number > 0, or null for init_std")
+    huber_delta: float | None = _f(None, "Huber bias only: null = the threshold is learned per token and "
+                                   "head (a softplus gate, Yaad); a number = that fixed threshold, no gate",
+                                   gt=0, finite=True, fix="use a number > 0, or null for the learned gate")
     norm_eps: float = _f(1e-6, "RMSNorm epsilon", **_POSITIVE_NUMBER)
     activation_checkpointing: bool = _f(False, "recompute every block in backward (the one switch: "
                                                "there is no train.activation_checkpointing)")
@@ -109,6 +112,10 @@ class ModelConfig:
         spec = parse_miras(self.miras, f"{prefix}.miras")
         if self.eta_max is None:
             self.eta_max = DEFAULT_ETA_MAX.get(spec.retention, 1.0)
+        if self.huber_delta is not None and not spec.needs_delta:
+            raise schema.bad_value(f"{prefix}.huber_delta", self.huber_delta,
+                                   f"the memory's bias is {spec.bias!r}: a threshold applies to the huber bias only",
+                                   "leave it null, or use a huber bias (e.g. miras: {preset: yaad})")
         if "M" in self.layer_pattern and spec.memory == "mlp" and self.head_dim < 2:
             raise schema.bad_value(f"{prefix}.n_heads", self.n_heads, "the MLP memory needs head_dim >= 2",
                                    "use fewer heads")
@@ -121,6 +128,20 @@ class ModelConfig:
     @property
     def spec(self) -> MirasSpec:
         return MirasSpec.from_dict(self.miras)
+
+    @property
+    def gate_names(self) -> list[str]:
+        """The per-token gates a Miras layer computes, in the gate projection's column order
+        (alpha, eta, delta, mu, each where the spec uses it; no delta with a fixed huber_delta)."""
+        spec = self.spec
+        names = ["eta"]
+        if spec.needs_alpha:
+            names.insert(0, "alpha")
+        if spec.needs_delta and self.huber_delta is None:
+            names.append("delta")
+        if spec.needs_mu:
+            names.append("mu")
+        return names
 
     @property
     def ffn_width(self) -> int:

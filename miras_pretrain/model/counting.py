@@ -26,8 +26,8 @@ from .config import ModelConfig
 MATERIALIZE_FLOPS_PER_ENTRY = 5  # lq: |x|, pow, sum, scale; kl: exp, sum, divide (approx.)
 
 
-def _mixer_gate_count(spec: MirasSpec) -> int:
-    return 1 + int(spec.needs_alpha) + int(spec.needs_delta) + int(spec.needs_mu)
+def _mixer_gate_count(cfg: ModelConfig) -> int:
+    return len(cfg.gate_names)
 
 
 def parameter_breakdown(cfg: ModelConfig) -> dict[str, int]:
@@ -39,7 +39,7 @@ def parameter_breakdown(cfg: ModelConfig) -> dict[str, int]:
     n_miras = kinds.count("miras")
     n_attn = len(kinds) - n_miras
     attn = 4 * d * d
-    n_g = _mixer_gate_count(spec)
+    n_g = _mixer_gate_count(cfg)
     inner = h * dh
     miras = (
         4 * d * inner + inner * d  # q, k, v, output gate; output projection
@@ -103,7 +103,7 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     spec = cfg.spec
     kinds = cfg.layer_kinds()
     out = {"projections": 0.0, "mlp": 0.0, "attention_core": 0.0, "memory": 0.0, "head": 0.0}
-    n_g = _mixer_gate_count(spec)
+    n_g = _mixer_gate_count(cfg)
     for kind in kinds:
         out["mlp"] += 2 * 3 * d * f
         if kind == "miras":

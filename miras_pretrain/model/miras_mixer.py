@@ -108,13 +108,7 @@ class MirasMixer(nn.Module):
         self.v_conv = self._sharded(torch.empty(inner, cfg.conv_size).uniform_(-bound, bound))
         # gates: low-rank down (replicated under TP) then per-head up (column-parallel, head-major
         # [H, n_gates] outputs so a TP rank's slice holds exactly its heads' gates)
-        self.gate_names = ["eta"]
-        if self.spec.needs_alpha:
-            self.gate_names.insert(0, "alpha")
-        if self.spec.needs_delta:
-            self.gate_names.append("delta")
-        if self.spec.needs_mu:
-            self.gate_names.append("mu")
+        self.gate_names = cfg.gate_names
         n_g = len(self.gate_names)
         self.gate_down = nn.Linear(d, cfg.gate_rank, bias=False, device="meta").to_empty(device="cpu")
         with torch.no_grad():
@@ -154,6 +148,9 @@ class MirasMixer(nn.Module):
                 out[name] = F.softplus(z)
             else:  # alpha, mu
                 out[name] = torch.sigmoid(z)
+        if self.spec.needs_delta and self.cfg.huber_delta is not None:
+            # a fixed Huber threshold (the ablation of Yaad's learned one): same value everywhere
+            out["delta"] = torch.full((b, t, self.n_local), float(self.cfg.huber_delta), device=x.device)
         return out
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | VarlenMeta | None = None,

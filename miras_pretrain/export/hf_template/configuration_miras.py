@@ -44,6 +44,7 @@ class MirasConfig(_BaseConfig):
         conv_size: int = 4,
         gate_rank: int = 32,
         eta_max: float = 1.0,
+        huber_delta: float | None = None,
         window: int = 512,
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
@@ -67,6 +68,7 @@ class MirasConfig(_BaseConfig):
         self.conv_size = conv_size
         self.gate_rank = gate_rank
         self.eta_max = eta_max
+        self.huber_delta = huber_delta
         self.window = window
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps

@@ -159,7 +159,7 @@ class MirasMixer(nn.Module):
         self.gate_names = ["eta"]
         if self.spec.needs_alpha:
             self.gate_names.insert(0, "alpha")
-        if self.spec.needs_delta:
+        if self.spec.needs_delta and config.huber_delta is None:
             self.gate_names.append("delta")
         if self.spec.needs_mu:
             self.gate_names.append("mu")
@@ -193,6 +193,9 @@ class MirasMixer(nn.Module):
                 out[name] = F.softplus(z)
             else:
                 out[name] = torch.sigmoid(z)
+        if self.spec.needs_delta and self.config.huber_delta is not None:
+            # a fixed Huber threshold: no gate column, the same value everywhere
+            out["delta"] = torch.full((b, t, self.n_heads), float(self.config.huber_delta), device=x.device)
         return out
 
     def forward(self, x: torch.Tensor, state: dict | None):
