@@ -87,21 +87,24 @@ _SCAN_WARP_OVERRIDES: dict[tuple[str, str, int, int], int] = {
 }
 _OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
     # num_warps-only retunes (8-24 B spills under Triton 3.7.1): chunk_state momentum 16, chunk_bwd_dstate
-    # gd 64, delta_wy_fwd 16, delta_wy_bwd_da 32; chunk_scan_fwd momentum (16, 32), chunk_scan_bwd gd (64, 32)
+    # gd 64, delta_wy_fwd 16, delta_wy_bwd_da 32; chunk_scan_fwd momentum (16, 32), chunk_scan_bwd gd (64, 32).
+    # Block retunes (every warp count spilled 8-24 B under 3.7.1): chunk_bwd_dqg momentum 64 (32, 16, 8) ->
+    # (16, 16, 8) (255 registers on sm_80, none spilled; 16 warps: 128-register cap, 228-756 B);
+    # chunk_bwd_dstate_mat gd 32 and momentum 16 (32, 32, 8) -> (16, 32, 8) (<= 212 registers)
     ("chunk_state", "momentum", 16): (32, 32, 8),
     ("chunk_state", "momentum", 32): (32, 32, 8), ("chunk_state", "momentum", 64): (32, 16, 8),
     ("chunk_out", "momentum", 64): (32, 16, 8),
     ("chunk_bwd_dstate", "gd", 32): (32, 32, 8), ("chunk_bwd_dstate", "gd", 64): (16, 16, 4),
     ("chunk_bwd_dstate", "momentum", 32): (32, 16, 8), ("chunk_bwd_dstate", "momentum", 64): (16, 16, 8),
-    ("chunk_bwd_dqg", "momentum", 64): (32, 16, 8),
+    ("chunk_bwd_dqg", "momentum", 64): (16, 16, 8),
     ("chunk_bwd_dkv", "gd", 64): (32, 16, 8), ("chunk_bwd_dkv", "momentum", 16): (32, 32, 8),
     ("chunk_bwd_dkv", "momentum", 32): (32, 32, 8), ("chunk_bwd_dkv", "momentum", 64): (32, 16, 8),
     ("chunk_bwd_dgate", "gd", 64): (32, 16, 8), ("chunk_bwd_dgate", "momentum", 16): (32, 32, 8),
     ("chunk_bwd_dgate", "momentum", 32): (32, 16, 8), ("chunk_bwd_dgate", "momentum", 64): (16, 16, 8),
     ("chunk_bwd_dmu", "momentum", 16): (32, 32, 8), ("chunk_bwd_dmu", "momentum", 32): (32, 16, 8),
     ("chunk_bwd_dmu", "momentum", 64): (16, 16, 8),
-    ("chunk_bwd_dstate_mat", "gd", 16): (32, 32, 8), ("chunk_bwd_dstate_mat", "gd", 32): (32, 32, 8),
-    ("chunk_bwd_dstate_mat", "gd", 64): (32, 16, 8), ("chunk_bwd_dstate_mat", "momentum", 16): (32, 32, 8),
+    ("chunk_bwd_dstate_mat", "gd", 16): (32, 32, 8), ("chunk_bwd_dstate_mat", "gd", 32): (16, 32, 8),
+    ("chunk_bwd_dstate_mat", "gd", 64): (32, 16, 8), ("chunk_bwd_dstate_mat", "momentum", 16): (16, 32, 8),
     ("chunk_bwd_dstate_mat", "momentum", 32): (32, 16, 8), ("chunk_bwd_dstate_mat", "momentum", 64): (16, 16, 8),
     # exact delta rule: at BT = 64 the WY adjoints spilled 96-196 bytes on sm_80 with 32-wide blocks
     # at 8 warps (376-980 at 4 warps, 520-824 at 16); 16-wide blocks at 8 warps: none. BT = 16:
@@ -311,6 +314,43 @@ def mlp_phase_warps(name: str, d: int, chunk: int, lq: bool = False) -> int:
         # and 104-140 bytes at d = 128, C = 64; before the split 8 warps spilled 24 bytes at
         # d = 64, C = 16 on sm_80)
         return 8
+    return mlp_num_warps(d, chunk)
+
+
+# Chunk-loop drivers (miras_mlp.chunk_drivers: a path's whole forward or backward chunk loop in one
+# launch, every phase inlined): (arch, d, e, chunk, variant) where the forward AND backward driver
+# of that code variant compiled spill-free under Triton 3.7.1 and 3.8.0 (AOT, compiled as launched;
+# docs/kernels_mlp.md "AOT compile"). variant = "<bias>,<gd|momentum>[,lq|,kl]" as in the AOT
+# names. Everywhere else on a GPU the host launches the phases one by one per chunk step (the
+# AOT-checked per-phase path, chunk.py), so nothing unchecked runs. So far, sm_90 at the 340M
+# config: Yaad's huber + gd (fwd 4 warps 220-222 registers, bwd 8 warps 250), Titans' l2 +
+# momentum (fwd 254-255, bwd 246-251) and Memora's l2 + gd + kl (fwd 233-234, bwd 254-255); 0
+# spills under both versions. Not shipped: Moneta's lp + gd + lq (its backward driver spills 8
+# bytes under 3.7.1 at 8 warps; 0 under 3.8.0), sm_80 (the backward drivers spill 288-512 bytes at
+# 4 and 8 warps under 3.8.0), and every variant not yet compiled under both versions.
+MLP_DRIVER_SHIPPED: frozenset[tuple[int, int, int, int, str]] = frozenset({
+    (90, 64, 4, 64, "huber,gd"), (90, 64, 4, 64, "l2,momentum"), (90, 64, 4, 64, "l2,gd,kl"),
+})
+
+
+def mlp_driver_variant(bias: str, momentum: bool, lq: bool = False, kl: bool = False) -> str:
+    """The driver variant tag of ``MLP_DRIVER_SHIPPED`` (bias name, learner, retention path)."""
+    return f"{bias},{'momentum' if momentum else 'gd'}{',lq' if lq else ''}{',kl' if kl else ''}"
+
+
+def mlp_driver_shipped(arch: int | None, d: int, e: int, chunk: int, variant: str) -> bool:
+    """Whether a launch on ``sm_<arch>`` runs the chunk-loop drivers (``arch`` None: the CPU
+    interpreter, always) or the per-phase host loop (``variant``: :func:`mlp_driver_variant`)."""
+    return arch is None or (arch, d, e, chunk, variant) in MLP_DRIVER_SHIPPED
+
+
+def mlp_driver_warps(driver: str, d: int, chunk: int) -> int:
+    """Warps of one chunk-loop driver kernel (``driver`` as in ``chunk_drivers.DRIVER_PHASES``); one
+    count for all of its phases, chosen with the AOT report. d = 64, C = 64 (Triton 3.8.0): the
+    forward drivers spilled 40-108 bytes on sm_80 at 8 warps (255 registers), 0 at 4 (sm_80 and
+    sm_90); the backward drivers are spill-free at 8 warps on sm_90 (250-255 registers)."""
+    if driver.startswith("mlp_fwd"):
+        return 4
     return mlp_num_warps(d, chunk)
 
 

@@ -21,8 +21,11 @@ import tempfile
 
 from miras_kernels.common.codes import BIAS_CODES
 from miras_kernels.common.launch_spec import launch_specialization
-from miras_kernels.configs import (MLP_NUM_STAGES, MLP_SHIPPED, MLP_SHIPPED_KL, mlp_hidden_block, mlp_phase_warps,
+from miras_kernels.configs import (MLP_DRIVER_SHIPPED, MLP_NUM_STAGES, MLP_SHIPPED, MLP_SHIPPED_KL,
+                                   mlp_driver_variant, mlp_driver_warps, mlp_hidden_block, mlp_phase_warps,
                                    mlp_recurrent_block)
+from miras_kernels.miras_mlp.chunk import driver_for
+from miras_kernels.miras_mlp.chunk_drivers import DRIVER_PHASES
 from miras_kernels.miras_mlp.chunk_kernels import BIAS_KERNELS, BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
 from miras_kernels.miras_mlp.chunk_kl_kernels import kl_phases
 from miras_kernels.miras_mlp.chunk_lq_kernels import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
@@ -57,7 +60,7 @@ def _signature(kernel) -> dict[str, str]:
             sig[name] = "constexpr"
         elif name in ("p", "lqe", "kc"):
             sig[name] = "fp32"
-        elif name in ("pos0", "step"):
+        elif name in ("pos0", "step", "nt_max"):
             sig[name] = "i32"
         else:
             sig[name] = _PTR.get(name, "*fp32")
@@ -72,6 +75,39 @@ def aot_num_warps(config_name: str) -> int:
     return int(m.group(1))
 
 
+def driver_specs(variants=None, shipped=None, lq=None, kl=None, arch: int | None = None) -> list[tuple]:
+    """The chunk-loop driver kernels (``chunk_drivers``), forward and backward, for every shipped
+    config and code variant (the candidates), as ``(kernel, signature, constexprs, name)``; same
+    selection arguments as :func:`aot_specs`. ``arch`` (80 or 90): only the (config, variant) pairs
+    that ``configs.MLP_DRIVER_SHIPPED`` ships on ``sm_<arch>`` (what a launch there runs; compile
+    them for that arch). Names are tagged like the phases'
+    (``mlp_bwd_driver[l2,momentum D64 E256 C64 BH16 w8]``). ``aot_specs`` keeps listing the phase
+    kernels (the per-phase path, and the drivers' device functions)."""
+    out = []
+    for d, e, c in (shipped or MLP_SHIPPED):
+        bh = mlp_hidden_block(d, e, c)
+        # (bias, momentum, lq, q, kl)
+        paths = [(bias, mom, False, 4.0, False) for bias, mom in (variants or VARIANTS)]
+        paths += [(bias, mom, True, float(qexp), False) for bias, qexp, mom in (LQ_VARIANTS if lq is None else lq)]
+        if (d, e, c) in MLP_SHIPPED_KL:
+            paths += [(bias, mom, False, 4.0, True) for bias, mom in (KL_VARIANTS if kl is None else kl)]
+        for bias, mom, is_lq, qexp, is_kl in paths:
+            variant = mlp_driver_variant(bias, mom, is_lq, is_kl)
+            if arch is not None and (arch, d, e, c, variant) not in MLP_DRIVER_SHIPPED:
+                continue
+            for rev in (False, True):
+                dname = driver_for(rev, is_lq, is_kl, mom)
+                kern = DRIVER_PHASES[dname][0]
+                nw = mlp_driver_warps(dname, d, c)
+                cx = {"H": 16, "D": d, "E": d * e, "BT": c, "BH": bh, "SW": max(d, c), "BIAS": BIAS_CODES[bias],
+                      "MOMENTUM": mom, "REV": rev, "LQ": rev if is_kl else is_lq, "DOT_PRECISION": TRAIN_DOT_PRECISION,
+                      "LQQ": qexp}
+                path = ",lq" if is_lq else (",kl" if is_kl else "")
+                tag = f"{bias},{'momentum' if mom else 'gd'}{path} D{d} E{d * e} C{c} BH{bh} w{nw}"
+                out.append((kern, _signature(kern), cx, f"{dname}[{tag}]"))
+    return out
+
+
 def aot_specs(variants=None, shipped=None, lq=None, kl=None) -> list[tuple]:
     """Every phase kernel x shipped config x code variant, as ``(kernel, signature, constexprs,
     name)``. Inputs are bf16 (the training dtype), state and gates fp32, H = 16. Phases whose code
@@ -80,7 +116,8 @@ def aot_specs(variants=None, shipped=None, lq=None, kl=None) -> list[tuple]:
     ``[]`` for none): every phase of the lq path (``chunk_lq_kernels``) with ``LQ=True``, tagged ``,gd,lq`` /
     ``,momentum,lq``. ``kl``: the kl (Memora) variants ``[(bias, momentum), ...]`` (default
     :data:`KL_VARIANTS`; ``[]`` for none): every phase of the kl path (``chunk_kl_kernels.kl_phases``,
-    ``LQ = REV``) for the configs in ``configs.MLP_SHIPPED_KL``, tagged ``,gd,kl`` / ``,momentum,kl``."""
+    ``LQ = REV``) for the configs in ``configs.MLP_SHIPPED_KL``, tagged ``,gd,kl`` / ``,momentum,kl``.
+    The chunk-loop drivers: :func:`driver_specs`."""
     out = []
     seen = set()
     for d, e, c in (shipped or MLP_SHIPPED):

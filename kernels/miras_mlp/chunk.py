@@ -1,11 +1,14 @@
 """Host side of the MLP-memory Triton kernels (the jit code: ``chunk_kernels.py``, with the lq and kl
-phases in ``chunk_lq_kernels.py`` / ``chunk_kl_kernels.py``): the autograd Function that walks the
-chunk steps and launches the phase kernels, and the public ``chunk_miras_mlp`` entry. Launch
-configs (hidden block, warps per phase) come from ``miras_kernels.configs``; coverage from
-``miras_kernels.supports``.
+phases in ``chunk_lq_kernels.py`` / ``chunk_kl_kernels.py``, and the chunk-loop drivers that call
+them in ``chunk_drivers.py``): the autograd Function that launches one driver for the forward and
+one for the backward (grid ``(N * H,)``, the chunk loop inside the kernel; no host read of device
+memory), and the public ``chunk_miras_mlp`` entry. Launch configs (hidden block, warps per driver)
+come from ``miras_kernels.configs``; coverage from ``miras_kernels.supports``.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -14,9 +17,11 @@ from miras_kernels.common.fresh import fresh_empty, fresh_empty_like
 from miras_kernels.common.mlp_scratch import scratch_floats
 from miras_kernels.common.varlen import VarlenMeta
 from miras_kernels.common.precision import dot_precision
-from miras_kernels.configs import MLP_NUM_STAGES, mlp_hidden_block, mlp_phase_warps
+from miras_kernels.configs import (MLP_NUM_STAGES, mlp_driver_shipped, mlp_driver_variant, mlp_driver_warps,
+                                   mlp_hidden_block, mlp_phase_warps)
 from miras_kernels.dispatch import supports
 from miras_kernels.inputs import validate_inputs
+from miras_kernels.miras_mlp.chunk_drivers import DRIVER_PHASES
 from miras_kernels.miras_mlp.chunk_kernels import BWD_KERNELS, FWD_KERNELS, MOMENTUM_ONLY
 from miras_kernels.miras_mlp.chunk_kl_kernels import KL_ARG_KERNELS, W0_PHASES, kl_phases
 from miras_kernels.miras_mlp.chunk_lq_kernels import BWD_LQ_KERNELS, FWD_LQ_KERNELS, LQ_ARG_KERNELS
@@ -122,13 +127,54 @@ class ChunkMirasMLPFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
+# bias code -> name (the driver variant tags of configs.MLP_DRIVER_SHIPPED)
+_BIAS_NAMES = {code: name for name, code in BIAS_CODES.items()}
+# MIRAS_MLP_PER_PHASE=1: launch every phase kernel once per chunk step from the host (the loop the
+# drivers replace; same kernels, same order) -- kept to bisect a GPU difference between the two
+PER_PHASE_ENV = "MIRAS_MLP_PER_PHASE"
+
+
+def _per_phase() -> bool:
+    value = os.environ.get(PER_PHASE_ENV, "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{PER_PHASE_ENV}={value!r} is not valid: use 1 (host loop over phases) or 0")
+    return value == "1"
+
+
+def _arch(device: torch.device) -> int | None:
+    """``sm_<arch>`` of a CUDA device as an int (80, 90; a cached property, no sync), None on CPU."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def driver_for(rev: bool, lq: bool, kl: bool, momentum: bool) -> str:
+    """Name of the chunk-loop driver kernel (``chunk_drivers.DRIVER_PHASES``) of a path."""
+    if kl:
+        return ("mlp_bwd_kl_mom_driver" if momentum else "mlp_bwd_kl_driver") if rev else "mlp_fwd_kl_driver"
+    return f"mlp_{'bwd' if rev else 'fwd'}{'_lq' if lq else ''}_driver"
+
+
 def _run_steps(rev, args, nt_max, N, H, D, E, chunk, BH, SW, bias, momentum, lq, lqq, lqe, nrm, kl, kc):
     """Every chunk step of the forward (``rev=False``) or backward pass: the kl phase list
     (``chunk_kl_kernels``) or the affine / lq one (``chunk_kernels``, ``chunk_lq_kernels``); ``args`` as the kernels take them
-    (``args[15]``, ``args[16]`` = the saved states ``st1``, ``st2``)."""
-    if kl:
-        # kl: the materialised chunk-start weights W_0 = c softmax(Z_0) (transient, per boundary)
-        wst = (fresh_empty_like(args[15]), fresh_empty_like(args[16]))
+    (``args[15]``, ``args[16]`` = the saved states ``st1``, ``st2``). One launch of the path's driver
+    kernel (``chunk_drivers``: the chunk loop inside the kernel), or one launch per phase and step
+    with ``MIRAS_MLP_PER_PHASE=1`` or on a GPU configuration whose drivers are not AOT-checked
+    (``configs.mlp_driver_shipped``)."""
+    # kl: the materialised chunk-start weights W_0 = c softmax(Z_0) (transient, per boundary)
+    wst = (fresh_empty_like(args[15]), fresh_empty_like(args[16])) if kl else None
+    variant = mlp_driver_variant(_BIAS_NAMES[bias], momentum, lq, kl)
+    if not _per_phase() and mlp_driver_shipped(_arch(args[0].device), D, E // D, chunk, variant):
+        name = driver_for(rev, lq, kl, momentum)
+        kern = DRIVER_PHASES[name][0]
+        # stand-ins for the extras a path does not read (never dereferenced there)
+        w1, w2 = wst if kl else (args[15], args[16])
+        kern[(N * H,)](*args, nt_max, float(lqe), nrm, w1, w2, float(kc), H=H, D=D, E=E, BT=chunk, BH=BH, SW=SW,
+                       BIAS=bias, MOMENTUM=momentum, REV=rev, LQ=(rev if kl else lq), DOT_PRECISION=dot_precision(),
+                       LQQ=float(lqq), num_warps=mlp_driver_warps(name, D, chunk), num_stages=MLP_NUM_STAGES)
+    elif kl:
         _run_kl_phases(kl_phases(rev, momentum), args, wst, kc, nt_max, N, H, D, E, chunk, BH, SW, bias, rev, momentum)
     else:
         kernels = (BWD_LQ_KERNELS if lq else BWD_KERNELS) if rev else (FWD_LQ_KERNELS if lq else FWD_KERNELS)
