@@ -90,15 +90,18 @@ _OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
     # gd 64, delta_wy_fwd 16, delta_wy_bwd_da 32; chunk_scan_fwd momentum (16, 32), chunk_scan_bwd gd (64, 32).
     # Block retunes (every warp count spilled 8-24 B under 3.7.1): chunk_bwd_dqg momentum 64 (32, 16, 8) ->
     # (16, 16, 8) (255 registers on sm_80, none spilled; 16 warps: 128-register cap, 228-756 B);
-    # chunk_bwd_dstate_mat gd 32 and momentum 16 (32, 32, 8) -> (16, 32, 8) (<= 212 registers)
-    ("chunk_state", "momentum", 16): (32, 32, 8),
+    # chunk_bwd_dstate_mat gd 32 and momentum 16 (32, 32, 8) -> (16, 32, 8) (<= 212 registers).
+    # For the step_at="retained" variants (3.7.1): chunk_state gd 16 (32, 32, 4) -> (16, 32, 2) (lq-ret
+    # spilled 24 B at 4 warps, 52 at 8, 16-44 with 16-wide blocks; <= 240 registers at 2 warps);
+    # chunk_bwd_dkv momentum 32 (32, 32, 8) -> (32, 16, 8) (local-lq-ret spilled 4 B; <= 228 registers)
+    ("chunk_state", "gd", 16): (16, 32, 2), ("chunk_state", "momentum", 16): (32, 32, 8),
     ("chunk_state", "momentum", 32): (32, 32, 8), ("chunk_state", "momentum", 64): (32, 16, 8),
     ("chunk_out", "momentum", 64): (32, 16, 8),
     ("chunk_bwd_dstate", "gd", 32): (32, 32, 8), ("chunk_bwd_dstate", "gd", 64): (16, 16, 4),
     ("chunk_bwd_dstate", "momentum", 32): (32, 16, 8), ("chunk_bwd_dstate", "momentum", 64): (16, 16, 8),
     ("chunk_bwd_dqg", "momentum", 64): (16, 16, 8),
     ("chunk_bwd_dkv", "gd", 64): (32, 16, 8), ("chunk_bwd_dkv", "momentum", 16): (32, 32, 8),
-    ("chunk_bwd_dkv", "momentum", 32): (32, 32, 8), ("chunk_bwd_dkv", "momentum", 64): (32, 16, 8),
+    ("chunk_bwd_dkv", "momentum", 32): (32, 16, 8), ("chunk_bwd_dkv", "momentum", 64): (32, 16, 8),
     ("chunk_bwd_dgate", "gd", 64): (32, 16, 8), ("chunk_bwd_dgate", "momentum", 16): (32, 32, 8),
     ("chunk_bwd_dgate", "momentum", 32): (32, 16, 8), ("chunk_bwd_dgate", "momentum", 64): (16, 16, 8),
     ("chunk_bwd_dmu", "momentum", 16): (32, 32, 8), ("chunk_bwd_dmu", "momentum", 32): (32, 16, 8),
