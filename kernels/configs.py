@@ -118,6 +118,18 @@ _OVERRIDES: dict[tuple[str, str, int], tuple[int, int, int]] = {
 }
 
 
+# step_at="retained" with mini-batch GD: (learner, chunk) whose RETAINED kernel variants are not
+# shipped for GPUs (a call falls back to the PyTorch chunked path there; the interpreter still runs
+# them). chunk_bwd_dkv momentum 64's retained variants spill 4-40 B on sm_80 under Triton 3.7.1 (the
+# GPU install's) at every block (16/32 x 16/32), warp (4/8/16) and stage (1/2) setting tried.
+LINEAR_RETAINED_UNSHIPPED: frozenset[tuple[str, int]] = frozenset({("momentum", 64)})
+
+
+def linear_retained_shipped(learner: str, chunk: int) -> bool:
+    """Whether the step_at="retained" mini-batch kernels of this learner and chunk size run on a GPU."""
+    return (learner, chunk) not in LINEAR_RETAINED_UNSHIPPED
+
+
 def linear_kernels_for(learner: str, retention: str = "decay", chunk_rule: str = "minibatch") -> tuple[str, ...]:
     """The chunk kernels a training call with this learner (and retention, chunk rule) launches
     (d log mu only with momentum; the per-token sweeps and the Jacobian-aware adjoint pass only for

@@ -8,7 +8,9 @@ Linear memory (``miras_kernels.miras_linear``), ``kernel="chunk"`` (training, fo
 bias dot, l2, lp, huber; retention none, decay, lq, kl; learner gd, momentum; chunk_rule exact
 (the delta rule: l2, none/decay, gd; DeltaNet, Gated DeltaNet) in either step_at order;
 chunk_rule minibatch in either step_at order, except ``retention="kl"`` with ``step_at="retained"``
-(a non-dot bias), which falls back (its gradient points are per-token softmax blocks); chunk sizes 16, 32, 64; head
+(a non-dot bias), which falls back (its gradient points are per-token softmax blocks), and on a GPU
+``step_at="retained"`` at the (learner, chunk) pairs of ``configs.LINEAR_RETAINED_UNSHIPPED``
+(momentum at chunk 64: no spill-free config under Triton 3.7.1); chunk sizes 16, 32, 64; head
 dims dk, dv <= 128 (independently: dv may differ from dk); fp32/fp16/bf16 inputs;
 ``[B, T, H]`` gates; ``initial_state``, final state, varlen -- every shape has a spill-free shipped
 config. ``kernel="recurrent"`` (decoding, forward only) covers the same grid (the exact rule per
@@ -33,6 +35,7 @@ import torch
 
 from miras_kernels.configs import (LINEAR_CHUNK_SIZES, MLP_CHUNK_SIZES, MLP_EXPANSIONS, MLP_HEAD_DIMS,
                                    MLP_RETENTIONS, block_size, linear_config, linear_kernels_for,
+                                   linear_retained_shipped,
                                    mlp_config_shipped)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -91,6 +94,10 @@ def _linear_supports(spec, q, k, v, chunk_size: int, kernel: str) -> tuple[bool,
     if kernel == "chunk":
         if chunk_size not in LINEAR_CHUNK_SIZES:
             return False, f"chunk_size={chunk_size}: the chunk kernels cover {LINEAR_CHUNK_SIZES}"
+        if (q.device.type == "cuda" and spec.chunk_rule == "minibatch" and spec.steps_on_retained
+                and not linear_retained_shipped(spec.learner, chunk_size)):
+            return False, (f"step_at='retained' with learner={spec.learner!r} at chunk_size={chunk_size} has no "
+                           "spill-free kernel config on GPUs (kernels/configs.py LINEAR_RETAINED_UNSHIPPED)")
         for name in linear_kernels_for(spec.learner, spec.retention, spec.chunk_rule):
             if linear_config(name, chunk_size, block_size(dk), block_size(dv), False, spec.learner) is None:
                 return False, (f"no spill-free shipped {name} config for chunk_size={chunk_size}, dk={dk}, dv={dv}, "

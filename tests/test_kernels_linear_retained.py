@@ -15,6 +15,8 @@ core (interpreter), ~150 s for the file on an idle 2-core machine (two cases mar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -159,3 +161,23 @@ def test_supports_retained_minibatch(monkeypatch):
     yr, _ = miras_memory_recurrent(d["q"], d["k"], d["v"], d["alpha"], d["eta"], spec=spec, chunk_size=16,
                                    initial_state={"W": d["W0"]})
     assert rel(y, yr) < TOL_FP32
+
+
+def test_unshipped_retained_configs_fall_back_on_gpu_and_leave_the_aot_report():
+    """(learner, chunk) pairs in LINEAR_RETAINED_UNSHIPPED have no spill-free GPU config for the
+    retained variants: they are not in the AOT report (so it can be 0 spills) and dispatch names the
+    reason for CUDA tensors; every other pair keeps its retained variants in the report."""
+    import sys
+
+    from miras_kernels.configs import LINEAR_RETAINED_UNSHIPPED, LINEAR_SHIPPED, linear_retained_shipped
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import kernel_report
+
+    assert ("momentum", 64) in LINEAR_RETAINED_UNSHIPPED and not linear_retained_shipped("momentum", 64)
+    assert linear_retained_shipped("gd", 64) and linear_retained_shipped("momentum", 32)
+    for cfg in LINEAR_SHIPPED:
+        if cfg.kernel not in ("chunk_state", "chunk_bwd_dstate", "chunk_bwd_dkv", "chunk_bwd_dstate_mat"):
+            continue
+        has_ret = any(name.endswith("-ret") for name in kernel_report.variants_of(cfg))
+        assert has_ret == linear_retained_shipped(cfg.learner, cfg.BT), (cfg.kernel, cfg.learner, cfg.BT)

@@ -59,8 +59,19 @@ def variants_of(cfg) -> dict:
         return RECURRENT_VARIANTS
     if cfg.kernel in EXACT_VARIANTS:
         return EXACT_VARIANTS[cfg.kernel]
+    from miras_kernels.configs import linear_retained_shipped
+
     base = CHUNK_VARIANTS[cfg.learner]
     (bname, bvar), = base.items()
+    if not linear_retained_shipped(cfg.learner, cfg.BT):
+        # the retained variants are not shipped at this (learner, chunk): GPUs fall back (dispatch)
+        return {n: v for n, v in _chunk_variants(cfg, bname, bvar).items() if not n.endswith("-ret")} or base
+    return _chunk_variants(cfg, bname, bvar)
+
+
+def _chunk_variants(cfg, bname: str, bvar: dict) -> dict:
+    """Every compiled variant of a mini-batch chunk kernel config (retained ones included)."""
+    base = {bname: bvar}
     if cfg.kernel == "chunk_state":
         return {bname: bvar, **{f"{bname}-{n}": dict(bvar, MAT=m) for m, n in MAT_NAMES.items()},
                 f"{bname}-ret": dict(bvar, RETAINED=True), f"{bname}-lq-ret": dict(bvar, MAT=1, RETAINED=True)}
@@ -75,6 +86,8 @@ def variants_of(cfg) -> dict:
         return {**{f"{bname}-{n}": dict(bvar, MAT=m, HAS_DY=m == 1) for m, n in MAT_NAMES.items()},
                 f"{bname}-lq-ret": dict(bvar, MAT=1, HAS_DY=True, RETAINED=True)}
     return base
+
+
 _DOT_RE = re.compile(r"tt\.dot\s[^\n]*?:\s*tensor<([0-9x]+)x(\w+)>\s*\*\s*tensor<([0-9x]+)x(\w+)>")
 
 
