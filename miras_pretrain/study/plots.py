@@ -62,15 +62,18 @@ def plot_recall(rows: list[dict], path: Path, *, against: str, title: str) -> Pa
     pairs = sorted({int(k) for r in rows for g in r["recall"].values() for k in g})
     panels, xs = (lengths, pairs) if against == "pairs" else (pairs, lengths)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=110, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, p in zip(axes[0], panels):
-        for r in rows:
+        for idx, r in enumerate(rows):
             ys = []
             for x in xs:
                 L, k = (p, x) if against == "pairs" else (x, p)
                 ys.append(r["recall"].get(str(L), {}).get(str(k)))
             pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if pts:
-                ax.plot(*zip(*pts), "o-", ms=4, label=r["run"])
+                # past the colour cycle the line style changes, so no two runs look alike
+                ax.plot(*zip(*pts), marker="o", ms=4, color=colors[idx % len(colors)],
+                        ls="-" if idx < len(colors) else "--", label=r["run"])
         ax.set_title(f"length {p}" if against == "pairs" else f"{p} pairs", fontsize=10)
         ax.set_xlabel("key-value pairs" if against == "pairs" else "sequence length")
         ax.set_xticks(xs)  # the grid's own values, not fractional ticks
