@@ -186,24 +186,33 @@ def submit(script: str, spec) -> int:
     return job_id
 
 
-def run(args: argparse.Namespace) -> int:
+def render_and_submit(spec, *, dry_run: bool, allow_cpu_venv: bool) -> int | None:
+    """Render ``spec``'s batch script. ``dry_run``: print it (with what submitting would refuse)
+    and return None; else refuse a CPU-only venv for a GPU job (CLIError) and submit it, returning
+    the job id. The spec's notes (global batch, node-local paths) go to stderr either way."""
     from miras_pretrain.launch.render import render_sbatch
 
-    spec = build_spec(args)
     script = render_sbatch(spec)
-    problem = None if args.allow_cpu_venv else cpu_venv_problem(spec)
-    if args.dry_run:
+    problem = None if allow_cpu_venv else cpu_venv_problem(spec)
+    if dry_run:
         if problem:  # printing the script is fine; say what submitting it would refuse
             print(f"warning: submitting would be refused: {problem}", file=sys.stderr)
-        for line in spec.notes:  # the global batch and node-local path warnings
+        for line in spec.notes:
             print(line, file=sys.stderr)
         sys.stdout.write(script)
-        return 0
+        return None
     if problem:
         raise CLIError(problem)
     for line in spec.notes:
         print(line, file=sys.stderr)
-    job_id = submit(script, spec)
+    return submit(script, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = build_spec(args)
+    job_id = render_and_submit(spec, dry_run=args.dry_run, allow_cpu_venv=args.allow_cpu_venv)
+    if job_id is None:
+        return 0
     print(f"submitted job {job_id} ({spec.nodes} nodes x {spec.nproc_per_node} processes); "
           f"log: {spec.log_dir / f'{spec.job_name}-{job_id}.out'}")
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 
 from miras_pretrain.study.evaluate import read_result, trained_step
 from miras_pretrain.study.plan import PlannedRun, StudyPlan
@@ -51,29 +50,16 @@ def build_array_spec(plan: StudyPlan, runs: list[PlannedRun], args: argparse.Nam
 
 def submit_array(plan: StudyPlan, args: argparse.Namespace, *, dry_run: bool, say) -> int:
     """Render (``dry_run``: print) or submit the array; returns the exit code."""
-    from miras_pretrain.cli import CLIError
-    from miras_pretrain.launch.cli import cpu_venv_problem, submit
-    from miras_pretrain.launch.render import render_sbatch
+    from miras_pretrain.launch.cli import render_and_submit
 
     runs = array_runs(plan)
     if not runs:
         say("every run is trained already: run the same command without --slurm to evaluate and collect them")
         return 0
     spec = build_array_spec(plan, runs, args)
-    script = render_sbatch(spec)
-    problem = None if args.allow_cpu_venv else cpu_venv_problem(spec)
-    if dry_run:
-        if problem:
-            print(f"warning: submitting would be refused: {problem}", file=sys.stderr)
-        for line in spec.notes:
-            print(line, file=sys.stderr)
-        sys.stdout.write(script)
+    job_id = render_and_submit(spec, dry_run=dry_run, allow_cpu_venv=args.allow_cpu_venv)
+    if job_id is None:
         return 0
-    if problem:
-        raise CLIError(problem)
-    for line in spec.notes:
-        print(line, file=sys.stderr)
-    job_id = submit(script, spec)
     for i, r in enumerate(runs):
         say(f"array task {i}: {r.id} ({r.max_steps} steps; config {r.config_path}; "
             f"log {spec.log_dir / f'{spec.job_name}-{job_id}_{i}.out'})")
