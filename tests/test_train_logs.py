@@ -91,7 +91,11 @@ def test_terminal_keeps_the_bar_and_shows_mfu():
         _run(console, 20, 5)
         stream.flush()
         chunks = []
-        while select.select([master], [], [], 0.2)[0]:
+        # poll, not select: select() cannot watch a descriptor numbered 1024 or more, and a long
+        # pytest session can hand the pty such a number
+        poller = select.poll()
+        poller.register(master, select.POLLIN)
+        while poller.poll(200):
             try:
                 data = os.read(master, 65536)
             except OSError:

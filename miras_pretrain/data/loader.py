@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import itertools
 import os
 import uuid
@@ -423,7 +424,14 @@ class MirasDataLoader:
             if hasattr(ds, "_iterator"):
                 with contextlib.suppress(Exception):
                     ds._iterator.exit()
-            _unlink_created_shm(ds)
+            handles = _shm_handles(ds)
+            _unlink_created_shm(handles)
+            # drop the dataset (its numpy views pin the mappings), then close every segment:
+            # streaming registers each handle with atexit, which keeps it -- two descriptors and
+            # the mapping per segment -- alive until the interpreter exits (12 descriptors per
+            # loader; a long test session ran out of select()-able descriptors)
+            self.dataset = self._dl = ds = None
+            _close_shm(handles)
         self._cache.close()
         with contextlib.suppress(Exception):
             atexit.unregister(self._atexit)
@@ -439,10 +447,8 @@ class MirasDataLoader:
             self.close()
 
 
-def _unlink_created_shm(ds) -> None:
-    """Unlink the segments this process created through streaming's own handles, which also
-    unregisters them from Python's resource tracker (a raw unlink would make it warn at exit).
-    What remains (segments another process created) is removed by ``LoaderCache.close``."""
+def _shm_handles(ds) -> list:
+    """streaming's SharedMemory wrappers this dataset holds (None where an attribute is absent)."""
     handles = [getattr(ds, "_locals_shm", None), getattr(ds, "_resume_shm", None)]
     for attr in ("_next_epoch", "_cache_usage"):
         handles.append(getattr(getattr(getattr(ds, attr, None), "arr", None), "shm", None))
@@ -450,10 +456,29 @@ def _unlink_created_shm(ds) -> None:
         handles.append(getattr(getattr(ds, attr, None), "shm", None))
     handles.append(getattr(getattr(getattr(ds, "_shared_barrier", None), "_arr", None), "shm",
                            None))
+    return [h for h in handles if h is not None]
+
+
+def _unlink_created_shm(handles: list) -> None:
+    """Unlink the segments this process created through streaming's own handles, which also
+    unregisters them from Python's resource tracker (a raw unlink would make it warn at exit).
+    What remains (segments another process created) is removed by ``LoaderCache.close``."""
     for h in handles:
         for shm in getattr(h, "created_shms", []):
             with contextlib.suppress(Exception):
                 shm.unlink()
+
+
+def _close_shm(handles: list) -> None:
+    """Unmap and close every segment of ``handles`` and drop streaming's atexit hook for it (its
+    unlink already happened). A segment something still views stays open (BufferError)."""
+    gc.collect()  # the dataset's arrays over the mappings may sit in a reference cycle
+    for h in handles:
+        with contextlib.suppress(Exception):
+            atexit.unregister(h.cleanup)
+        for shm in [*getattr(h, "created_shms", []), *getattr(h, "opened_shms", [])]:
+            with contextlib.suppress(BufferError, OSError):
+                shm.close()
 
 
 def _make_dataset_class():
