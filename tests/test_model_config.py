@@ -238,6 +238,34 @@ def test_embed_init_std_sets_only_the_embedding():
     assert "\n" not in str(info.value)
 
 
+def test_memory_init_std_sets_the_mlp_memorys_initial_weights():
+    """``memory_init_std`` overrides the rule by retention for the MLP memory's initial weights
+    (Titans' rule: sqrt(2) (e d)^(-1/4) = 0.42 at head dim 32, expansion 4); the rest of the model
+    keeps ``init_std``; a bad value is a one-line error naming the key."""
+    base = dict(vocab_size=512, d_model=64, n_layers=1, n_heads=2, miras={"preset": "titans"})
+    mem = lambda m: next(p for n, p in m.named_parameters() if "mem_init" in n)  # noqa: E731
+    torch.manual_seed(0)
+    rule = float(mem(build_model(ModelConfig.from_dict(base))).detach().std())
+    torch.manual_seed(0)
+    small = build_model(ModelConfig.from_dict({**base, "memory_init_std": 0.05}))
+    assert 0.3 < rule < 0.55 and 0.04 < float(mem(small).detach().std()) < 0.06
+    q = lambda m: next(p for n, p in m.named_parameters() if "q_proj" in n)  # noqa: E731
+    assert 0.015 < float(q(small).detach().std()) < 0.025
+    with pytest.raises(ValueError, match=r"config key 'model.memory_init_std' = 0") as info:
+        ModelConfig.from_dict({**base, "memory_init_std": 0})
+    assert "\n" not in str(info.value)
+
+
+def test_default_eta_max_by_memory_and_retention():
+    """eta_max left unset: 0.003 for Moneta's lq MLP memory, 0.1 for kl (Memora), 1.0 otherwise;
+    an explicit value wins."""
+    got = {p: ModelConfig.from_dict({"miras": {"preset": p}}).eta_max
+           for p in ("moneta", "memora", "yaad", "titans", "deltanet")}
+    assert got == {"moneta": 0.003, "memora": 0.1, "yaad": 1.0, "titans": 1.0, "deltanet": 1.0}
+    assert ModelConfig.from_dict({"miras": {"preset": "moneta"}, "eta_max": 1.0}).eta_max == 1.0
+    assert ModelConfig.from_dict({"miras": {"preset": "moneta", "memory": "linear"}}).eta_max == 1.0
+
+
 def test_huber_delta_fixed_threshold():
     """``huber_delta``: a fixed Huber threshold drops the delta gate (parameter count agrees with
     the built model) and feeds the value to the operator; only a huber bias takes it."""

@@ -32,12 +32,26 @@ BACKENDS = ("auto", "recurrent", "chunked", "triton")
 
 
 # The cap of the inner learning rate eta = sigmoid(.) * eta_max, by retention, when a config
-# leaves ``eta_max`` unset. Memora's kl retention steps in logit space (exponentiated gradient,
-# W = c softmax(Z), Z -= eta g), which is stable only while eta * |g| stays O(1); with near-uniform
-# softmax rows the memory's LayerNorm sees an almost constant vector, its 1/std saturates at
-# 1/sqrt(eps) ~ 316 and |g| is ~10-100, so eta up to 1.0 blew the first steps' gradient norm up to
-# 1e4 (docs/training_health.md). 0.1 trains as stably as Moneta; every other retention keeps 1.0.
-DEFAULT_ETA_MAX = {"kl": 0.1}
+# leaves ``eta_max`` unset (eta starts at eta_max / 2).
+# - kl (Memora) steps in logit space (exponentiated gradient, W = c softmax(Z), Z -= eta g), which
+#   is stable only while eta * |g| stays O(1); with near-uniform softmax rows the memory's
+#   LayerNorm sees an almost constant vector, its 1/std saturates at 1/sqrt(eps) ~ 316 and |g| is
+#   ~10-100, so eta up to 1.0 blew the first steps' gradient norm up to 1e4
+#   (docs/training_health.md). 0.1 trains stably.
+# - lq (Moneta, MLP memory): the normalisation W = A / ||A||_q^(q-2) and the memory's LayerNorm on
+#   a small initial memory make one step move W 30-100x further than the same eta moves an
+#   unnormalised memory: written into directly (tools/memory_capacity.py), a Moneta memory stores
+#   8 pairs at eta 0.001-0.003 and loses them by eta 0.03 at head dims 32-128, where Titans and
+#   Memora need 0.03-0.3. At 1.0 Moneta trained a good short-range language model but could not
+#   recall (MQAR 0.18 vs 0.95 for Titans), 0.01-0.1 was unstable (gradient norms 230-979), 0.003
+#   recalls (0.83) and trains stably (docs/results.md).
+# Every other grid point keeps 1.0.
+DEFAULT_ETA_MAX = {("mlp", "kl"): 0.1, ("linear", "kl"): 0.1, ("mlp", "lq"): 0.003}
+
+
+def default_eta_max(spec: MirasSpec) -> float:
+    """The ``eta_max`` a config gets when it leaves it unset (:data:`DEFAULT_ETA_MAX`)."""
+    return DEFAULT_ETA_MAX.get((spec.memory, spec.retention), 1.0)
 
 _POSITIVE = dict(ge=1, fix="use a positive integer")
 _POSITIVE_NUMBER = dict(gt=0, finite=True, fix="use a finite number > 0")
@@ -59,7 +73,8 @@ class ModelConfig:
     must divide ``n_layers``. ``ffn_hidden`` = SwiGLU width; when None it is ``8/3 * d_model``
     rounded up to ``ffn_multiple_of``. ``miras`` is a mapping of ``MirasSpec`` fields, optionally
     with ``preset``. ``eta_max`` caps the inner learning rate ``eta = sigmoid(.) * eta_max``;
-    unset (None) it is 0.1 for kl retention (Memora) and 1.0 otherwise (:data:`DEFAULT_ETA_MAX`).
+    unset (None) it is 0.1 for kl retention (Memora), 0.003 for an MLP memory with lq retention
+    (Moneta) and 1.0 otherwise (:func:`default_eta_max`).
     Construction validates every field (one-line ``ConfigError`` naming ``model.<field>``).
     """
 
@@ -78,7 +93,8 @@ class ModelConfig:
     conv_size: int = _f(4, "depthwise causal conv width on q, k, v", **_POSITIVE)
     gate_rank: int = _f(32, "rank of the low-rank gate projections", **_POSITIVE)
     eta_max: float | None = _f(None, "cap of the inner learning rate; null = 0.1 for kl retention, "
-                                     "1.0 otherwise", **_POSITIVE_NUMBER)
+                                     "0.003 for MLP memory with lq retention (Moneta), 1.0 otherwise",
+                               **_POSITIVE_NUMBER)
     window: int = _f(512, "sliding-window attention width (A layers)", **_POSITIVE)
     rope_theta: float = _f(10000.0, "RoPE base", **_POSITIVE_NUMBER)
     tie_embeddings: bool = _f(False, "share input embedding and output head")
@@ -86,6 +102,10 @@ class ModelConfig:
     embed_init_std: float | None = _f(None, "std of the token embedding's init; null = init_std (a small "
                                       "attention model on a recall task needs ~1.0 to leave its start)",
                                       gt=0, finite=True, fix="use a number > 0, or null for init_std")
+    memory_init_std: float | None = _f(None, "MLP memory only: std of the initial weights W1, W2 (for kl "
+                                       "the logits Z); null = the rule by retention (memory_init_std in "
+                                       "model/miras_mixer.py)", gt=0, finite=True,
+                                       fix="use a number > 0, or null for the rule by retention")
     huber_delta: float | None = _f(None, "Huber bias only: null = the threshold is learned per token and "
                                    "head (a softplus gate, Yaad); a number = that fixed threshold, no gate",
                                    gt=0, finite=True, fix="use a number > 0, or null for the learned gate")
@@ -111,7 +131,7 @@ class ModelConfig:
                                    f"its length must divide n_layers={self.n_layers} (the pattern is tiled)")
         spec = parse_miras(self.miras, f"{prefix}.miras")
         if self.eta_max is None:
-            self.eta_max = DEFAULT_ETA_MAX.get(spec.retention, 1.0)
+            self.eta_max = default_eta_max(spec)
         if self.huber_delta is not None and not spec.needs_delta:
             raise schema.bad_value(f"{prefix}.huber_delta", self.huber_delta,
                                    f"the memory's bias is {spec.bias!r}: a threshold applies to the huber bias only",

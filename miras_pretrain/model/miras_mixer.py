@@ -123,8 +123,8 @@ class MirasMixer(nn.Module):
         self.mem_init = nn.ParameterDict()
         if self.spec.memory == "mlp":
             for name, (r, c) in self.spec.weight_shapes(dh, dh).items():
-                full = init_memory_free_variable(self.spec, (cfg.n_heads, r, c),
-                                                 memory_init_std(self.spec, dh, std))
+                mem_std = memory_init_std(self.spec, dh, std) if cfg.memory_init_std is None else cfg.memory_init_std
+                full = init_memory_free_variable(self.spec, (cfg.n_heads, r, c), mem_std)
                 self.mem_init[name] = self._sharded(full)
         self._stats: dict[str, torch.Tensor] = {}
         self._state_norms: dict[str, torch.Tensor] = {}
