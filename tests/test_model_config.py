@@ -264,6 +264,7 @@ def test_default_eta_max_by_memory_and_retention():
     assert got == {"moneta": 0.003, "memora": 0.1, "yaad": 1.0, "titans": 1.0, "deltanet": 1.0}
     assert ModelConfig.from_dict({"miras": {"preset": "moneta"}, "eta_max": 1.0}).eta_max == 1.0
     assert ModelConfig.from_dict({"miras": {"preset": "moneta", "memory": "linear"}}).eta_max == 1.0
+    assert ModelConfig.from_dict({"miras": {"preset": "moneta", "q": 2.0}}).eta_max == 1.0  # W = A: decay
 
 
 def test_huber_delta_fixed_threshold():
