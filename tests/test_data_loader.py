@@ -457,14 +457,14 @@ def test_close_releases_every_descriptor_and_mapping(tmp_path, split):
     root = write_rows(tmp_path / "d", id_rows(20, 16), split="train" if split == "train" else "val")
     cfg = cfg_for(root, "packed", 16, tmp_path / "c", micro_batch_size=4)
     build = build_train_loader if split == "train" else build_eval_loader
-    before = set(_open_fds())
-    mine = set()
     for _ in range(3):
+        before = set(_open_fds())
         with build(cfg) as loader:
             next(iter(loader))
             tag = f"/dev/shm/{loader._cache.prefix:06}_"
-            own = {fd for fd, p in _open_fds().items() if p.startswith(tag) and fd not in before}
+            own = {fd: p for fd, p in _open_fds().items() if p.startswith(tag) and fd not in before}
             assert len(own) >= 6  # the probe sees this loader's segments
-            mine |= own
-    left = {fd: p for fd, p in _open_fds().items() if fd in mine and "/dev/shm/" in p}
-    assert not left, f"this loader's shared memory is still open after close(): {left}"
+        # checked before anything else can reuse the descriptor numbers; an unlinked segment
+        # still open reads "<name> (deleted)"
+        left = {fd: p for fd, p in _open_fds().items() if p.removesuffix(" (deleted)") == own.get(fd)}
+        assert not left, f"this loader's shared memory is still open after close(): {left}"

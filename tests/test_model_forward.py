@@ -179,7 +179,7 @@ def test_training_health_defaults():
     a = MirasMixer(moneta, out_std=0.02).mem_init["W1"].detach()
     assert moneta.spec.materialize(a).std().item() < 0.03  # materialised weights at init_std
     assert tiny("M", "memora").eta_max == 0.1
-    assert tiny("M", "moneta").eta_max == 1.0
+    assert tiny("M", "moneta").eta_max == 0.003  # lq: its inner-step window (training_health.md section 5)
     assert tiny("M", "memora", eta_max=0.5).eta_max == 0.5
 
 

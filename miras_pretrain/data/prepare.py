@@ -14,6 +14,8 @@ zstd compression; sha1 + xxh64 shard hashes.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import multiprocessing as mp
 import os
@@ -49,6 +51,26 @@ def _init_pool_worker(model_path: str) -> None:
     # KeyboardInterrupt while holding the task queue's lock deadlocks the parent's pool.terminate().
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(model_path)
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Block Ctrl-C in this process while it spawns workers. The signal mask survives exec, so a
+    spawned worker is deaf to Ctrl-C from its first instruction, not only from its initializer on
+    (a Ctrl-C while a worker was still unpickling its bootstrap printed that worker's traceback
+    next to the one-line message). A Ctrl-C that arrives meanwhile stays pending in this process
+    and is delivered when the mask is restored, so it is not lost."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
@@ -96,7 +118,8 @@ def tokenize_documents(docs: Iterable[Document], model_path: str, *, num_workers
             results = ((c, _encode_chunk([d.text for d in c])) for c in chunk_iter)
         else:
             # spawn: workers import only sentencepiece/numpy, never a parent's torch/threads state
-            pool = mp.get_context("spawn").Pool(num_workers, _init_pool_worker, (model_path,))
+            with _sigint_blocked():  # the workers start deaf to Ctrl-C
+                pool = mp.get_context("spawn").Pool(num_workers, _init_pool_worker, (model_path,))
             results = _ordered_pool_results(pool, chunk_iter, num_workers * 2)
         for chunk, arrays in results:
             for doc, arr in zip(chunk, arrays):
