@@ -201,3 +201,31 @@ def test_drivers_equal_the_per_phase_launches(preset, monkeypatch):
     assert len(out["0"]) == len(out["1"])
     for a, b in zip(out["0"], out["1"]):
         assert torch.equal(a, b)
+
+
+def test_kernel_report_lists_every_driver_and_fails_only_on_shipped_ones(monkeypatch):
+    """``tools/kernel_report.py --family drivers`` plans every driver candidate of
+    ``aot.driver_specs`` on every arch, marks as shipped exactly what ``MLP_DRIVER_SHIPPED`` runs
+    there, and counts a spill as a failure only for a shipped driver (a candidate's spill is
+    reported: a launch there takes the per-phase path). The compiles themselves are the slow test
+    above; here the compiler reports an 8-byte spill for every driver."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import kernel_report as kr
+    from miras_kernels.configs import MLP_DRIVER_SHIPPED
+    from miras_kernels.miras_mlp import aot
+
+    specs = aot.driver_specs()
+    jobs = kr.driver_jobs([80, 90])
+    assert sorted(jobs) == sorted((i, a) for i in range(len(specs)) for a in (80, 90))
+    shipped = [(i, a) for i, a in jobs if kr.driver_shipped(specs[i][3], a)]
+    assert len(shipped) == 2 * len(MLP_DRIVER_SHIPPED)  # forward + backward per shipped tuple
+    assert {a for _, a in shipped} == {key[0] for key in MLP_DRIVER_SHIPPED}
+    monkeypatch.setattr(aot, "compile_entry",
+                        lambda entry, arch: {"registers": 255, "spill_bytes": 8, "shared_bytes": 1024})
+    row = kr.compile_driver_one(shipped[0])
+    assert row["variant"] == "shipped" and row["error"] == "spills 8 bytes"
+    candidate = next(j for j in jobs if j not in shipped)
+    row = kr.compile_driver_one(candidate)
+    assert row["variant"] == "candidate" and row["error"] == "" and "spills 8 bytes" in row["note"]
+    only_bwd = kr.driver_jobs([90], ["mlp_bwd_driver"])
+    assert only_bwd and all(specs[i][3].startswith("mlp_bwd_driver[") for i, _ in only_bwd)

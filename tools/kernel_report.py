@@ -1,7 +1,10 @@
 """Ahead-of-time compile report for the shipped Triton kernel configurations (no GPU needed).
 
 For every config in ``miras_kernels.configs.LINEAR_SHIPPED`` (``--family mlp``: every entry of
-``miras_kernels.miras_mlp.aot.aot_specs``, built from the configs' MLP section) and every compile
+``miras_kernels.miras_mlp.aot.aot_specs``, built from the configs' MLP section; ``--family drivers``:
+every chunk-loop driver candidate of ``aot.driver_specs``, each row marked ``shipped`` where
+``configs.MLP_DRIVER_SHIPPED`` runs it on that arch, else ``candidate``, whose spills are reported but
+do not fail the run, since a launch there takes the per-phase path) and every compile
 variant of its kernel, compile
 for sm_80 (A100) and sm_90 (H100) with ``triton.compile(ASTSource(...), target=GPUTarget(...))``,
 run the bundled ``ptxas -v`` on the PTX for registers and spill bytes, read shared memory from
@@ -312,6 +315,54 @@ def compile_mlp_one(job: tuple) -> dict:
     return row
 
 
+def driver_jobs(archs: list[int], kernels: list[str] | None = None) -> list[tuple[int, int]]:
+    """``(index into aot.driver_specs(), arch)`` for every driver candidate (optionally only the
+    driver kernels named in ``kernels``, e.g. ``mlp_bwd_driver``) on every arch."""
+    from miras_kernels.miras_mlp import aot
+
+    return [(i, a) for i, entry in enumerate(aot.driver_specs())
+            if kernels is None or entry[3].split("[")[0] in kernels for a in archs]
+
+
+def driver_shipped(name: str, arch: int) -> bool:
+    """Whether ``configs.MLP_DRIVER_SHIPPED`` runs the driver ``name`` (an ``aot.driver_specs``
+    name) on ``sm_<arch>``: the same selection as ``aot.driver_specs(arch=arch)``."""
+    from miras_kernels.miras_mlp import aot
+
+    return any(entry[3] == name for entry in aot.driver_specs(arch=arch))
+
+
+def compile_driver_one(job: tuple) -> dict:
+    """One chunk-loop driver candidate (``aot.driver_specs``) on one arch as a report row; only a
+    shipped driver's spill or shared-memory excess is a failure (a candidate's is a finding)."""
+    idx, arch = job
+    from miras_kernels.miras_mlp import aot
+
+    entry = aot.driver_specs()[idx]
+    name = entry[3]
+    shipped = driver_shipped(name, arch)
+    import triton
+
+    row = dict(kernel=name.split("[")[0], config=name, variant="shipped" if shipped else "candidate",
+               arch=f"sm_{arch}", registers=None, spill_bytes=None, shared_bytes=None, dots=0, error="",
+               note="", triton=triton.__version__)
+    t0 = time.time()
+    try:
+        r = aot.compile_entry(entry, arch)
+        row.update(registers=r["registers"], spill_bytes=r["spill_bytes"], shared_bytes=r["shared_bytes"])
+        problems = [f"spills {r['spill_bytes']} bytes"] if r["spill_bytes"] else []
+        if r["shared_bytes"] > SHARED_LIMIT[arch]:
+            problems.append(f"shared memory {r['shared_bytes']} > {SHARED_LIMIT[arch]}")
+        if shipped:
+            row["error"] = "; ".join(problems)
+        elif problems:
+            row["note"] = "; ".join(problems) + " (not shipped: the per-phase path runs)"
+    except Exception as err:
+        row["error"] = f"compile error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
 def write_markdown(path: str, rows: list[dict]) -> None:
     """The rows as a markdown table under a heading naming the Triton version and the failures."""
     bad = sum(bool(r["error"]) for r in rows)
@@ -322,7 +373,7 @@ def write_markdown(path: str, rows: list[dict]) -> None:
              "|---|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['kernel']} | {r['config']} | {r['variant']} | {r['arch']} | {r['registers']} | "
-                     f"{r['spill_bytes']} | {r['shared_bytes']} | {r['error'] or 'ok'} |")
+                     f"{r['spill_bytes']} | {r['shared_bytes']} | {r['error'] or r.get('note') or 'ok'} |")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -343,8 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bt", type=int, nargs="+", default=None, help="only these chunk sizes")
     ap.add_argument("--learner", nargs="+", default=None, help="only these learners (gd, momentum)")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
-    ap.add_argument("--family", choices=["linear", "mlp", "all"], default="linear",
-                    help="linear: miras_kernels.configs.LINEAR_SHIPPED (this report's default); mlp: miras_kernels.miras_mlp.aot")
+    ap.add_argument("--family", choices=["linear", "mlp", "drivers", "all"], default="linear",
+                    help="linear: miras_kernels.configs.LINEAR_SHIPPED (this report's default); mlp: the phase "
+                         "kernels of miras_kernels.miras_mlp.aot; drivers: its chunk-loop driver candidates "
+                         "(slow: minutes each); all: linear + mlp")
     ap.add_argument("--out", default=None, help="write the rows as JSON here (every row names the Triton version)")
     ap.add_argument("--md", default=None, help="write a markdown table here (Triton version in its heading)")
     args = ap.parse_args(argv)
@@ -370,13 +423,15 @@ def main(argv: list[str] | None = None) -> int:
         picked = [i for i, entry in enumerate(aot.aot_specs())
                   if args.kernel is None or entry[3].split("[")[0] in args.kernel]
         rows += _run(compile_mlp_one, [(i, a) for i in picked for a in args.arch], args.jobs)
+    if args.family == "drivers":
+        rows += _run(compile_driver_one, driver_jobs(args.arch, args.kernel), args.jobs)
     # the MLP family's phase names and configs are longer than the linear ones
     kw, cw = max([16] + [len(r["kernel"]) for r in rows]), max([46] + [len(r["config"]) for r in rows])
     head = f"{'kernel':<{kw}} {'config':<{cw}} {'variant':<18} {'arch':<6} {'regs':>5} {'spill':>6} {'shared':>7}  status"
     print(head)
     print("-" * len(head))
     for r in rows:
-        status = r["error"] or "ok"
+        status = r["error"] or r.get("note") or "ok"
         print(f"{r['kernel']:<{kw}} {r['config']:<{cw}} {r['variant']:<18} {r['arch']:<6} "
               f"{r['registers'] if r['registers'] is not None else '-':>5} "
               f"{r['spill_bytes'] if r['spill_bytes'] is not None else '-':>6} "
