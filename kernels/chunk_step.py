@@ -341,7 +341,7 @@ def memory_chunk_step(
         factors = grad_factors(spec, weights, k, v, delta, scale)
     else:
         factors = grad_factors(spec, frozen, k, v, delta)
-    affine = spec.retention in ("none", "decay") or (spec.retention == "lq" and spec.q == 2.0)
+    affine = spec.weights_are_state
     if affine:  # W_t = X_t
         y = read_memory(spec, lambda n, x: apply_affine(x, X[n], S.get(n), co, *factors[n]), q)
     elif spec.retention == "kl":  # W_t = c * softmax(X_t), read token by token

@@ -163,7 +163,7 @@ def retained_weights(
     if spec.retention == "kl":
         g = gamma[:, :, :, None, :] if channel else gamma[..., None, None]
         return {n: spec.materialize(g * x.unsqueeze(2)) for n, x in X0.items()}, None
-    if spec.retention != "lq" or spec.q == 2.0:  # decay (and lq with q = 2): W = X
+    if spec.weights_are_state:  # none / decay (and lq with q = 2): W = X
         return dict(X0), {n: gamma for n in X0}
     scale = {}
     for n, x in X0.items():

@@ -231,6 +231,12 @@ class MirasSpec:
         return self.learner == "momentum"
 
     @property
+    def weights_are_state(self) -> bool:
+        """True when ``materialize`` is the identity (``W = X``): retention none or decay, and lq
+        at q = 2, which normalises nothing. Such a memory reads and updates its state directly."""
+        return self.retention in ("none", "decay") or (self.retention == "lq" and self.q == 2.0)
+
+    @property
     def is_affine(self) -> bool:
         """True when the chunk update is affine in the state: linear memory, dot/l2 bias,
         none/decay retention (gd or momentum). Sequence parallelism can then combine states by

@@ -221,7 +221,8 @@ def test_kernel_report_lists_every_driver_and_fails_only_on_shipped_ones(monkeyp
     assert len(shipped) == 2 * len(MLP_DRIVER_SHIPPED)  # forward + backward per shipped tuple
     assert {a for _, a in shipped} == {key[0] for key in MLP_DRIVER_SHIPPED}
     monkeypatch.setattr(aot, "compile_entry",
-                        lambda entry, arch: {"registers": 255, "spill_bytes": 8, "shared_bytes": 1024})
+                        lambda entry, arch: {"registers": 255, "spill_bytes": 8, "shared_bytes": 1024,
+                                                         "aligned_args": []})
     row = kr.compile_driver_one(shipped[0])
     assert row["variant"] == "shipped" and row["error"] == "spills 8 bytes"
     candidate = next(j for j in jobs if j not in shipped)

@@ -294,12 +294,19 @@ def compile_mlp_one(job: tuple) -> dict:
     idx, arch = job
     from miras_kernels.miras_mlp import aot
 
-    entry = aot.aot_specs()[idx]
-    name = entry[3]
+    return _aot_row(aot.aot_specs()[idx], arch, variant="-", shipped=True)
+
+
+def _aot_row(entry: tuple, arch: int, *, variant: str, shipped: bool) -> dict:
+    """Compile one ``aot`` entry (phase kernel or driver) for ``sm_<arch>`` as a report row. A spill
+    or shared memory over the card's limit is an error when ``shipped``; otherwise a note (the
+    entry is a candidate a launch does not run)."""
+    from miras_kernels.miras_mlp import aot
     import triton
 
-    row = dict(kernel=name.split("[")[0], config=name, variant="-", arch=f"sm_{arch}", registers=None,
-               spill_bytes=None, shared_bytes=None, dots=0, error="", triton=triton.__version__)
+    name = entry[3]
+    row = dict(kernel=name.split("[")[0], config=name, variant=variant, arch=f"sm_{arch}", registers=None,
+               spill_bytes=None, shared_bytes=None, dots=0, error="", note="", triton=triton.__version__)
     t0 = time.time()
     try:
         r = aot.compile_entry(entry, arch)
@@ -308,7 +315,10 @@ def compile_mlp_one(job: tuple) -> dict:
         problems = [f"spills {r['spill_bytes']} bytes"] if r["spill_bytes"] else []
         if r["shared_bytes"] > SHARED_LIMIT[arch]:
             problems.append(f"shared memory {r['shared_bytes']} > {SHARED_LIMIT[arch]}")
-        row["error"] = "; ".join(problems)
+        if shipped:
+            row["error"] = "; ".join(problems)
+        elif problems:
+            row["note"] = "; ".join(problems) + " (not shipped: the per-phase path runs)"
     except Exception as err:
         row["error"] = f"compile error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     row["seconds"] = round(time.time() - t0, 1)
@@ -339,28 +349,8 @@ def compile_driver_one(job: tuple) -> dict:
     from miras_kernels.miras_mlp import aot
 
     entry = aot.driver_specs()[idx]
-    name = entry[3]
-    shipped = driver_shipped(name, arch)
-    import triton
-
-    row = dict(kernel=name.split("[")[0], config=name, variant="shipped" if shipped else "candidate",
-               arch=f"sm_{arch}", registers=None, spill_bytes=None, shared_bytes=None, dots=0, error="",
-               note="", triton=triton.__version__)
-    t0 = time.time()
-    try:
-        r = aot.compile_entry(entry, arch)
-        row.update(registers=r["registers"], spill_bytes=r["spill_bytes"], shared_bytes=r["shared_bytes"])
-        problems = [f"spills {r['spill_bytes']} bytes"] if r["spill_bytes"] else []
-        if r["shared_bytes"] > SHARED_LIMIT[arch]:
-            problems.append(f"shared memory {r['shared_bytes']} > {SHARED_LIMIT[arch]}")
-        if shipped:
-            row["error"] = "; ".join(problems)
-        elif problems:
-            row["note"] = "; ".join(problems) + " (not shipped: the per-phase path runs)"
-    except Exception as err:
-        row["error"] = f"compile error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    row["seconds"] = round(time.time() - t0, 1)
-    return row
+    shipped = driver_shipped(entry[3], arch)
+    return _aot_row(entry, arch, variant="shipped" if shipped else "candidate", shipped=shipped)
 
 
 def write_markdown(path: str, rows: list[dict]) -> None:

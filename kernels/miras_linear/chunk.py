@@ -148,7 +148,7 @@ def chunk_miras_linear(
         y, ht = chunk_delta_exact(x, spec, chunk_size)
         return y, ({"W": ht} if output_final_state else None)
     # lq with q = 2 is the identity map (MirasSpec.materialize): the affine kernels
-    affine = spec.retention in ("none", "decay") or (spec.retention == "lq" and spec.q == 2.0)
+    affine = spec.weights_are_state
     fn = MirasLinearChunkFunction if affine else MirasLinearMatFunction
     y, ht, st = fn.apply(
         x.q, x.k, x.v, x.la, x.lmu, x.eta, x.delta, x.h0, x.s0, x.cu_seqlens, spec, chunk_size

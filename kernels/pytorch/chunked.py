@@ -71,7 +71,7 @@ def chunked_core(
     momentum = spec.learner == "momentum"
     retained = spec.steps_on_retained
     # W = X exactly for these retentions, so reads need no per-token materialisation.
-    affine = spec.retention in ("none", "decay") or (spec.retention == "lq" and spec.q == 2.0)
+    affine = spec.weights_are_state
     la = None if alpha is None else torch.log(alpha)
     lmu = torch.log(mu) if momentum else None
     X = {n: state[n] for n in names}

@@ -15,7 +15,6 @@ zstd compression; sha1 + xxh64 shard hashes.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import multiprocessing as mp
 import os

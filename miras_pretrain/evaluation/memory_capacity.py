@@ -62,10 +62,13 @@ def write_read_accuracy(spec: MirasSpec, eta: float, *, head_dim: int = 32, pair
         extra["mu"] = ones * 0.9
     init = None
     if spec.memory == "mlp":
-        torch.manual_seed(seed)  # init_memory_free_variable draws from the global generator
         std = memory_init_std(spec, head_dim, init_std)
-        init = {name: init_memory_free_variable(spec, (1, r, c), std).to(dt)
-                for name, (r, c) in spec.weight_shapes(head_dim, head_dim).items()}
+        # init_memory_free_variable draws from the global generator: seed it without disturbing
+        # the caller's random state
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            init = {name: init_memory_free_variable(spec, (1, r, c), std).to(dt)
+                    for name, (r, c) in spec.weight_shapes(head_dim, head_dim).items()}
     y, _ = miras_memory(q, k, v, ones, eta_t, spec=spec, chunk_size=chunk_size, initial_state=init,
                         backend="chunked", **extra)
     read = y[:, pairs:, 0]

@@ -52,7 +52,7 @@ DEFAULT_ETA_MAX = {("mlp", "kl"): 0.1, ("linear", "kl"): 0.1, ("mlp", "lq"): 0.0
 def default_eta_max(spec: MirasSpec) -> float:
     """The ``eta_max`` a config gets when it leaves it unset (:data:`DEFAULT_ETA_MAX`). lq with
     q = 2 normalises nothing (``W = A``, the decay retention) and keeps 1.0."""
-    if spec.retention == "lq" and float(spec.q) == 2.0:
+    if spec.weights_are_state:
         return 1.0
     return DEFAULT_ETA_MAX.get((spec.memory, spec.retention), 1.0)
 

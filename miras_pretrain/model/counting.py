@@ -76,7 +76,7 @@ def memory_flops_per_token_head(spec: MirasSpec, d: int, chunk: int) -> float:
         # 3 x 2d^2; the forward substitution: 2C^3/3 per chunk = 2C^2/3 per token
         return float(6 * d * d + 10 * chunk * d + 2 * chunk * chunk / 3)
     momentum = spec.learner == "momentum"
-    affine = spec.retention in ("none", "decay") or (spec.retention == "lq" and spec.q == 2.0)
+    affine = spec.weights_are_state
     if spec.memory == "linear":
         fwd_keys = 0 if spec.bias == "dot" else 2 * d * d  # the error needs W k
         backprop = 0

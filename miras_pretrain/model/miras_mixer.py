@@ -62,14 +62,9 @@ def memory_init_std(spec, head_dim: int, init_std: float) -> float:
     normalised accumulator / a softmax whose scale the retention sets, and both train stably; lq
     with q = 2 normalises nothing and follows the decay rule (at 0.02 its gradients exploded).
     """
-    if spec.retention in ("none", "decay") or _lq_is_decay(spec):
+    if spec.weights_are_state:
         return math.sqrt(2.0) * (int(spec.expansion) * head_dim) ** -0.25
     return init_std
-
-
-def _lq_is_decay(spec) -> bool:
-    """lq retention with q = 2 normalises nothing (``W = A``): it is the decay retention."""
-    return spec.retention == "lq" and float(spec.q) == 2.0
 
 
 def init_memory_free_variable(spec, shape: tuple[int, ...], std: float) -> torch.Tensor:
